@@ -1,0 +1,17 @@
+"""attnzoo: attention model surgery for PyTorch and Hugging Face models.
+
+Public API (see docs/ and DESIGN): :func:`list_variants`, :func:`create`, :func:`register`,
+:func:`kv_cache_bytes`, and the functional ops in :mod:`attnzoo.ops`.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import ops
+from .errors import (AttnzooError, BackendUnavailableError, NoMatchingModuleError, UnknownVariantError,
+                     UnsupportedArchitectureError)
+from .kv import kv_cache_bytes
+from .registry import create, list_variants, register
+
+__all__ = ["__version__", "ops", "create", "list_variants", "register", "kv_cache_bytes", "AttnzooError",
+           "BackendUnavailableError", "NoMatchingModuleError", "UnknownVariantError", "UnsupportedArchitectureError"]

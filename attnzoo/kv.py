@@ -1,0 +1,80 @@
+"""KV-cache accounting: :func:`kv_cache_bytes`."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import check_positive_int
+
+__all__ = ["kv_cache_bytes", "kv_bytes_per_token"]
+
+
+def _elem(dtype) -> int:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype={dtype!r}: expected a torch dtype such as 'bfloat16'")
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _hf_per_token(cfg: Any, dtype) -> int:
+    """Bytes/token summed over layers for a Hugging Face config (reads ``num_key_value_heads``).
+    Architecture-specific layouts (MLA, patched models) are answered by ``attnzoo.patches``
+    when it is installed as a resolver."""
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for resolver in _RESOLVERS:
+        got = resolver(cfg, dtype)
+        if got is not None:
+            return got
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    if not (layers and heads and hidden):
+        raise ValueError(f"kv_cache_bytes: cannot read layers/heads/hidden size from {type(cfg).__name__}")
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    hd = getattr(text, "head_dim", None) or hidden // heads
+    return layers * 2 * kv * hd * _elem(dtype)
+
+
+_RESOLVERS: list = []  # callables (config, dtype) -> int | None, registered by higher layers
+
+
+def kv_bytes_per_token(model_or_config: Any, dtype=None) -> int:
+    """KV-cache bytes per token (batch 1), summed over every attention layer."""
+    from .variants.config import VariantConfig
+
+    if isinstance(model_or_config, VariantConfig):
+        return model_or_config.kv_bytes_per_token(dtype or torch.float16)
+    if isinstance(model_or_config, torch.nn.Module):
+        mods = [m for m in model_or_config.modules()
+                if isinstance(getattr(m, "config", None), VariantConfig) and hasattr(m.config, "kv_bytes_per_token")]
+        if dtype is None:
+            p = next(model_or_config.parameters(), None)
+            dtype = p.dtype if p is not None else torch.float16
+        hf_config = getattr(model_or_config, "config", None)
+        if hf_config is not None and not isinstance(hf_config, VariantConfig):
+            return _hf_per_token(hf_config, dtype)  # a Hugging Face model (patched ones: see resolvers)
+        if mods:
+            return sum(m.config.kv_bytes_per_token(dtype) for m in mods)
+        raise ValueError(f"kv_cache_bytes: {type(model_or_config).__name__} holds no attnzoo attention module "
+                         "and has no Hugging Face config")
+    if hasattr(model_or_config, "to_dict"):  # a transformers PretrainedConfig
+        if dtype is None:
+            dtype = getattr(model_or_config, "torch_dtype", None) or getattr(model_or_config, "dtype", None)
+            dtype = dtype or torch.float16
+        return _hf_per_token(model_or_config, dtype)
+    raise TypeError(f"kv_cache_bytes: expected an attnzoo module/config or a Hugging Face model/config, "
+                    f"got {type(model_or_config).__name__}")
+
+
+def kv_cache_bytes(model_or_config: Any, seq_len: int, batch: int = 1, dtype=None) -> int:
+    """Bytes of KV cache for ``batch`` sequences of ``seq_len`` tokens.
+
+    ``model_or_config``: an attnzoo module or config, or a Hugging Face model or config.
+    ``dtype``: the cache dtype (default: the model's parameter dtype, the config's
+    ``torch_dtype``, else float16).
+    """
+    check_positive_int("seq_len", seq_len)
+    check_positive_int("batch", batch)
+    return kv_bytes_per_token(model_or_config, dtype) * seq_len * batch

@@ -1,0 +1,10 @@
+"""The zoo: one file per family of attention modules, each registering its names.
+
+Importing this package registers every built-in variant.
+"""
+from .cache import Cache, KVCache
+from .config import RopeConfig, VariantConfig
+from .dense import DenseAttention, DenseConfig, GQAConfig, MHAConfig, MQAConfig
+
+__all__ = ["VariantConfig", "RopeConfig", "Cache", "KVCache", "DenseAttention", "DenseConfig", "MHAConfig",
+           "GQAConfig", "MQAConfig"]
