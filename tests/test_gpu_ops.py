@@ -125,8 +125,9 @@ def test_module_bf16_matches_float64(name, extra):
 def test_decode_on_gpu_matches_full_forward():
     m = attnzoo.create("gqa", dim=256, heads=8, groups=2, causal=True, rope=True).cuda().half()
     x = torch.randn(2, 40, 256, device="cuda", dtype=torch.half)
-    full = m(x)
     cache = attnzoo.variants.KVCache()
-    outs = [m(x[:, :17], cache=cache)] + [m(x[:, i:i + 1], cache=cache) for i in range(17, 40)]
+    with torch.no_grad():  # decoding: the cache writes into its preallocated buffer
+        full = m(x)
+        outs = [m(x[:, :17], cache=cache)] + [m(x[:, i:i + 1], cache=cache) for i in range(17, 40)]
     assert _rel(torch.cat(outs, 1), full) < 3e-3
     assert cache.nbytes() == 2 * 2 * 2 * 256 * 32 * 2  # 2 KV heads of 32 dims, capacity 256, fp16, K and V

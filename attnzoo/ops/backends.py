@@ -117,13 +117,21 @@ class SDPABackend(Backend):
         b, hq, nq, d = q.shape
         if fold:
             q = q.reshape(b, call.kv_heads, call.groups * nq, d)
+        gqa = call.groups > 1 and not fold
+        backend = self._sdp_backend()
+        if (attn_mask is None or isinstance(attn_mask, torch.Tensor)) and _sdp_choice(
+                q, k, v, attn_mask, dp, is_causal, call.scale, gqa) == backend.value:
+            # PyTorch would pick this very kernel by itself: skip the context managers (~20 µs of host
+            # time a call, which shows at short sequence lengths)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dp, is_causal=is_causal,
+                                                 scale=call.scale, enable_gqa=gqa)
+            return out.reshape(b, hq, nq, out.shape[-1]) if fold else out
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                with sdpa_kernel([self._sdp_backend()]):
+                with sdpa_kernel([backend]):
                     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dp,
-                                                         is_causal=is_causal, scale=call.scale,
-                                                         enable_gqa=(call.groups > 1 and not fold))
+                                                         is_causal=is_causal, scale=call.scale, enable_gqa=gqa)
         except RuntimeError as e:
             msg = str(e)
             if "No available kernel" not in msg and "not supported" not in msg.lower():
@@ -143,6 +151,17 @@ class SDPABackend(Backend):
         if fold:
             out = out.reshape(b, hq, nq, out.shape[-1])
         return out
+
+
+def _sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> int:
+    """The kernel PyTorch's SDPA would choose by itself (an ``SDPBackend`` value), or -1 if unknown."""
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if choose is None:
+        return -1
+    try:
+        return int(choose(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa))
+    except (RuntimeError, TypeError):
+        return -1
 
 
 def _short(msg: str) -> str:
