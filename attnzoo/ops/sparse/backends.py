@@ -164,7 +164,7 @@ class FlexBackend(_KernelBackend):
         d = call.dense
         if d.dropout_p > 0:
             return "FlexAttention has no dropout"
-        if call.q.device.type != "cuda" and d.needs_grad:
+        if call.q.device.type != "cuda" and any(t.requires_grad for t in (call.q, call.k, call.v)):
             return "FlexAttention has no backward off CUDA (pass inputs that do not require grad)"
         if call.q.device.type == "cuda" and d.head_dim < 16:
             return f"compiled FlexAttention needs head_dim >= 16, got {d.head_dim}"
