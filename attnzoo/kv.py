@@ -73,8 +73,24 @@ def kv_cache_bytes(model_or_config: Any, seq_len: int, batch: int = 1, dtype=Non
 
     ``model_or_config``: an attnzoo module or config, or a Hugging Face model or config.
     ``dtype``: the cache dtype (default: the model's parameter dtype, the config's
-    ``torch_dtype``, else float16).
+    ``torch_dtype``, else float16). A layer whose config has ``cached_tokens(seq_len)`` (a causal
+    sliding window keeps ``window`` tokens) counts those tokens only.
     """
     check_positive_int("seq_len", seq_len)
     check_positive_int("batch", batch)
+    from .variants.config import VariantConfig
+
+    configs = None  # attnzoo layers: each may cache fewer tokens than seq_len (a rolling sliding window)
+    if isinstance(model_or_config, VariantConfig):
+        configs, dtype = [model_or_config], dtype or torch.float16
+    elif isinstance(model_or_config, torch.nn.Module) and (
+            getattr(model_or_config, "config", None) is None or isinstance(model_or_config.config, VariantConfig)):
+        configs = [m.config for m in model_or_config.modules()
+                   if isinstance(getattr(m, "config", None), VariantConfig) and hasattr(m.config, "kv_bytes_per_token")]
+        if dtype is None:
+            p = next(model_or_config.parameters(), None)
+            dtype = p.dtype if p is not None else torch.float16
+    if configs:
+        return batch * sum(c.kv_bytes_per_token(dtype) * (c.cached_tokens(seq_len) if hasattr(c, "cached_tokens")
+                                                          else seq_len) for c in configs)
     return kv_bytes_per_token(model_or_config, dtype) * seq_len * batch
