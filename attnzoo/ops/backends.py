@@ -234,6 +234,13 @@ def _flex_fn(device_type: str):
     if device_type != "cuda":
         return flex_attention
     if _flex_compiled is None:
+        # one compiled kernel per shape: raise dynamo's recompile limit so new lengths do not
+        # silently fall back to the unfused path after 8 shapes
+        import torch._dynamo
+
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
     return _flex_compiled
 
