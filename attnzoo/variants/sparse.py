@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import check_type
 from ..ops import attention, sparse_attention
-from ..ops.sparse import BigBird, Fixed, Longformer, Pattern, SlidingWindow, Strided
+from ..ops.sparse import BigBird, Fixed, Longformer, Pattern, SlidingWindow, Strided, compile_layout
 from ..registry import register
 from .cache import Cache, KVCache
 from .dense import DenseAttention, DenseConfig
@@ -204,7 +204,7 @@ class SparseAttention(DenseAttention):
     def _global_rows(self, out, x, key_padding_mask, dropout):
         """Longformer's global rows through their own projections (dense over every key)."""
         b, n, _ = x.shape
-        rows = torch.tensor(self.pattern.global_positions(n), dtype=torch.long, device=x.device)
+        rows = compile_layout(self.pattern, n, device=x.device).global_rows  # cached, already on the device
         if rows.numel() == 0:
             return out
         hd = self.head_dim

@@ -30,7 +30,7 @@ from ..dispatch import attention
 from ..reference import attention_reference
 from .call import SparseCall
 
-__all__ = ["SparseBackend", "SPARSE_BACKENDS", "fill_global_rows"]
+__all__ = ["SparseBackend", "SPARSE_BACKENDS", "fill_global_rows", "set_flex_compile_mode"]
 
 _NEG_INF = float("-inf")
 
@@ -51,9 +51,12 @@ def fill_global_rows(out: torch.Tensor, call: SparseCall) -> torch.Tensor:
     rows = call.layout.global_rows
     if not call.global_rows or rows.numel() == 0:
         return out
-    keep = call.keep_rows(rows)
     d = call.dense
-    mask = None if bool(keep.all()) else keep[None, None]
+    mask = None  # a global row keeps every key; causal: every earlier one (built once per layout, no host sync)
+    if call.pattern.causal:
+        mask = call.layout._cache.get("global_rows_mask")
+        if mask is None:
+            mask = call.layout._cache["global_rows_mask"] = call.keep_rows(rows)[None, None]
     o = attention(call.q.index_select(2, rows), call.k, call.v, mask=mask, key_padding_mask=d.key_padding_mask,
                   scale=d.scale, dropout_p=d.dropout_p)
     return out.index_copy(2, rows, o)
@@ -133,6 +136,31 @@ class GatherBackend(_KernelBackend):
 
 
 # ---------------------------------------------------------------------------- FlexAttention
+_flex_mode: str | None = None
+_flex_by_mode: dict = {}
+
+
+def set_flex_compile_mode(mode: str | None) -> None:
+    """Compile the sparse op's FlexAttention with ``torch.compile(mode=...)`` from now on (None: the
+    default compile shared with the dense op). ``"max-autotune-no-cudagraphs"`` lets Inductor time its
+    kernel configurations per shape (minutes of compiling; used by benchmarks/sparse_bench.py to find
+    ``kernel_options`` worth fixing)."""
+    global _flex_mode
+    _flex_mode = mode
+
+
+def _flex_function(device_type: str):
+    if device_type != "cuda" or _flex_mode is None:
+        return _flex_fn(device_type)
+    fn = _flex_by_mode.get(_flex_mode)
+    if fn is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _flex_fn(device_type)  # raises dynamo's recompile limit once
+        fn = _flex_by_mode[_flex_mode] = torch.compile(flex_attention, dynamic=False, mode=_flex_mode)
+    return fn
+
+
 def _block_mask(layout):
     """The layout as a FlexAttention BlockMask (built once per layout)."""
     bm = layout._cache.get("flex")
@@ -179,7 +207,7 @@ class FlexBackend(_KernelBackend):
 
             def score_mod(score, b, h, q_idx, kv_idx):  # padding on every tile, full ones too
                 return torch.where(kpm[b, kv_idx], score, _NEG_INF)
-        fn = _flex_fn(call.q.device.type)
+        fn = _flex_function(call.q.device.type)
         kw = {"kernel_options": call.kernel_options} if call.kernel_options else {}
         try:
             with warnings.catch_warnings():  # off CUDA the unfused path is the point (tests), not a mistake
