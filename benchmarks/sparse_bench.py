@@ -12,11 +12,11 @@ viewed and permuted to q, k, v), the backward through ``out.float().sum()``; med
 ``triton.testing.do_bench``. "±256" is ``window=256``, peers_bench's ``W=512``/``(qi-ki).abs() <= 256``.
 
 Groups (``--groups``, default all):
-  sliding   N=16384, ±256: attnzoo's op (flex over the layout; kernel-option variants; the gather
-            twin), attnzoo longformer (±256 + 1 global token), the full sliding_window module, FlexAttention
+  sliding   N=16384, ±256: attnzoo's op (flex over the layout with kernel-option variants; attnzoo's Triton
+            kernel; the gather twin), attnzoo longformer (±256 + 1 global token), the full sliding_window module, FlexAttention
             with a plain mask_mod (built here as peers_bench does), dense cuDNN; "ideal" = dense x kept.
-  bigbird   block 64, window 3 blocks, 2 global, 3 random; N = 4096, 8192, 16384; vs dense cuDNN.
-  scaling   N = 4k ... 128k, sliding ±256 vs dense cuDNN, time and peak memory.
+  bigbird   block 64, window 3 blocks, 2 global, 3 random; N = 4096, 8192, 16384 (flex and triton); vs dense cuDNN.
+  scaling   N = 4k ... 128k, sliding ±256 (flex and triton) vs dense cuDNN, time and peak memory.
   autotune  (not in the default run: minutes of compiling) the sliding and bigbird cases at N=16384 with
             FlexAttention compiled under Inductor's max-autotune; its AUTOTUNE tables (stderr) name the
             kernel configurations worth fixing as kernel_options.
@@ -279,6 +279,8 @@ def group_sliding(b: Bench):
             kw["kernel_options"] = opts
         op_case(b, "sliding", f"attnzoo sliding_window op, flex {label} (+qkv)" if b.dev == "cuda"
                 else "attnzoo sliding_window op (+qkv)", n, pattern, **kw)
+    if b.dev == "cuda":
+        op_case(b, "sliding", "attnzoo sliding_window op, triton (+qkv)", n, pattern, backend="triton")
     op_case(b, "sliding", "attnzoo sliding_window op, gather twin (+qkv)", n, pattern, backend="gather")
     op_case(b, "sliding", "attnzoo longformer op, 1 global token (+qkv)", n, Longformer(window=w, global_tokens=1))
     module_case(b, "sliding", n, w)
@@ -291,8 +293,10 @@ def group_bigbird(b: Bench):
 
     blk = 16 if b.smoke else 64
     for n in ([256, 512] if b.smoke else [4096, 8192, 16384]):
-        op_case(b, "bigbird", "attnzoo bigbird op (+qkv)", n,
-                BigBird(block_size=blk, window=blk, global_blocks=2, random_blocks=3))
+        pattern = BigBird(block_size=blk, window=blk, global_blocks=2, random_blocks=3)
+        op_case(b, "bigbird", "attnzoo bigbird op (+qkv)", n, pattern)
+        if b.dev == "cuda":
+            op_case(b, "bigbird", "attnzoo bigbird op, triton (+qkv)", n, pattern, backend="triton")
         dense_case(b, "bigbird", n)
 
 
@@ -321,6 +325,9 @@ def group_scaling(b: Bench):
     w = 16 if b.smoke else WINDOW
     for n in ([128, 256] if b.smoke else [4096, 8192, 16384, 32768, 65536, 131072]):
         op_case(b, "scaling", "attnzoo sliding_window op (+qkv)", n, SlidingWindow(window=w))
+        if b.dev == "cuda":
+            op_case(b, "scaling", "attnzoo sliding_window op, triton (+qkv)", n, SlidingWindow(window=w),
+                    backend="triton")
         dense_case(b, "scaling", n)
 
 
@@ -381,8 +388,8 @@ def _targets(rows, peers) -> list[str]:
         best = _find(rows, "sliding", "attnzoo sliding_window op, flex default", n, mode)  # what the op does now
         if best is None:
             continue
-        variants = [r for r in rows if r["name"].startswith("attnzoo sliding_window op, flex") and r["n"] == n
-                    and r["mode"] == mode and r.get("ms") == r.get("ms")]
+        variants = [r for r in rows if r["name"].startswith("attnzoo sliding_window op, ") and "gather" not in r["name"]
+                    and r["n"] == n and r["mode"] == mode and r.get("ms") == r.get("ms")]
         fastest = min(variants, key=lambda r: r["ms"])
         if fastest is not best:
             out.append(f"- note: fastest sliding variant {mode}: {fastest['name']} {fastest['ms']:.3f} ms "

@@ -1,8 +1,9 @@
-"""GPU: the block-sparse paths (FlexAttention over the layout, and the gather twin) in bf16/fp16 against
+"""GPU: the block-sparse paths (FlexAttention over the layout, the Triton kernel, the gather twin) in bf16/fp16 against
 the float64 reference, forward and backward; the sparse modules on CUDA; dispatch picks flex.
 
 Run on a GPU machine: ``python -m pytest -m gpu -q tests/test_sparse_gpu.py``. Skipped without CUDA.
-FlexAttention compiles once per (pattern, length, masks) shape, so the flex matrix is kept lean.
+FlexAttention compiles once per (pattern, length, masks) shape and the Triton kernel autotunes per shape,
+so the matrix is kept lean.
 """
 import pytest
 import torch
@@ -61,19 +62,20 @@ def _check(backend, pattern, dtype, padding, n=999):
         assert _rel(a, b) < TOL, f"d{name} rel err {_rel(a, b):.2e}"
 
 
-def _flex_cases():
-    for name in PATTERNS:
-        for causal in (False, True):
-            for padding in ("none", "padding"):
-                yield pytest.param(name, causal, padding, torch.bfloat16,
-                                   id=f"{name}-{'causal' if causal else 'full'}-{padding}-bf16")
-    for name in ("sliding", "bigbird"):
-        yield pytest.param(name, True, "padding", torch.float16, id=f"{name}-causal-padding-fp16")
+def _fused_cases():
+    for backend in ("flex", "triton"):
+        for name in PATTERNS:
+            for causal in (False, True):
+                for padding in ("none", "padding"):
+                    yield pytest.param(backend, name, causal, padding, torch.bfloat16,
+                                       id=f"{backend}-{name}-{'causal' if causal else 'full'}-{padding}-bf16")
+        for name in ("sliding", "bigbird"):
+            yield pytest.param(backend, name, True, "padding", torch.float16, id=f"{backend}-{name}-causal-padding-fp16")
 
 
-@pytest.mark.parametrize("name, causal, padding, dtype", list(_flex_cases()))
-def test_flex_matches_float64(name, causal, padding, dtype):
-    _check("flex", PATTERNS[name](causal), dtype, padding)
+@pytest.mark.parametrize("backend, name, causal, padding, dtype", list(_fused_cases()))
+def test_fused_matches_float64(backend, name, causal, padding, dtype):
+    _check(backend, PATTERNS[name](causal), dtype, padding)
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))
@@ -82,9 +84,21 @@ def test_gather_matches_float64(name, causal):
     _check("gather", PATTERNS[name](causal), torch.bfloat16, "padding")
 
 
-def test_flex_at_other_odd_lengths():
+@pytest.mark.parametrize("backend", ["flex", "triton"])
+def test_fused_at_other_odd_lengths(backend):
     for n in (77, 129, 1500):
-        _check("flex", SlidingWindow(window=256, causal=True), torch.bfloat16, "none", n=n)
+        _check(backend, SlidingWindow(window=256, causal=True), torch.bfloat16, "none", n=n)
+
+
+def test_triton_on_strided_qkv_from_one_projection():
+    """q, k, v as the benchmark makes them: views of one [B, N, 3, H, D] projection, no copies."""
+    lin = torch.nn.Linear(768, 3 * 768, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 2000, 768, device="cuda", dtype=torch.bfloat16)
+    q, k, v = lin(x).view(1, 2000, 3, 12, 64).permute(2, 0, 3, 1, 4)
+    p = SlidingWindow(window=256)
+    out = sparse_attention(q, k, v, p, backend="triton")
+    ref = sparse_attention(q.double(), k.double(), v.double(), p, backend="reference")
+    assert _rel(out, ref) < TOL
 
 
 def test_dispatch_picks_flex_on_cuda():

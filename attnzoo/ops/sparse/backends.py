@@ -4,6 +4,8 @@
   (``BlockMask.from_kv_blocks``: partial tiles evaluate the pattern's ``mask_mod``, full
   tiles skip it), compiled once per shape with ``dynamic=False`` on CUDA; off CUDA the
   eager (unfused) flex path, without autograd.
+* ``triton``: attnzoo's own block-sparse FlashAttention kernel over the same layout
+  (:mod:`.triton_kernel`; bit-packed pattern masks on partial tiles), forward and backward.
 * ``gather``: pure PyTorch that visits the same layout (gathers each query tile's KV tiles,
   evaluates the pattern only on partial tiles): runs anywhere, with autograd and dropout,
   memory ``O(n x visited keys)``. It is the layout's executable specification on CPU.
@@ -219,6 +221,41 @@ class FlexBackend(_KernelBackend):
                                           f"{_short(str(e))})") from e
 
 
+# ---------------------------------------------------------------------------- Triton
+class TritonBackend(_KernelBackend):
+    name = "triton"
+    description = "attnzoo's block-sparse FlashAttention kernel in Triton (bit-packed masks on partial tiles)"
+
+    def check(self, call):
+        why = super().check(call)
+        if why:
+            return why
+        from . import triton_kernel
+
+        d = call.dense
+        why = triton_kernel.available(call.q.device.type)
+        if why:
+            return why
+        if d.dropout_p > 0:
+            return "the Triton kernel has no dropout"
+        if call.q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"takes float16/bfloat16/float32, inputs are {call.q.dtype}"
+        hd = d.head_dim
+        if d.v_dim != hd or hd < 16 or hd > 256 or hd & (hd - 1):
+            return f"needs head_dim = v_dim, a power of two in [16, 256]; got {hd} and {d.v_dim}"
+        if any(t.stride(-1) != 1 for t in (call.q, call.k, call.v)):
+            return "needs q, k, v with a contiguous last dimension"
+        if call.tile % 32:
+            return f"needs a tile that is a multiple of 32, got tile={call.tile}"
+        return None
+
+    def kernel(self, call):
+        from .triton_kernel import block_sparse_attention
+
+        d = call.dense
+        return block_sparse_attention(call.q, call.k, call.v, call.layout, d.key_padding_mask, d.scale)
+
+
 # ---------------------------------------------------------------------------- dense masks
 class MaskedBackend(SparseBackend):
     name = "masked"
@@ -242,5 +279,5 @@ class ReferenceBackend(SparseBackend):
                                    scale=d.scale, dropout_p=d.dropout_p)
 
 
-SPARSE_BACKENDS: dict[str, SparseBackend] = {b.name: b for b in [FlexBackend(), GatherBackend(), MaskedBackend(),
-                                                                 ReferenceBackend()]}
+SPARSE_BACKENDS: dict[str, SparseBackend] = {b.name: b for b in [FlexBackend(), TritonBackend(), GatherBackend(),
+                                                                 MaskedBackend(), ReferenceBackend()]}

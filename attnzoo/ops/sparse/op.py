@@ -23,7 +23,7 @@ __all__ = ["sparse_attention", "explain_sparse", "use_sparse_backend", "last_spa
 #: Priority per device type. CUDA: the fused kernel first; decoding (q_len < k_len) goes to ``masked``.
 #: CPU: ``gather`` runs the layout with autograd in O(n x visited keys) memory.
 SPARSE_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("flex", "gather", "masked"),
+    "cuda": ("flex", "triton", "gather", "masked"),
     "cpu": ("gather", "masked"),
 }
 _SPARSE = Dispatcher("sparse_attention", SPARSE_BACKENDS, SPARSE_ORDER, ("gather", "masked"))
