@@ -28,6 +28,7 @@ same code gives the dense keep mask (the reference), the block layout
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -294,11 +295,8 @@ class BigBird(Pattern):
             if qb in glob:
                 continue
             cand = self._candidates(qb, nb, glob)
-            if not cand:
-                continue
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + qb)
-            pick = torch.randperm(len(cand), generator=g)[:self.random_blocks]
-            table[qb, torch.tensor(cand)[pick]] = True
+            if cand:
+                table[qb, [cand[p] for p in _draw(self.seed, qb, len(cand), self.random_blocks)]] = True
         return table
 
     def local_fn(self, n, device):
@@ -312,6 +310,14 @@ class BigBird(Pattern):
         nb = self.num_blocks(n)
         return [p for b in self._global_block_ids(nb) for p in range(b * self.block_size,
                                                                     min(n, (b + 1) * self.block_size))]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _draw(seed: int, query_block: int, candidates: int, k: int) -> tuple[int, ...]:
+    """The first ``k`` of a permutation of ``range(candidates)`` seeded by (seed, query block): cached, so
+    decoding (which rebuilds the table at every length) does not reseed a generator per block and step."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + query_block)
+    return tuple(torch.randperm(candidates, generator=g)[:k].tolist())
 
 
 @dataclass(frozen=True)
