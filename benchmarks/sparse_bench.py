@@ -13,8 +13,9 @@ viewed and permuted to q, k, v), the backward through ``out.float().sum()``; med
 
 Groups (``--groups``, default all):
   sliding   N=16384, ±256: attnzoo's op (flex over the layout with kernel-option variants; attnzoo's Triton
-            kernel; the gather twin), attnzoo longformer (±256 + 1 global token), the full sliding_window module, FlexAttention
-            with a plain mask_mod (built here as peers_bench does), dense cuDNN; "ideal" = dense x kept.
+            kernel; the gather twin), attnzoo longformer (±256 + 1 global token), the full sliding_window module,
+            FlexAttention with a plain mask_mod (built here as peers_bench does), dense cuDNN;
+            "ideal" = dense time x kept fraction.
   bigbird   block 64, window 3 blocks, 2 global, 3 random; N = 4096, 8192, 16384 (flex and triton); vs dense cuDNN.
   scaling   N = 4k ... 128k, sliding ±256 (flex and triton) vs dense cuDNN, time and peak memory.
   autotune  (not in the default run: minutes of compiling) the sliding and bigbird cases at N=16384 with

@@ -70,7 +70,8 @@ def _fused_cases():
                     yield pytest.param(backend, name, causal, padding, torch.bfloat16,
                                        id=f"{backend}-{name}-{'causal' if causal else 'full'}-{padding}-bf16")
         for name in ("sliding", "bigbird"):
-            yield pytest.param(backend, name, True, "padding", torch.float16, id=f"{backend}-{name}-causal-padding-fp16")
+            yield pytest.param(backend, name, True, "padding", torch.float16,
+                               id=f"{backend}-{name}-causal-padding-fp16")
 
 
 @pytest.mark.parametrize("backend, name, causal, padding, dtype", list(_fused_cases()))

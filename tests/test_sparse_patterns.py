@@ -66,8 +66,9 @@ def test_layout_matches_dense_mask(case, causal, n, tile):
     assert torch.equal(layout.partial_count, partial.sum(1).int())
     assert torch.equal(layout.full_count, full.sum(1).int())
     for a in range(t):  # ascending lists of the visited tiles
-        assert layout.partial_index[a, :int(layout.partial_count[a])].tolist() == partial[a].nonzero().flatten().tolist()
-        assert layout.full_index[a, :int(layout.full_count[a])].tolist() == full[a].nonzero().flatten().tolist()
+        for count, index, want in ((layout.partial_count, layout.partial_index, partial),
+                                   (layout.full_count, layout.full_index, full)):
+            assert index[a, :int(count[a])].tolist() == want[a].nonzero().flatten().tolist()
     tm = layout.tile_map()
     assert torch.equal(tm == 1, partial) and torch.equal(tm == 2, full)
     assert layout.kept_total == int(keep.sum())
@@ -107,7 +108,8 @@ def test_layout_compiles_in_chunks(monkeypatch):
 def test_bigbird_random_blocks_are_seeded_and_causal_ones_do_not_depend_on_length():
     p = BigBird(block_size=4, window=4, random_blocks=2, seed=7)
     assert torch.equal(p.random_table(64), BigBird(block_size=4, window=4, random_blocks=2, seed=7).random_table(64))
-    assert not torch.equal(p.random_table(64), BigBird(block_size=4, window=4, random_blocks=2, seed=8).random_table(64))
+    other = BigBird(block_size=4, window=4, random_blocks=2, seed=8)
+    assert not torch.equal(p.random_table(64), other.random_table(64))
     c = BigBird(block_size=4, window=4, random_blocks=2, seed=7, causal=True)
     short, long = c.random_table(40), c.random_table(64)
     assert torch.equal(long[:10, :10], short)  # decoding sees the blocks the full forward saw

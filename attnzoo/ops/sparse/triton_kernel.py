@@ -158,7 +158,7 @@ if triton is not None:
     @triton.autotune(configs=_configs("fwd"), key=["N", "HEAD_DIM", "TILE", "GROUPS"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, KPM, BITS, FC, FI, PC, PI, IDS,
+    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, BITS, FC, FI, PC, PI, IDS,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                     H, N, T_TILES, sm_scale,
                     GROUPS: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -194,7 +194,7 @@ if triton is not None:
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, 0.0, m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 domain; 0 for empty rows
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
+        tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=(offs_m < N)[:, None])
         tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
 
