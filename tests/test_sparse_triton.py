@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-if "attnzoo.ops.sparse.triton_kernel" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+if not torch.cuda.is_available() and "attnzoo.ops.sparse.triton_kernel" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU only: on a GPU the kernels compile (and must not be interpreted)
 pytest.importorskip("triton")
 
 from attnzoo.ops import sparse_attention  # noqa: E402
