@@ -1,7 +1,7 @@
 """attnzoo: attention model surgery for PyTorch and Hugging Face models.
 
 Public API (see docs/ and DESIGN): :func:`list_variants`, :func:`create`, :func:`register`,
-:func:`kv_cache_bytes`, and the functional ops in :mod:`attnzoo.ops`.
+:func:`kv_cache_bytes`, :func:`plot_pattern`, and the functional ops in :mod:`attnzoo.ops`.
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from . import ops
 from .errors import (AttnzooError, BackendUnavailableError, NoMatchingModuleError, UnknownVariantError,
                      UnsupportedArchitectureError)
 from .kv import kv_cache_bytes
+from .plot import plot_pattern, plot_zoo
 from .registry import create, list_variants, register
 
-__all__ = ["__version__", "ops", "create", "list_variants", "register", "kv_cache_bytes", "AttnzooError",
+__all__ = ["__version__", "ops", "create", "list_variants", "register", "kv_cache_bytes", "plot_pattern", "plot_zoo",
+           "AttnzooError",
            "BackendUnavailableError", "NoMatchingModuleError", "UnknownVariantError", "UnsupportedArchitectureError"]

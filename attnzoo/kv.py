@@ -42,10 +42,21 @@ _RESOLVERS: list = []  # callables (config, dtype) -> int | None, registered by 
 
 def kv_bytes_per_token(model_or_config: Any, dtype=None) -> int:
     """KV-cache bytes per token (batch 1), summed over every attention layer."""
+    return _kv_bytes(model_or_config, dtype, None)
+
+
+def _kv_bytes(model_or_config: Any, dtype, seq_len: int | None) -> int:
+    """Bytes for one sequence: per token (``seq_len=None``) or for ``seq_len`` tokens, where an attnzoo
+    layer whose config has ``cached_tokens(seq_len)`` (a rolling sliding window) counts those only."""
     from .variants.config import VariantConfig
 
+    def tokens(cfg) -> int:
+        if seq_len is None:
+            return 1
+        return cfg.cached_tokens(seq_len) if hasattr(cfg, "cached_tokens") else seq_len
+
     if isinstance(model_or_config, VariantConfig):
-        return model_or_config.kv_bytes_per_token(dtype or torch.float16)
+        return model_or_config.kv_bytes_per_token(dtype or torch.float16) * tokens(model_or_config)
     if isinstance(model_or_config, torch.nn.Module):
         mods = [m for m in model_or_config.modules()
                 if isinstance(getattr(m, "config", None), VariantConfig) and hasattr(m.config, "kv_bytes_per_token")]
@@ -54,16 +65,16 @@ def kv_bytes_per_token(model_or_config: Any, dtype=None) -> int:
             dtype = p.dtype if p is not None else torch.float16
         hf_config = getattr(model_or_config, "config", None)
         if hf_config is not None and not isinstance(hf_config, VariantConfig):
-            return _hf_per_token(hf_config, dtype)  # a Hugging Face model (patched ones: see resolvers)
+            return _hf_per_token(hf_config, dtype) * (seq_len or 1)  # HF (patched ones: see resolvers)
         if mods:
-            return sum(m.config.kv_bytes_per_token(dtype) for m in mods)
+            return sum(m.config.kv_bytes_per_token(dtype) * tokens(m.config) for m in mods)
         raise ValueError(f"kv_cache_bytes: {type(model_or_config).__name__} holds no attnzoo attention module "
                          "and has no Hugging Face config")
     if hasattr(model_or_config, "to_dict"):  # a transformers PretrainedConfig
         if dtype is None:
             dtype = getattr(model_or_config, "torch_dtype", None) or getattr(model_or_config, "dtype", None)
             dtype = dtype or torch.float16
-        return _hf_per_token(model_or_config, dtype)
+        return _hf_per_token(model_or_config, dtype) * (seq_len or 1)
     raise TypeError(f"kv_cache_bytes: expected an attnzoo module/config or a Hugging Face model/config, "
                     f"got {type(model_or_config).__name__}")
 
@@ -73,8 +84,9 @@ def kv_cache_bytes(model_or_config: Any, seq_len: int, batch: int = 1, dtype=Non
 
     ``model_or_config``: an attnzoo module or config, or a Hugging Face model or config.
     ``dtype``: the cache dtype (default: the model's parameter dtype, the config's
-    ``torch_dtype``, else float16).
+    ``torch_dtype``, else float16). A layer whose config has ``cached_tokens(seq_len)`` (a causal
+    sliding window keeps ``window`` tokens) counts those tokens only.
     """
     check_positive_int("seq_len", seq_len)
     check_positive_int("batch", batch)
-    return kv_bytes_per_token(model_or_config, dtype) * seq_len * batch
+    return _kv_bytes(model_or_config, dtype, seq_len) * batch

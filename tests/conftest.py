@@ -1,6 +1,10 @@
 import pytest
 import torch
 
+# The tests run tiny shapes: intra-op threads only add synchronization, and on the 2-core CI
+# machine a 33x33 matmul took ~16 ms with 2 OpenMP threads against ~8 us with one.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -61,7 +61,7 @@ def _rope64(x, positions, rotary_dim, base, style):
     return x
 
 
-def dense_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, positions=None):
+def dense_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, positions=None, project_out=True):
     c = m.config
     b, n, _ = x.shape
     hd = m.head_dim
@@ -75,7 +75,115 @@ def dense_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, p
         q, k = _rope64(q, pos, rd, c.rope.base, c.rope.style), _rope64(k, pos, rd, c.rope.base, c.rope.style)
     o = naive_attention(q, k, v, causal=c.causal and context is None, mask=attn_mask,
                         key_padding_mask=key_padding_mask)
+    if not project_out:
+        return o  # [B, H, N, hd], before o_proj
     return _lin(o.transpose(1, 2).reshape(b, n, c.heads * hd), m.o_proj)
 
 
 REFERENCES = {"mha": dense_reference, "gqa": dense_reference, "mqa": dense_reference}
+
+
+# ---------------------------------------------------------------------------- sparse patterns, by explicit loops
+def _loop_mask(n, rule, causal):
+    keep = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            keep[i, j] = bool(rule(i, j)) and (j <= i or not causal)
+    return keep
+
+
+def sliding_keep(n, window, causal=False):
+    """|i - j| <= window: `window` keys on each side, the query's own position not counted."""
+    return _loop_mask(n, lambda i, j: abs(i - j) <= window, causal)
+
+
+def global_positions(n, global_tokens):
+    if isinstance(global_tokens, int):
+        return set(range(min(n, global_tokens)))
+    return {p + n if p < 0 else p for p in global_tokens if -n <= p < n}
+
+
+def longformer_keep(n, window, global_tokens, causal=False):
+    g = global_positions(n, global_tokens)
+    return _loop_mask(n, lambda i, j: abs(i - j) <= window or i in g or j in g, causal)
+
+
+def bigbird_blocks(n, block_size, window, global_blocks, random_blocks, seed, causal):
+    """(global block ids, {query block: set of random key blocks}), per the documented seeded draw:
+    for each non-global query block qb, candidates = key blocks outside its window and not global
+    (causal: before the window), permuted by torch.randperm with a Generator seeded seed*1000003+qb."""
+    nb = -(-n // block_size)
+    w = window // block_size
+    g = min(global_blocks, nb)
+    glob = set(range(g)) if causal else set(range(g - g // 2)) | set(range(nb - g // 2, nb))
+    rand = {}
+    for qb in range(nb):
+        if qb in glob or random_blocks == 0:
+            continue
+        cand = [kb for kb in range(nb) if abs(kb - qb) > w and kb not in glob and (kb < qb or not causal)]
+        if cand:
+            perm = torch.randperm(len(cand), generator=torch.Generator().manual_seed(seed * 1_000_003 + qb))
+            rand[qb] = {cand[p] for p in perm[:random_blocks].tolist()}
+    return glob, rand
+
+
+def bigbird_keep(n, block_size, window, global_blocks, random_blocks, seed=0, causal=False):
+    glob, rand = bigbird_blocks(n, block_size, window, global_blocks, random_blocks, seed, causal)
+    w = window // block_size
+
+    def rule(i, j):
+        qb, kb = i // block_size, j // block_size
+        return abs(qb - kb) <= w or qb in glob or kb in glob or kb in rand.get(qb, ())
+    return _loop_mask(n, rule, causal)
+
+
+def strided_keep(n, stride, causal=False):
+    return _loop_mask(n, lambda i, j: abs(i - j) < stride or (i - j) % stride == 0, causal)
+
+
+def fixed_keep(n, stride, summary, causal=False):
+    return _loop_mask(n, lambda i, j: i // stride == j // stride or j % stride >= stride - summary, causal)
+
+
+def sparse_keep(config, n):
+    """The keep mask of a sparse variant's config, from the loops above."""
+    c = config
+    kind = type(c).__name__
+    if kind == "SlidingWindowConfig":
+        return sliding_keep(n, c.window, c.causal)
+    if kind == "LongformerConfig":
+        return longformer_keep(n, c.window, c.global_tokens, c.causal)
+    if kind == "BigBirdConfig":
+        return bigbird_keep(n, c.block_size, c.window, c.global_blocks, c.random_blocks, c.seed, c.causal)
+    if kind == "SparseStridedConfig":
+        return strided_keep(n, c.stride, c.causal)
+    if kind == "SparseFixedConfig":
+        return fixed_keep(n, c.stride, c.summary, c.causal)
+    raise AssertionError(kind)
+
+
+def sparse_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, positions=None):
+    """A sparse module = the dense reference with the pattern's keep mask; Longformer's global
+    projections recompute the global rows from q/k/v_global_proj over every key."""
+    assert context is None and attn_mask is None
+    n = x.shape[1]
+    keep = sparse_keep(m.config, n)
+    out = dense_reference(m, x, key_padding_mask=key_padding_mask, attn_mask=keep, positions=positions)
+    c = m.config
+    if not getattr(c, "global_projections", False):
+        return out
+    b, hd = x.shape[0], m.head_dim
+    rows = sorted(global_positions(n, c.global_tokens))
+    q = _lin(x, m.q_global_proj).view(b, n, c.heads, hd).transpose(1, 2)
+    k = _lin(x, m.k_global_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
+    v = _lin(x, m.v_global_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
+    g = naive_attention(q, k, v, causal=c.causal, key_padding_mask=key_padding_mask)
+    local = dense_reference(m, x, key_padding_mask=key_padding_mask, attn_mask=keep, positions=positions,
+                            project_out=False)
+    local = local.clone()
+    local[:, :, rows] = g[:, :, rows]
+    return _lin(local.transpose(1, 2).reshape(b, n, c.heads * hd), m.o_proj)
+
+
+REFERENCES.update({name: sparse_reference for name in
+                   ("sliding_window", "longformer", "bigbird", "sparse_strided", "sparse_fixed")})

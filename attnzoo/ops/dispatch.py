@@ -23,7 +23,7 @@ from ..errors import BackendUnavailableError, check_choice
 from .backends import BACKENDS
 from .call import AttentionCall
 
-__all__ = ["attention", "explain", "use_backend", "last_decision", "Decision", "backend_names", "ORDER"]
+__all__ = ["attention", "explain", "use_backend", "last_decision", "Decision", "Dispatcher", "backend_names", "ORDER"]
 
 log = logging.getLogger("attnzoo.ops")
 
@@ -35,8 +35,6 @@ ORDER: dict[str, tuple[str, ...]] = {
 }
 _DEFAULT_ORDER = ("sdpa_math", "eager")
 
-_forced: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("attnzoo_backend", default=None)
-_chosen: dict[tuple, str] = {}
 _local = threading.local()
 
 
@@ -56,70 +54,95 @@ class Decision:
         return "\n".join(lines)
 
 
+class Dispatcher:
+    """Backend choice for one op: its backends, their priority per device type, forcing, a memo.
+
+    A call object has ``q`` (its device picks the order) and ``signature()`` (what the choice
+    may depend on). Backends have ``check(call) -> reason | None`` and ``run(call)``, which may
+    raise :class:`BackendUnavailableError`. The dense op and the sparse op
+    (:mod:`attnzoo.ops.sparse`) each own one, with their own backend names.
+    """
+
+    def __init__(self, op: str, backends: dict, order: dict[str, tuple[str, ...]], default_order: tuple[str, ...]):
+        self.op, self.backends, self.order, self.default_order = op, backends, order, default_order
+        self.forced: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+            f"attnzoo_{op}_backend", default=None)
+        self.chosen: dict[tuple, str] = {}
+
+    def check_names(self, names) -> tuple[str, ...]:
+        if isinstance(names, str):
+            names = (names,)
+        names = tuple(names)
+        if not names:
+            raise ValueError("backend: expected at least one backend name")
+        for n in names:
+            check_choice("backend", n, self.backends)
+        return names
+
+    @contextlib.contextmanager
+    def use(self, *names: str):
+        token = self.forced.set(self.check_names(names))
+        try:
+            yield
+        finally:
+            self.forced.reset(token)
+
+    def run(self, call, backend) -> tuple[torch.Tensor, Decision]:
+        """Run ``call`` on the forced backend(s) or the first of the device's order that serves it."""
+        forced = self.check_names(backend) if backend is not None else self.forced.get()
+        rejected: dict[str, str] = {}
+        if forced is None:
+            sig = call.signature()
+            name = self.chosen.get(sig)
+            if name is not None:
+                try:
+                    return self.backends[name].run(call), Decision(name, False, {}, cached=True)
+                except BackendUnavailableError as e:  # e.g. a length this kernel does not take
+                    rejected[name] = str(e)
+                    self.chosen.pop(sig, None)
+            candidates = self.order.get(call.q.device.type, self.default_order)
+        else:
+            candidates = forced
+        for name in candidates:
+            if name in rejected:
+                continue
+            be = self.backends[name]
+            why = be.check(call)
+            if why is None:
+                try:
+                    out = be.run(call)
+                except BackendUnavailableError as e:
+                    why = str(e)
+                else:
+                    decision = Decision(name, forced is not None, rejected)
+                    if forced is None:
+                        self.chosen[call.signature()] = name
+                        log.debug("attnzoo.ops.%s -> %s\n%s", self.op, name, decision)
+                    return out, decision
+            rejected[name] = why
+        detail = "; ".join(f"{n}: {w}" for n, w in rejected.items())
+        raise BackendUnavailableError(f"no {self.op} backend among {list(candidates)} can serve this call ({detail})")
+
+
+_DENSE = Dispatcher("attention", BACKENDS, ORDER, _DEFAULT_ORDER)
+
+
 def backend_names() -> list[str]:
     """All backend names, fastest first on CUDA."""
     return list(BACKENDS)
 
 
-def _check_names(names) -> tuple[str, ...]:
-    if isinstance(names, str):
-        names = (names,)
-    names = tuple(names)
-    if not names:
-        raise ValueError("backend: expected at least one backend name")
-    for n in names:
-        check_choice("backend", n, BACKENDS)
-    return names
-
-
-@contextlib.contextmanager
 def use_backend(*names: str):
     """Force dense attention inside the block onto ``names`` (tried in order; none may fall back).
 
     >>> with attnzoo.ops.use_backend("eager"):
     ...     y = model(x)
     """
-    token = _forced.set(_check_names(names))
-    try:
-        yield
-    finally:
-        _forced.reset(token)
+    return _DENSE.use(*names)
 
 
 def _dispatch(call: AttentionCall, backend) -> tuple[torch.Tensor, Decision]:
-    forced = _check_names(backend) if backend is not None else _forced.get()
-    rejected: dict[str, str] = {}
-    if forced is None:
-        sig = call.signature()
-        name = _chosen.get(sig)
-        if name is not None:
-            try:
-                return BACKENDS[name].run(call), Decision(name, False, {}, cached=True)
-            except BackendUnavailableError as e:  # e.g. a length this kernel does not take
-                rejected[name] = str(e)
-                _chosen.pop(sig, None)
-        candidates = ORDER.get(call.q.device.type, _DEFAULT_ORDER)
-    else:
-        candidates = forced
-    for name in candidates:
-        if name in rejected:
-            continue
-        be = BACKENDS[name]
-        why = be.check(call)
-        if why is None:
-            try:
-                out = be.run(call)
-            except BackendUnavailableError as e:
-                why = str(e)
-            else:
-                decision = Decision(name, forced is not None, rejected)
-                if forced is None:
-                    _chosen[call.signature()] = name
-                    log.debug("attnzoo.ops.attention -> %s\n%s", name, decision)
-                return out, decision
-        rejected[name] = why
-    detail = "; ".join(f"{n}: {w}" for n, w in rejected.items())
-    raise BackendUnavailableError(f"no backend among {list(candidates)} can serve this call ({detail})")
+    return _DENSE.run(call, backend)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,

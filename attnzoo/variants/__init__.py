@@ -5,6 +5,10 @@ Importing this package registers every built-in variant.
 from .cache import Cache, KVCache
 from .config import RopeConfig, VariantConfig
 from .dense import DenseAttention, DenseConfig, GQAConfig, MHAConfig, MQAConfig
+from .rolling_cache import RollingKVCache
+from .sparse import (BigBirdConfig, LongformerConfig, SlidingWindowConfig, SparseAttention, SparseConfig,
+                     SparseFixedConfig, SparseStridedConfig)
 
 __all__ = ["VariantConfig", "RopeConfig", "Cache", "KVCache", "DenseAttention", "DenseConfig", "MHAConfig",
-           "GQAConfig", "MQAConfig"]
+           "GQAConfig", "MQAConfig", "RollingKVCache", "SparseAttention", "SparseConfig", "SlidingWindowConfig",
+           "LongformerConfig", "BigBirdConfig", "SparseStridedConfig", "SparseFixedConfig"]

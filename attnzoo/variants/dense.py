@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import check_positive_int, check_type
 from ..ops import apply_rope, attention, inv_frequencies, rope_cos_sin
 from ..registry import register
-from .cache import Cache
+from .cache import Cache, KVCache
 from .config import RopeConfig, VariantConfig
 
 __all__ = ["DenseConfig", "MHAConfig", "GQAConfig", "MQAConfig", "DenseAttention"]
@@ -213,9 +213,19 @@ class DenseAttention(nn.Module):
             if cache is not None:
                 k, v = cache.update(k, v)
             causal = c.causal
-        out = attention(q, k, v, causal=causal, mask=attn_mask, key_padding_mask=key_padding_mask,
-                        dropout_p=c.dropout if self.training else 0.0)
+        out = self._attend(q, k, v, causal=causal, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                           cache=cache, hidden_states=hidden_states)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+    def _attend(self, q, k, v, *, causal, attn_mask, key_padding_mask, cache, hidden_states):
+        """The attention proper on projected heads ``[batch, heads, seq, head_dim]`` (after RoPE and the
+        cache update); subclasses with another attention (the sparse patterns) override this."""
+        return attention(q, k, v, causal=causal, mask=attn_mask, key_padding_mask=key_padding_mask,
+                         dropout_p=self.config.dropout if self.training else 0.0)
+
+    def make_cache(self) -> Cache:
+        """A fresh cache for incremental decoding with this module."""
+        return KVCache()
 
     def _kv(self, x, b):
         m = x.shape[1]

@@ -1,0 +1,89 @@
+"""The arguments of one sparse attention call, checked once and shared by every sparse backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from ...errors import check_positive_int, check_type
+from ..call import AttentionCall
+from .layout import DEFAULT_TILE, BlockLayout, compile_layout
+from .patterns import BoundPattern, Pattern
+
+__all__ = ["SparseCall"]
+
+
+@dataclass
+class SparseCall:
+    """Checked arguments of :func:`attnzoo.ops.sparse.sparse_attention` (conventions: :mod:`attnzoo.ops.masks`)."""
+
+    dense: AttentionCall  # q, k, v, key_padding_mask, scale, dropout_p (no causal/mask: the pattern says)
+    pattern: Pattern
+    tile: int = DEFAULT_TILE
+    global_rows: bool = True
+    kernel_options: dict | None = None
+
+    @classmethod
+    def build(cls, q, k, v, pattern, *, key_padding_mask=None, scale=None, dropout_p=0.0, tile=None,
+              global_rows=True, kernel_options=None):
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern={pattern!r}: expected an attnzoo.ops.sparse Pattern, e.g. "
+                            "make_pattern('sliding_window', window=256)")
+        dense = AttentionCall.build(q, k, v, key_padding_mask=key_padding_mask, scale=scale, dropout_p=dropout_p)
+        if dense.q_len > dense.k_len:
+            raise ValueError(f"q has {dense.q_len} positions and k {dense.k_len}: a sparse pattern attends within one "
+                             "sequence, so q_len <= k_len (queries are the last q_len positions)")
+        tile = DEFAULT_TILE if tile is None else tile
+        check_positive_int("tile", tile)
+        check_type("global_rows", global_rows, bool, "True or False")
+        if kernel_options is not None and not isinstance(kernel_options, dict):
+            raise TypeError(f"kernel_options={kernel_options!r}: expected a dict of FlexAttention kernel options")
+        return cls(dense, pattern, tile, global_rows, kernel_options)
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def q(self) -> torch.Tensor:
+        return self.dense.q
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.dense.k
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.dense.v
+
+    @property
+    def self_attention(self) -> bool:
+        """One sequence attending to itself (what the block-sparse kernels take); else decoding rows."""
+        return self.dense.q_len == self.dense.k_len
+
+    @cached_property
+    def layout(self) -> BlockLayout:
+        """The cached block layout (self-attention only)."""
+        return compile_layout(self.pattern, self.dense.k_len, self.tile, self.q.device)
+
+    @cached_property
+    def bound(self) -> BoundPattern:
+        if self.self_attention:
+            return self.layout.pattern
+        return self.pattern.bind(self.dense.k_len, self.q.device)
+
+    def keep_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Bool ``[len(rows), k_len]``: the pattern's keep mask for query positions ``rows`` (global rows
+        keep nothing when ``global_rows=False``: the caller computes them)."""
+        b = self.bound
+        j = torch.arange(b.n, device=self.q.device)
+        fn = b.keep if self.global_rows else b.kernel_keep
+        return fn(rows[:, None], j[None, :]).expand(len(rows), b.n)
+
+    def query_positions(self) -> torch.Tensor:
+        d = self.dense
+        return torch.arange(d.k_len - d.q_len, d.k_len, device=self.q.device)
+
+    def signature(self) -> tuple:
+        d = self.dense
+        return (d.q.device.type, d.q.device.index, d.q.dtype, d.q_heads, d.kv_heads, d.head_dim, d.v_dim,
+                self.pattern, self.tile, self.self_attention, d.key_padding_mask is not None, d.dropout_p > 0,
+                d.needs_grad)

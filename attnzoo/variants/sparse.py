@@ -1,0 +1,218 @@
+"""The sparse family: ``sliding_window``, ``longformer``, ``bigbird``, ``sparse_strided``, ``sparse_fixed``.
+
+One module, :class:`SparseAttention`, a :class:`~attnzoo.variants.dense.DenseAttention` whose
+attention runs :func:`attnzoo.ops.sparse_attention` with the config's pattern (same
+``q_proj``/``k_proj``/``v_proj``/``o_proj``, grouped KV heads, RoPE, caches). Each variant's
+config adds its pattern's options to the dense ones.
+
+``window`` counts keys on each side of a query, its own position not counted: query ``i``
+sees key ``j`` when ``|i - j| <= window`` (causal: ``0 <= i - j <= window``); ±256 is
+``window=256``. Hugging Face's Longformer ``attention_window=512`` is ``window=256``;
+BigBird's window is whole blocks (``window`` a multiple of ``block_size``; HF's 3 blocks is
+``window=block_size``). See docs/sparse.md.
+
+Sparse variants are self-attention: no ``context`` (cross-attention) and no extra
+``attn_mask`` (the pattern is the mask; padding goes through ``key_padding_mask``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import check_type
+from ..ops import attention, sparse_attention
+from ..ops.sparse import BigBird, Fixed, Longformer, Pattern, SlidingWindow, Strided, compile_layout
+from ..registry import register
+from .cache import Cache, KVCache
+from .dense import DenseAttention, DenseConfig
+from .rolling_cache import RollingKVCache
+
+__all__ = ["SparseConfig", "SlidingWindowConfig", "LongformerConfig", "BigBirdConfig", "SparseStridedConfig",
+           "SparseFixedConfig", "SparseAttention"]
+
+
+@dataclass(frozen=True)
+class SparseConfig(DenseConfig):
+    """Dense options (``dim``, ``heads``, ``groups``, ``causal``, ``rope``, ...) plus a pattern's options."""
+
+    pattern_cls = Pattern  # class attributes, not options: the subclass's pattern and its option names
+    pattern_options = ()
+
+    def validate(self):
+        super().validate()
+        if self.context_dim is not None:
+            raise ValueError(f"context_dim={self.context_dim}: sparse variants are self-attention patterns; "
+                             "use 'mha'/'gqa' for cross-attention")
+        self.pattern()  # checks the pattern's options (ValueError naming the option)
+
+    def pattern(self) -> Pattern:
+        return self.pattern_cls(causal=self.causal, **{k: getattr(self, k) for k in self.pattern_options})
+
+
+@dataclass(frozen=True)
+class SlidingWindowConfig(SparseConfig):
+    """``sliding_window``: ``window`` keys on each side (causal: the ``window`` previous keys and itself)."""
+
+    window: int = 256
+    pattern_cls = SlidingWindow
+    pattern_options = ("window",)
+
+    def cached_tokens(self, seq_len: int) -> int:
+        """Tokens a decoding cache holds after ``seq_len`` tokens (the rolling cache keeps ``window``)."""
+        return min(seq_len, self.window) if self.causal else seq_len
+
+
+@dataclass(frozen=True)
+class LongformerConfig(SparseConfig):
+    """``longformer``: a sliding ``window`` plus ``global_tokens`` (an int: the first N tokens; or positions).
+
+    ``global_projections=True`` gives the global tokens their own ``q_global_proj``,
+    ``k_global_proj``, ``v_global_proj`` as in the paper (Hugging Face's ``query_global``,
+    ``key_global``, ``value_global``): a global token's query and the keys/values it reads come
+    from them; every other query reads the global tokens through the ordinary projections.
+    """
+
+    window: int = 256
+    global_tokens: int | tuple[int, ...] = 1
+    global_projections: bool = False
+    pattern_cls = Longformer
+    pattern_options = ("window", "global_tokens")
+
+    def validate(self):
+        check_type("global_projections", self.global_projections, bool, "True or False")
+        super().validate()
+        object.__setattr__(self, "global_tokens", self.pattern().global_tokens)  # lists -> tuples (hashable)
+
+
+@dataclass(frozen=True)
+class BigBirdConfig(SparseConfig):
+    """``bigbird``: blocks of ``block_size``; a ``window`` of whole blocks (default ``block_size``: 3 blocks),
+    ``global_blocks`` global blocks and ``random_blocks`` random key blocks per query block, drawn from
+    ``seed`` (the same in training and evaluation)."""
+
+    block_size: int = 64
+    window: int | None = None
+    global_blocks: int = 2
+    random_blocks: int = 3
+    seed: int = 0
+    pattern_cls = BigBird
+    pattern_options = ("block_size", "window", "global_blocks", "random_blocks", "seed")
+
+    def validate(self):
+        super().validate()
+        object.__setattr__(self, "window", self.pattern().window)
+
+
+@dataclass(frozen=True)
+class SparseStridedConfig(SparseConfig):
+    """``sparse_strided``: the previous ``stride`` positions and every ``stride``-th one (Sparse Transformer)."""
+
+    stride: int = 128
+    pattern_cls = Strided
+    pattern_options = ("stride",)
+
+
+@dataclass(frozen=True)
+class SparseFixedConfig(SparseConfig):
+    """``sparse_fixed``: the query's block of ``stride`` positions and the last ``summary`` of every block."""
+
+    stride: int = 128
+    summary: int = 8
+    pattern_cls = Fixed
+    pattern_options = ("stride", "summary")
+
+
+_EX = {"dim": 64, "heads": 4}
+
+
+@register("sliding_window", SlidingWindowConfig, example={**_EX, "window": 3},
+          description="sliding-window attention: `window` keys on each side (rolling KV cache when causal)")
+@register("longformer", LongformerConfig, example={**_EX, "window": 1, "global_tokens": (0, 3)},
+          description="Longformer: sliding window + global tokens (optionally their own projections)")
+@register("bigbird", BigBirdConfig, example={**_EX, "block_size": 1, "window": 1, "random_blocks": 1},
+          description="BigBird: block window + global blocks + seeded random blocks")
+@register("sparse_strided", SparseStridedConfig, example={**_EX, "stride": 3},
+          description="Sparse Transformer, strided: previous `stride` positions + every `stride`-th")
+@register("sparse_fixed", SparseFixedConfig, example={**_EX, "stride": 4, "summary": 1},
+          description="Sparse Transformer, fixed: own block of `stride` + last `summary` of each block")
+class SparseAttention(DenseAttention):
+    """Attention restricted to a sparse pattern (sliding window, Longformer, BigBird, Sparse Transformer).
+
+    Parameters as :class:`DenseAttention` (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), plus
+    ``q_global_proj``/``k_global_proj``/``v_global_proj`` for Longformer with ``global_projections``.
+    The pattern is ``self.pattern`` (:mod:`attnzoo.ops.sparse.patterns`).
+    """
+
+    def __init__(self, config: SparseConfig):
+        if not isinstance(config, SparseConfig):
+            raise TypeError(f"config={type(config).__name__}: expected a SparseConfig (e.g. SlidingWindowConfig)")
+        super().__init__(config)
+        self.pattern = config.pattern()
+        self.global_projections = bool(getattr(config, "global_projections", False))
+        if self.global_projections:
+            c, hd = config, self.head_dim
+            self.q_global_proj = nn.Linear(c.dim, c.heads * hd, bias=c.bias)
+            self.k_global_proj = nn.Linear(c.dim, c.kv_heads * hd, bias=c.bias)
+            self.v_global_proj = nn.Linear(c.dim, c.kv_heads * hd, bias=c.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, pattern={self.pattern.describe()}"
+
+    def make_cache(self) -> Cache:
+        """:class:`RollingKVCache` for a causal sliding window (constant memory), else :class:`KVCache`."""
+        if type(self.pattern) is SlidingWindow and self.pattern.causal:
+            return RollingKVCache(self.pattern.window)
+        return KVCache()
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None, *,
+                key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Cache | None = None) -> torch.Tensor:
+        """``[batch, seq, dim] -> [batch, seq, dim]``; arguments as :meth:`DenseAttention.forward` except that
+        ``context`` and ``attn_mask`` are not taken (see the module docstring)."""
+        if context is not None:
+            raise ValueError(f"{self.pattern.name} is a self-attention pattern: context (cross-attention) is not "
+                             "supported; use 'mha'/'gqa' for cross-attention")
+        if attn_mask is not None:
+            raise ValueError(f"{self.pattern.name}: attn_mask is not supported, the pattern is the mask; pass "
+                             "padding as key_padding_mask [batch, k_len]")
+        if isinstance(cache, RollingKVCache):
+            if type(self.pattern) is not SlidingWindow or not self.pattern.causal:
+                raise ValueError(f"RollingKVCache serves causal sliding_window only, this module is "
+                                 f"{self.pattern.describe()}; use KVCache (module.make_cache())")
+            if cache.window < self.pattern.window:
+                raise ValueError(f"RollingKVCache(window={cache.window}) keeps fewer keys than this module's "
+                                 f"window={self.pattern.window}; use module.make_cache()")
+        if self.global_projections and cache is not None:
+            raise ValueError("longformer with global_projections=True does not decode with a cache (global tokens "
+                             "would need a second cache of global keys); build it with global_projections=False")
+        return super().forward(hidden_states, key_padding_mask=key_padding_mask, position_ids=position_ids,
+                               cache=cache)
+
+    def _attend(self, q, k, v, *, causal, attn_mask, key_padding_mask, cache, hidden_states):
+        if key_padding_mask is not None and key_padding_mask.shape[-1] != k.shape[2]:
+            if isinstance(cache, RollingKVCache) and key_padding_mask.shape[-1] == cache.seq_len:
+                key_padding_mask = key_padding_mask[:, -k.shape[2]:]  # the kept keys are the last ones
+        dropout = self.config.dropout if self.training else 0.0
+        out = sparse_attention(q, k, v, self.pattern, key_padding_mask=key_padding_mask, dropout_p=dropout,
+                               global_rows=not self.global_projections)
+        if self.global_projections:
+            out = self._global_rows(out, hidden_states, key_padding_mask, dropout)
+        return out
+
+    def _global_rows(self, out, x, key_padding_mask, dropout):
+        """Longformer's global rows through their own projections (dense over every key)."""
+        b, n, _ = x.shape
+        rows = compile_layout(self.pattern, n, device=x.device).global_rows  # cached, already on the device
+        if rows.numel() == 0:
+            return out
+        hd = self.head_dim
+        q = self.q_global_proj(x.index_select(1, rows)).view(b, len(rows), self.heads, hd).transpose(1, 2)
+        k = self.k_global_proj(x).view(b, n, self.kv_heads, hd).transpose(1, 2)
+        v = self.v_global_proj(x).view(b, n, self.kv_heads, hd).transpose(1, 2)
+        mask = None
+        if self.pattern.causal:
+            mask = (torch.arange(n, device=x.device)[None, :] <= rows[:, None])[None, None]
+        g = attention(q, k, v, mask=mask, key_padding_mask=key_padding_mask, dropout_p=dropout)
+        return out.index_copy(2, rows, g)

@@ -1,0 +1,448 @@
+#!/usr/bin/env python3
+"""Benchmark attnzoo's sparse attention against FlexAttention with a plain mask_mod and dense cuDNN SDPA.
+
+Run on a GPU machine from the repo root (torch, triton and transformers installed):
+
+    python benchmarks/sparse_bench.py --out $OUT          # everything, bf16, ~5-8 minutes
+    python benchmarks/sparse_bench.py --smoke             # CPU, tiny N: checks the script itself
+
+Shapes follow shared/bench/peers_bench.py: hidden 768, 12 heads (head_dim 64), batch 1, bf16, each
+case timed forward and forward+backward *including the qkv projection* (one Linear 768 -> 2304,
+viewed and permuted to q, k, v), the backward through ``out.float().sum()``; median of
+``triton.testing.do_bench``. "±256" is ``window=256``, peers_bench's ``W=512``/``(qi-ki).abs() <= 256``.
+
+Groups (``--groups``, default all):
+  sliding   N=16384, ±256: attnzoo's op (flex over the layout with kernel-option variants; attnzoo's Triton
+            kernel; the gather twin), attnzoo longformer (±256 + 1 global token), the full sliding_window module,
+            FlexAttention with a plain mask_mod (built here as peers_bench does), dense cuDNN;
+            "ideal" = dense time x kept fraction.
+  bigbird   block 64, window 3 blocks, 2 global, 3 random; N = 4096, 8192, 16384 (flex and triton); vs dense cuDNN.
+  scaling   N = 4k ... 128k, sliding ±256 (flex and triton) vs dense cuDNN, time and peak memory.
+  autotune  (not in the default run: minutes of compiling) the sliding and bigbird cases at N=16384 with
+            FlexAttention compiled under Inductor's max-autotune; its AUTOTUNE tables (stderr) name the
+            kernel configurations worth fixing as kernel_options.
+
+Writes ``sparse_bench.json`` (rows) and ``sparse_bench.md`` (tables + target checks) to ``--out`` (default
+``$OUT``, else ./bench-out). If ``peers.jsonl`` from peers_bench.py lies in the same folder (or ``--peers``),
+the HF Longformer/BigBird ratios are checked too; ``--report`` rebuilds the tables from the JSON files
+without running anything (run it after peers_bench.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the repo's attnzoo, whatever is installed
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+HID, NH = 768, 12
+HD = HID // NH
+WINDOW = 256
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", "bench-out"), help="output folder (default $OUT)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU (checks the script)")
+    p.add_argument("--groups", default="sliding,bigbird,scaling",
+                   help="comma-separated: sliding,bigbird,scaling,autotune (default: all but autotune)")
+    p.add_argument("--peers", default=None, help="peers.jsonl from shared/bench/peers_bench.py (default: in --out)")
+    p.add_argument("--report", action="store_true", help="only rebuild the tables from the JSON files")
+    return p.parse_args(argv)
+
+
+class Bench:
+    def __init__(self, args):
+        self.smoke = args.smoke
+        self.dev = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+        self.dt = torch.bfloat16 if self.dev == "cuda" else torch.float32
+        if self.dev == "cpu":
+            torch.set_num_threads(1)  # tiny smoke shapes: threads only add synchronization
+        self.out = args.out
+        os.makedirs(self.out, exist_ok=True)
+        self.rows: list[dict] = []
+        path = os.path.join(self.out, "sparse_bench.json")
+        if os.path.exists(path) and not args.smoke:  # a later run of other groups adds to the same file
+            with open(path) as f:
+                rerun = set(args.groups.split(","))
+                self.rows = [r for r in json.load(f)["rows"] if r["group"] not in rerun]
+        self.t0 = time.time()
+        if self.dev == "cuda":
+            import torch._dynamo as dynamo
+
+            for knob in ("recompile_limit", "cache_size_limit", "accumulated_cache_size_limit"):
+                if hasattr(dynamo.config, knob):
+                    setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 4096))
+
+    # ------------------------------------------------------------------ timing
+    def time_ms(self, fn) -> float:
+        if self.dev == "cuda":
+            import triton.testing as tt
+
+            return tt.do_bench(fn, warmup=25, rep=150, return_mode="median")
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+    def log(self, msg):
+        print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
+
+    def run(self, group, name, n, make, flops_fwd=None, extra=None):
+        """``make() -> fn`` returning the output tensor; times fwd (no grad) and fwd+bwd."""
+        for mode in ("fwd", "fwd+bwd"):
+            row = dict(group=group, name=name, n=n, mode=mode, **(extra or {}))
+            fn = None
+            try:
+                if self.dev == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                t = time.time()
+                fwd = make()
+                if mode == "fwd":
+                    def fn():
+                        with torch.no_grad():
+                            return fwd()
+                else:
+                    def fn():
+                        fwd().float().sum().backward()
+                fn()  # compile / first call, outside the timing
+                if self.dev == "cuda":
+                    torch.cuda.synchronize()
+                    row["peak_mem_setup_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                    torch.cuda.reset_peak_memory_stats()
+                row["first_call_s"] = round(time.time() - t, 2)
+                ms = self.time_ms(fn)
+                row["ms"] = round(ms, 4)
+                if flops_fwd:
+                    row["tflops"] = round(flops_fwd * (3.5 if mode == "fwd+bwd" else 1.0) / ms / 1e9, 1)
+                if self.dev == "cuda":
+                    row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            except Exception as e:  # one case failing must not hide the others
+                row["ms"] = float("nan")
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc(limit=3)
+            finally:
+                fn = fwd = None  # noqa: F841
+            self.rows.append(row)
+            self.log(json.dumps(row))
+            self.save()
+
+    def save(self):
+        with open(os.path.join(self.out, "sparse_bench.json"), "w") as f:
+            json.dump({"device": device_info(), "rows": self.rows}, f, indent=1)
+
+    # ------------------------------------------------------------------ inputs
+    def projected(self, n):
+        """x [1, n, 768] -> one Linear to 2304 -> q, k, v [1, 12, n, 64] (strided views), as the peers."""
+        lin = torch.nn.Linear(HID, 3 * HID, device=self.dev, dtype=self.dt)
+        x = torch.randn(1, n, HID, device=self.dev, dtype=self.dt, requires_grad=True)
+
+        def qkv():
+            return lin(x).view(1, n, 3, NH, HD).permute(2, 0, 3, 1, 4)
+        return qkv
+
+
+def device_info() -> dict:
+    info = {"torch": torch.__version__}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cudnn"] = torch.backends.cudnn.version()
+    try:
+        import subprocess
+        info["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                        text=True).stdout.strip()
+    except OSError:
+        pass
+    info["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return info
+
+
+# ---------------------------------------------------------------------------- cases
+def attn_flops(kept_pairs: int) -> float:
+    return 4.0 * NH * kept_pairs * HD
+
+
+def dense_case(b: Bench, group, n):
+    qkv = b.projected(n)
+
+    def make():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        be = [SDPBackend.CUDNN_ATTENTION] if b.dev == "cuda" else [SDPBackend.MATH]
+
+        def f():
+            q, k, v = qkv()
+            with sdpa_kernel(be):
+                return F.scaled_dot_product_attention(q, k, v)
+        return f
+    b.run(group, "dense cuDNN SDPA (+qkv)" if b.dev == "cuda" else "dense SDPA math (+qkv)", n, make,
+          attn_flops(n * n), {"kept": 1.0})
+
+
+def op_case(b: Bench, group, name, n, pattern, **op_kw):
+    from attnzoo.ops import sparse_attention
+    from attnzoo.ops.sparse import compile_layout, layout
+
+    tile = op_kw.get("tile") or layout.DEFAULT_TILE
+    t = time.time()
+    layout._compile(pattern.bind(n, b.dev), tile)  # a fresh build, timed (the op's cached one is reused below)
+    if b.dev == "cuda":
+        torch.cuda.synchronize()
+    build_ms = (time.time() - t) * 1e3
+    lay = compile_layout(pattern, n, tile, b.dev)
+    qkv = b.projected(n)
+
+    def make():
+        def f():
+            q, k, v = qkv()
+            return sparse_attention(q, k, v, pattern, **op_kw)
+        return f
+    extra = {"kept": round(lay.density, 5), "tiles_visited": lay.tiles_visited, "tiles_full": lay.tiles_full,
+             "tile_density": round(lay.tile_density(), 5), "layout_build_ms": round(build_ms, 1),
+             "pattern": pattern.describe()}
+    b.run(group, name, n, make, attn_flops(lay.kept_total), extra)
+    from attnzoo.ops import last_sparse_decision
+    d = last_sparse_decision()
+    if d is not None:
+        b.rows[-1]["backend"] = d.backend
+        b.rows[-2]["backend"] = d.backend
+
+
+def flex_mask_mod_case(b: Bench, group, n, window):
+    """FlexAttention with a plain mask_mod, built as shared/bench/peers_bench.py builds it."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False) if b.dev == "cuda" else flex_attention
+    qkv = b.projected(n)
+
+    def make():
+        bm = create_block_mask(lambda bb, h, qi, ki: (qi - ki).abs() <= window, None, None, n, n, device=b.dev)
+
+        def f():
+            q, k, v = qkv()
+            return flex(q, k, v, block_mask=bm)
+        return f
+    kept = sum(min(n - 1, i + window) - max(0, i - window) + 1 for i in range(n))
+    b.run(group, "flex plain mask_mod (+qkv)", n, make, attn_flops(kept), {"kept": round(kept / n / n, 5)})
+
+
+def module_case(b: Bench, group, n, window):
+    import attnzoo
+
+    m = attnzoo.create("sliding_window", dim=HID, heads=NH, window=window).to(b.dev, b.dt)
+    x = torch.randn(1, n, HID, device=b.dev, dtype=b.dt, requires_grad=True)
+    kept = sum(min(n - 1, i + window) - max(0, i - window) + 1 for i in range(n))
+    b.run(group, "attnzoo sliding_window module (q/k/v/o proj)", n, lambda: (lambda: m(x)), attn_flops(kept),
+          {"kept": round(kept / n / n, 5)})
+
+
+FLEX_VARIANTS = {  # name -> FlexAttention kernel_options tried on the main sliding case
+    "default": None,
+    "bwd 64x64 tiles": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64},
+    "fwd BLOCK_N 64, rows safe": {"fwd_BLOCK_N": 64, "ROWS_GUARANTEED_SAFE": True},
+}
+
+
+def group_sliding(b: Bench):
+    from attnzoo.ops.sparse import Longformer, SlidingWindow
+
+    n = 384 if b.smoke else 16384
+    w = 16 if b.smoke else WINDOW
+    pattern = SlidingWindow(window=w)
+    for label, opts in FLEX_VARIANTS.items():
+        if b.dev != "cuda" and opts is not None:
+            continue
+        kw = {"backend": "flex"} if b.dev == "cuda" else {}
+        if opts:
+            kw["kernel_options"] = opts
+        op_case(b, "sliding", f"attnzoo sliding_window op, flex {label} (+qkv)" if b.dev == "cuda"
+                else "attnzoo sliding_window op (+qkv)", n, pattern, **kw)
+    if b.dev == "cuda":
+        op_case(b, "sliding", "attnzoo sliding_window op, triton (+qkv)", n, pattern, backend="triton")
+    op_case(b, "sliding", "attnzoo sliding_window op, gather twin (+qkv)", n, pattern, backend="gather")
+    op_case(b, "sliding", "attnzoo longformer op, 1 global token (+qkv)", n, Longformer(window=w, global_tokens=1))
+    module_case(b, "sliding", n, w)
+    flex_mask_mod_case(b, "sliding", n, w)
+    dense_case(b, "sliding", n)
+
+
+def group_bigbird(b: Bench):
+    from attnzoo.ops.sparse import BigBird
+
+    blk = 16 if b.smoke else 64
+    for n in ([256, 512] if b.smoke else [4096, 8192, 16384]):
+        pattern = BigBird(block_size=blk, window=blk, global_blocks=2, random_blocks=3)
+        op_case(b, "bigbird", "attnzoo bigbird op (+qkv)", n, pattern)
+        if b.dev == "cuda":
+            op_case(b, "bigbird", "attnzoo bigbird op, triton (+qkv)", n, pattern, backend="triton")
+        dense_case(b, "bigbird", n)
+
+
+def group_autotune(b: Bench):
+    """Inductor's max-autotune over FlexAttention's kernel configurations for the sliding and bigbird
+    cases at N=16384 (minutes of compiling; its AUTOTUNE tables on stderr name the winning configs)."""
+    from attnzoo.ops.sparse import BigBird, SlidingWindow
+    from attnzoo.ops.sparse.backends import set_flex_compile_mode
+
+    if b.dev != "cuda":
+        b.log("autotune: CUDA only, skipped")
+        return
+    set_flex_compile_mode("max-autotune-no-cudagraphs")
+    try:
+        op_case(b, "autotune", "attnzoo sliding_window op, flex max-autotune (+qkv)", 16384,
+                SlidingWindow(window=WINDOW), backend="flex")
+        op_case(b, "autotune", "attnzoo bigbird op, flex max-autotune (+qkv)", 16384,
+                BigBird(block_size=64, window=64, global_blocks=2, random_blocks=3), backend="flex")
+    finally:
+        set_flex_compile_mode(None)
+
+
+def group_scaling(b: Bench):
+    from attnzoo.ops.sparse import SlidingWindow
+
+    w = 16 if b.smoke else WINDOW
+    for n in ([128, 256] if b.smoke else [4096, 8192, 16384, 32768, 65536, 131072]):
+        op_case(b, "scaling", "attnzoo sliding_window op (+qkv)", n, SlidingWindow(window=w))
+        if b.dev == "cuda":
+            op_case(b, "scaling", "attnzoo sliding_window op, triton (+qkv)", n, SlidingWindow(window=w),
+                    backend="triton")
+        dense_case(b, "scaling", n)
+
+
+# ---------------------------------------------------------------------------- report
+def _find(rows, group, prefix, n, mode):
+    for r in rows:
+        if r["group"] == group and r["name"].startswith(prefix) and r["n"] == n and r["mode"] == mode \
+                and r.get("ms") == r.get("ms"):  # not NaN
+            return r
+    return None
+
+
+def report(out_dir: str, peers_path: str | None) -> str:
+    from attnzoo.table import markdown_table
+
+    with open(os.path.join(out_dir, "sparse_bench.json")) as f:
+        data = json.load(f)
+    rows = data["rows"]
+    peers = []
+    peers_path = peers_path or os.path.join(out_dir, "peers.jsonl")
+    if os.path.exists(peers_path):
+        with open(peers_path) as f:
+            peers = [json.loads(line) for line in f if line.strip()]
+    lines = [f"# attnzoo sparse benchmark\n\n{json.dumps(data['device'])}\n"]
+    cols = ["name", "n", "mode", "ms", "tflops", "peak_mem_mb", "kept", "tiles_visited", "tiles_full",
+            "layout_build_ms", "backend", "error"]
+    for group in ("sliding", "bigbird", "scaling", "autotune"):
+        g = [r for r in rows if r["group"] == group]
+        if g:
+            lines += [f"\n## {group}\n", markdown_table(g, [c for c in cols if any(c in r for r in g)])]
+    # ideal = dense time x kept fraction, per case with a dense row at the same n
+    ideal = []
+    for r in rows:
+        if r["name"].startswith("attnzoo") and "kept" in r and r.get("ms") == r.get("ms"):
+            d = _find(rows, r["group"], "dense", r["n"], r["mode"])
+            if d:
+                ideal_ms = d["ms"] * r["kept"]
+                ideal.append({"group": r["group"], "name": r["name"], "n": r["n"], "mode": r["mode"], "ms": r["ms"],
+                              "dense ms": d["ms"], "ideal ms": round(ideal_ms, 4),
+                              "x ideal": round(r["ms"] / ideal_ms, 2), "speedup vs dense": round(d["ms"] / r["ms"], 2)})
+    if ideal:
+        lines += ["\n## against dense and the ideal (dense time x kept fraction)\n", markdown_table(ideal)]
+    lines += ["\n## targets\n"] + _targets(rows, peers)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_dir, "sparse_bench.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def _targets(rows, peers) -> list[str]:
+    out = []
+
+    def check(label, ok, detail):
+        out.append(f"- [{'x' if ok else ' '}] {label}: {detail}")
+
+    n = 16384
+    for mode in ("fwd", "fwd+bwd"):
+        best = _find(rows, "sliding", "attnzoo sliding_window op, flex default", n, mode)  # what the op does now
+        if best is None:
+            continue
+        variants = [r for r in rows if r["name"].startswith("attnzoo sliding_window op, ") and "gather" not in r["name"]
+                    and r["n"] == n and r["mode"] == mode and r.get("ms") == r.get("ms")]
+        fastest = min(variants, key=lambda r: r["ms"])
+        if fastest is not best:
+            out.append(f"- note: fastest sliding variant {mode}: {fastest['name']} {fastest['ms']:.3f} ms "
+                       f"(default {best['ms']:.3f} ms)")
+        flex = _find(rows, "sliding", "flex plain", n, mode)
+        dense = _find(rows, "sliding", "dense", n, mode)
+        if flex:
+            check(f"sliding ±256 N={n} {mode} >= 1.5x faster than flex mask_mod", flex["ms"] / best["ms"] >= 1.5,
+                  f"{best['ms']:.3f} ms ({best['name']}) vs {flex['ms']:.3f} ms: {flex['ms'] / best['ms']:.2f}x")
+        if dense:
+            ideal = dense["ms"] * best["kept"]
+            check(f"sliding ±256 N={n} {mode} within 3x of ideal", best["ms"] <= 3 * ideal,
+                  f"{best['ms']:.3f} ms vs ideal {ideal:.3f} ms: {best['ms'] / ideal:.2f}x")
+        hf = [p for p in peers if p.get("name") == "hf-LongformerSelfAttention" and p.get("n") == n
+              and p.get("mode") == mode and p.get("ms") == p.get("ms")]
+        if hf:
+            check(f"sliding ±256 N={n} {mode} >= 10x faster than HF Longformer", hf[0]["ms"] / best["ms"] >= 10,
+                  f"{hf[0]['ms']:.3f} ms / {best['ms']:.3f} ms = {hf[0]['ms'] / best['ms']:.1f}x")
+    for r in rows:
+        if r["group"] != "bigbird" or not r["name"].startswith("attnzoo") or r.get("ms") != r.get("ms"):
+            continue
+        dense = _find(rows, "bigbird", "dense", r["n"], r["mode"])
+        if dense and r["n"] >= 8192:
+            check(f"bigbird N={r['n']} {r['mode']} faster than dense cuDNN", r["ms"] < dense["ms"],
+                  f"{r['ms']:.3f} ms vs {dense['ms']:.3f} ms")
+        hf = [p for p in peers if p.get("name") == "hf-BigBirdBlockSparseAttention" and p.get("n") == r["n"]
+              and p.get("mode") == r["mode"] and p.get("ms") == p.get("ms")]
+        if hf:
+            check(f"bigbird N={r['n']} {r['mode']} >= 10x faster than HF BigBird", hf[0]["ms"] / r["ms"] >= 10,
+                  f"{hf[0]['ms']:.3f} ms / {r['ms']:.3f} ms = {hf[0]['ms'] / r['ms']:.1f}x")
+    if not peers:
+        out.append("- (no peers.jsonl next to the results: HF ratios not checked; run shared/bench/peers_bench.py "
+                   "with the same $OUT, then `python benchmarks/sparse_bench.py --report --out $OUT`)")
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not args.report:
+        b = Bench(args)
+        b.log(f"device {b.dev}, dtype {b.dt}, out {b.out}: {json.dumps(device_info())}")
+        groups = {"sliding": group_sliding, "bigbird": group_bigbird, "scaling": group_scaling,
+                  "autotune": group_autotune}
+        for name in filter(None, args.groups.split(",")):
+            if name not in groups:
+                raise SystemExit(f"--groups: unknown group {name!r}; expected some of {', '.join(groups)}")
+            b.log(f"== {name}")
+            groups[name](b)
+        b.save()
+    print(report(args.out, args.peers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

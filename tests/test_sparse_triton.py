@@ -1,0 +1,79 @@
+"""attnzoo's Triton block-sparse kernel, run by Triton's interpreter on CPU (skipped without Triton).
+
+The interpreter is selected before the kernel module is imported (``TRITON_INTERPRET=1``); the same
+kernels run compiled on a GPU in tests/test_sparse_gpu.py.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "attnzoo.ops.sparse.triton_kernel" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU only: on a GPU the kernels compile (and must not be interpreted)
+pytest.importorskip("triton")
+
+from attnzoo.ops import sparse_attention  # noqa: E402
+from attnzoo.ops.sparse import BigBird, Fixed, Longformer, SlidingWindow, Strided  # noqa: E402
+from attnzoo.ops.sparse import triton_kernel  # noqa: E402
+
+from oracle import bigbird_keep, fixed_keep, longformer_keep, naive_attention, sliding_keep, strided_keep  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_kernel.interpreted() and not torch.cuda.is_available(),
+                                reason="the kernel module was imported without TRITON_INTERPRET=1")
+
+N = 101  # not a multiple of the 32-tiles
+CASES = [
+    (SlidingWindow(window=20), lambda: sliding_keep(N, 20)),
+    (SlidingWindow(window=20, causal=True), lambda: sliding_keep(N, 20, True)),
+    (Longformer(window=9, global_tokens=(0, 50, -1)), lambda: longformer_keep(N, 9, (0, 50, -1))),
+    (BigBird(block_size=16, window=16, random_blocks=1, causal=True), lambda: bigbird_keep(N, 16, 16, 2, 1, 0, True)),
+    (Strided(stride=12, causal=True), lambda: strided_keep(N, 12, True)),
+    (Fixed(stride=16, summary=3), lambda: fixed_keep(N, 16, 3)),
+]
+
+
+@pytest.mark.parametrize("pattern, loops", CASES, ids=[p.name + ("-causal" if p.causal else "") for p, _ in CASES])
+def test_triton_kernel_matches_oracle(pattern, loops):
+    dev = "cuda" if torch.cuda.is_available() and not triton_kernel.interpreted() else "cpu"
+    q = torch.randn(2, 4, N, 16, device=dev, requires_grad=True)
+    k = torch.randn(2, 2, N, 16, device=dev, requires_grad=True)
+    v = torch.randn(2, 2, N, 16, device=dev, requires_grad=True)
+    kpm = torch.ones(2, N, dtype=torch.bool, device=dev)
+    kpm[1, 80:] = False
+    kpm[0, :5] = False
+    out = sparse_attention(q, k, v, pattern, key_padding_mask=kpm, tile=32, backend="triton")
+    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=loops(), key_padding_mask=kpm.cpu())
+    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), go)
+    want = torch.autograd.grad(ref, (q, k, v), go.cpu().double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu().double(), b.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_layout_tensors_pack_partial_tiles_and_transpose():
+    from attnzoo.ops.sparse import compile_layout
+
+    layout = compile_layout(SlidingWindow(window=20), N, 32)
+    extra = triton_kernel.layout_tensors(layout)
+    bits = extra["bits"]
+    assert bits.shape == (int(layout.partial_count.sum()), 32, 1)
+    # query tile 0 visits KV tiles 0 and 1, both partial; tile 1: rows 0..31, keys 32..63, kept when |i - j| <= 20
+    assert layout.partial_index[0, :2].tolist() == [0, 1]
+    mid = int(extra["ids"][0, 1])
+    words = bits[mid, :, 0].to(torch.int64) % 2 ** 32
+    got = torch.stack([(words >> c) & 1 for c in range(32)], 1).bool()
+    i, j = torch.arange(32)[:, None], 32 + torch.arange(32)[None, :]
+    assert torch.equal(got, (i - j).abs() <= 20)
+    fct, fit = extra["full_t"]
+    assert int(fct.sum()) == int(layout.full_count.sum())  # every full tile listed once per KV tile
+
+
+def test_unavailable_reasons():
+    q = torch.randn(1, 2, 40, 12)
+    with pytest.raises(Exception, match="head_dim"):
+        sparse_attention(q, q, q, SlidingWindow(window=3), tile=32, backend="triton")
+    q = torch.randn(1, 2, 40, 16)
+    with pytest.raises(Exception, match="multiple of 32"):
+        sparse_attention(q, q, q, SlidingWindow(window=3), tile=16, backend="triton")
