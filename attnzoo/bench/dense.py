@@ -28,20 +28,31 @@ def _measure(rows, group, n, cases, flops_fwd: float | None, modes=("fwd", "fwd+
     median over the rounds: clocks and caches drift between measurements by several percent at
     sub-millisecond times, so competitors are measured side by side rather than one after another.
     ``make()`` -> (fwd callable returning a tensor, backend label)."""
+    def build(make, mode):
+        fwd, backend = make()
+        if mode == "fwd":
+            def step():
+                with torch.no_grad():
+                    return fwd()
+        else:
+            def step():
+                fwd().float().sum().backward()
+        step()
+        return step, backend
+
     for mode in modes:
+        mems = {}
+        for name, make in cases:  # memory first, one case alive at a time
+            try:
+                step, _ = build(make, mode)
+                mems[name] = peak_mb(step)
+                del step
+            except Exception:
+                pass  # reported by the timing pass below
         steps = {}
         for name, make in cases:
             try:
-                fwd, backend = make()
-                if mode == "fwd":
-                    def step(fwd=fwd):
-                        with torch.no_grad():
-                            return fwd()
-                else:
-                    def step(fwd=fwd):
-                        fwd().float().sum().backward()
-                step()
-                steps[name] = (step, backend)
+                steps[name] = build(make, mode)
             except Exception as e:  # one kernel turning a shape down must not hide the others
                 rows.append(Row(group, name, n, mode, float("nan"), note=f"{type(e).__name__}: {str(e)[:120]}"))
                 print(rows[-1].as_dict(), flush=True)
@@ -51,7 +62,7 @@ def _measure(rows, group, n, cases, flops_fwd: float | None, modes=("fwd", "fwd+
                 times[name].append(time_ms(step))
         for name, (step, backend) in steps.items():
             ms = statistics.median(times[name])
-            mem = peak_mb(step)
+            mem = mems.get(name)
             fl = None if flops_fwd is None else (flops_fwd if mode == "fwd" else 3.5 * flops_fwd)
             spread = (max(times[name]) - min(times[name])) / ms if ms else 0.0
             rows.append(Row(group, name, n, mode, round(ms, 4), None if fl is None else round(fl / ms / 1e9, 1),

@@ -40,6 +40,7 @@ def environment() -> dict:
                                 cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         commit = ""
+    commit = os.environ.get("ATTNZOO_COMMIT", commit)  # a copied tree without .git: the caller says
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     return {"device": dev, "torch": torch.__version__, "commit": commit or "unknown",
             "date": datetime.date.today().isoformat(), "cuda": torch.version.cuda}
