@@ -1,0 +1,120 @@
+"""Reading and writing Hugging Face model directories: resolve, load, record metadata, write atomically.
+
+attnzoo records what it did to a checkpoint in ``config.json`` under the key ``attnzoo``
+(a dict): ``pretraining_tokens`` (tokens the model was pretrained on, when known),
+``patch`` (a conversion), ``new_modules`` (modules a conversion created, trained fully
+under LoRA), ``uptrain`` (a list, one entry per uptraining run). Plain ``transformers``
+keeps unknown config keys, so the record survives ``save_pretrained``/``from_pretrained``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+__all__ = ["BUILTIN", "resolve_model_dir", "load_causal_lm", "read_metadata", "update_metadata",
+           "check_new_output", "atomic_output_dir", "quiet_hf"]
+
+BUILTIN = "builtin"  # the name that stands for the built-in model wherever a model directory is asked for
+
+
+def resolve_model_dir(value: str | os.PathLike, option: str = "--model") -> Path:
+    """The directory ``value`` names (``"builtin"``: the packaged model), checked to hold a config."""
+    if str(value) == BUILTIN:
+        from .data.model import builtin_model_dir
+
+        return builtin_model_dir()
+    path = Path(value)
+    if not path.exists():
+        raise FileNotFoundError(f"{option}={str(value)!r}: no such directory (expected a Hugging Face model "
+                                f"directory with config.json, or {BUILTIN!r} for the built-in model)")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{option}={str(value)!r}: not a model directory (no config.json in it)")
+    return path
+
+
+@contextlib.contextmanager
+def quiet_hf() -> Iterator[None]:
+    """Silence transformers' per-shard progress bars and info logs inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def load_causal_lm(value: str | os.PathLike, option: str = "--model", dtype: torch.dtype | None = None):
+    """Load a causal LM: through ``attnzoo.from_pretrained`` when attnzoo provides it (patched
+    checkpoints), else plain ``transformers.AutoModelForCausalLM``. ``dtype=None`` keeps the stored dtype."""
+    path = resolve_model_dir(value, option)
+    import attnzoo
+
+    kwargs: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
+    with quiet_hf():
+        if hasattr(attnzoo, "from_pretrained"):
+            return attnzoo.from_pretrained(str(path), **kwargs)
+        from transformers import AutoModelForCausalLM
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{option}={str(value)!r}: cannot load a causal language model from it: {e}") from e
+
+
+def read_metadata(model_or_config: Any) -> dict[str, Any]:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    meta = getattr(cfg, "attnzoo", None)
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def update_metadata(model_or_config: Any, **updates: Any) -> dict[str, Any]:
+    """Merge ``updates`` into ``config.attnzoo`` (other keys are kept) and return the new dict."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    meta = read_metadata(cfg)
+    meta.update(updates)
+    cfg.attnzoo = meta
+    return meta
+
+
+def check_new_output(path: str | os.PathLike, force: bool, option: str = "--out") -> Path:
+    """Refuse an existing output path unless ``force``; the parent directory must exist."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{option}={str(path)!r} already exists; pass --force to replace it")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"{option}={str(path)!r}: the parent directory {str(path.parent)!r} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, force: bool = False, option: str = "--out") -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` by a rename.
+
+    On an exception the temporary directory is removed and ``path`` is left as it was.
+    """
+    path = check_new_output(path, force, option)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)

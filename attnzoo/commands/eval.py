@@ -1,0 +1,73 @@
+"""Evaluate a causal LM: perplexity (all tokens and recall answers), recall accuracy, KV-cache
+bytes per token and greedy decode tokens/s.
+
+    attnzoo eval --model builtin
+    attnzoo eval --model converted/ --data builtin:1 --json metrics.json
+    attnzoo eval --model some-hf-model/ --data corpus.txt --num-seqs 0
+
+--data is 'builtin[:SEED]' (the built-in corpus; seed 1 is held out from the built-in model's
+training), a .safetensors or .ids file of token ids, or a text file (tokenized with the model's
+tokenizer). Recall metrics need answer positions (built-in corpus format); elsewhere they show
+'-'. Works on any causal LM directory: plain Hugging Face or written by attnzoo.
+"""
+from __future__ import annotations
+
+import json
+
+NAME = "eval"
+HELP = "perplexity, recall accuracy, KV bytes/token and decode speed of a model"
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(p):
+    from ..evaluate import DEFAULT_EVAL_DATA
+
+    p.add_argument("--model", required=True, help="model directory, or 'builtin' for the packaged model")
+    p.add_argument("--data", default=DEFAULT_EVAL_DATA, help="'builtin[:SEED]', a .safetensors/.ids file of token "
+                   "ids, or a text file (default: %(default)s)")
+    p.add_argument("--num-seqs", type=int, default=128, help="sequences to score; 0 = all of a file "
+                   "(default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: %(default)s)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens timed for decode speed; 0 = skip "
+                   "(default: %(default)s)")
+    p.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when present, else cpu)")
+    p.add_argument("--dtype", choices=_DTYPES, help="load the weights in this dtype (default: as stored)")
+    p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON to FILE ('-' = stdout)")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..errors import check_positive_int
+    from ..evaluate import evaluate_dir
+    from ..table import format_table
+
+    check_positive_int("--num-seqs", args.num_seqs, minimum=0)
+    check_positive_int("--seq-len", args.seq_len, minimum=2)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.num_seqs == 0 and (args.data == "builtin" or args.data.startswith("builtin:")):
+        raise ValueError(f"--num-seqs=0 means 'all of a file', but --data={args.data!r} is endless; give a count")
+    result = evaluate_dir(args.model, args.data, seq_len=args.seq_len, device=device,
+                          dtype=getattr(torch, args.dtype) if args.dtype else None, num_sequences=args.num_seqs or None,
+                          batch_size=args.batch_size, decode_tokens=args.decode_tokens, progress=True)
+    d = result.as_dict()
+    if args.json:
+        text = json.dumps(d, indent=1)
+        if args.json == "-":
+            print(text)
+            return 0
+        from pathlib import Path
+
+        Path(args.json).write_text(text + "\n")
+    rows = [{"metric": "perplexity (all tokens)", "value": result.perplexity},
+            {"metric": "recall perplexity (answer tokens)", "value": result.recall_perplexity},
+            {"metric": "recall accuracy (top-1)", "value": result.recall_accuracy},
+            {"metric": f"KV-cache bytes/token ({result.kv_dtype})", "value": result.kv_bytes_per_token},
+            {"metric": f"decode tokens/s ({device}, batch 1)", "value": result.decode_tokens_per_s},
+            {"metric": "parameters", "value": result.parameters},
+            {"metric": "scored", "value": f"{result.sequences} seqs, {result.tokens:,} tokens, "
+                                           f"{result.answers} answers"}]
+    print(format_table(rows, title=f"eval: {args.model} on {args.data}"))
+    return 0

@@ -1,0 +1,141 @@
+"""The main job end to end on the built-in model: convert MHA -> GQA, evaluate, uptrain, evaluate, report."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint_io import load_causal_lm, quiet_hf, resolve_model_dir
+from ..data.sources import open_data
+from ..data.tokenizer import load_tokenizer
+from ..evaluate import DEFAULT_EVAL_DATA, evaluate
+from . import report
+from .kv_pooling import convert_gqa
+
+__all__ = ["DemoOptions", "run_demo", "OUTPUT_FILES"]
+
+OUTPUT_FILES = ("demo_results.json", "demo_table.md", "demo.png")
+
+
+@dataclass
+class DemoOptions:
+    out: str = "."
+    model: str = "builtin"
+    groups: int = 2
+    fraction: float = 0.05  # uptraining budget, of the model's pretraining tokens
+    lr: float = 1e-3
+    alpha: float = 0.5
+    temperature: float = 1.0
+    batch_size: int = 8
+    seq_len: int = 256
+    eval_data: str = DEFAULT_EVAL_DATA
+    eval_seqs: int = 128
+    decode_tokens: int = 64
+    methods: tuple[str, ...] = ("mean", "svd")
+    # uptraining runs: (name, start conversion, teacher?) — same budget each
+    runs: tuple[tuple[str, str, bool], ...] = (("ce", "mean", False), ("distill", "mean", True),
+                                               ("distill", "svd", True))
+    keep_models: bool = False
+    progress: bool = True
+    log: list = field(default_factory=list)
+
+
+def _say(opts: DemoOptions, text: str) -> None:
+    opts.log.append(text)
+    if opts.progress:
+        print(text, flush=True)
+
+
+def run_demo(opts: DemoOptions) -> dict:
+    """Run the demo; writes :data:`OUTPUT_FILES` into ``opts.out`` and returns the results dict."""
+    from ..uptrain import UptrainOptions, uptrain
+
+    out = Path(opts.out)
+    if not out.is_dir():
+        raise FileNotFoundError(f"--out={opts.out!r}: no such directory")
+    t_start = time.perf_counter()
+    src = resolve_model_dir(opts.model, "--model")
+    work = Path(tempfile.mkdtemp(prefix="attnzoo-demo-"))
+    results: list[dict] = []
+    curves: dict[str, list[dict]] = {}
+    tokenizer = load_tokenizer(src)
+    try:
+        original = load_causal_lm(src, dtype=torch.float32)
+        data = open_data(opts.eval_data, opts.seq_len, tokenizer=tokenizer,
+                         vocab_size=original.config.get_text_config().vocab_size, option="--eval-data")
+
+        def record(name: str, model, start: str | None = None, **extra) -> dict:
+            e = evaluate(model, data, num_sequences=opts.eval_seqs, decode_tokens=opts.decode_tokens, name=name)
+            results.append({"name": name, "from": start, "eval": e.as_dict(), **extra})
+            _say(opts, f"  {name}: perplexity {e.perplexity:.3f}, recall accuracy "
+                       f"{e.recall_accuracy if e.recall_accuracy is None else round(e.recall_accuracy, 3)}, "
+                       f"KV {e.kv_bytes_per_token} B/token")
+            return results[-1]
+
+        heads = original.config.num_attention_heads
+        _say(opts, f"[1/4] original: {src} ({heads} query heads, {original.config.num_key_value_heads} KV heads)")
+        record("original (MHA)", original)
+        pre = (getattr(original.config, "attnzoo", None) or {}).get("pretraining_tokens")
+
+        _say(opts, f"[2/4] convert to GQA with {opts.groups} KV heads: {', '.join(opts.methods)}")
+        converted = {}
+        for method in opts.methods:
+            model = convert_gqa(original, opts.groups, method)  # TO BE REPLACED by attnzoo.patch (issue 3)
+            path = work / f"gqa{opts.groups}-{method}"
+            with quiet_hf():
+                model.save_pretrained(str(path))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(path))
+            converted[method] = path
+            record(f"gqa{opts.groups}-{method}", model, method=method)
+        del model
+
+        _say(opts, f"[3/4] uptrain each with {100 * opts.fraction:g}% of the {pre or '?'} pretraining tokens")
+        for kind, method, distill in opts.runs:
+            if method not in converted:
+                continue
+            name = f"gqa{opts.groups}-{method} + {kind}"
+            dst = work / name.replace(" + ", "+")
+            res = uptrain(UptrainOptions(
+                model=str(converted[method]), out=str(dst), data="builtin:0", fraction=opts.fraction,
+                teacher=str(src) if distill else None, alpha=opts.alpha if distill else 0.5,
+                temperature=opts.temperature, lr=opts.lr, batch_size=opts.batch_size, seq_len=opts.seq_len,
+                seed=0, progress=opts.progress, cpu=True, extra_metadata={"demo_run": name}))
+            curves[name] = res.log
+            with quiet_hf():
+                model = load_causal_lm(dst, dtype=torch.float32)
+            record(name, model, start=f"gqa{opts.groups}-{method}", tokens=res.tokens,
+                   fraction_of_pretraining=res.fraction_of_pretraining, uptrain_seconds=res.seconds)
+
+        _say(opts, "[4/4] report")
+        summary = {"groups": opts.groups, "fraction": opts.fraction, "pretraining_tokens": pre,
+                   "eval_data": opts.eval_data, "eval_sequences": opts.eval_seqs, "lr": opts.lr, "alpha": opts.alpha,
+                   "temperature": opts.temperature, "seconds": None, "results": results}
+        summary["seconds"] = round(time.perf_counter() - t_start, 1)
+        _write(out, summary, curves)
+        if opts.keep_models:
+            kept = out / "demo_models"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(work, kept)
+            summary["models"] = str(kept)
+        return summary
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _write(out: Path, summary: dict, curves: dict) -> None:
+    """Write the three output files, each through a temporary name renamed at the end."""
+    files = {
+        "demo_results.json": lambda p: p.write_text(json.dumps(summary, indent=1) + "\n"),
+        "demo_table.md": lambda p: p.write_text(report.markdown(summary["results"]) + "\n"),
+        "demo.png": lambda p: report.plot(summary["results"], curves, p),
+    }
+    for name, write in files.items():
+        tmp = out / f".{name}.tmp"
+        write(tmp) if name != "demo.png" else write(tmp.with_suffix(".tmp.png"))
+        (tmp if name != "demo.png" else tmp.with_suffix(".tmp.png")).replace(out / name)

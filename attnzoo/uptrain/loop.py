@@ -1,0 +1,301 @@
+"""The uptraining loop: accelerate (DDP/FSDP/mixed precision), distillation, LoRA, exact resume.
+
+Data position is a pure function of the step: micro-batch ``a`` of optimizer step ``s`` on
+process ``r`` of ``W`` reads sequences ``((s * accum + a) * W + r) * B`` onwards. So a run
+resumed from the checkpoint of step ``s`` sees exactly the batches an uninterrupted run sees.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint_io import atomic_output_dir, check_new_output, load_causal_lm, quiet_hf, read_metadata, \
+    resolve_model_dir, update_metadata
+from ..data.sources import TokenData, open_data
+from ..data.tokenizer import load_tokenizer
+from ..table import format_table
+from .curves import append_log, plot_losses, read_log, truncate_log
+from .lora import TrainableSummary, apply_lora, merge_lora, summarize_trainable
+from .losses import mixed_loss
+from .options import UptrainOptions, flag
+from .schedule import warmup_cosine
+from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+__all__ = ["uptrain", "UptrainResult", "plan_budget"]
+
+# options that change the trajectory: a resumed run must use the same ones
+_RESUME_KEYS = ("model", "data", "tokens", "fraction", "teacher", "alpha", "temperature", "lr", "min_lr_ratio",
+                "warmup", "weight_decay", "batch_size", "grad_accum", "seq_len", "max_grad_norm", "lora_rank",
+                "lora_alpha", "lora_targets", "train_fully", "seed", "stage")
+
+
+@dataclass
+class UptrainResult:
+    out: Path | None  # the saved model directory (None when stopped early by --stop-after)
+    steps: int  # optimizer steps done
+    total_steps: int
+    tokens: int  # training tokens seen (all processes)
+    budget_tokens: int
+    fraction_of_pretraining: float | None
+    final_loss: float
+    seconds: float
+    trainable: TrainableSummary
+    log: list[dict] = field(default_factory=list)
+    stopped: bool = False
+
+    def rows(self) -> list[dict]:
+        frac = "-" if self.fraction_of_pretraining is None else f"{100 * self.fraction_of_pretraining:.2f}%"
+        rows = [("steps", f"{self.steps}/{self.total_steps}"), ("tokens", f"{self.tokens:,}"),
+                ("of pretraining tokens", frac), ("final loss (mean of last 10 steps)", f"{self.final_loss:.4f}"),
+                ("wall time", f"{self.seconds:.1f} s"),
+                ("throughput", f"{self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s"),
+                ("trained", self.trainable.describe()),
+                ("output", str(self.out) if self.out else "not saved (stopped early; continue with --resume)")]
+        return [{"": k, "value": v} for k, v in rows]
+
+
+def _make_accelerator(opts: UptrainOptions):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()  # a second in-process run (tests, the demo) may change settings
+    acc = getattr(torch, "accelerator", None)  # torch >= 2.6
+    has_device = acc.is_available() if acc is not None else torch.cuda.is_available()
+    # without a device, cpu=True makes accelerate join a torchrun launch over gloo (else each process runs alone)
+    return Accelerator(mixed_precision=opts.mixed_precision, cpu=opts.cpu or not has_device)
+
+
+def plan_budget(opts: UptrainOptions, meta: dict, tokens_per_step: int) -> tuple[int, int, float | None]:
+    """``(budget_tokens, steps, fraction_of_pretraining)``; steps never overshoot the budget."""
+    pre = meta.get("pretraining_tokens") or None
+    if opts.fraction is not None:
+        if not pre:
+            raise ValueError(f"--fraction={opts.fraction}: the model does not record its pretraining tokens "
+                             f"(config.json 'attnzoo.pretraining_tokens' in {opts.model!r}); pass --tokens N instead")
+        budget = int(opts.fraction * pre)
+        source = f"--fraction={opts.fraction} (of {pre:,} pretraining tokens = {budget:,})"
+    else:
+        budget = opts.tokens
+        source = f"--tokens={opts.tokens}"
+    steps = budget // tokens_per_step
+    if steps < 1:
+        raise ValueError(f"{source} is less than one optimizer step of {tokens_per_step:,} tokens "
+                         "(batch size x sequence length x grad accumulation x processes); raise the budget "
+                         "or lower --batch-size/--seq-len")
+    return budget, steps, (steps * tokens_per_step / pre) if pre else None
+
+
+def _load_teacher(opts: UptrainOptions, student, tokenizer):
+    if opts.teacher is None:
+        return None
+    teacher = load_causal_lm(opts.teacher, option="--teacher", dtype=torch.float32)
+    sv, tv = student.config.get_text_config().vocab_size, teacher.config.get_text_config().vocab_size
+    if sv != tv:
+        raise ValueError(f"--teacher={opts.teacher!r}: its vocabulary has {tv} tokens but the student's "
+                         f"(--model={opts.model!r}) has {sv}; distillation needs the same tokenizer")
+    t_tok = load_tokenizer(resolve_model_dir(opts.teacher, "--teacher"))
+    if tokenizer is not None and t_tok is not None and t_tok.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"--teacher={opts.teacher!r}: its tokenizer differs from the student's "
+                         f"(--model={opts.model!r}); distillation needs the same tokenizer")
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def _work_dir(opts: UptrainOptions, out: Path, main: bool) -> Path:
+    work = out.with_name(out.name + ".partial")
+    if opts.resume is None and work.exists():
+        if not opts.force:
+            raise FileExistsError(f"--out={str(out)!r}: an interrupted run left checkpoints in {str(work)!r}; "
+                                  "pass --resume to continue it or --force to start over")
+    return work
+
+
+def _resume_path(opts: UptrainOptions, work: Path) -> Path | None:
+    if opts.resume is None:
+        return None
+    if opts.resume == "latest":
+        found = latest_checkpoint(work / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {str(work / 'checkpoints')!r} (checkpoints are "
+                                    "written every --checkpoint-every steps)")
+        return found
+    path = Path(opts.resume)
+    if not (path / "progress.json").is_file():
+        raise FileNotFoundError(f"--resume={opts.resume!r}: not a checkpoint directory (no progress.json)")
+    return path
+
+
+def _check_same_options(opts: UptrainOptions, work: Path) -> None:
+    saved_file = work / "options.json"
+    if not saved_file.is_file():
+        return
+    saved, now = json.loads(saved_file.read_text()), json.loads(json.dumps(opts.to_dict()))
+    for key in _RESUME_KEYS:
+        if saved.get(key) != now.get(key):
+            raise ValueError(f"--resume: {flag(key)}={now.get(key)!r} differs from the interrupted run's "
+                             f"{saved.get(key)!r}; an exact resume needs the same options")
+
+
+def _indices(step: int, micro: int, opts: UptrainOptions, world: int, rank: int) -> range:
+    start = ((step * opts.grad_accum + micro) * world + rank) * opts.batch_size
+    return range(start, start + opts.batch_size)
+
+
+def uptrain(opts: UptrainOptions) -> UptrainResult:
+    """Run one uptraining (or pretraining) job; see :class:`UptrainOptions`. Every process calls it."""
+    opts.validate()
+    model_dir = resolve_model_dir(opts.model, "--model")
+    out = Path(opts.out)
+    if opts.resume is None:
+        check_new_output(out, opts.force)
+    accelerator = _make_accelerator(opts)
+    main = accelerator.is_main_process
+    work = _work_dir(opts, out, main)
+    resume_from = _resume_path(opts, work)
+    if resume_from is not None:
+        _check_same_options(opts, work)
+
+    from accelerate.utils import set_seed
+
+    set_seed(opts.seed)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, dtype=torch.float32)
+    meta = read_metadata(model)
+    teacher = _load_teacher(opts, model, tokenizer)
+    vocab = model.config.get_text_config().vocab_size
+    data: TokenData = open_data(opts.data, opts.seq_len, tokenizer=tokenizer, vocab_size=vocab)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    tokens_per_step = opts.batch_size * data.seq_len * opts.grad_accum * world
+    budget, total_steps, fraction = plan_budget(opts, meta, tokens_per_step)
+
+    train_fully = opts.train_fully if opts.train_fully is not None else tuple(meta.get("new_modules", []))
+    if opts.lora_rank:
+        model = apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_targets, train_fully)
+    summary = summarize_trainable(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
+    scheduler = warmup_cosine(optimizer, total_steps, opts.warmup, opts.min_lr_ratio)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if teacher is not None:
+        teacher.to(accelerator.device)
+
+    if main:
+        if resume_from is None:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            (work / "options.json").write_text(json.dumps(opts.to_dict(), indent=1))
+    accelerator.wait_for_everyone()
+    log_path = work / "loss_log.jsonl"
+    step, seconds_before = 0, 0.0
+    if resume_from is not None:
+        progress = load_checkpoint(resume_from, model, optimizer, scheduler, accelerator)
+        step, seconds_before = progress["step"], progress.get("seconds", 0.0)
+        if main:
+            truncate_log(log_path, step)
+        accelerator.wait_for_everyone()
+
+    if main:
+        print(f"uptrain: {total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step:,} tokens "
+              f"on {world} process(es) ({accelerator.distributed_type.value.lower()}"
+              f"{', ' + str(accelerator.state.backend) if world > 1 else ''}), {accelerator.device}, mixed precision {accelerator.mixed_precision}; "
+              f"{summary.describe()}" + (f"; resuming at step {step}" if step else ""), flush=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, disable=not (main and opts.progress), unit="step",
+               desc="uptrain" if opts.stage == "uptrain" else "pretrain", dynamic_ncols=True)
+    model.train()
+    t0 = time.perf_counter()
+    stopped = False
+    while step < total_steps:
+        sums = torch.zeros(3, device=accelerator.device)
+        for micro in range(opts.grad_accum):
+            ids = data.batch(_indices(step, micro, opts, world, rank)).to(accelerator.device)
+            sync = micro == opts.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+            with ctx:
+                with accelerator.autocast():
+                    logits = model(input_ids=ids).logits
+                    t_logits = teacher(input_ids=ids).logits if teacher is not None else None
+                loss, parts = mixed_loss(logits, ids, t_logits, opts.alpha, opts.temperature)
+                accelerator.backward(loss / opts.grad_accum)
+            sums += torch.stack([loss.detach(), parts["ce"], parts.get("kl", torch.zeros((), device=ids.device))])
+        if opts.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, opts.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        means = accelerator.reduce(sums / opts.grad_accum, reduction="mean").tolist()
+        if main and (step % opts.log_every == 0 or step == total_steps):
+            entry = {"step": step, "tokens": step * tokens_per_step, "loss": means[0], "ce": means[1],
+                     "lr": scheduler.get_last_lr()[0]}
+            if teacher is not None:
+                entry["kl"] = means[2]
+            append_log(log_path, entry)
+        bar.update(1)
+        bar.set_postfix(loss=f"{means[0]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        elapsed = seconds_before + time.perf_counter() - t0
+        if opts.checkpoint_every and step % opts.checkpoint_every == 0 and step < total_steps:
+            save_checkpoint(work / "checkpoints", step, {"tokens": step * tokens_per_step, "seconds": elapsed},
+                            model, optimizer, scheduler, accelerator)
+        if opts.stop_after is not None and step >= opts.stop_after and step < total_steps:
+            stopped = True
+            break
+    bar.close()
+    seconds = seconds_before + time.perf_counter() - t0
+    log = read_log(log_path) if main else []
+    final_loss = sum(e["loss"] for e in log[-10:]) / max(1, len(log[-10:])) if log else float("nan")
+    result = UptrainResult(None, step, total_steps, step * tokens_per_step, budget, fraction, final_loss, seconds,
+                           summary, log, stopped)
+    if stopped:
+        accelerator.wait_for_everyone()
+        return result
+
+    state = accelerator.get_state_dict(model)  # gathers shards under FSDP
+    if main:
+        result.out = _save(opts, out, work, accelerator.unwrap_model(model), state, tokenizer, result, meta)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _run_record(opts: UptrainOptions, result: UptrainResult) -> dict:
+    rec = {"tokens": result.tokens, "steps": result.steps, "data": opts.data, "lr": opts.lr, "seed": opts.seed,
+           "final_loss": round(result.final_loss, 5)}
+    if result.fraction_of_pretraining is not None:
+        rec["fraction_of_pretraining"] = round(result.fraction_of_pretraining, 6)
+    if opts.teacher is not None:
+        rec.update(teacher=str(opts.teacher), alpha=opts.alpha, temperature=opts.temperature)
+    if opts.lora_rank:
+        rec["lora"] = {"rank": opts.lora_rank, "targets": result.trainable.lora, "trained_fully": result.trainable.full}
+    rec.update(opts.extra_metadata)
+    return rec
+
+
+def _save(opts, out, work, model, state, tokenizer, result, meta) -> Path:
+    model = merge_lora(model) if opts.lora_rank else model
+    if opts.lora_rank:  # the merged weights, not the adapter-wrapped state
+        state = None
+    rec = _run_record(opts, result)
+    if opts.stage == "pretrain":
+        update_metadata(model, pretraining_tokens=int(meta.get("pretraining_tokens") or 0) + result.tokens,
+                        pretraining=meta.get("pretraining", []) + [rec])
+    else:
+        update_metadata(model, uptrain=meta.get("uptrain", []) + [rec])
+    with atomic_output_dir(out, force=True) as tmp:
+        with quiet_hf():
+            model.save_pretrained(str(tmp), state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+        shutil.copy(work / "loss_log.jsonl", tmp / "loss_log.jsonl")
+        plot_losses({opts.stage: result.log}, tmp / "loss_curve.png", title=f"{opts.stage}: {out.name}")
+    if not opts.keep_checkpoints:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
