@@ -23,7 +23,7 @@ SDPA_KERNELS = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION"
                 "sdpa-efficient": "EFFICIENT_ATTENTION"}
 
 
-def _measure(rows, group, n, cases, flops_fwd: float | None, modes=("fwd", "fwd+bwd"), rounds: int = 3):
+def _measure(rows, group, n, cases, flops_fwd: float | None, modes=("fwd", "fwd+bwd"), rounds: int = 5):
     """Time competing ``cases`` [(name, make)] round-robin, ``rounds`` times, and keep each one's
     median over the rounds: clocks and caches drift between measurements by several percent at
     sub-millisecond times, so competitors are measured side by side rather than one after another.
