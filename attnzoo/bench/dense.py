@@ -57,9 +57,10 @@ def _measure(rows, group, n, cases, flops_fwd: float | None, modes=("fwd", "fwd+
                 rows.append(Row(group, name, n, mode, float("nan"), note=f"{type(e).__name__}: {str(e)[:120]}"))
                 print(rows[-1].as_dict(), flush=True)
         times = {name: [] for name in steps}
-        for _ in range(rounds):
-            for name, (step, _) in steps.items():
-                times[name].append(time_ms(step))
+        names = list(steps)
+        for r in range(rounds):  # rotate the order: whoever follows a long, hot kernel changes every round
+            for name in names[r % len(names):] + names[:r % len(names)] if names else []:
+                times[name].append(time_ms(steps[name][0]))
         for name, (step, backend) in steps.items():
             ms = statistics.median(times[name])
             mem = mems.get(name)
