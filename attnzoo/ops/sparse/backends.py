@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import BackendUnavailableError
-from ..backends import _flex_fn, _short
+from ..backends import Backend, _flex_fn, _short
 from ..dispatch import attention
 from ..reference import attention_reference
 from .call import SparseCall
@@ -37,15 +37,8 @@ __all__ = ["SparseBackend", "SPARSE_BACKENDS", "fill_global_rows", "set_flex_com
 _NEG_INF = float("-inf")
 
 
-class SparseBackend:
-    name = "?"
-    description = ""
-
-    def check(self, call: SparseCall) -> str | None:
-        return None
-
-    def run(self, call: SparseCall) -> torch.Tensor:
-        raise NotImplementedError  # every concrete backend overrides this
+class SparseBackend(Backend):
+    """A backend of the sparse op: the dense op's :class:`Backend` contract on a :class:`SparseCall`."""
 
 
 def fill_global_rows(out: torch.Tensor, call: SparseCall) -> torch.Tensor:
