@@ -1,7 +1,8 @@
 """attnzoo: attention model surgery for PyTorch and Hugging Face models.
 
 Public API (see docs/ and DESIGN): :func:`list_variants`, :func:`create`, :func:`register`,
-:func:`kv_cache_bytes`, :func:`plot_pattern`, and the functional ops in :mod:`attnzoo.ops`.
+:func:`kv_cache_bytes`, :func:`patch` (with :class:`PatchReport`), :func:`from_pretrained`,
+:func:`plot_pattern`, and the functional ops in :mod:`attnzoo.ops`.
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from . import ops
 from .errors import (AttnzooError, BackendUnavailableError, NoMatchingModuleError, UnknownVariantError,
                      UnsupportedArchitectureError)
 from .kv import kv_cache_bytes
+from .patches import PatchReport, from_pretrained, patch
 from .plot import plot_pattern, plot_zoo
 from .registry import create, list_variants, register
 
-__all__ = ["__version__", "ops", "create", "list_variants", "register", "kv_cache_bytes", "plot_pattern", "plot_zoo",
-           "AttnzooError",
+__all__ = ["__version__", "ops", "create", "list_variants", "register", "kv_cache_bytes", "patch", "PatchReport",
+           "from_pretrained", "plot_pattern", "plot_zoo", "AttnzooError",
            "BackendUnavailableError", "NoMatchingModuleError", "UnknownVariantError", "UnsupportedArchitectureError"]

@@ -1,0 +1,103 @@
+"""Show a checkpoint's attention layout and what its KV cache costs, as it is and converted.
+
+Reads config.json only (no weights). The KV-cache table gives bytes per token and totals at
+8k/32k/128k tokens (batch 1) for the model as it is and for candidate conversions:
+MHA, GQA-8, MQA and MLA (a 512-dim latent plus 64 RoPE dims per layer, DeepSeek-V2's
+sizes: MLA caches one latent per token, not keys and values, so its per-layer cost is
+(kv_rank + rope_dim) x bytes).
+
+example:
+  attnzoo info ./llama-3-70b
+"""
+from __future__ import annotations
+
+NAME = "info"
+HELP = "show the attention layout and KV-cache costs of a checkpoint"
+
+
+def add_arguments(p):
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint directory (with config.json)")
+    p.add_argument("--dtype", default=None, help="cache dtype (default: the checkpoint's dtype, else float16)")
+    p.add_argument("--kv-rank", type=int, default=512, help="MLA latent size for the candidate row (default 512)")
+    p.add_argument("--rope-dim", type=int, default=64, help="MLA decoupled RoPE dims (default 64)")
+
+
+def layout(config) -> dict:
+    """Attention facts of a transformers config (the text/decoder part of composite models)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    if not (heads and hidden and layers):
+        raise ValueError(f"{type(config).__name__}: cannot read layers/heads/hidden size from config.json")
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return {"layers": int(layers), "heads": int(heads), "kv_heads": int(kv), "head_dim": int(head_dim),
+            "hidden": int(hidden)}
+
+
+def candidates(lay: dict, elem: int, kv_rank: int, rope_dim: int) -> list[tuple[str, int]]:
+    """``(label, bytes/token)`` for MHA, GQA-8, MQA and MLA at this model's sizes."""
+    L, H, hd = lay["layers"], lay["heads"], lay["head_dim"]
+    rows = [(f"MHA ({H} KV heads)", L * 2 * H * hd * elem)]
+    if H % 8 == 0 and H > 8:
+        rows.append(("GQA-8", L * 2 * 8 * hd * elem))
+    rows.append(("MQA (1 KV head)", L * 2 * hd * elem))
+    rows.append((f"MLA ({kv_rank} latent + {rope_dim} rope)", L * (kv_rank + rope_dim) * elem))
+    return rows
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig
+
+    from ..conversion.card import kv_table
+    from ..errors import UnsupportedArchitectureError
+    from ..kv import _elem, kv_bytes_per_token
+    from ..patches.adapters import adapter_for
+    from ..patches.record import get_record
+    from ..table import format_table
+
+    path = Path(args.model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a checkpoint directory)")
+    config = AutoConfig.from_pretrained(path)
+    dtype = args.dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float16
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None) or torch.float16
+    elem = _elem(dtype)
+    lay = layout(config)
+    record = get_record(config)
+    try:
+        adapter = adapter_for(config)
+        arch = f"{adapter.name} ({'native: num_key_value_heads' if adapter.native else 'attnzoo modules'})"
+    except UnsupportedArchitectureError:
+        arch = "not supported by attnzoo.patch"
+    kind = "MHA" if lay["kv_heads"] == lay["heads"] else ("MQA" if lay["kv_heads"] == 1 else f"GQA-{lay['kv_heads']}")
+    attention = f"{kind}: {lay['heads']} query heads, {lay['kv_heads']} KV heads, head_dim {lay['head_dim']}"
+    if record and record.get("kv_layout"):
+        kvs = [kv for kv, _ in record["kv_layout"]]
+        per_layer = ", ".join(str(k) for k in kvs) if len(set(kvs)) > 1 else f"{kvs[0]} in every layer"
+        attention = f"patched: {lay['heads']} query heads, KV heads {per_layer}, head_dim {lay['head_dim']}"
+    rows = [
+        {"": "model_type", "value": getattr(config, "model_type", "?")},
+        {"": "adapter", "value": arch},
+        {"": "layers", "value": str(lay["layers"])},
+        {"": "hidden size", "value": str(lay["hidden"])},
+        {"": "attention", "value": attention},
+        {"": "cache dtype", "value": str(dtype).replace("torch.", "")},
+    ]
+    if record:
+        opts = ", ".join(f"{k}={v}" for k, v in (record.get("options") or {}).items() if v is not None)
+        rows.append({"": "attnzoo patch", "value": f"{record.get('variant')} ({opts}) on "
+                                                   f"{len(record.get('modules') or {})} modules, attnzoo "
+                                                   f"{record.get('version')}"})
+    print(format_table(rows, ["", "value"], title=f"attnzoo info {path}"))
+    print()
+    as_is = kv_bytes_per_token(config, dtype)
+    table = kv_table([(f"as is ({'patched' if record else kind})", as_is)]
+                     + candidates(lay, elem, args.kv_rank, args.rope_dim))
+    print(format_table(table, title="KV cache per sequence (batch 1)"))
+    return 0

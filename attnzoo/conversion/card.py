@@ -1,0 +1,87 @@
+"""KV-cache tables and the model card (README.md) written next to a converted checkpoint."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..table import markdown_table
+
+__all__ = ["format_bytes", "kv_table", "CONTEXTS", "model_card", "split_front_matter"]
+
+CONTEXTS = (8192, 32768, 131072)
+
+
+def format_bytes(n: float) -> str:
+    """``2621440`` -> ``"2.5 MiB"`` (binary units)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"
+
+
+def kv_table(layouts: Sequence[tuple[str, int]], contexts: Sequence[int] = CONTEXTS,
+             batch: int = 1) -> list[dict[str, Any]]:
+    """Rows ``{layout, per token, @8k, @32k, @128k}`` for ``(label, bytes_per_token)`` pairs."""
+    rows = []
+    for label, per in layouts:
+        row = {"layout": label, "per token": format_bytes(per)}
+        for c in contexts:
+            row[f"@{c // 1024}k" if c % 1024 == 0 else f"@{c}"] = format_bytes(per * c * batch)
+        rows.append(row)
+    return rows
+
+
+def split_front_matter(text: str) -> tuple[str, str]:
+    """``(yaml, body)`` of a Hugging Face model card (``yaml`` without the ``---`` fences, or "")."""
+    if text.startswith("---\n"):
+        end = text.find("\n---", 4)
+        if end != -1:
+            return text[4:end].strip("\n"), text[end + 4:].lstrip("\n")
+    return "", text
+
+
+def model_card(*, name: str, source: str, model_type: str, variant: str, groups: int, method: str,
+               heads: int, kv_before: int, dtype: str, per_token_before: int, per_token_after: int,
+               native: bool, version: str, source_card: str | None = None) -> str:
+    """The README.md of a converted checkpoint: what was done, the KV-cache savings, how to load it."""
+    yaml, body = split_front_matter(source_card or "")
+    tags = "tags:\n- attnzoo\n- " + variant
+    front = f"---\n{yaml}\n{tags}\n---\n\n" if yaml and "tags:" not in yaml else (
+        f"---\n{yaml}\n---\n\n" if yaml else f"---\n{tags}\n---\n\n")
+    saved = 1 - per_token_after / per_token_before if per_token_before else 0.0
+    kv = markdown_table(kv_table([(f"before ({kv_before} KV heads)", per_token_before),
+                                  (f"after ({groups} KV heads)", per_token_after)]))
+    load = (f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained({name!r})"
+            if native else f"import attnzoo\nmodel = attnzoo.from_pretrained({name!r})")
+    lines = [
+        front + f"# {name}",
+        "",
+        f"Converted with [attnzoo](https://github.com/) {version} from `{source}` ({model_type}): "
+        f"**{variant.upper()}**, {heads} query heads sharing **{groups}** KV head{'s' if groups != 1 else ''} "
+        f"(was {kv_before}), initialised with `method={method!r}`, weights in {dtype}.",
+        "",
+        ("The conversion is done without training: expect some quality loss until the model is uptrained "
+         "(a few percent of the original pre-training compute in the GQA paper)." if groups < kv_before else
+         "The conversion is exact (no KV head was merged)."),
+        "",
+        f"## KV cache (batch 1, {dtype})",
+        "",
+        kv,
+        "",
+        f"{100 * saved:.1f}% of the KV cache saved.",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        load,
+        "```",
+        "",
+        "This checkpoint is " + ("a plain `transformers` checkpoint (`num_key_value_heads` in config.json)."
+                                 if native else "recorded in config.json under `attnzoo`; it needs "
+                                 "`attnzoo.from_pretrained` to rebuild the attnzoo attention modules."),
+    ]
+    if body.strip():
+        lines += ["", "## Original model card", "", body.rstrip()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,150 @@
+"""A local checkpoint directory opened for reading only: its config, shards and tensors.
+
+:class:`SourceCheckpoint` finds the weights (``model.safetensors``, a sharded
+``model.safetensors.index.json``, or pickled ``pytorch_model.bin`` / its index), checks
+every shard before anything is written (missing, unreadable, truncated), and reads one
+tensor at a time. Pickled files are only opened with ``torch.load(weights_only=True,
+mmap=True)``. Nothing here ever opens a source file for writing.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .safetensors_io import TensorInfo, read_header
+
+__all__ = ["SourceCheckpoint", "Shard", "WEIGHT_SUFFIXES"]
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class Shard:
+    """One weight file: its tensors in file order, and whether it is safetensors."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    safetensors: bool
+
+
+class SourceCheckpoint:
+    """Read-only view of a checkpoint directory."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: no such checkpoint directory")
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise FileNotFoundError(f"{cfg}: missing (a Hugging Face checkpoint directory has a config.json)")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+        self.index_file: Path | None = None
+        self._bin_cache: tuple[Path, dict] | None = None
+        self.shards = self._open_shards()
+
+    # ------------------------------------------------------------------ discovery
+    def _files(self) -> list[Path]:
+        for name in _INDEXES:
+            idx = self.path / name
+            if idx.is_file():
+                self.index_file = idx
+                try:
+                    weight_map = json.loads(idx.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{idx}: not a valid index (needs a 'weight_map': {e})") from None
+                files = []
+                for f in weight_map.values():
+                    if f not in files:
+                        files.append(f)
+                missing = [f for f in files if not (self.path / f).is_file()]
+                if missing:
+                    raise FileNotFoundError(f"{self.path / missing[0]}: shard listed in {name} is missing"
+                                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                self.weight_map = weight_map
+                return [self.path / f for f in files]
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (self.path / name).is_file():
+                self.weight_map = None
+                return [self.path / name]
+        raise FileNotFoundError(f"{self.path}: no weights (model.safetensors, model.safetensors.index.json, "
+                                "pytorch_model.bin or its index)")
+
+    def _open_shards(self) -> list[Shard]:
+        shards = []
+        for f in self._files():
+            if f.suffix == ".safetensors":
+                tensors, meta = read_header(f)
+                order = dict(sorted(tensors.items(), key=lambda kv: kv[1].start))
+                shards.append(Shard(f, order, meta, True))
+            else:
+                shards.append(Shard(f, self._bin_infos(f), {}, False))
+        seen: dict[str, Path] = {}
+        for s in shards:
+            for name in s.tensors:
+                if name in seen:
+                    raise ValueError(f"tensor {name!r} appears in both {seen[name].name} and {s.path.name}")
+                seen[name] = s.path
+        if self.weight_map is not None:
+            for name, f in self.weight_map.items():
+                if seen.get(name) is None or seen[name].name != Path(f).name:
+                    raise ValueError(f"{self.index_file.name} maps {name!r} to {f}, which does not hold it")
+        return shards
+
+    def _bin_infos(self, f: Path) -> dict[str, TensorInfo]:
+        sd = self._load_bin(f)
+        return {k: TensorInfo(k, f, t.dtype, tuple(t.shape), -1, t.numel() * t.element_size())
+                for k, t in sd.items()}
+
+    def _load_bin(self, f: Path) -> dict[str, torch.Tensor]:
+        if self._bin_cache is not None and self._bin_cache[0] == f:
+            return self._bin_cache[1]
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # corrupt pickle/zip, or not weights-only
+            raise ValueError(f"{f}: cannot be read as a weights-only PyTorch file ({type(e).__name__}: {e})") from None
+        if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
+            raise ValueError(f"{f}: expected a dict of tensors")
+        self._bin_cache = (f, sd)
+        return sd
+
+    # ------------------------------------------------------------------ access
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return {k: v for s in self.shards for k, v in s.tensors.items()}
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        """One tensor, read from disk (safetensors: only its own bytes)."""
+        if info.start < 0:
+            return self._load_bin(info.file)[info.name]
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            buf = bytearray(f.read(info.size))
+        if len(buf) != info.size:
+            raise ValueError(f"{info.file}: truncated while reading {info.name!r}")
+        if info.size == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+
+    def shared_with(self, info: TensorInfo) -> str | None:
+        """For pickled files: the name of an earlier tensor sharing storage with ``info`` (tied weights)."""
+        if info.start >= 0:
+            return None
+        sd = self._load_bin(info.file)
+        t = sd[info.name]
+        for k, other in sd.items():
+            if k == info.name:
+                return None
+            if other.data_ptr() == t.data_ptr() and other.shape == t.shape:
+                return k
+        return None
+
+    def total_bytes(self) -> int:
+        return sum(i.size for i in self.tensors.values())

@@ -1,0 +1,243 @@
+"""Converters: how a variant is put into the attention sites the walker found.
+
+The walker (:mod:`attnzoo.patches.walker`) knows nothing about variants. For
+``patch(model, name, **options)`` it looks up the :class:`Converter` registered under
+``name`` and calls, in order:
+
+1. ``options(adapter, options)``: check and normalise the keyword options;
+2. ``plan(site, opts)`` for every selected site, before anything changes: check the site
+   and return a JSON-able entry (recorded in ``config.json``; enough to rebuild the
+   structure later);
+3. ``is_native(...)``: whether the result is a plain ``transformers`` model;
+4. ``prepare(...)``: last whole-model checks; returns the final options (recorded);
+5. ``apply(site, plan, opts, native)`` per site (convert weights, restructure), or
+   ``restore(site, plan, opts)`` when :func:`attnzoo.from_pretrained` rebuilds the structure;
+6. ``finish(...)``: model-wide changes (config fields, the attention kernel).
+
+A later variant (``sliding_window``, ``mla``, ...) is one more subclass registered with
+:func:`register_converter`; the walker does not change.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..conversion.heads import AttnWeights, check_groups
+from ..conversion.methods import check_method, convert_kv_heads
+from ..errors import UnknownVariantError, UnsupportedArchitectureError, check_choice, check_positive_int, suggest
+from ..variants.config import RopeConfig
+from ..variants.dense import DenseConfig
+from .adapters import Adapter, rope_theta_of
+from .kernel import use_attnzoo_kernel
+from .sites import Site, get_submodule, set_linear
+from .wrapper import HFDenseAttention
+
+__all__ = ["Converter", "DenseConverter", "CONVERTERS", "register_converter", "get_converter"]
+
+CONVERTERS: dict[str, Converter] = {}
+
+
+def register_converter(converter: Converter) -> Converter:
+    if converter.name in CONVERTERS:
+        raise ValueError(f"a converter for {converter.name!r} is already registered")
+    CONVERTERS[converter.name] = converter
+    return converter
+
+
+def get_converter(name: str) -> Converter:
+    if not isinstance(name, str):
+        raise TypeError(f"name={name!r}: expected a variant name (str) such as 'gqa'")
+    if name not in CONVERTERS:
+        from ..registry import list_variants
+
+        known = list_variants()
+        if name in known:
+            raise UnsupportedArchitectureError(
+                f"variant {name!r} is registered but patch() has no converter for it yet; "
+                f"patch() converts to: {', '.join(sorted(CONVERTERS))}")
+        raise UnknownVariantError(f"unknown variant {name!r}.{suggest(name, sorted(CONVERTERS))} "
+                                  f"patch() converts to: {', '.join(sorted(CONVERTERS))}")
+    return CONVERTERS[name]
+
+
+class Converter:
+    """Base class; see the module docstring for the protocol."""
+
+    name = ""
+    option_names: tuple[str, ...] = ()
+
+    def options(self, adapter: Adapter, options: dict[str, Any]) -> dict[str, Any]:
+        for key in options:
+            if key not in self.option_names:
+                raise ValueError(f"unknown option {key!r} for patch(model, {self.name!r}).{suggest(key, self.option_names)}"
+                                 f" Valid options: {', '.join(self.option_names)}, layers, filter_fn")
+        return dict(options)
+
+    def plan(self, site: Site, opts: dict) -> dict:
+        raise NotImplementedError  # every converter implements its own
+
+    def is_native(self, adapter: Adapter, sites: list[Site], selected: list[Site], plans: dict, opts: dict) -> bool:
+        return False
+
+    def prepare(self, model, adapter: Adapter, sites: list[Site], opts: dict, native: bool) -> dict:
+        """Last checks that need the whole model, before anything changes; returns the final options."""
+        return opts
+
+    def apply(self, site: Site, plan: dict, opts: dict, native: bool) -> None:
+        raise NotImplementedError  # every converter implements its own
+
+    def restore(self, site: Site, plan: dict, opts: dict) -> None:
+        raise NotImplementedError  # every converter implements its own
+
+    def finish(self, model, adapter: Adapter, sites: list[Site], plans: dict, opts: dict, native: bool) -> dict:
+        return {}
+
+
+# ---------------------------------------------------------------------------- dense family
+def _attn_dropout(adapter: Adapter, config) -> float:
+    for name in adapter.attn_dropout:
+        p = getattr(config, name, None)
+        if p is not None:
+            return float(p)
+    return 0.0
+
+
+def _build_wrapper(site: Site, w: AttnWeights, kv_heads: int) -> HFDenseAttention:
+    a, config, old = site.adapter, site.config, site.module
+    rope = site.rope()
+    rope_cfg = RopeConfig(rotary_dim=rope.rotary_dim, base=rope_theta_of(config), style=rope.style) \
+        if rope.rotary_dim else False
+    o_inside = not a.o_outside
+    o_bias = site.o_bias() if o_inside else None
+    dcfg = DenseConfig(dim=w.q.shape[1], heads=w.heads, groups=kv_heads, head_dim=w.head_dim,
+                       bias=w.q_bias is not None, out_bias=(o_bias is not None) if o_inside else False,
+                       causal=site.causal, rope=rope_cfg, dropout=_attn_dropout(a, config))
+    resid = float(getattr(config, a.resid_dropout, 0.0) or 0.0) if a.resid_dropout else 0.0
+    new = HFDenseAttention(dcfg, layer_idx=getattr(old, "layer_idx", None) or site.layer, hf_config=config,
+                           cache_kwarg=a.cache_kwarg, out_dropout=resid, has_o_proj=o_inside)
+    dev, dtype = w.q.device, w.q.dtype
+    new.to(device=dev)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        sub = getattr(new, name)
+        if isinstance(sub, torch.nn.Linear):
+            sub.to(dtype=dtype)
+    new.train(old.training)
+    return new
+
+
+class DenseConverter(Converter):
+    """``mha`` / ``gqa`` / ``mqa``: leave ``groups`` KV heads per layer.
+
+    Native architectures keep their HF modules (k/v projections resized, ``num_key_value_heads``
+    updated) and get attnzoo's kernel through ``transformers``' attention interface; the others
+    get :class:`~attnzoo.patches.wrapper.HFDenseAttention` modules.
+    """
+
+    option_names = ("groups", "method", "kernel")
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def options(self, adapter, options):
+        opts = super().options(adapter, options)
+        groups = opts.get("groups")
+        if self.name == "mqa":
+            if groups not in (None, 1):
+                raise ValueError(f"groups={groups!r}: mqa keeps one KV head, so groups must be 1 (or omitted); "
+                                 "use 'gqa' for more")
+            groups = 1
+        elif self.name == "gqa" and groups is None:
+            raise ValueError("patch(model, 'gqa') needs groups (the number of KV heads to keep, a divisor of the "
+                             "query heads), e.g. patch(model, 'gqa', groups=8)")
+        elif groups is not None:
+            check_positive_int("groups", groups)  # per-site checks follow in plan()
+        method = opts.get("method", "mean")
+        check_method(method)
+        kernel = opts.get("kernel")
+        if kernel is not None:
+            check_choice("kernel", kernel, ("attnzoo", "hf"))
+            if kernel == "hf" and not adapter.native:
+                raise ValueError(f"kernel='hf' keeps Hugging Face's attention, which only exists where the model "
+                                 f"keeps its own modules ({adapter.name} modules are replaced by attnzoo's); "
+                                 "omit kernel or pass kernel='attnzoo'")
+        return {"groups": groups, "method": method, "kernel": kernel}
+
+    def plan(self, site, opts):
+        a, config = site.adapter, site.config
+        why = a.unsupported(config)
+        if why:
+            raise UnsupportedArchitectureError(f"{site.fqn}: attnzoo cannot reproduce this {a.name} attention: {why}")
+        heads, kv, hd = site.heads, site.kv_heads, site.head_dim
+        if self.name == "mha":
+            if opts["groups"] not in (None, heads):
+                raise ValueError(f"groups={opts['groups']}: mha has one KV head per query head, so groups must "
+                                 f"equal heads={heads} of {site.fqn} (or be omitted)")
+            target = heads
+        else:
+            target = opts["groups"]
+        check_groups(target, heads, kv, site.fqn)
+        method = check_method(opts["method"])
+        if target < kv and method.linear_keys:
+            why = a.linear_keys(config)
+            if why:
+                raise ValueError(f"method={method.name!r} folds a per-head correction into the queries, which needs "
+                                 f"keys that reach the scores linearly, but {why}; use method='mean'")
+        return {"layer": site.layer, "heads": heads, "head_dim": hd, "kv_heads_before": kv, "kv_heads": target,
+                "mode": "native" if a.native else "swap"}
+
+    def is_native(self, adapter, sites, selected, plans, opts):
+        if not adapter.native or len(selected) != len(sites):
+            return False
+        return len({p["kv_heads"] for p in plans.values()}) == 1
+
+    def apply(self, site, plan, opts, native):
+        w = site.read()
+        w2 = convert_kv_heads(w, plan["kv_heads"], opts["method"], site.rope(), where=site.fqn)
+        if site.adapter.native:
+            site.write_native(w2)
+            return
+        new = _build_wrapper(site, w, plan["kv_heads"])
+        with torch.no_grad():
+            for name, wt, b in (("q_proj", w2.q, w2.q_bias), ("k_proj", w2.k, w2.k_bias), ("v_proj", w2.v, w2.v_bias)):
+                set_linear(new, name, wt, b)
+            if site.adapter.o_outside:
+                if w2.o is not w.o:
+                    get_submodule(site.root, site.o_path()).weight.copy_(w2.o)
+            else:
+                set_linear(new, "o_proj", w2.o, site.o_bias())
+        parent = get_submodule(site.root, site.parent_path)
+        setattr(parent, site.attr, new)
+
+    def restore(self, site, plan, opts):
+        if site.adapter.native:
+            site.resize_native(plan["kv_heads"])
+            return
+        new = _build_wrapper(site, site.read(), plan["kv_heads"])
+        setattr(get_submodule(site.root, site.parent_path), site.attr, new)
+
+    def prepare(self, model, adapter, sites, opts, native):
+        opts = dict(opts)
+        if not adapter.native:
+            opts["kernel"] = "attnzoo"  # the replacement modules are attnzoo's
+            return opts
+        blocked = adapter.kernel_block(sites[0].config)
+        if opts.get("kernel") == "attnzoo" and blocked:
+            raise ValueError(f"kernel='attnzoo' cannot serve this model: {blocked}; use kernel='hf'")
+        if opts.get("kernel") is None:
+            opts["kernel"] = "hf" if blocked else "attnzoo"
+            opts["kernel_note"] = f"kept Hugging Face's attention: {blocked}" if blocked else None
+        return opts
+
+    def finish(self, model, adapter, sites, plans, opts, native):
+        if native:
+            kv = next(iter(plans.values()))["kv_heads"]
+            for cfg in {id(s.config): s.config for s in sites}.values():
+                cfg.num_key_value_heads = kv
+        if adapter.native and opts["kernel"] == "attnzoo":
+            use_attnzoo_kernel(model)
+        return {"kernel": opts["kernel"]}
+
+
+for _name in ("mha", "gqa", "mqa"):
+    register_converter(DenseConverter(_name))

@@ -1,0 +1,122 @@
+"""attnzoo's :class:`~attnzoo.variants.dense.DenseAttention` speaking a Hugging Face attention
+layer's call signature, for architectures without ``num_key_value_heads``.
+
+The HF layer calls its attention module with ``hidden_states``, an ``attention_mask``
+(additive float ``[b, 1, q, k]``, boolean ``[b, 1, q, k]``, a 2-d padding mask, or None),
+a cache under ``past_key_values`` or ``layer_past`` (a ``transformers`` ``Cache``), maybe
+``position_ids``/``position_embeddings``, ``is_causal``, ``output_attentions``... and
+expects ``(attn_output, attn_weights)`` back. :class:`HFDenseAttention` translates:
+masks become attnzoo keep masks (:mod:`attnzoo.ops.masks`), the HF cache is wrapped as an
+attnzoo :class:`~attnzoo.variants.cache.Cache` (so ``generate()`` stores the smaller
+GQA/MQA cache in HF's own cache object), and RoPE runs inside ``DenseAttention`` from
+``position_ids`` with the HF model's frequencies. Attention probabilities are never
+materialised (fused kernels), so ``attn_weights`` is None.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.masks import causal_keep
+from ..variants.cache import Cache
+from ..variants.dense import DenseAttention, DenseConfig
+
+__all__ = ["HFDenseAttention", "hf_mask_to_keep", "HFCacheView"]
+
+
+def hf_mask_to_keep(mask: torch.Tensor | None, k_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """HF ``attention_mask`` -> ``(attn_mask, key_padding_mask)`` in attnzoo's convention (True = keep).
+
+    4-d boolean masks pass through; 4-d float masks are additive (0 = keep, a large negative
+    number = masked; other values would be a bias attnzoo does not take and raise); 2-d masks of
+    ones and zeros are key-padding masks.
+    """
+    if mask is None:
+        return None, None
+    if mask.dim() == 2:
+        return None, mask[:, -k_len:] != 0
+    if mask.dim() != 4:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}: expected [batch, k_len] or "
+                         "[batch, heads|1, q_len, k_len]")
+    mask = mask[..., :k_len]
+    if mask.dtype == torch.bool:
+        return mask, None
+    keep = mask == 0
+    if not bool((keep | (mask <= -1e4)).all()):
+        raise ValueError("attention_mask holds additive biases (values neither 0 nor a large negative number); "
+                         "attnzoo modules take keep masks only")
+    return keep, None
+
+
+class HFCacheView(Cache):
+    """One layer of a ``transformers`` ``Cache`` seen through attnzoo's :class:`Cache` interface."""
+
+    def __init__(self, hf_cache, layer_idx: int):
+        self.hf_cache = getattr(hf_cache, "self_attention_cache", hf_cache)  # EncoderDecoderCache
+        self.layer_idx = layer_idx
+        self.seq_len = int(self.hf_cache.get_seq_length(layer_idx))
+
+    def update(self, k, v):
+        k, v = self.hf_cache.update(k, v, self.layer_idx)
+        self.seq_len = k.shape[2]
+        return k, v
+
+    def get(self):
+        layer = self.hf_cache.layers[self.layer_idx]
+        return layer.keys, layer.values
+
+    def nbytes(self) -> int:
+        k, v = self.get()
+        return k.numel() * k.element_size() + v.numel() * v.element_size()
+
+    def reset(self) -> None:
+        raise ValueError("reset the transformers cache itself")
+
+
+class HFDenseAttention(DenseAttention):
+    """``DenseAttention`` in place of a Hugging Face attention module.
+
+    Args:
+        config: the dense config (``groups`` = KV heads kept).
+        layer_idx: the layer's index in the HF cache.
+        hf_config: the HF (sub-)config the replaced module had (kept for the walker).
+        cache_kwarg: the keyword the HF layer passes its cache under, or None.
+        out_dropout: dropout the HF module applied after its output projection (GPT-2's resid_dropout).
+        has_o_proj: False where the HF model keeps the output projection outside (BERT): then
+            ``o_proj`` is the identity.
+    """
+
+    def __init__(self, config: DenseConfig, *, layer_idx: int, hf_config=None, cache_kwarg: str | None = None,
+                 out_dropout: float = 0.0, has_o_proj: bool = True):
+        super().__init__(config)
+        self.layer_idx = layer_idx
+        self.hf_config = hf_config
+        self.is_causal = config.causal
+        self.cache_kwarg = cache_kwarg
+        self.out_dropout = nn.Dropout(out_dropout) if out_dropout else None
+        if not has_o_proj:
+            self.o_proj = nn.Identity()
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, " + super().extra_repr()
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        if kwargs.get("encoder_hidden_states") is not None:
+            raise ValueError("HFDenseAttention replaces self-attention; encoder_hidden_states (cross-attention) "
+                             "is not accepted here")
+        hf_cache = kwargs.get(self.cache_kwarg) if self.cache_kwarg else None
+        if hf_cache is None:
+            hf_cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+        cache = HFCacheView(hf_cache, self.layer_idx) if hf_cache is not None else None
+        n = hidden_states.shape[1]
+        k_len = n + (cache.seq_len if cache is not None else 0)
+        attn_mask, kpm = hf_mask_to_keep(attention_mask, k_len)
+        if kwargs.get("is_causal") and not self.config.causal and n > 1:
+            keep = causal_keep(n, k_len, device=hidden_states.device)[None, None]
+            attn_mask = keep if attn_mask is None else attn_mask & keep
+        position_ids = kwargs.get("position_ids") if self.inv_freq is not None else None
+        out = super().forward(hidden_states, key_padding_mask=kpm, attn_mask=attn_mask, position_ids=position_ids,
+                              cache=cache)
+        if self.out_dropout is not None:
+            out = self.out_dropout(out)
+        return out, None
