@@ -50,15 +50,7 @@ echo "== 2. pretrain on the built-in corpus ($PRETRAIN_TOKENS tokens, $NPROC pro
 python -m attnzoo eval --model "$OUT/base" --num-seqs "$EVAL_SEQS" --json "$OUT/eval_base.json"
 
 echo "== 3. convert MHA -> GQA-2 by mean-pooling"
-# TO BE REPLACED by `attnzoo convert "$OUT/base" "$OUT/gqa2" --to gqa --groups 2 --method mean` (issue 3)
-python - "$OUT/base" "$OUT/gqa2" <<'PY'
-import sys
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from attnzoo.demo.kv_pooling import convert_gqa
-src, dst = sys.argv[1:]
-convert_gqa(AutoModelForCausalLM.from_pretrained(src), 2, "mean").save_pretrained(dst)
-AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-PY
+python -m attnzoo convert "$OUT/base" "$OUT/gqa2" --to gqa --groups 2 --method mean --force
 python -m attnzoo eval --model "$OUT/gqa2" --num-seqs "$EVAL_SEQS" --json "$OUT/eval_gqa2.json"
 
 echo "== 4. uptrain with $FRACTION of the pretraining tokens: cross-entropy, then distillation"

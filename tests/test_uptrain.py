@@ -73,7 +73,7 @@ def test_lora_trains_new_modules_fully_and_saves_plain_hf(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from attnzoo.checkpoint_io import update_metadata
-    from attnzoo.demo.kv_pooling import convert_gqa
+    from attnzoo.demo.pipeline import convert_gqa
 
     src = AutoModelForCausalLM.from_pretrained(str(tiny))
     conv = convert_gqa(src, 2, "mean")  # records new_modules = k_proj, v_proj

@@ -1,6 +1,7 @@
 """The main job end to end on the built-in model: convert MHA -> GQA, evaluate, uptrain, evaluate, report."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
@@ -15,11 +16,22 @@ from ..data.sources import open_data
 from ..data.tokenizer import load_tokenizer
 from ..evaluate import DEFAULT_EVAL_DATA, evaluate
 from . import report
-from .kv_pooling import convert_gqa
 
-__all__ = ["DemoOptions", "run_demo", "OUTPUT_FILES"]
+__all__ = ["DemoOptions", "run_demo", "OUTPUT_FILES", "convert_gqa"]
 
 OUTPUT_FILES = ("demo_results.json", "demo_table.md", "demo.png")
+
+
+def convert_gqa(original, groups: int, method: str):
+    """A converted copy of ``original`` (left unchanged): ``attnzoo.patch(copy, "gqa", ...)``, plus
+    the note for ``uptrain --lora`` that ``k_proj``/``v_proj`` are new weights (they train fully)."""
+    from .. import patch
+    from ..checkpoint_io import update_metadata
+
+    model = copy.deepcopy(original)
+    patch(model, "gqa", groups=groups, method=method)
+    update_metadata(model, new_modules=["k_proj", "v_proj"])
+    return model.eval()
 
 
 @dataclass
@@ -85,7 +97,7 @@ def run_demo(opts: DemoOptions) -> dict:
         _say(opts, f"[2/4] convert to GQA with {opts.groups} KV heads: {', '.join(opts.methods)}")
         converted = {}
         for method in opts.methods:
-            model = convert_gqa(original, opts.groups, method)  # TO BE REPLACED by attnzoo.patch (issue 3)
+            model = convert_gqa(original, opts.groups, method)
             path = work / f"gqa{opts.groups}-{method}"
             with quiet_hf():
                 model.save_pretrained(str(path))

@@ -28,6 +28,7 @@ from ..conversion.streaming import StreamSpec, plan_stream, run_stream
 from ..errors import check_choice
 from ..kv import _elem
 from .adapters import Adapter, adapter_for, rope_spec_of
+from .record import get_record
 
 __all__ = ["TARGETS", "ConversionResult", "stream_spec", "convert_checkpoint", "parse_dtype"]
 
@@ -122,7 +123,7 @@ def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method
     if not dry_run:
         check_destination(src, dst, force)
     adapter = adapter_for(source.config)
-    if source.config.get("attnzoo"):
+    if get_record(source.config):
         raise ValueError(f"{src} already holds an attnzoo patch ({source.config['attnzoo'].get('variant')!r}); "
                          "convert the original checkpoint instead")
     if adapter.native:
@@ -238,7 +239,7 @@ def _heads_of(model) -> int:
 
 
 def _kv_before(report, model) -> int:
-    rec = getattr(model.config, "attnzoo", None) or {}
+    rec = get_record(model.config) or {}
     plans = list((rec.get("modules") or {}).values())
     return plans[0]["kv_heads_before"] if plans else 0
 

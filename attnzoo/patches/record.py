@@ -25,12 +25,21 @@ RECORD_KEY = "attnzoo"
 
 
 def get_record(config) -> dict[str, Any] | None:
+    """The patch record, or None. ``config.attnzoo`` also carries other attnzoo metadata (e.g.
+    ``pretraining_tokens`` and ``uptrain`` from :mod:`attnzoo.uptrain`): it is a patch record
+    only when it names a ``variant``."""
     rec = getattr(config, RECORD_KEY, None) if not isinstance(config, dict) else config.get(RECORD_KEY)
-    return rec if isinstance(rec, dict) and rec else None
+    return rec if isinstance(rec, dict) and rec.get("variant") else None
+
+
+PATCH_KEYS = ("version", "variant", "adapter", "options", "modules", "kv_layout")
 
 
 def set_record(config, record: dict[str, Any]) -> None:
-    setattr(config, RECORD_KEY, record)
+    """Write the patch record into ``config.attnzoo``, keeping attnzoo's other metadata there."""
+    old = getattr(config, RECORD_KEY, None)
+    other = {k: v for k, v in old.items() if k not in PATCH_KEYS} if isinstance(old, dict) else {}
+    setattr(config, RECORD_KEY, {**other, **record})
 
 
 def kv_resolver(config, dtype) -> int | None:
