@@ -12,9 +12,9 @@ __all__ = ["kv_cache_bytes", "kv_bytes_per_token"]
 
 def _elem(dtype) -> int:
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+        name, dtype = dtype, getattr(torch, dtype.replace("torch.", ""), None)
         if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"dtype={dtype!r}: expected a torch dtype such as 'bfloat16'")
+            raise ValueError(f"dtype={name!r}: expected a torch dtype such as 'bfloat16'")
     return torch.empty((), dtype=dtype).element_size()
 
 

@@ -27,10 +27,10 @@ import torch
 import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import attnzoo  # noqa: E402
-from attnzoo.conversion import svd as svd_mod  # noqa: E402
-from attnzoo.conversion.methods import METHODS, Method  # noqa: E402
-from attnzoo.table import format_table, markdown_table  # noqa: E402
+import attnzoo
+from attnzoo.conversion import svd as svd_mod
+from attnzoo.conversion.methods import METHODS, Method
+from attnzoo.table import format_table, markdown_table
 
 VOCAB, HALF = 64, 32
 

@@ -210,3 +210,13 @@ def test_info_tables(tmp_path, capsys):
     assert re.search(r"attnzoo patch +mqa", out) and re.search(r"as is \(patched\) +128 B", out)
     assert "KV heads 1 in every layer" in out
     assert main(["info", str(tmp_path / "nope")]) == 2
+
+
+def test_to_mha_expands_a_gqa_checkpoint_exactly(tmp_path, capsys):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    model, inputs = _save("llama", src)  # 8 heads, 4 KV heads
+    assert main(["convert", str(src), str(dst), "--to", "mha", "--no-progress"]) == 0
+    assert "KV heads 4 -> 8" in capsys.readouterr().out
+    again = type(model).from_pretrained(dst).eval()
+    assert again.config.num_key_value_heads == 8
+    torch.testing.assert_close(run(again, inputs), run(model, inputs), rtol=1e-5, atol=1e-5)

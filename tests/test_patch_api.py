@@ -164,3 +164,9 @@ def test_report_and_kv_cache_bytes_numbers():
     assert report.kv_saving == pytest.approx(0.5)
     assert report.params_before - report.params_after == 2 * 2 * (2 * 8) * (64 + 1)  # k,v weights+biases
     assert attnzoo.kv_cache_bytes(model, 100, batch=2, dtype=torch.bfloat16) == 100 * 2 * 2 * 2 * 2 * 8 * 2
+
+
+def test_kv_cache_bytes_names_a_bad_dtype_string():
+    cfg = tf.LlamaConfig(num_hidden_layers=1)
+    with pytest.raises(ValueError, match="dtype='bfloat17'"):
+        attnzoo.kv_cache_bytes(cfg, 4, dtype="bfloat17")

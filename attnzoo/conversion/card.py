@@ -58,9 +58,9 @@ def model_card(*, name: str, source: str, model_type: str, variant: str, groups:
     lines = [
         front + f"# {name}",
         "",
-        f"Converted with [attnzoo](https://github.com/) {version} from `{source}` ({model_type}): "
-        f"**{variant.upper()}**, {heads} query heads sharing **{groups}** KV head{'s' if groups != 1 else ''} "
-        f"(was {kv_before}), initialised with `method={method!r}`, weights in {dtype}.",
+        (f"Converted with attnzoo {version} from `{source}` ({model_type}): "
+         f"**{variant.upper()}**, {heads} query heads sharing **{groups}** KV head{'s' if groups != 1 else ''} "
+         f"(was {kv_before}), initialised with `method={method!r}`, weights in {dtype}."),
         "",
         ("The conversion is done without training: expect some quality loss until the model is uptrained "
          "(a few percent of the original pre-training compute in the GQA paper)." if groups < kv_before else

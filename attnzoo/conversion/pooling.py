@@ -31,8 +31,11 @@ def pool_heads(t: torch.Tensor | None, kv_heads: int, groups: int, head_dim: int
     r = kv_heads // groups
     rest = t.shape[1:]
     acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    pooled = t.to(acc).reshape(groups, r, head_dim, *rest).mean(1)
-    return pooled.reshape(groups * head_dim, *rest).to(t.dtype)
+    heads = t.reshape(groups, r, head_dim, *rest)
+    total = heads[:, 0].to(acc, copy=True)  # one accumulator the size of the output, not a float copy of t
+    for i in range(1, r):
+        total.add_(heads[:, i])
+    return total.div_(r).to(t.dtype).reshape(groups * head_dim, *rest)
 
 
 def repeat_heads(t: torch.Tensor | None, kv_heads: int, groups: int, head_dim: int) -> torch.Tensor | None:

@@ -101,7 +101,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
 
 
 def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, progress: Callable[[int], Any] | None = None,
-               chunk: int = 64 << 20) -> None:
+               chunk: int = 1 << 30) -> None:
     """Copy ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd``'s current position."""
     done = 0
     use_cfr = hasattr(os, "copy_file_range")
@@ -114,7 +114,7 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, progress: Call
             except OSError:
                 use_cfr = False
         if not use_cfr:
-            data = os.pread(src_fd, n, offset + done)
+            data = os.pread(src_fd, min(n, 64 << 20), offset + done)
             got = len(data)
             view = memoryview(data)
             while view:
@@ -170,6 +170,11 @@ class ShardWriter:
 
     def copy(self, name: str, src_fd: int, offset: int, progress=None) -> None:
         _, _, _, size = self._next(name)
+        copy_range(src_fd, self.fd, offset, size, progress)
+
+    def copy_run(self, names: list[str], src_fd: int, offset: int, progress=None) -> None:
+        """Copy several declared tensors that are contiguous in the source, in one kernel copy."""
+        size = sum(self._next(n)[3] for n in names)
         copy_range(src_fd, self.fd, offset, size, progress)
 
     def write(self, name: str, tensor: torch.Tensor, progress=None) -> None:

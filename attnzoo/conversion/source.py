@@ -124,14 +124,16 @@ class SourceCheckpoint:
         """One tensor, read from disk (safetensors: only its own bytes)."""
         if info.start < 0:
             return self._load_bin(info.file)[info.name]
-        with open(info.file, "rb") as f:
+        buf = torch.empty(info.size, dtype=torch.uint8)
+        with open(info.file, "rb", buffering=0) as f:
             f.seek(info.start)
-            buf = bytearray(f.read(info.size))
-        if len(buf) != info.size:
-            raise ValueError(f"{info.file}: truncated while reading {info.name!r}")
-        if info.size == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype).reshape(info.shape)
+            view, got = memoryview(buf.numpy()), 0
+            while got < info.size:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise ValueError(f"{info.file}: truncated while reading {info.name!r}")
+                got += n
+        return buf.view(info.dtype).reshape(info.shape)
 
     def shared_with(self, info: TensorInfo) -> str | None:
         """For pickled files: the name of an earlier tensor sharing storage with ``info`` (tied weights)."""

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,24 +161,31 @@ def plan_stream(src: SourceCheckpoint, spec: StreamSpec, groups: int, method: st
     return plan
 
 
-def _compute_layer(plan: StreamPlan, layer: int) -> dict[str, torch.Tensor]:
-    """All rewritten tensors of one layer, by name."""
+def _compute_layer(plan: StreamPlan, layer: int, inputs: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """The rewritten tensors of one layer, by name. The tensors a method reads are exactly the ones
+    it rewrites; ``inputs`` holds those already read (by name), the others are read here."""
     spec, src, found = plan.spec, plan.src, plan.layers[layer]
+    full = check_method(plan.method).needs_o and plan.groups < spec.kv_heads  # q and o are read and rewritten
+    inputs = inputs or {}
 
-    def get(key):
+    def get(key, needed=True):
         info = found.get(key)
-        if info is None:
+        if info is None or not needed:
             return None
-        t = src.read(info)
+        t = inputs[info.name] if info.name in inputs else src.read(info)
         return t.to(plan.dtype) if plan.dtype is not None and t.is_floating_point() else t
 
-    o = get(f"{spec.o}.weight")
     if spec.layout == "concat":
         q, k, v = split_concat(get(f"{spec.qkv}.weight"), spec.heads, spec.kv_heads, spec.head_dim)
         qb, kb, vb = split_concat(get(f"{spec.qkv}.bias"), spec.heads, spec.kv_heads, spec.head_dim)
     else:
-        q, k, v = get(f"{spec.q}.weight"), get(f"{spec.k}.weight"), get(f"{spec.v}.weight")
-        qb, kb, vb = get(f"{spec.q}.bias"), get(f"{spec.k}.bias"), get(f"{spec.v}.bias")
+        k, v = get(f"{spec.k}.weight"), get(f"{spec.v}.weight")
+        kb, vb = get(f"{spec.k}.bias"), get(f"{spec.v}.bias")
+        q, qb = get(f"{spec.q}.weight", full), get(f"{spec.q}.bias", full)
+        if q is None:  # not read: only its shape matters to the checks
+            q = torch.empty(spec.heads * spec.head_dim, k.shape[1], dtype=k.dtype, device="meta")
+    o = get(f"{spec.o}.weight", full)
     w = AttnWeights(q=q, k=k, v=v, o=o, heads=spec.heads, head_dim=spec.head_dim, q_bias=qb, k_bias=kb, v_bias=vb)
     w2 = convert_kv_heads(w, plan.groups, plan.method, spec.rope, where=f"layer {layer}")
     name = {key: info.name for key, info in found.items()}
@@ -185,47 +194,161 @@ def _compute_layer(plan: StreamPlan, layer: int) -> dict[str, torch.Tensor]:
         if f"{spec.qkv}.bias" in name:
             out[name[f"{spec.qkv}.bias"]] = merge_concat(w2.q_bias, w2.k_bias, w2.v_bias)
     else:
-        out = {name[f"{spec.q}.weight"]: w2.q, name[f"{spec.k}.weight"]: w2.k, name[f"{spec.v}.weight"]: w2.v}
-        for key, t in ((f"{spec.q}.bias", w2.q_bias), (f"{spec.k}.bias", w2.k_bias), (f"{spec.v}.bias", w2.v_bias)):
+        out = {name[f"{spec.k}.weight"]: w2.k, name[f"{spec.v}.weight"]: w2.v}
+        for key, t in ((f"{spec.k}.bias", w2.k_bias), (f"{spec.v}.bias", w2.v_bias)):
             if key in name:
                 out[name[key]] = t
-    out[name[f"{spec.o}.weight"]] = w2.o
+        if full:
+            out[name[f"{spec.q}.weight"]] = w2.q
+            if f"{spec.q}.bias" in name:
+                out[name[f"{spec.q}.bias"]] = w2.q_bias
+    if full:
+        out[name[f"{spec.o}.weight"]] = w2.o
     keep = plan.layer_outputs[layer]
     return {n: t for n, t in out.items() if n in keep}  # only what this plan rewrites
 
 
+def _open_sequential(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # larger read-ahead, as cp does
+    return fd
+
+
+def _runs(tensors: list[OutTensor]):
+    """Group a shard's tensors, in source order, into steps: ("copy", file, offset, [tensors]) for runs of
+    untouched tensors contiguous in the same source file (one kernel copy each), ("write", t) for
+    tensors re-encoded from memory (dtype change, pickled source), ("input", t) for tensors to convert."""
+    steps: list[tuple] = []
+    for t in tensors:
+        info = t.source
+        if t.layer is not None:
+            steps.append(("input", t))
+        elif info.start < 0 or t.dtype != info.dtype:
+            steps.append(("write", t))
+        elif steps and steps[-1][0] == "copy" and steps[-1][1] == info.file and \
+                steps[-1][2] + sum(x.source.size for x in steps[-1][3]) == info.start:
+            steps[-1][3].append(t)
+        else:
+            steps.append(("copy", info.file, info.start, [t]))
+    return steps
+
+
+class _Buffers:
+    """Reusable byte buffers for the tensors read in passing: a 7B conversion reads the same sizes
+    dozens of times, and fresh allocations would cost a page fault per 4 KiB each time."""
+
+    def __init__(self):
+        self._free: dict[int, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, size: int) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return torch.empty(size, dtype=torch.uint8)
+
+    def put(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._free.setdefault(buf.numel(), []).append(buf)
+
+
+def _convert_and_release(plan: StreamPlan, layer: int, inputs: dict[str, torch.Tensor], buffers: _Buffers):
+    out = _compute_layer(plan, layer, inputs)
+    kept = {t.untyped_storage().data_ptr() for t in out.values()}
+    for t in inputs.values():  # the inputs are no longer needed: their bytes go back to the pool
+        if t.untyped_storage().data_ptr() not in kept and t.device.type == "cpu":
+            buffers.put(torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()))
+    return out
+
+
+def _read_fd(fd: int, info: TensorInfo, buffers: _Buffers | None = None) -> torch.Tensor:
+    buf = buffers.get(info.size) if buffers is not None else torch.empty(info.size, dtype=torch.uint8)
+    view, got = memoryview(buf.numpy()), 0
+    while got < info.size:
+        n = os.preadv(fd, [view[got:]], info.start + got)
+        if not n:
+            raise ValueError(f"{info.file}: truncated while reading {info.name!r}")
+        got += n
+    return buf.view(info.dtype).reshape(info.shape)
+
+
 def run_stream(plan: StreamPlan, out_dir: Path, progress: Callable[[int], None] | None = None) -> list[str]:
-    """Write every output shard (and the index when sharded) into ``out_dir``; returns the file names."""
+    """Write every output shard (and the index when sharded) into ``out_dir``; returns the file names.
+
+    Each source shard is read once, front to back, through one file descriptor: runs of
+    untouched tensors are copied inside the kernel (``copy_file_range``, no user-space buffer),
+    the tensors to convert are read in passing and handed to a worker thread, which converts
+    each layer while the copy goes on (both release the GIL). An output shard stores its
+    untouched tensors first, in source order, and its rewritten tensors after them, so nothing
+    waits for the conversion until the end of the shard; memory is bounded by the rewritten
+    tensors of one shard.
+    """
     out_dir = Path(out_dir)
-    pending: dict[int, dict[str, torch.Tensor]] = {}
-    written = []
+    written: list[str] = []
     fds: dict[Path, int] = {}
+    inputs: dict[int, dict[str, torch.Tensor]] = {}
+    missing = {layer: set(names) for layer, names in plan.layer_outputs.items()}
+    futures: dict[int, Future] = {}
+    results: dict[int, dict[str, torch.Tensor]] = {}
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="attnzoo-convert")
+    buffers = _Buffers()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core converts; the others stay free for the kernel's copying
+
+    def fd_of(path):
+        if path not in fds:
+            fds[path] = _open_sequential(path)
+        return fds[path]
+
+    def result(layer):
+        if layer not in results:
+            if layer not in futures:  # its inputs span shards: read the rest directly
+                futures[layer] = pool.submit(_convert_and_release, plan, layer, inputs.pop(layer, {}), buffers)
+            results[layer] = futures.pop(layer).result()
+        return results[layer]
+
     try:
         for shard in plan.shards:
-            writer = ShardWriter(out_dir / shard.file, [(t.name, t.dtype, t.shape) for t in shard.tensors],
+            kept = [t for t in shard.tensors if t.layer is None]
+            rewritten = [t for t in shard.tensors if t.layer is not None]
+            writer = ShardWriter(out_dir / shard.file, [(t.name, t.dtype, t.shape) for t in kept + rewritten],
                                  shard.metadata)
             ok = False
             try:
-                for t in shard.tensors:
-                    info = t.source
-                    if t.layer is not None:
-                        if t.layer not in pending:
-                            pending[t.layer] = _compute_layer(plan, t.layer)
-                        tensor = pending[t.layer].pop(t.name).to(t.dtype)
-                        if not pending[t.layer]:
-                            del pending[t.layer]
-                        writer.write(t.name, tensor, progress)
-                    elif info.start < 0 or t.dtype != info.dtype:
-                        writer.write(t.name, plan.src.read(info).to(t.dtype), progress)
+                for step in _runs(shard.tensors):
+                    if step[0] == "copy":
+                        _, path, offset, run = step
+                        writer.copy_run([t.name for t in run], fd_of(path), offset, progress)
+                    elif step[0] == "write":
+                        t = step[1]
+                        writer.write(t.name, plan.src.read(t.source).to(t.dtype), progress)
                     else:
-                        if info.file not in fds:
-                            fds[info.file] = os.open(info.file, os.O_RDONLY)
-                        writer.copy(t.name, fds[info.file], info.start, progress)
+                        t = step[1]
+                        if t.layer in results or t.layer in futures:
+                            continue  # already converted (its inputs spanned shards and were read directly)
+                        info = t.source
+                        tensor = plan.src.read(info) if info.start < 0 else _read_fd(fd_of(info.file), info, buffers)
+                        inputs.setdefault(t.layer, {})[t.name] = tensor
+                        missing[t.layer].discard(t.name)
+                        if not missing[t.layer] and t.layer not in futures and t.layer not in results:
+                            futures[t.layer] = pool.submit(_convert_and_release, plan, t.layer, inputs.pop(t.layer),
+                                                           buffers)
+                for t in rewritten:
+                    out = result(t.layer)
+                    writer.write(t.name, out.pop(t.name).to(t.dtype), progress)
+                    if not out:
+                        del results[t.layer]
                 ok = True
             finally:
                 writer.close(check=ok)
             written.append(shard.file)
     finally:
+        for f in futures.values():
+            f.cancel()
+        pool.shutdown(wait=True)
+        torch.set_num_threads(threads)
         for fd in fds.values():
             os.close(fd)
     if plan.sharded:
