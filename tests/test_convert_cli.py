@@ -108,6 +108,7 @@ def test_dtype_and_dry_run(tmp_path, capsys):
     assert main(["convert", str(src), str(dst), "--to", "gqa", "--groups", "1", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dry run: nothing written" in out and "75.0% saved" in out and "KV heads 4 -> 1" in out
+    assert "model.layers.*.self_attn.k_proj.weight      2  32x64" in out  # the plan
     _no_leftovers(dst)
     assert main(["convert", str(src), str(dst), "--to", "mqa", "--dtype", "bfloat16", "--no-progress"]) == 0
     assert all(t.dtype == torch.bfloat16 for t in _state(dst).values())

@@ -52,6 +52,9 @@ def run(args) -> int:
         {"": "weights", "value": f"{format_bytes(r.bytes_before)} -> {format_bytes(r.bytes_after)}"},
         {"": "time", "value": f"{r.seconds:.1f} s"},
     ] + [{"": "note", "value": n} for n in r.notes]
+    if r.dry_run and r.plan:
+        print(format_table(r.plan, title="plan: tensors rewritten (everything else is copied as is)"))
+        print()
     print(format_table(rows, ["", "value"], title="attnzoo convert"))
     print()
     saved = 1 - r.per_token_after / r.per_token_before if r.per_token_before else 0.0

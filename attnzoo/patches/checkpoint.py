@@ -10,6 +10,7 @@ tokenizer/generation files and a model card, and SRC is only read.
 """
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ class ConversionResult:
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    plan: list[dict[str, Any]] = field(default_factory=list)  # what gets rewritten, grouped
 
 
 def parse_dtype(name) -> torch.dtype | None:
@@ -170,6 +172,13 @@ def _convert_streaming(source, dst, adapter, variant, groups, method, dtype, for
         tensors_total=sum(len(s.tensors) for s in plan.shards), dtype=label, dry_run=dry_run)
     if plan.dropped:
         result.notes.append(f"dropped {', '.join(plan.dropped)} (tied to the embeddings; transformers re-ties it)")
+    groups_of: dict[tuple, int] = {}
+    for t in plan.computed:
+        kind = re.sub(r"\.\d+\.", ".*.", t.name)
+        key = (kind, tuple(t.source.shape), tuple(t.shape), str(t.dtype).replace("torch.", ""))
+        groups_of[key] = groups_of.get(key, 0) + 1
+    result.plan = [{"tensors": k[0], "count": n, "shape before": "x".join(map(str, k[1])),
+                    "shape after": "x".join(map(str, k[2])), "dtype": k[3]} for k, n in groups_of.items()]
     if dry_run:
         return result
     with staged_output(source.path, dst, force) as tmp:
@@ -214,7 +223,11 @@ def _convert_in_memory(source, dst, adapter, variant, groups, method, dtype, for
     elem_model = _elem(next(model.parameters()).dtype)
     elem_out = _elem(dtype) if dtype is not None else elem_model
     scale = lambda b: b // elem_model * elem_out
+    plan_rows = [{"tensors": fqn, "count": 1, "shape before": f"{p['heads']} q / {p['kv_heads_before']} kv heads",
+                  "shape after": f"{p['heads']} q / {p['kv_heads']} kv heads", "dtype": label}
+                 for fqn, p in (getattr(model.config, "attnzoo", None) or {}).get("modules", {}).items()]
     result = ConversionResult(
+        plan=plan_rows,
         src=source.path, dst=dst, variant=variant, groups=target, method=method, native=report.native,
         heads=sites_heads, kv_before=_kv_before(report, model), per_token_before=scale(report.kv_bytes_per_token_before),
         per_token_after=scale(report.kv_bytes_per_token_after), bytes_before=source.total_bytes(),
