@@ -264,6 +264,17 @@ def _flex_fn(device_type: str):
     return _flex_compiled
 
 
+def flex_reason(q, k, v, dropout_p: float, head_dim: int) -> str | None:
+    """Why FlexAttention cannot serve these inputs, or None (shared by the dense and sparse ops)."""
+    if dropout_p > 0:
+        return "FlexAttention has no dropout"
+    if q.device.type != "cuda" and any(t.requires_grad for t in (q, k, v)):
+        return "FlexAttention has no backward off CUDA (pass inputs that do not require grad)"
+    if q.device.type == "cuda" and head_dim < 16:
+        return f"compiled FlexAttention needs head_dim >= 16, got {head_dim}"
+    return None
+
+
 class FlexBackend(Backend):
     name = "flex"
     description = "torch FlexAttention (compiled Triton on CUDA) with a BlockMask built from the masks"
@@ -276,16 +287,7 @@ class FlexBackend(Backend):
         return None
 
     def check(self, call):
-        why = self.available()
-        if why:
-            return why
-        if call.dropout_p > 0:
-            return "FlexAttention has no dropout"
-        if call.q.device.type != "cuda" and any(t.requires_grad for t in (call.q, call.k, call.v)):
-            return "FlexAttention has no backward off CUDA (pass inputs that do not require grad)"
-        if call.q.device.type == "cuda" and call.head_dim < 16:
-            return f"compiled FlexAttention needs head_dim >= 16, got {call.head_dim}"
-        return None
+        return self.available() or flex_reason(call.q, call.k, call.v, call.dropout_p, call.head_dim)
 
     def block_mask(self, call):
         from torch.nn.attention.flex_attention import create_block_mask

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import BackendUnavailableError
-from ..backends import Backend, _flex_fn, _short
+from ..backends import Backend, _flex_fn, _short, flex_reason
 from ..dispatch import attention
 from ..reference import attention_reference
 from .call import SparseCall
@@ -184,14 +184,7 @@ class FlexBackend(_KernelBackend):
             from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
         except ImportError as e:
             return f"torch.nn.attention.flex_attention is missing ({e})"
-        d = call.dense
-        if d.dropout_p > 0:
-            return "FlexAttention has no dropout"
-        if call.q.device.type != "cuda" and any(t.requires_grad for t in (call.q, call.k, call.v)):
-            return "FlexAttention has no backward off CUDA (pass inputs that do not require grad)"
-        if call.q.device.type == "cuda" and d.head_dim < 16:
-            return f"compiled FlexAttention needs head_dim >= 16, got {d.head_dim}"
-        return None
+        return flex_reason(call.q, call.k, call.v, call.dense.dropout_p, call.dense.head_dim)
 
     def kernel(self, call):
         d = call.dense
