@@ -7,7 +7,7 @@ import torch
 
 from .errors import check_positive_int
 
-__all__ = ["kv_cache_bytes", "kv_bytes_per_token"]
+__all__ = ["kv_cache_bytes", "kv_bytes_per_token", "attention_sizes"]
 
 
 def _elem(dtype) -> int:
@@ -22,19 +22,27 @@ def _hf_per_token(cfg: Any, dtype) -> int:
     """Bytes/token summed over layers for a Hugging Face config (reads ``num_key_value_heads``).
     Architecture-specific layouts (MLA, patched models) are answered by ``attnzoo.patches``
     when it is installed as a resolver."""
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     for resolver in _RESOLVERS:
         got = resolver(cfg, dtype)
         if got is not None:
             return got
-    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    f = attention_sizes(cfg)
+    return f["layers"] * 2 * f["kv_heads"] * f["head_dim"] * _elem(dtype)
+
+
+def attention_sizes(config: Any) -> dict[str, int]:
+    """``layers``, ``heads``, ``kv_heads``, ``head_dim``, ``hidden`` of a transformers config
+    (the text/decoder part of composite models)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
-    if not (layers and heads and hidden):
-        raise ValueError(f"kv_cache_bytes: cannot read layers/heads/hidden size from {type(cfg).__name__}")
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    if not (heads and hidden and layers):
+        raise ValueError(f"{type(config).__name__}: cannot read layers/heads/hidden size from the config")
     kv = getattr(text, "num_key_value_heads", None) or heads
-    hd = getattr(text, "head_dim", None) or hidden // heads
-    return layers * 2 * kv * hd * _elem(dtype)
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return {"layers": int(layers), "heads": int(heads), "kv_heads": int(kv), "head_dim": int(head_dim),
+            "hidden": int(hidden)}
 
 
 _RESOLVERS: list = []  # callables (config, dtype) -> int | None, registered by higher layers

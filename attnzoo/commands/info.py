@@ -24,16 +24,9 @@ def add_arguments(p):
 
 def layout(config) -> dict:
     """Attention facts of a transformers config (the text/decoder part of composite models)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
-    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
-    if not (heads and hidden and layers):
-        raise ValueError(f"{type(config).__name__}: cannot read layers/heads/hidden size from config.json")
-    kv = getattr(text, "num_key_value_heads", None) or heads
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
-    return {"layers": int(layers), "heads": int(heads), "kv_heads": int(kv), "head_dim": int(head_dim),
-            "hidden": int(hidden)}
+    from ..kv import attention_sizes
+
+    return attention_sizes(config)
 
 
 def candidates(lay: dict, elem: int, kv_rank: int, rope_dim: int) -> list[tuple[str, int]]:
