@@ -259,11 +259,26 @@ def module_case(b: Bench, group, n, window):
           {"kept": round(kept / n / n, 5)})
 
 
-FLEX_VARIANTS = {  # name -> FlexAttention kernel_options tried on the main sliding case
-    "default": None,
-    "bwd 64x64 tiles": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64},
-    "fwd BLOCK_N 64, rows safe": {"fwd_BLOCK_N": 64, "ROWS_GUARANTEED_SAFE": True},
-}
+def proj_case(b: Bench, group, n):
+    """The q/k/v projection alone (Linear 768 -> 2304 and the views), the part of every (+qkv) row that is not
+    attention: the ideal of a sparse row is this plus the kept fraction of dense attention."""
+    qkv = b.projected(n)
+    b.run(group, "qkv projection alone", n, lambda: (lambda: qkv()[0]), None, {"kept": 0.0})
+
+
+def dense_attention_case(b: Bench, group, n):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if b.dev != "cuda":
+        return
+    q, k, v = (torch.randn(1, NH, n, HD, device=b.dev, dtype=b.dt, requires_grad=True) for _ in range(3))
+
+    def make():
+        def f():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                return F.scaled_dot_product_attention(q, k, v)
+        return f
+    b.run(group, "dense cuDNN SDPA, attention alone", n, make, attn_flops(n * n), {"kept": 1.0})
 
 
 def group_sliding(b: Bench):
@@ -272,21 +287,16 @@ def group_sliding(b: Bench):
     n = 384 if b.smoke else 16384
     w = 16 if b.smoke else WINDOW
     pattern = SlidingWindow(window=w)
-    for label, opts in FLEX_VARIANTS.items():
-        if b.dev != "cuda" and opts is not None:
-            continue
-        kw = {"backend": "flex"} if b.dev == "cuda" else {}
-        if opts:
-            kw["kernel_options"] = opts
-        op_case(b, "sliding", f"attnzoo sliding_window op, flex {label} (+qkv)" if b.dev == "cuda"
-                else "attnzoo sliding_window op (+qkv)", n, pattern, **kw)
+    op_case(b, "sliding", "attnzoo sliding_window op (+qkv)", n, pattern)  # what dispatch picks
     if b.dev == "cuda":
-        op_case(b, "sliding", "attnzoo sliding_window op, triton (+qkv)", n, pattern, backend="triton")
-    op_case(b, "sliding", "attnzoo sliding_window op, gather twin (+qkv)", n, pattern, backend="gather")
+        for be in ("triton", "flex"):
+            op_case(b, "sliding", f"attnzoo sliding_window op, {be} (+qkv)", n, pattern, backend=be)
     op_case(b, "sliding", "attnzoo longformer op, 1 global token (+qkv)", n, Longformer(window=w, global_tokens=1))
     module_case(b, "sliding", n, w)
     flex_mask_mod_case(b, "sliding", n, w)
     dense_case(b, "sliding", n)
+    dense_attention_case(b, "sliding", n)
+    proj_case(b, "sliding", n)
 
 
 def group_bigbird(b: Bench):
@@ -297,7 +307,8 @@ def group_bigbird(b: Bench):
         pattern = BigBird(block_size=blk, window=blk, global_blocks=2, random_blocks=3)
         op_case(b, "bigbird", "attnzoo bigbird op (+qkv)", n, pattern)
         if b.dev == "cuda":
-            op_case(b, "bigbird", "attnzoo bigbird op, triton (+qkv)", n, pattern, backend="triton")
+            for be in ("triton", "flex"):
+                op_case(b, "bigbird", f"attnzoo bigbird op, {be} (+qkv)", n, pattern, backend=be)
         dense_case(b, "bigbird", n)
 
 
@@ -326,9 +337,6 @@ def group_scaling(b: Bench):
     w = 16 if b.smoke else WINDOW
     for n in ([128, 256] if b.smoke else [4096, 8192, 16384, 32768, 65536, 131072]):
         op_case(b, "scaling", "attnzoo sliding_window op (+qkv)", n, SlidingWindow(window=w))
-        if b.dev == "cuda":
-            op_case(b, "scaling", "attnzoo sliding_window op, triton (+qkv)", n, SlidingWindow(window=w),
-                    backend="triton")
         dense_case(b, "scaling", n)
 
 
@@ -359,18 +367,29 @@ def report(out_dir: str, peers_path: str | None) -> str:
         g = [r for r in rows if r["group"] == group]
         if g:
             lines += [f"\n## {group}\n", markdown_table(g, [c for c in cols if any(c in r for r in g)])]
-    # ideal = dense time x kept fraction, per case with a dense row at the same n
+    # ideal = kept fraction x dense attention alone + the projection alone (shared/PEERS.md: "the ideal sparse
+    # kernel approaches 3% of the dense time plus the projections"); where those rows are missing (bigbird and
+    # scaling groups), dense (+qkv) time x kept, which is lower still
     ideal = []
     for r in rows:
         if r["name"].startswith("attnzoo") and "kept" in r and r.get("ms") == r.get("ms"):
-            d = _find(rows, r["group"], "dense", r["n"], r["mode"])
-            if d:
-                ideal_ms = d["ms"] * r["kept"]
-                ideal.append({"group": r["group"], "name": r["name"], "n": r["n"], "mode": r["mode"], "ms": r["ms"],
-                              "dense ms": d["ms"], "ideal ms": round(ideal_ms, 4),
-                              "x ideal": round(r["ms"] / ideal_ms, 2), "speedup vs dense": round(d["ms"] / r["ms"], 2)})
+            d = next((x for x in rows if x["group"] == r["group"] and x["name"].startswith("dense")
+                      and x["name"].endswith("(+qkv)") and x["n"] == r["n"] and x["mode"] == r["mode"]
+                      and x.get("ms") == x.get("ms")), None)
+            da = _find(rows, r["group"], "dense cuDNN SDPA, attention alone", r["n"], r["mode"])
+            pj = _find(rows, r["group"], "qkv projection alone", r["n"], r["mode"])
+            if da and pj:
+                ideal_ms, how = da["ms"] * r["kept"] + pj["ms"], "kept x attention + projection"
+            elif d:
+                ideal_ms, how = d["ms"] * r["kept"], "kept x dense(+qkv)"
+            else:
+                continue
+            ideal.append({"group": r["group"], "name": r["name"], "n": r["n"], "mode": r["mode"], "ms": r["ms"],
+                          "dense ms": d["ms"] if d else None, "ideal ms": round(ideal_ms, 4), "ideal": how,
+                          "x ideal": round(r["ms"] / ideal_ms, 2),
+                          "speedup vs dense": round(d["ms"] / r["ms"], 2) if d else None})
     if ideal:
-        lines += ["\n## against dense and the ideal (dense time x kept fraction)\n", markdown_table(ideal)]
+        lines += ["\n## against dense and the ideal\n", markdown_table(ideal)]
     lines += ["\n## targets\n"] + _targets(rows, peers)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "sparse_bench.md"), "w") as f:
@@ -386,24 +405,24 @@ def _targets(rows, peers) -> list[str]:
 
     n = 16384
     for mode in ("fwd", "fwd+bwd"):
-        best = _find(rows, "sliding", "attnzoo sliding_window op, flex default", n, mode)  # what the op does now
+        best = _find(rows, "sliding", "attnzoo sliding_window op (+qkv)", n, mode)  # what dispatch picks
         if best is None:
             continue
-        variants = [r for r in rows if r["name"].startswith("attnzoo sliding_window op, ") and "gather" not in r["name"]
-                    and r["n"] == n and r["mode"] == mode and r.get("ms") == r.get("ms")]
-        fastest = min(variants, key=lambda r: r["ms"])
-        if fastest is not best:
-            out.append(f"- note: fastest sliding variant {mode}: {fastest['name']} {fastest['ms']:.3f} ms "
-                       f"(default {best['ms']:.3f} ms)")
+        variants = [r for r in rows if r["name"].startswith("attnzoo sliding_window op, ") and r["n"] == n
+                    and r["mode"] == mode and r.get("ms") == r.get("ms")]
+        for r in variants:
+            out.append(f"- {r['name']} {mode}: {r['ms']:.3f} ms")
         flex = _find(rows, "sliding", "flex plain", n, mode)
-        dense = _find(rows, "sliding", "dense", n, mode)
+        da = _find(rows, "sliding", "dense cuDNN SDPA, attention alone", n, mode)
+        pj = _find(rows, "sliding", "qkv projection alone", n, mode)
         if flex:
             check(f"sliding ±256 N={n} {mode} >= 1.5x faster than flex mask_mod", flex["ms"] / best["ms"] >= 1.5,
-                  f"{best['ms']:.3f} ms ({best['name']}) vs {flex['ms']:.3f} ms: {flex['ms'] / best['ms']:.2f}x")
-        if dense:
-            ideal = dense["ms"] * best["kept"]
+                  f"{best['ms']:.3f} ms ({best.get('backend')}) vs {flex['ms']:.3f} ms: {flex['ms'] / best['ms']:.2f}x")
+        if da and pj:
+            ideal = da["ms"] * best["kept"] + pj["ms"]
             check(f"sliding ±256 N={n} {mode} within 3x of ideal", best["ms"] <= 3 * ideal,
-                  f"{best['ms']:.3f} ms vs ideal {ideal:.3f} ms: {best['ms'] / ideal:.2f}x")
+                  f"{best['ms']:.3f} ms vs ideal {ideal:.3f} ms ({best['kept']:.4f} x {da['ms']:.3f} ms attention "
+                  f"+ {pj['ms']:.3f} ms projection): {best['ms'] / ideal:.2f}x")
         hf = [p for p in peers if p.get("name") == "hf-LongformerSelfAttention" and p.get("n") == n
               and p.get("mode") == mode and p.get("ms") == p.get("ms")]
         if hf:

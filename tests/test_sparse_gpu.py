@@ -86,8 +86,18 @@ def test_gather_matches_float64(name, causal):
 
 @pytest.mark.parametrize("backend", ["flex", "triton"])
 def test_fused_at_other_odd_lengths(backend):
-    for n in (77, 129, 1500):
+    for n in (129, 1500) if backend == "flex" else (77, 129, 1500):
         _check(backend, SlidingWindow(window=256, causal=True), torch.bfloat16, "none", n=n)
+
+
+def test_flex_declines_a_sequence_shorter_than_one_tile_and_dispatch_goes_on():
+    """Compiled FlexAttention has no kernel configuration for n < tile: forced, it says so; dispatched, the next
+    backend serves the call."""
+    q, k, v = _inputs(torch.bfloat16, n=77)
+    with pytest.raises(attnzoo.errors.BackendUnavailableError, match="shorter than one tile"):
+        sparse_attention(q, k, v, SlidingWindow(window=256, causal=True), backend="flex")
+    out = sparse_attention(q, k, v, SlidingWindow(window=256, causal=True))
+    assert out.shape == q.shape
 
 
 def test_triton_on_strided_qkv_from_one_projection():
@@ -101,10 +111,14 @@ def test_triton_on_strided_qkv_from_one_projection():
     assert _rel(out, ref) < TOL
 
 
-def test_dispatch_picks_flex_on_cuda():
+def test_dispatch_picks_the_first_of_the_cuda_order():
+    from attnzoo.ops.sparse.op import SPARSE_ORDER
+
     q, k, v = _inputs(torch.bfloat16, n=1024)
     d = explain_sparse(q, k, v, SlidingWindow(window=256))
-    assert d.backend == "flex", str(d)
+    assert d.backend == SPARSE_ORDER["cuda:band"][0] == "triton", str(d)
+    bb = BigBird(block_size=64, window=64, global_blocks=2, random_blocks=3)
+    assert explain_sparse(q, k, v, bb).backend == SPARSE_ORDER["cuda"][0] == "flex"
     d = explain_sparse(q[:, :, -1:], k, v, SlidingWindow(window=256, causal=True))
     assert d.backend == "masked", str(d)
 

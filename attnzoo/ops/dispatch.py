@@ -100,7 +100,8 @@ class Dispatcher:
                 except BackendUnavailableError as e:  # e.g. a length this kernel does not take
                     rejected[name] = str(e)
                     self.chosen.pop(sig, None)
-            candidates = self.order.get(call.q.device.type, self.default_order)
+            key = call.order_key() if hasattr(call, "order_key") else call.q.device.type
+            candidates = self.order.get(key) or self.order.get(call.q.device.type, self.default_order)
         else:
             candidates = forced
         for name in candidates:

@@ -184,6 +184,9 @@ class FlexBackend(_KernelBackend):
             from torch.nn.attention.flex_attention import BlockMask  # noqa: F401
         except ImportError as e:
             return f"torch.nn.attention.flex_attention is missing ({e})"
+        if call.q.device.type == "cuda" and call.dense.k_len < call.tile:
+            return (f"sequence of {call.dense.k_len} tokens is shorter than one tile ({call.tile}): compiled "
+                    "FlexAttention finds no kernel configuration for it (use 'triton' or a smaller tile)")
         return flex_reason(call.q, call.k, call.v, call.dense.dropout_p, call.dense.head_dim)
 
     def kernel(self, call):
@@ -231,8 +234,10 @@ class TritonBackend(_KernelBackend):
             return f"needs head_dim = v_dim, a power of two in [16, 256]; got {hd} and {d.v_dim}"
         if any(t.stride(-1) != 1 for t in (call.q, call.k, call.v)):
             return "needs q, k, v with a contiguous last dimension"
-        if call.tile % 32:
-            return f"needs a tile that is a multiple of 32, got tile={call.tile}"
+        pat = call.pattern
+        if call.tile % 32 and pat.band() is None and not pat.tile_exact(call.tile):
+            return (f"{pat.name} needs bit-packed masks on its partial tiles here: a tile that is a multiple of 32, "
+                    f"got tile={call.tile}")
         return None
 
     def kernel(self, call):

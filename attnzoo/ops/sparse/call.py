@@ -34,7 +34,7 @@ class SparseCall:
         if dense.q_len > dense.k_len:
             raise ValueError(f"q has {dense.q_len} positions and k {dense.k_len}: a sparse pattern attends within one "
                              "sequence, so q_len <= k_len (queries are the last q_len positions)")
-        tile = DEFAULT_TILE if tile is None else tile
+        tile = pattern.default_tile() if tile is None else tile
         check_positive_int("tile", tile)
         check_type("global_rows", global_rows, bool, "True or False")
         if kernel_options is not None and not isinstance(kernel_options, dict):
@@ -81,6 +81,12 @@ class SparseCall:
     def query_positions(self) -> torch.Tensor:
         d = self.dense
         return torch.arange(d.k_len - d.q_len, d.k_len, device=self.q.device)
+
+    def order_key(self) -> str:
+        """Which priority list of :data:`~attnzoo.ops.sparse.op.SPARSE_ORDER` applies: ``"cuda:band"`` for band
+        patterns on CUDA, else the device type."""
+        dev = self.q.device.type
+        return f"{dev}:band" if dev == "cuda" and self.pattern.band() is not None else dev
 
     def signature(self) -> tuple:
         d = self.dense

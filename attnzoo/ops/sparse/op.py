@@ -20,9 +20,14 @@ from .patterns import Pattern
 
 __all__ = ["sparse_attention", "explain_sparse", "use_sparse_backend", "last_sparse_decision", "SPARSE_ORDER"]
 
-#: Priority per device type. CUDA: the fused kernel first; decoding (q_len < k_len) goes to ``masked``.
-#: CPU: ``gather`` runs the layout with autograd in O(n x visited keys) memory.
+#: Priority per device type; ``"cuda:band"`` for band patterns (``sliding_window``, ``longformer``: see
+#: :meth:`Pattern.band`), whose contiguous key runs attnzoo's Triton kernel walks without index tables.
+#: Measured on an H200 (benchmarks/results/sparse-h200.md, N=16384, +-256, fwd+bwd): the Triton kernel 1.43 ms,
+#: flex over the layout 1.45 ms, and for Longformer's global columns flex takes 4.6 ms; BigBird (block lists) at
+#: N=8192: flex 1.86 ms, the Triton kernel 2.05 ms (one program walks a global key tile's whole column), so flex
+#: leads for block lists. Decoding (q_len < k_len) goes to ``masked``; on the CPU ``gather`` runs the layout.
 SPARSE_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda:band": ("triton", "flex", "gather", "masked"),
     "cuda": ("flex", "triton", "gather", "masked"),
     "cpu": ("gather", "masked"),
 }
@@ -54,7 +59,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         key_padding_mask: bool ``[batch, k_len]``, True = real token.
         scale: softmax scale (default ``1/sqrt(head_dim)``).
         dropout_p: attention dropout (``gather``/``masked``/``reference`` only).
-        tile: square tile of the block layout (default 128, FlexAttention's block).
+        tile: square tile of the block layout (default: the pattern's ``default_tile()``: 128, FlexAttention's
+            block; BigBird: its block size when that is 32, 64 or 128).
         global_rows: False leaves the rows of global tokens at 0, for a caller that computes them
             itself (Longformer's separate global projections).
         kernel_options: FlexAttention ``kernel_options`` (tile sizes, warps, stages) for tuning.

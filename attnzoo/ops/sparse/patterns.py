@@ -68,6 +68,20 @@ class Pattern:
         """Sorted positions of the global tokens for length ``n`` (default: none)."""
         return []
 
+    def band(self) -> tuple[int, int] | None:
+        """``(lo, hi)`` when the local part is the band ``lo <= j - i <= hi`` (causality included), for kernels
+        that walk one contiguous run of keys per block of queries; None otherwise (the default)."""
+        return None
+
+    def default_tile(self) -> int:
+        """The layout tile the op uses when the caller gives none (128, FlexAttention's block)."""
+        return 128
+
+    def tile_exact(self, tile: int) -> bool:
+        """True when, inside every tile of ``tile x tile`` that the layout visits, the kernel part keeps every
+        pair except those causality removes (kernels then need no mask table); False by default."""
+        return False
+
     def bind(self, n: int, device=None) -> "BoundPattern":
         check_positive_int("sequence length", n)
         self.check(n)
@@ -161,6 +175,9 @@ class Dense(Pattern):
     def local_fn(self, n, device):
         return lambda i, j: (i >= 0) & (j >= 0)
 
+    def tile_exact(self, tile):
+        return True
+
 
 @dataclass(frozen=True)
 class SlidingWindow(Pattern):
@@ -175,6 +192,9 @@ class SlidingWindow(Pattern):
     def local_fn(self, n, device):
         w = self.window
         return lambda i, j: (i - j).abs() <= w
+
+    def band(self):
+        return (-self.window, 0 if self.causal else self.window)
 
 
 @dataclass(frozen=True)
@@ -305,6 +325,12 @@ class BigBird(Pattern):
         table = ((qb[:, None] - qb[None, :]).abs() <= w) | self.random_table(n)
         table = table.to(device)
         return lambda i, j: table[i // bs, j // bs]
+
+    def default_tile(self):
+        return self.block_size if self.block_size in (32, 64, 128) else 128  # tiles = blocks: no mask tables
+
+    def tile_exact(self, tile):
+        return self.block_size % tile == 0  # tiles inside blocks: a visited tile is kept whole (causal aside)
 
     def global_positions(self, n):
         nb = self.num_blocks(n)

@@ -1,23 +1,38 @@
-"""A block-sparse FlashAttention kernel in Triton over attnzoo's block layouts (forward and backward).
+"""attnzoo's block-sparse FlashAttention kernels in Triton (forward and backward).
 
-It visits exactly the layout's tiles (:mod:`attnzoo.ops.sparse.layout`): full tiles with no
-mask at all, partial tiles with a bit-packed copy of the pattern's mask for that tile (one bit
-per (query, key) pair, 2 KiB per 128x128 tile), so any pattern runs on the same kernel. Keys
-are also bounded by the sequence length and the key-padding mask. Grouped KV heads are read
-in place; the dK/dV kernel loops over a KV head's query heads (no atomics).
+Two ways to walk the keys, chosen per pattern (:func:`plan`):
 
-Three kernels: the forward (one program per block of queries and head: online softmax over the
-visited tiles, stores the output and the log-sum-exp), dK/dV (one program per block of keys and
-KV head, over the query tiles that visit its tile: the transposed layout) and dQ (one program per
-block of queries, as the forward). Tile sizes and warps are autotuned per shape on the GPU.
+* **band** (``sliding_window``, ``longformer``): query ``i`` keeps key ``j`` when
+  ``lo <= j - i <= hi`` (plus, for Longformer, a short list of global key columns). A
+  block of queries reads one *contiguous* run of keys, split in three stages: the edges
+  evaluate the band (two integer compares per score), the middle runs with no mask at all.
+  No index tables, so loads are sequential and software-pipelined. Global key columns
+  outside the band are a fourth, gathered stage (forward, dQ); their dK/dV, which every
+  query feeds, are a few small dense products in the backward.
+* **list** (``bigbird``, ``sparse_strided``, ``sparse_fixed``, any pattern): the compiled
+  :class:`~attnzoo.ops.sparse.layout.BlockLayout`: each query tile visits its full tiles with
+  no mask and its partial tiles with a mask, which is arithmetic (bounds and causality) when
+  the pattern is exact on its tiles (:meth:`Pattern.tile_exact`: BigBird with tiles that divide
+  its blocks) and otherwise a bit-packed copy of the pattern (one bit per pair, 2 KiB per
+  128x128 tile), so any pattern runs.
 
-Importable without Triton: :func:`available` says why it cannot run. Off CUDA it runs under
-Triton's interpreter (``TRITON_INTERPRET=1``), which the CPU tests use.
+Three kernels per call, as FlashAttention-2: the forward (one program per block of queries and
+head: online softmax, output and log-sum-exp), dK/dV (one program per block of keys and KV head,
+looping over its query heads: grouped KV heads without atomics) and dQ; a small kernel computes
+``rowsum(dO * O)`` first. Tile sizes and warps are autotuned once per head_dim and mode.
+
+Rows of global *queries* are not special here: the op overwrites them with a dense computation
+(:func:`attnzoo.ops.sparse.backends.fill_global_rows`). The float64 reference for every path is
+the dense keep mask through :func:`attnzoo.ops.attention_reference` (tests/test_sparse_triton.py,
+under Triton's interpreter on CPU; tests/test_sparse_gpu.py compiled).
+
+Importable without Triton: :func:`available` says why it cannot run.
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -27,7 +42,9 @@ try:
 except ImportError:  # the kernel is optional; attnzoo works without Triton
     triton = None
 
-__all__ = ["available", "interpreted", "layout_tensors", "block_sparse_attention"]
+__all__ = ["available", "interpreted", "plan", "KernelPlan", "block_sparse_attention"]
+
+BAND, LIST = 0, 1
 
 
 def interpreted() -> bool:
@@ -43,7 +60,52 @@ def available(device_type: str) -> str | None:
     return None
 
 
-# ---------------------------------------------------------------------------- layout tensors
+def _interpreter_index_shim() -> None:
+    """Triton's interpreter turns a scalar into a 1-element array and ``int()``s it for loop bounds, which
+    NumPy >= 2.4 refuses for 1-d arrays; read the element instead (interpreter only, i.e. the CPU tests)."""
+    from triton.runtime import interpreter as ti
+
+    orig = ti._patch_lang_tensor
+    if getattr(orig, "_attnzoo", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._attnzoo = True
+    ti._patch_lang_tensor = patched
+
+
+if triton is not None and interpreted():
+    _interpreter_index_shim()
+
+
+# ---------------------------------------------------------------------------- plans
+@dataclass(eq=False)
+class KernelPlan:
+    """What the kernels read for one layout (built once, cached on the layout).
+
+    ``mode``: BAND or LIST. Band: keys ``lo <= j - i <= hi``; ``gpos`` int32 ``[G]`` global key
+    columns (G may be 0). List: the layout's lists, the transposed lists for dK/dV, and for
+    patterns that are not exact on their tiles the bit-packed partial masks ``bits`` with ``ids``.
+    """
+
+    mode: int
+    causal: bool
+    lo: int = 0
+    hi: int = 0
+    gpos: torch.Tensor | None = None
+    bits: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    full_t: tuple | None = None
+    partial_t: tuple | None = None
+
+    @property
+    def n_global(self) -> int:
+        return 0 if self.gpos is None else int(self.gpos.numel())
+
+
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Bool ``[P, T, T]`` -> int32 ``[P, T, T // 32]``: bit ``c % 32`` of word ``c // 32`` is column ``c``."""
     p, t, _ = mask.shape
@@ -66,23 +128,15 @@ def _transpose(count: torch.Tensor, index: torch.Tensor, ids: torch.Tensor | Non
     slot = torch.arange(len(kt), device=count.device) - start[kt]
     tindex = torch.zeros(t, t, dtype=torch.int32, device=count.device)
     tindex[kt, slot] = qt.to(torch.int32)
-    tids = None
+    tids = torch.zeros(t, t, dtype=torch.int32, device=count.device)
     if ids is not None:
-        tids = torch.zeros(t, t, dtype=torch.int32, device=count.device)
         tids[kt, slot] = ids[sel][order]
     return tcount, tindex, tids
 
 
-def layout_tensors(layout) -> dict:
-    """The extra tensors the kernel reads, built once per layout: partial-tile bit masks, their ids, and
-    the transposed lists for dK/dV."""
-    hit = layout._cache.get("triton")
-    if hit is not None:
-        return hit
+def _partial_bits(layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bit-packed masks of the layout's partial tiles and their ids per (query tile, slot)."""
     t, tile, n, dev = layout.num_tiles, layout.tile, layout.n, layout.partial_count.device
-    if tile % 32:
-        raise ValueError(f"tile={tile}: the Triton kernel packs partial-tile masks in 32-bit words; "
-                         "expected a multiple of 32")
     cols = torch.arange(t, device=dev)
     psel = cols[None, :] < layout.partial_count[:, None]
     qt = cols[:, None].expand(t, t)[psel]
@@ -97,81 +151,181 @@ def layout_tensors(layout) -> dict:
         keep = layout.pattern.kernel_keep(i.clamp(max=n - 1), j.clamp(max=n - 1)) & (i < n) & (j < n)
         masks.append(_pack_bits(keep.expand(len(i), tile, tile).contiguous()))
     bits = torch.cat(masks) if masks else torch.zeros(1, tile, tile // 32, dtype=torch.int32, device=dev)
-    fq = _transpose(layout.full_count, layout.full_index, None)
-    pq = _transpose(layout.partial_count, layout.partial_index, ids)
-    hit = {"bits": bits.contiguous(), "ids": ids, "full_t": fq[:2], "partial_t": pq}
+    return bits.contiguous(), ids
+
+
+def plan(layout) -> KernelPlan:
+    """The :class:`KernelPlan` of ``layout`` (cached on it)."""
+    hit = layout._cache.get("triton")
+    if hit is not None:
+        return hit
+    bound = layout.pattern
+    pattern = bound.pattern
+    band = pattern.band()
+    if band is not None:
+        gpos = bound.global_rows.to(torch.int32).contiguous()
+        hit = KernelPlan(BAND, pattern.causal, band[0], band[1], gpos=gpos if gpos.numel() else None)
+    else:
+        bits = ids = None
+        if not pattern.tile_exact(layout.tile):
+            if layout.tile % 32:
+                raise ValueError(f"tile={layout.tile}: the Triton kernel packs partial-tile masks of "
+                                 f"{pattern.describe()} in 32-bit words; expected a multiple of 32")
+            bits, ids = _partial_bits(layout)
+        fq = _transpose(layout.full_count, layout.full_index, None)
+        pq = _transpose(layout.partial_count, layout.partial_index, ids)
+        hit = KernelPlan(LIST, pattern.causal, bits=bits, ids=ids, full_t=fq[:2], partial_t=pq)
     layout._cache["triton"] = hit
     return hit
 
 
 # ---------------------------------------------------------------------------- kernels
 if triton is not None:
+    _LOG2E = tl.constexpr(1.4426950408889634)
+
     def _configs(kind):
         if interpreted():
             return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-        shapes = {
-            "fwd": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-            "dkdv": [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 4, 2)],
-            "dq": [(128, 64, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 4, 2)],
+        shapes = {  # (BLOCK_M, BLOCK_N, warps, stages)
+            "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                    (64, 64, 4, 4)],
+            "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (64, 128, 4, 2),
+                     (32, 128, 8, 4)],
+            "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 4),
+                   (64, 64, 4, 4)],
         }[kind]
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": nn}, num_warps=w, num_stages=s) for m, nn, w, s in shapes]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
-    def _prune(configs, named_args, **kw):
-        tile = named_args["TILE"] if "TILE" in named_args else kw["TILE"]
-        kept = [c for c in configs if tile % c.kwargs["BLOCK_M"] == 0 and tile % c.kwargs["BLOCK_N"] == 0]
-        return kept or [triton.Config({"BLOCK_M": min(32, tile), "BLOCK_N": min(32, tile)}, num_warps=4,
-                                      num_stages=1)]
+    def _pruner(kind):
+        def prune(configs, named_args, **kw):
+            args = {**named_args, **kw}
+            if args["MODE"] == BAND:
+                return configs
+            tile = args["TILE"]
+            if kind == "dkdv":  # one program per key tile
+                ok = [c for c in configs if c.kwargs["BLOCK_N"] == tile and tile % c.kwargs["BLOCK_M"] == 0]
+                fb = {"BLOCK_M": min(32, tile), "BLOCK_N": tile}
+            else:  # one program per query tile
+                ok = [c for c in configs if c.kwargs["BLOCK_M"] == tile and tile % c.kwargs["BLOCK_N"] == 0]
+                fb = {"BLOCK_M": tile, "BLOCK_N": min(32, tile)}
+            return ok or [triton.Config(fb, num_warps=4, num_stages=1 if interpreted() else 3)]
+        return prune
 
     @triton.jit
-    def _mask_bits(bits_ptr, mid, rows, cols, TILE: tl.constexpr):
+    def _bits_keep(bits_ptr, mid, rows, cols, TILE: tl.constexpr):
         """Bool [rows, cols] of partial tile ``mid`` (rows/cols: offsets inside the tile)."""
         words = tl.load(bits_ptr + mid * (TILE * (TILE // 32)) + rows[:, None] * (TILE // 32) + (cols // 32)[None, :])
         return ((words >> (cols % 32)[None, :]) & 1) != 0
 
     @triton.jit
-    def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kpm_base, bits_ptr, mid, kt, row0, offs_m_tile, N,
-                  stride_kn, stride_vn, sm_scale, PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                  TILE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    def _keep(offs_m, offs_n, N, LO, HI, kpm_base, bits_ptr, mid, rows_t, cols_t,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr):
+        """Bool [M, N] of kept pairs. MASK: 0 or 5 bounds only (0: the caller skips the mask), 1 band, 2 causal,
+        3 bits, 4 outside the band (global columns, ``offs_n`` then holds their positions)."""
+        keep = (offs_n < N)[None, :] & (offs_m >= 0)[:, None]
+        if MASK == 1:
+            dd = offs_n[None, :] - offs_m[:, None]
+            keep = keep & (dd >= LO) & (dd <= HI)
+        if MASK == 2:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        if MASK == 3:
+            keep = keep & _bits_keep(bits_ptr, mid, rows_t, cols_t, TILE)
+        if MASK == 4:
+            dd = offs_n[None, :] - offs_m[:, None]
+            if CAUSAL:
+                keep = keep & (dd < LO)
+            else:
+                keep = keep & ((dd < LO) | (dd > HI))
+        if HAS_KPM:
+            keep = keep & (tl.load(kpm_base + offs_n, mask=offs_n < N, other=0) != 0)[None, :]
+        return keep
+
+    @triton.jit
+    def _keep_t(offs_m, offs_n, N, LO, HI, kpm_base, bits_ptr, mid, rows_t, cols_t,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr):
+        """:func:`_keep` transposed: bool [N, M] (keys along the rows), for the dK/dV kernel."""
+        keep = (offs_n < N)[:, None] & (offs_m >= 0)[None, :]
+        if MASK == 1:
+            dd = offs_n[:, None] - offs_m[None, :]
+            keep = keep & (dd >= LO) & (dd <= HI)
+        if MASK == 2:
+            keep = keep & (offs_n[:, None] <= offs_m[None, :])
+        if MASK == 3:
+            words = tl.load(bits_ptr + mid * (TILE * (TILE // 32)) + rows_t[None, :] * (TILE // 32)
+                            + (cols_t // 32)[:, None])
+            keep = keep & (((words >> (cols_t % 32)[:, None]) & 1) != 0)
+        if HAS_KPM:
+            keep = keep & (tl.load(kpm_base + offs_n, mask=offs_n < N, other=0) != 0)[:, None]
+        return keep
+
+    @triton.jit
+    def _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, bits_ptr, mid, offs_m, offs_n, rows_t, cols_t,
+                   N, LO, HI, skn, svn, qk_scale,
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr,
+                   HEAD_DIM: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
-        for sub in tl.static_range(TILE // BLOCK_N):
-            cols = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            offs_n = kt * TILE + cols
-            valid = offs_n < N
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * sm_scale
-            keep = valid[None, :]
-            if HAS_KPM:
-                keep = keep & (tl.load(kpm_base + offs_n, mask=valid, other=0) != 0)[None, :]
-            if PARTIAL:
-                keep = keep & _mask_bits(bits_ptr, mid, offs_m_tile, cols, TILE)
+        if MASK == 0 and not HAS_KPM:
+            k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None])
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :])
+        else:
+            inb = offs_n < N
+            k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=inb[:, None], other=0.0)
+        s = tl.dot(q, k) * qk_scale
+        if MASK == 0 and not HAS_KPM:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+        else:
+            keep = _keep(offs_m, offs_n, N, LO, HI, kpm_base, bits_ptr, mid, rows_t, cols_t, MASK, CAUSAL, HAS_KPM,
+                         TILE)
             s = tl.where(keep, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, end, N, LO, HI, skn, svn, qk_scale,
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr):
+        for start_n in tl.range(start, end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, kpm_base, 0, offs_m, offs_n,
+                                       offs_m, offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32,
+                                       HEAD_DIM)
         return acc, m_i, l_i
 
-    @triton.autotune(configs=_configs("fwd"), key=["N", "HEAD_DIM", "TILE", "GROUPS"],
-                     prune_configs_by={"early_config_prune": _prune})
     @triton.jit
-    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, BITS, FC, FI, PC, PI, IDS,
+    def _band_stages(q0, q_last, N, LO, HI, BLOCK: tl.constexpr):
+        """Key range of queries ``q0..q_last`` under the band, cut at multiples of BLOCK into
+        masked ``[start, a)``, unmasked ``[a, b)``, masked ``[b, end)`` (also for keys -> queries with -HI, -LO)."""
+        start = (tl.maximum(q0 + LO, 0) // BLOCK) * BLOCK
+        end = tl.cdiv(tl.minimum(q_last + HI + 1, N), BLOCK) * BLOCK
+        a = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(q_last + LO, 0), BLOCK) * BLOCK, start), end)
+        b = tl.maximum(tl.minimum((tl.minimum(q0 + HI + 1, N) // BLOCK) * BLOCK, end), a)
+        return start, a, b, end
+
+    @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL"],
+                     prune_configs_by={"early_config_prune": _pruner("fwd")})
+    @triton.jit
+    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                    H, N, T_TILES, sm_scale,
-                    GROUPS: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    H, N, T_TILES, G, LO, HI, sm_scale,
+                    GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
+                    CAUSAL: tl.constexpr,
+                    HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
         hk = h // GROUPS
-        row0 = pid_m * BLOCK_M
-        qt = row0 // TILE
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        offs_m_tile = offs_m - qt * TILE
+        q0 = pid_m * BLOCK_M
+        offs_m = q0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=(offs_m < N)[:, None],
                     other=0.0)
@@ -181,84 +335,105 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp2 below
-        for slot in range(0, tl.load(FC + qt)):
-            kt = tl.load(FI + qt * T_TILES + slot)
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kpm_base, BITS, 0, kt, row0, offs_m_tile,
-                                      N, skn, svn, qk_scale, False, HAS_KPM, TILE, BLOCK_N, HEAD_DIM)
-        for slot in range(0, tl.load(PC + qt)):
-            kt = tl.load(PI + qt * T_TILES + slot)
-            mid = tl.load(IDS + qt * T_TILES + slot)
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kpm_base, BITS, mid, kt, row0, offs_m_tile,
-                                      N, skn, svn, qk_scale, True, HAS_KPM, TILE, BLOCK_N, HEAD_DIM)
+        qk_scale = sm_scale * _LOG2E  # exp2 below
+        if MODE == 0:
+            start, a, bb, end = _band_stages(q0, tl.minimum(q0 + BLOCK_M, N) - 1, N, LO, HI, BLOCK_N)
+            acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, a, N, LO, HI,
+                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+            acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, a, bb, N, LO, HI,
+                                       skn, svn, qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+            acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, bb, end, N, LO, HI,
+                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+            if HAS_GLOBAL:
+                for g0 in range(0, G, BLOCK_N):
+                    offs_g = g0 + tl.arange(0, BLOCK_N)
+                    pos = tl.load(GPOS + offs_g, mask=offs_g < G, other=N)  # N: out of bounds, masked
+                    acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, BITS, 0, offs_m, pos,
+                                               offs_m, pos, N, LO, HI, skn, svn, qk_scale, 4, CAUSAL, HAS_KPM, TILE,
+                                               HEAD_DIM)
+        else:
+            qt = q0 // TILE
+            rows_t = offs_m - qt * TILE
+            for slot in range(0, tl.load(FC + qt)):
+                kt = tl.load(FI + qt * T_TILES + slot)
+                for sub in tl.static_range(TILE // BLOCK_N):
+                    cols_t = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+                    acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, BITS, 0, offs_m,
+                                               kt * TILE + cols_t, rows_t, cols_t, N, LO, HI, skn, svn, qk_scale,
+                                               FMASK, CAUSAL, HAS_KPM, TILE, HEAD_DIM)
+            for slot in range(0, tl.load(PC + qt)):
+                kt = tl.load(PI + qt * T_TILES + slot)
+                mid = tl.load(IDS + qt * T_TILES + slot)
+                for sub in tl.static_range(TILE // BLOCK_N):
+                    cols_t = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+                    acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, BITS, mid, offs_m,
+                                               kt * TILE + cols_t, rows_t, cols_t, N, LO, HI, skn, svn, qk_scale,
+                                               PMASK, CAUSAL, HAS_KPM, TILE, HEAD_DIM)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        lse = tl.where(empty, 0.0, m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 domain; 0 for empty rows
+        lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 domain; inf: empty
         tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=(offs_m < N)[:, None])
         tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
 
+    # -- dK/dV: one program per block of keys and KV head -------------------------------------
     @triton.jit
-    def _bwd_p(q, k, do, v, lse, delta, keep, qk_scale):
-        """p [M, N] and ds [M, N] for one (query block, key block)."""
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        return p, ds
-
-    @triton.jit
-    def _keep(offs_m, offs_n, offs_m_tile, cols, N, kpm_base, bits_ptr, mid, PARTIAL: tl.constexpr,
-              HAS_KPM: tl.constexpr, TILE: tl.constexpr):
-        keep = (offs_n < N)[None, :] & (offs_m < N)[:, None]
-        if HAS_KPM:
-            keep = keep & (tl.load(kpm_base + offs_n, mask=offs_n < N, other=0) != 0)[None, :]
-        if PARTIAL:
-            keep = keep & _mask_bits(bits_ptr, mid, offs_m_tile, cols, TILE)
-        return keep
-
-    @triton.jit
-    def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, bits_ptr, mid, qt, offs_n,
-                   cols, N, sqn, sdon, qk_scale, PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr,
-                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, bits_ptr, mid, offs_m, offs_n,
+                    rows_t, cols_t, N, LO, HI, sqn, sdon, qk_scale,
+                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr,
+                    HEAD_DIM: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
-        for sub in tl.static_range(TILE // BLOCK_M):
-            offs_m_tile = sub * BLOCK_M + tl.arange(0, BLOCK_M)
-            offs_m = qt * TILE + offs_m_tile
-            rows = offs_m < N
-            q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=rows[:, None], other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=rows, other=0.0)
-            delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
-            keep = _keep(offs_m, offs_n, offs_m_tile, cols, N, kpm_base, bits_ptr, mid, PARTIAL, HAS_KPM, TILE)
-            p, ds = _bwd_p(q, k, do, v, lse, delta, keep, qk_scale)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        rows = offs_m < N
+        qT = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None], mask=rows[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=rows[:, None], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=rows, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
+        sT = tl.dot(k, qT) * qk_scale  # [BLOCK_N, BLOCK_M]
+        pT = tl.exp2(sT - lse[None, :])
+        if MASK != 0 or HAS_KPM:
+            keep = _keep_t(offs_m, offs_n, N, LO, HI, kpm_base, bits_ptr, mid, rows_t, cols_t, MASK, CAUSAL, HAS_KPM,
+                           TILE)
+            pT = tl.where(keep, pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
         return dk, dv
 
-    @triton.autotune(configs=_configs("dkdv"), key=["N", "HEAD_DIM", "TILE", "GROUPS"],
-                     prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, offs_n, start, end, N, LO, HI,
+                    sqn, sdon, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+        for start_m in tl.range(start, end, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, kpm_base, 0, offs_m,
+                                 offs_n, offs_m, offs_n, N, LO, HI, sqn, sdon, qk_scale, MASK, CAUSAL, HAS_KPM, 32,
+                                 HEAD_DIM)
+        return dk, dv
+
+    @triton.autotune(configs=_configs("dkdv"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL"],
+                     prune_configs_by={"early_config_prune": _pruner("dkdv")})
     @triton.jit
     def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, BITS, FCT, FIT, PCT, PIT, IDST,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
-                     HK, H, N, T_TILES, sm_scale,
-                     GROUPS: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     HK, H, N, T_TILES, LO, HI, sm_scale,
+                     GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
+                    CAUSAL: tl.constexpr,
+                     HAS_KPM: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_n = tl.program_id(0)
         bhk = tl.program_id(1)
         b = bhk // HK
         hk = bhk % HK
-        col0 = pid_n * BLOCK_N
-        kt = col0 // TILE
-        cols = col0 - kt * TILE + tl.arange(0, BLOCK_N)
-        offs_n = col0 + tl.arange(0, BLOCK_N)
+        k0 = pid_n * BLOCK_N
+        offs_n = k0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         kmask = (offs_n < N)[:, None]
         k = tl.load(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :], mask=kmask, other=0.0)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * _LOG2E
         kpm_base = KPM + b * N
         for g in range(0, GROUPS):
             h = hk * GROUPS + g
@@ -266,81 +441,199 @@ if triton is not None:
             do_base = DO + b * sdob + h * sdoh
             lse_base = LSE + (b * H + h) * N
             delta_base = DELTA + (b * H + h) * N
-            for slot in range(0, tl.load(FCT + kt)):
-                qt = tl.load(FIT + kt * T_TILES + slot)
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, BITS, 0, qt,
-                                    offs_n, cols, N, sqn, sdon, qk_scale, False, HAS_KPM, TILE, BLOCK_M, HEAD_DIM)
-            for slot in range(0, tl.load(PCT + kt)):
-                qt = tl.load(PIT + kt * T_TILES + slot)
-                mid = tl.load(IDST + kt * T_TILES + slot)
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, BITS, mid, qt,
-                                    offs_n, cols, N, sqn, sdon, qk_scale, True, HAS_KPM, TILE, BLOCK_M, HEAD_DIM)
+            if MODE == 0:  # queries i with LO <= j - i <= HI: i in [j - HI, j - LO]
+                start, a, bb, end = _band_stages(k0, tl.minimum(k0 + BLOCK_N, N) - 1, N, -HI, -LO, BLOCK_M)
+                dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, offs_n, start, a,
+                                     N, LO, HI, sqn, sdon, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_M, HEAD_DIM)
+                dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, offs_n, a, bb,
+                                     N, LO, HI, sqn, sdon, qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_M, HEAD_DIM)
+                dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, offs_n, bb, end,
+                                     N, LO, HI, sqn, sdon, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_M, HEAD_DIM)
+            else:
+                kt = k0 // TILE
+                cols_t = offs_n - kt * TILE
+                for slot in range(0, tl.load(FCT + kt)):
+                    qt = tl.load(FIT + kt * T_TILES + slot)
+                    for sub in tl.static_range(TILE // BLOCK_M):
+                        rows_t = sub * BLOCK_M + tl.arange(0, BLOCK_M)
+                        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, BITS, 0,
+                                             qt * TILE + rows_t, offs_n, rows_t, cols_t, N, LO, HI, sqn, sdon,
+                                             qk_scale, 0, CAUSAL, HAS_KPM, TILE, HEAD_DIM)
+                for slot in range(0, tl.load(PCT + kt)):
+                    qt = tl.load(PIT + kt * T_TILES + slot)
+                    mid = tl.load(IDST + kt * T_TILES + slot)
+                    for sub in tl.static_range(TILE // BLOCK_M):
+                        rows_t = sub * BLOCK_M + tl.arange(0, BLOCK_M)
+                        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, BITS,
+                                             mid, qt * TILE + rows_t, offs_n, rows_t, cols_t, N, LO, HI, sqn, sdon,
+                                             qk_scale, PMASK, CAUSAL, HAS_KPM, TILE, HEAD_DIM)
         out = (bhk * N + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kmask)
 
+    # -- dQ: one program per block of queries and head -----------------------------------------
     @triton.jit
-    def _dq_tile(dq, q, do, lse, delta, k_base, v_base, kpm_base, bits_ptr, mid, kt, offs_m, offs_m_tile, N,
-                 skn, svn, qk_scale, PARTIAL: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    def _dq_block(dq, q, do, lse, delta, k_base, v_base, kpm_base, bits_ptr, mid, offs_m, offs_n, rows_t, cols_t,
+                  N, LO, HI, skn, svn, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                  TILE: tl.constexpr, HEAD_DIM: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
-        for sub in tl.static_range(TILE // BLOCK_N):
-            cols = sub * BLOCK_N + tl.arange(0, BLOCK_N)
-            offs_n = kt * TILE + cols
-            valid = (offs_n < N)[:, None]
-            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=valid, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=valid, other=0.0)
-            keep = _keep(offs_m, offs_n, offs_m_tile, cols, N, kpm_base, bits_ptr, mid, PARTIAL, HAS_KPM, TILE)
-            p, ds = _bwd_p(q, k, do, v, lse, delta, keep, qk_scale)
-            dq += tl.dot(ds.to(k.dtype), k)
+        if MASK == 0 and not HAS_KPM:
+            kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None])
+            vT = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None])
+        else:
+            inb = (offs_n < N)[None, :]
+            kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=inb, other=0.0)
+            vT = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None], mask=inb, other=0.0)
+        s = tl.dot(q, kT) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASK != 0 or HAS_KPM:
+            keep = _keep(offs_m, offs_n, N, LO, HI, kpm_base, bits_ptr, mid, rows_t, cols_t, MASK, CAUSAL, HAS_KPM,
+                         TILE)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, vT)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
         return dq
 
-    @triton.autotune(configs=_configs("dq"), key=["N", "HEAD_DIM", "TILE", "GROUPS"],
-                     prune_configs_by={"early_config_prune": _prune})
     @triton.jit
-    def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, KPM, BITS, FC, FI, PC, PI, IDS,
-                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
-                   H, N, T_TILES, sm_scale,
-                   GROUPS: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    def _dq_range(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, start, end, N, LO, HI, skn, svn,
+                  qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_DIM: tl.constexpr):
+        for start_n in tl.range(start, end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, kpm_base, kpm_base, 0, offs_m, offs_n, offs_m,
+                           offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32, HEAD_DIM)
+        return dq
+
+    @triton.autotune(configs=_configs("dq"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL"],
+                     prune_configs_by={"early_config_prune": _pruner("dq")})
+    @triton.jit
+    def _dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KPM, GPOS, BITS, FC, FI, PC, PI, IDS,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
+                   H, N, T_TILES, G, LO, HI, sm_scale,
+                   GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
+                    CAUSAL: tl.constexpr,
+                   HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
         hk = h // GROUPS
-        row0 = pid_m * BLOCK_M
-        qt = row0 // TILE
-        offs_m = row0 + tl.arange(0, BLOCK_M)
-        offs_m_tile = offs_m - qt * TILE
+        q0 = pid_m * BLOCK_M
+        offs_m = q0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
         rows = offs_m < N
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
         do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdon + offs_d[None, :], mask=rows[:, None],
                      other=0.0)
-        lse = tl.load(LSE + bh * N + offs_m, mask=rows, other=0.0)
-        delta = tl.load(DELTA + bh * N + offs_m, mask=rows, other=0.0)
+        lse = tl.load(LSE + bh * N + offs_m, mask=rows, other=float("inf"))
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=rows[:, None], other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O), also for the dK/dV kernel
+        tl.store(DELTA + bh * N + offs_m, delta, mask=rows)
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         kpm_base = KPM + b * N
-        qk_scale = sm_scale * 1.4426950408889634
+        qk_scale = sm_scale * _LOG2E
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for slot in range(0, tl.load(FC + qt)):
-            kt = tl.load(FI + qt * T_TILES + slot)
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kpm_base, BITS, 0, kt, offs_m, offs_m_tile, N,
-                          skn, svn, qk_scale, False, HAS_KPM, TILE, BLOCK_N, HEAD_DIM)
-        for slot in range(0, tl.load(PC + qt)):
-            kt = tl.load(PI + qt * T_TILES + slot)
-            mid = tl.load(IDS + qt * T_TILES + slot)
-            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, kpm_base, BITS, mid, kt, offs_m, offs_m_tile, N,
-                          skn, svn, qk_scale, True, HAS_KPM, TILE, BLOCK_N, HEAD_DIM)
+        if MODE == 0:
+            start, a, bb, end = _band_stages(q0, tl.minimum(q0 + BLOCK_M, N) - 1, N, LO, HI, BLOCK_N)
+            dq = _dq_range(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, start, a, N, LO, HI, skn, svn,
+                           qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+            dq = _dq_range(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, a, bb, N, LO, HI, skn, svn,
+                           qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+            dq = _dq_range(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, bb, end, N, LO, HI, skn, svn,
+                           qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+            if HAS_GLOBAL:
+                for g0 in range(0, G, BLOCK_N):
+                    offs_g = g0 + tl.arange(0, BLOCK_N)
+                    pos = tl.load(GPOS + offs_g, mask=offs_g < G, other=N)
+                    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, kpm_base, BITS, 0, offs_m, pos, offs_m,
+                                   pos, N, LO, HI, skn, svn, qk_scale, 4, CAUSAL, HAS_KPM, TILE, HEAD_DIM)
+        else:
+            qt = q0 // TILE
+            rows_t = offs_m - qt * TILE
+            for slot in range(0, tl.load(FC + qt)):
+                kt = tl.load(FI + qt * T_TILES + slot)
+                for sub in tl.static_range(TILE // BLOCK_N):
+                    cols_t = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+                    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, kpm_base, BITS, 0, offs_m,
+                                   kt * TILE + cols_t, rows_t, cols_t, N, LO, HI, skn, svn, qk_scale, FMASK,
+                                   CAUSAL, HAS_KPM, TILE, HEAD_DIM)
+            for slot in range(0, tl.load(PC + qt)):
+                kt = tl.load(PI + qt * T_TILES + slot)
+                mid = tl.load(IDS + qt * T_TILES + slot)
+                for sub in tl.static_range(TILE // BLOCK_N):
+                    cols_t = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+                    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, kpm_base, BITS, mid, offs_m,
+                                   kt * TILE + cols_t, rows_t, cols_t, N, LO, HI, skn, svn, qk_scale, PMASK,
+                                   CAUSAL, HAS_KPM, TILE, HEAD_DIM)
         tl.store(DQ + (bh * N + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=rows[:, None])
 
 
 # ---------------------------------------------------------------------------- autograd
 def _strides(t):
-    assert t.stride(-1) == 1  # checked by the caller: head_dim contiguous
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _global_dkdv(q, k, v, do, lse2, delta, p: KernelPlan, kpm, scale, dk, dv):
+    """dK/dV of the global key columns from the queries outside their band (every query reads them):
+    small dense products over ``[B, Hkv, groups, N, G]`` scores, added into ``dk``/``dv``."""
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    pos = p.gpos.long()
+    qg = q.view(b, hk, h // hk, n, d).float()
+    dog = do.view(b, hk, h // hk, n, d).float()
+    kg, vg = k.index_select(2, pos).float(), v.index_select(2, pos).float()  # [B, Hkv, G, D]
+    dd = pos[None, :] - torch.arange(n, device=q.device)[:, None]  # [N, G]: key - query
+    keep = dd < p.lo  # the columns outside each query's band (the band part is in the kernel)
+    if not p.causal:
+        keep = keep | (dd > p.hi)
+    keep = keep[None, None, None]
+    if kpm is not None:
+        keep = keep & kpm.index_select(1, pos)[:, None, None, None, :]
+    s = torch.einsum("zkgnd,zkjd->zkgnj", qg, kg) * scale
+    lse = (lse2 * math.log(2.0)).view(b, hk, h // hk, n, 1)
+    prob = torch.where(keep, torch.exp(s - lse), 0.0)
+    dv_g = torch.einsum("zkgnj,zkgnd->zkjd", prob, dog)
+    dp = torch.einsum("zkgnd,zkjd->zkgnj", dog, vg)
+    ds = prob * (dp - delta.view(b, hk, h // hk, n, 1))
+    dk_g = torch.einsum("zkgnj,zkgnd->zkjd", ds, qg) * scale
+    dk.index_add_(2, pos, dk_g.to(dk.dtype))
+    dv.index_add_(2, pos, dv_g.to(dv.dtype))
+
+
+_dummies: dict = {}
+_tuned: dict = {}
+
+
+def _launch(kernel, grid, args, constexprs: dict) -> None:
+    """Launch an autotuned kernel. The first launch per (kernel, constexprs, dtypes) goes through Triton's
+    autotuner; later ones call the tuned JIT function directly with the remembered config, skipping the
+    autotuner's per-call argument bookkeeping (host time matters: these kernels run for ~0.1 ms)."""
+    key = (kernel, tuple(constexprs.items()), args[0].dtype, args[0].device)
+    cfg = _tuned.get(key)
+    if cfg is None:
+        kernel[grid](*args, **constexprs)
+        _tuned[key] = kernel.best_config.all_kwargs()
+    else:
+        kernel.fn[grid](*args, **constexprs, **cfg)
+
+
+def _dummy(device) -> torch.Tensor:
+    """A 1-element int32 tensor for pointer arguments a kernel variant does not read (one per device)."""
+    t = _dummies.get(device)
+    if t is None:
+        t = _dummies[device] = torch.zeros(1, device=device, dtype=torch.int32)
+    return t
+
+
+def _list_args(layout, p: KernelPlan, dummy):
+    if p.mode == BAND:
+        return (dummy,) * 5
+    return (p.bits if p.bits is not None else dummy, layout.full_count, layout.full_index, layout.partial_count,
+            layout.partial_index, p.ids if p.ids is not None else dummy)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -348,51 +641,65 @@ class _BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, layout, kpm, scale):
         b, h, n, d = q.shape
         hk = k.shape[1]
-        extra = layout_tensors(layout)
+        p = plan(layout)
         o = torch.empty(b, h, n, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-        kpm_t = kpm.to(torch.int8).contiguous() if kpm is not None else torch.ones(1, device=q.device,
-                                                                                  dtype=torch.int8)
-        t = layout.num_tiles
-
-        def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_M"]), b * h)
-        _fwd_kernel[grid](q, k, v, o, lse, kpm_t, extra["bits"], layout.full_count, layout.full_index,
-                          layout.partial_count, layout.partial_index, extra["ids"],
-                          *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                          h, n, t, scale, GROUPS=h // hk, HAS_KPM=kpm is not None, TILE=layout.tile, HEAD_DIM=d)
+        dummy = _dummy(q.device)
+        kpm_t = kpm.to(torch.int8).contiguous() if kpm is not None else dummy
+        gpos = p.gpos if p.n_global else dummy
+        if p.mode == BAND:
+            bits, fc, fi, pc, pi, ids = dummy, dummy, dummy, dummy, dummy, dummy
+        else:
+            bits, fc, fi, pc, pi, ids = _list_args(layout, p, dummy)
+        kw = dict(GROUPS=h // hk, MODE=p.mode, FMASK=0 if n % layout.tile == 0 else 5,
+                  PMASK=3 if p.bits is not None else 2 if p.causal else 5,
+                  CAUSAL=p.causal, HAS_KPM=kpm is not None, TILE=layout.tile, HEAD_DIM=d)
+        _launch(_fwd_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h),
+                (q, k, v, o, lse, kpm_t, gpos, bits, fc, fi, pc, pi, ids,
+                 *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                 h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale), dict(HAS_GLOBAL=p.n_global > 0, **kw))
         ctx.save_for_backward(q, k, v, o, lse, kpm_t)
-        ctx.layout, ctx.scale, ctx.has_kpm = layout, scale, kpm is not None
+        ctx.layout, ctx.scale, ctx.has_kpm, ctx.kw = layout, scale, kpm is not None, kw
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, kpm_t = ctx.saved_tensors
-        layout, scale = ctx.layout, ctx.scale
+        layout, scale, kw = ctx.layout, ctx.scale, ctx.kw
+        p = plan(layout)
         b, h, n, d = q.shape
         hk = k.shape[1]
-        extra = layout_tensors(layout)
         if do.stride(-1) != 1:
             do = do.contiguous()
-        delta = (o.float() * do.float()).sum(-1).contiguous()  # rowsum(dO * O), [B, H, N]
+        dummy = _dummy(q.device)
+        delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
         dq = torch.empty(b, h, n, d, device=q.device, dtype=q.dtype)
         dk = torch.empty(b, hk, n, d, device=q.device, dtype=k.dtype)
         dv = torch.empty(b, hk, n, d, device=q.device, dtype=v.dtype)
-        t = layout.num_tiles
-        kw = dict(GROUPS=h // hk, HAS_KPM=ctx.has_kpm, TILE=layout.tile, HEAD_DIM=d)
-        fct, fit = extra["full_t"]
-        pct, pit, idst = extra["partial_t"]
-        _dkdv_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * hk)](
-            q, k, v, do, lse, delta, dk, dv, kpm_t, extra["bits"], fct, fit, pct, pit, idst,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), hk, h, n, t, scale, **kw)
-        _dq_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)](
-            q, k, v, do, lse, delta, dq, kpm_t, extra["bits"], layout.full_count, layout.full_index,
-            layout.partial_count, layout.partial_index, extra["ids"],
-            *_strides(q), *_strides(k), *_strides(v), *_strides(do), h, n, t, scale, **kw)
+        if p.mode == BAND:
+            bits, fc, fi, pc, pi, ids = (dummy,) * 6
+            fct = fit = pct = pit = idst = dummy
+        else:
+            bits, fc, fi, pc, pi, ids = _list_args(layout, p, dummy)
+            fct, fit = p.full_t
+            pct, pit, idst = p.partial_t
+        gpos = p.gpos if p.n_global else dummy
+        # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads
+        _launch(_dq_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h),
+                (q, k, v, o, do, lse, delta, dq, kpm_t, gpos, bits, fc, fi, pc, pi, ids,
+                 *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), h, n, layout.num_tiles,
+                 p.n_global, p.lo, p.hi, scale), dict(HAS_GLOBAL=p.n_global > 0, **kw))
+        _launch(_dkdv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * hk),
+                (q, k, v, do, lse, delta, dk, dv, kpm_t, bits, fct, fit, pct, pit, idst,
+                 *_strides(q), *_strides(k), *_strides(v), *_strides(do), hk, h, n, layout.num_tiles, p.lo, p.hi,
+                 scale), kw)
+        if p.n_global:
+            _global_dkdv(q, k, v, do, lse, delta, p, kpm_t.bool() if ctx.has_kpm else None, scale, dk, dv)
         return dq, dk, dv, None, None, None
 
 
 def block_sparse_attention(q, k, v, layout, key_padding_mask=None, scale=None) -> torch.Tensor:
-    """``[B, Hq, N, D]`` attention over ``layout``'s tiles (its kernel part: global rows come out 0)."""
+    """``[B, Hq, N, D]`` attention over ``layout``'s pattern (its kernel part: global rows are computed as
+    ordinary rows here, and the op overwrites them). q, k, v: ``[B, H, N, D]`` with a contiguous last dim."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return _BlockSparseAttention.apply(q, k, v, layout, key_padding_mask, scale)
