@@ -96,7 +96,7 @@ def test_position_extension_copies_and_runs_past_the_old_limit(name, offset, tmp
     assert emb.position_ids.shape == (1, 100 + offset) and torch.equal(emb.position_ids[0], torch.arange(100 + offset))
     assert emb.token_type_ids.shape == (1, 100 + offset) and not emb.token_type_ids.any()
     assert report.params_after - report.params_before == (100 + offset - old.shape[0]) * old.shape[1]
-    assert any("copied" in n for n in report.notes)
+    assert any("learned rows tiled to 100 positions" in n for n in report.notes)
     inputs = _enc_inputs(70)  # longer than the original limit
     want = run(model, inputs)
     assert torch.isfinite(want).all()

@@ -98,9 +98,8 @@ def extend_position_tables(model: nn.Module, adapter: Adapter, max_positions: in
             persistent = name not in parent._non_persistent_buffers_set
             parent.register_buffer(name, grown.contiguous() if name != "position_ids" else grown,
                                    persistent=persistent)
-        notes.append(f"{t.fqn}: {old_rows} -> {rows} rows ({max_positions} positions"
-                     + (f" after {t.offset} reserved rows kept as they were" if t.offset else "")
-                     + ", the learned rows copied over and over)")
+        notes.append(f"{t.fqn}: {old_rows} -> {rows} rows (the {old_rows - t.offset} learned rows tiled to "
+                     f"{max_positions} positions" + (f"; {t.offset} reserved rows kept" if t.offset else "") + ")")
     config = getattr(model, "config", None)
     if notes and getattr(config, "max_position_embeddings", None) is not None:
         config.max_position_embeddings = position_tables(model, adapter)[0].rows
