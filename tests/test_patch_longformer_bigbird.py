@@ -107,6 +107,18 @@ def test_position_extension_copies_and_runs_past_the_old_limit(name, offset, tmp
     torch.testing.assert_close(run(again, inputs), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["vit", "clip"])
+def test_vision_encoders_take_the_patterns_without_positions(name):
+    vision = {"filter_fn": lambda m, fqn: fqn.startswith("vision_model")} if name == "clip" else {}
+    model, inputs = TINY[name].make()
+    ref = run(model, inputs)
+    attnzoo.patch(model, "longformer", window=40, global_tokens=1, **vision)  # 17 tokens: lossless
+    torch.testing.assert_close(run(model, inputs), ref, rtol=1e-5, atol=1e-5)
+    model, inputs = TINY[name].make()
+    attnzoo.patch(model, "bigbird", block_size=2, random_blocks=1, **vision)
+    assert torch.isfinite(run(model, inputs)).all()
+
+
 def test_4096_positions_on_a_tiny_bert_take_a_long_sequence(tmp_path):
     cfg = tf.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=512)

@@ -40,13 +40,16 @@ def hf_sliding_window(window: int) -> int:
     return int(window) + 1
 
 
-def _pattern_of(module, sliding_window) -> tuple[Pattern | None, bool]:
-    """(pattern, whether HF's mask already holds it)."""
+def _pattern_of(module, sliding_window, causal: bool) -> tuple[Pattern | None, bool]:
+    """(pattern, whether HF's mask already holds it). A bidirectional ``sliding_window=S`` (transformers'
+    ``create_bidirectional_sliding_window_mask``: ``|i - j| <= S``) is attnzoo's ``window = S``."""
     pattern = getattr(module, PATTERN_ATTR, None)
     if pattern is not None:
         return pattern, False
-    if sliding_window is not None and window_of_hf(sliding_window) >= 1:
-        return SlidingWindow(window=window_of_hf(sliding_window), causal=True), True
+    if sliding_window is not None:
+        window = window_of_hf(sliding_window) if causal else int(sliding_window)
+        if window >= 1:
+            return SlidingWindow(window=window, causal=causal), True
     return None, False
 
 
@@ -65,7 +68,7 @@ def hf_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
     mask, kpm = hf_mask_to_keep(attention_mask, k_len)
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", True))
-    pattern, mask_has_pattern = _pattern_of(module, kwargs.get("sliding_window"))
+    pattern, mask_has_pattern = _pattern_of(module, kwargs.get("sliding_window"), bool(is_causal))
     # without a 4-d mask the pattern decides causality, so it must agree with the module's
     if pattern is not None and (mask is not None or pattern.causal == bool(is_causal)):
         call = plan_pattern_call(pattern, mask, kpm, query.shape[2], k_len, query.device,

@@ -81,9 +81,9 @@ class PatternConverter(Converter):
         if why:
             raise UnsupportedArchitectureError(f"{site.fqn}: attnzoo cannot reproduce this {a.name} attention: {why}")
         if self.bidirectional_only and site.causal:
-            raise ValueError(f"patch(model, {self.name!r}): {site.fqn} is causal ({a.name}: a decoder), and "
-                             f"{self.name} is a recipe for bidirectional encoders (bert, roberta); for decoders use "
-                             f"patch(model, 'sliding_window', window=...)")
+            raise ValueError(f"patch(model, {self.name!r}): {site.fqn} is causal ({a.name}), and {self.name} is a "
+                             f"recipe for bidirectional encoders (bert, roberta; vit and clip's vision tower too); "
+                             f"for decoders use patch(model, 'sliding_window', window=...)")
         if site.causal:
             self.pattern(opts, causal=True)
         kv = site.kv_heads
