@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import check_choice, check_positive_int, check_type
+from ..errors import UnsupportedArchitectureError, check_choice, check_positive_int, check_type
 from ..ops.sparse import BigBird, Longformer, Pattern, SlidingWindow
 from ..variants.sparse import BigBirdConfig, LongformerConfig, SlidingWindowConfig
 from .converters import Converter, build_wrapper, register_converter
@@ -74,8 +74,6 @@ class PatternConverter(Converter):
 
     # ------------------------------------------------------------------ protocol
     def plan(self, site, opts):
-        from ..errors import UnsupportedArchitectureError
-
         a = site.adapter
         why = a.unsupported(site.config)
         if why:
