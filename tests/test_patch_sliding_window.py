@@ -170,6 +170,21 @@ def test_generate_with_the_cache_matches_the_full_forward(name, op_calls):
     assert op_calls[:2] == [("sparse", 10, 10)] * 2 and set(op_calls[2:12]) == {("dense", 1, 4)}
 
 
+def test_static_cache_works_when_every_layer_slides_and_is_refused_otherwise():
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    inputs = _ids(10)
+    for name in ("llama", "gpt2"):
+        model, _ = TINY[name].make()
+        attnzoo.patch(model, "sliding_window", window=3)  # transformers' static cache slides too: keys are the last
+        with torch.no_grad():
+            assert torch.equal(model.generate(**inputs, **kw, cache_implementation="static"),
+                               model.generate(**inputs, **kw, use_cache=False))
+    model, _ = TINY["llama"].make()
+    attnzoo.patch(model, "sliding_window", window=3, layers=[0])
+    with pytest.raises(ValueError, match="static cache"), torch.no_grad():
+        model.generate(**inputs, **kw, cache_implementation="static")
+
+
 def test_some_layers_native_per_layer_and_kernel_per_module(tmp_path):
     qwen2, _ = TINY["qwen2"].make()
     report = attnzoo.patch(qwen2, "sliding_window", window=2, layers=[1])

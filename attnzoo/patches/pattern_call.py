@@ -133,6 +133,10 @@ def plan_pattern_call(pattern: Pattern, keep: torch.Tensor | None, key_padding_m
     if keep is not None and (keep.shape[-1] != k_len or keep.shape[-2] != q_len):
         raise ValueError(f"attention_mask covers {keep.shape[-2]} queries x {keep.shape[-1]} keys, but the "
                          f"attention has {q_len} x {k_len}")
+    if keep is not None and q_len < k_len and not mask_has_pattern and not bool(keep[..., -1, -1].all()):
+        raise ValueError(f"{pattern.describe()}: the last query does not attend to the last key, so the queries are "
+                         "not the last positions of the keys (a static cache?); attnzoo's sparse patterns decode with "
+                         "transformers' dynamic caches (generate()'s default)")
     dense = covers(pattern, k_len)
     if keep is not None:
         rows = pattern_rows(pattern, q_len, k_len, device) if mask_has_pattern or not dense else None
