@@ -7,6 +7,7 @@ import torch
 
 from attnzoo.conversion import AttnWeights, RopeSpec, check_groups, convert_kv_heads, valid_groups
 from attnzoo.conversion.layouts import merge_concat, split_concat, split_conv1d, split_interleaved
+from attnzoo.conversion.positions import extend_positions
 from attnzoo.conversion.safetensors_io import ShardWriter, read_header
 from attnzoo.ops import apply_rope, inv_frequencies, rope_cos_sin
 
@@ -146,3 +147,14 @@ def test_shard_writer_streams_and_reader_checks(tmp_path):
     src.write_bytes(src.read_bytes()[:-8])
     with pytest.raises(ValueError, match="truncated"):
         read_header(src)
+
+
+def test_extend_positions_copies_rows():
+    w = torch.randn(10, 3)
+    out = extend_positions(w, 20, offset=2)  # RoBERTa-like: 2 reserved rows, 8 learned
+    assert out.shape == (22, 3)
+    assert torch.equal(out[:2], w[:2]) and torch.equal(out[2:10], w[2:]) and torch.equal(out[10:18], w[2:])
+    assert torch.equal(out[18:22], w[2:6])
+    assert torch.equal(extend_positions(w, 10), w)  # BERT-like, same size: unchanged
+    with pytest.raises(ValueError, match="max_positions=7: smaller than the 8 positions"):
+        extend_positions(w, 7, offset=2)

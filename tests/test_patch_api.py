@@ -136,9 +136,11 @@ def test_attnzoo_kernel_serves_native_models():
     model, inputs = TINY["mistral"].make()
     ref = run(model, inputs)
     attnzoo.patch(model, "mha")
-    with attnzoo.ops.use_backend("eager"):
+    with attnzoo.ops.use_backend("eager"), attnzoo.ops.use_sparse_backend("masked"):
         torch.testing.assert_close(run(model, inputs), ref, rtol=1e-5, atol=1e-5)
         assert attnzoo.ops.last_decision().backend == "eager"  # the call went through attnzoo.ops
+        # mistral's sliding_window=6 binds at 9 tokens: the window runs on the sparse op (masked -> dense op)
+        assert attnzoo.ops.last_sparse_decision().backend == "masked"
 
 
 def test_a_new_converter_plugs_in_without_touching_the_walker():

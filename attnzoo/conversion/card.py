@@ -6,7 +6,7 @@ from typing import Any
 
 from ..table import markdown_table
 
-__all__ = ["format_bytes", "kv_table", "CONTEXTS", "model_card", "split_front_matter"]
+__all__ = ["format_bytes", "kv_table", "CONTEXTS", "model_card", "pattern_model_card", "split_front_matter"]
 
 CONTEXTS = (8192, 32768, 131072)
 
@@ -42,19 +42,38 @@ def split_front_matter(text: str) -> tuple[str, str]:
     return "", text
 
 
-def model_card(*, name: str, source: str, model_type: str, variant: str, groups: int, method: str,
-               heads: int, kv_before: int, dtype: str, per_token_before: int, per_token_after: int,
-               native: bool, version: str, source_card: str | None = None) -> str:
-    """The README.md of a converted checkpoint: what was done, the KV-cache savings, how to load it."""
+def _front(source_card: str | None, variant: str) -> tuple[str, str]:
+    """(front matter with attnzoo's tags, the source card's body)."""
     yaml, body = split_front_matter(source_card or "")
     tags = "tags:\n- attnzoo\n- " + variant
     front = f"---\n{yaml}\n{tags}\n---\n\n" if yaml and "tags:" not in yaml else (
         f"---\n{yaml}\n---\n\n" if yaml else f"---\n{tags}\n---\n\n")
+    return front, body
+
+
+def _loading(name: str, native: bool, native_what: str, cls: str = "AutoModelForCausalLM") -> list[str]:
+    load = (f"from transformers import {cls}\nmodel = {cls}.from_pretrained({name!r})"
+            if native else f"import attnzoo\nmodel = attnzoo.from_pretrained({name!r})")
+    return ["## Loading", "", "```python", load, "```", "",
+            "This checkpoint is " + (f"a plain `transformers` checkpoint ({native_what} in config.json)."
+                                     if native else "recorded in config.json under `attnzoo`; it needs "
+                                     "`attnzoo.from_pretrained` to rebuild the attnzoo attention.")]
+
+
+def _with_body(lines: list[str], body: str) -> str:
+    if body.strip():
+        lines += ["", "## Original model card", "", body.rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def model_card(*, name: str, source: str, model_type: str, variant: str, groups: int, method: str,
+               heads: int, kv_before: int, dtype: str, per_token_before: int, per_token_after: int,
+               native: bool, version: str, source_card: str | None = None) -> str:
+    """The README.md of a converted checkpoint: what was done, the KV-cache savings, how to load it."""
+    front, body = _front(source_card, variant)
     saved = 1 - per_token_after / per_token_before if per_token_before else 0.0
     kv = markdown_table(kv_table([(f"before ({kv_before} KV heads)", per_token_before),
                                   (f"after ({groups} KV heads)", per_token_after)]))
-    load = (f"from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained({name!r})"
-            if native else f"import attnzoo\nmodel = attnzoo.from_pretrained({name!r})")
     lines = [
         front + f"# {name}",
         "",
@@ -72,16 +91,27 @@ def model_card(*, name: str, source: str, model_type: str, variant: str, groups:
         "",
         f"{100 * saved:.1f}% of the KV cache saved.",
         "",
-        "## Loading",
+    ] + _loading(name, native, "`num_key_value_heads`")
+    return _with_body(lines, body)
+
+
+def pattern_model_card(*, name: str, source: str, model_type: str, variant: str, options: dict[str, Any],
+                       dtype: str, native: bool, version: str, notes: Sequence[str] = (),
+                       model_class: str = "AutoModel", source_card: str | None = None) -> str:
+    """The README.md of a checkpoint converted to a sparse pattern (sliding window, Longformer, BigBird)."""
+    front, body = _front(source_card, variant)
+    opts = ", ".join(f"`{k}={v!r}`" for k, v in options.items() if v is not None)
+    lines = [
+        front + f"# {name}",
         "",
-        "```python",
-        load,
-        "```",
+        f"Converted with attnzoo {version} from `{source}` ({model_type}): **{variant}** attention ({opts}), "
+        f"weights in {dtype}.",
         "",
-        "This checkpoint is " + ("a plain `transformers` checkpoint (`num_key_value_heads` in config.json)."
-                                 if native else "recorded in config.json under `attnzoo`; it needs "
-                                 "`attnzoo.from_pretrained` to rebuild the attnzoo attention modules."),
-    ]
-    if body.strip():
-        lines += ["", "## Original model card", "", body.rstrip()]
-    return "\n".join(lines) + "\n"
+        "`window` counts the keys on each side of a query, its own position not counted (causal: keys "
+        "`i - window .. i`; Hugging Face's `sliding_window` is `window + 1`).",
+        "",
+        "The conversion is done without training: a pattern that drops keys the model used changes its outputs "
+        "until it is uptrained (the Longformer paper continues pre-training after the conversion).",
+        "",
+    ] + ([f"- {n}" for n in notes] + [""] if notes else []) + _loading(name, native, "`sliding_window`", model_class)
+    return _with_body(lines, body)

@@ -9,6 +9,9 @@ One :class:`Adapter` row per architecture family; no per-model code. A row says
   where the output projection is (``o``; ``"../output.dense"`` means a sibling module),
 * whether the architecture has ``num_key_value_heads`` (``native``: the converted model
   stays a plain ``transformers`` model) or its modules get replaced by attnzoo's,
+* whether ``transformers`` has a sliding window for it (``window_native``: ``"model"``, one
+  ``config.sliding_window`` for every layer; ``"layers"``, per layer through ``config.layer_types``),
+* where its learned absolute position table is (``positions``, for the Longformer recipe),
 * how RoPE and the KV cache reach the module (``rope``, ``cache_kwarg``), its dropouts,
   and which config options attnzoo cannot reproduce (``unsupported``).
 
@@ -107,6 +110,16 @@ def _neox_unsupported(config) -> str | None:
     return None
 
 
+def _llama_window(config) -> str | None:
+    """How transformers gives this model type a sliding window (None: it does not)."""
+    model_type = getattr(config, "model_type", "")
+    if model_type == "mistral":
+        return "model"  # MistralConfig.sliding_window, every layer
+    if model_type in ("qwen2", "qwen3", "gemma2"):
+        return "layers"  # layer_types[i] == "sliding_attention" uses config.sliding_window
+    return None
+
+
 def _bert_unsupported(config) -> str | None:
     pet = getattr(config, "position_embedding_type", "absolute")
     if pet not in (None, "absolute"):
@@ -135,6 +148,8 @@ class Adapter:
     unsupported: Callable[[Any], str | None] = lambda config: None
     linear_keys: Callable[[Any], str | None] = lambda config: None
     kernel_block: Callable[[Any], str | None] = lambda config: None
+    window_native: Callable[[Any], str | None] = lambda config: None
+    positions: str | None = None
     note: str = ""
     examples: tuple[str, ...] = field(default=())
 
@@ -156,10 +171,11 @@ _LLAMA_TOWER = (Tower(r"layers\.(?P<layer>\d+)\.self_attn"),)
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter("llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo"), _LLAMA_TOWER,
             native=True, rope=_rotary, linear_keys=_llama_linear_keys, kernel_block=_llama_kernel,
-            note="num_key_value_heads; RoPE and HF caches untouched",
+            window_native=_llama_window, note="num_key_value_heads; RoPE and HF caches untouched",
             examples=("Llama 2/3", "Mistral", "Qwen2/2.5", "Qwen3", "Gemma", "Gemma 2", "OLMo")),
     Adapter("phi3", ("phi3",), _LLAMA_TOWER, layout="concat", qkv="qkv_proj", native=True, rope=_rotary,
-            kernel_block=_llama_kernel, note="fused qkv_proj rows [q; k; v]", examples=("Phi-3", "Phi-3.5")),
+            kernel_block=_llama_kernel, window_native=lambda config: "model", note="fused qkv_proj rows [q; k; v]",
+            examples=("Phi-3", "Phi-3.5")),
     Adapter("gpt_neox", ("gpt_neox",), (Tower(r"layers\.(?P<layer>\d+)\.attention", causal=True),),
             layout="interleaved", qkv="query_key_value", o="dense", rope=_rotary, cache_kwarg="layer_past",
             unsupported=_neox_unsupported, note="fused query_key_value interleaved per head; partial rotary",
@@ -171,6 +187,7 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("bert", ("bert", "roberta"), (Tower(r"layer\.(?P<layer>\d+)\.attention\.self"),), q="query", k="key",
             v="value", o="../output.dense", cache_kwarg="past_key_values",
             attn_dropout=("attention_probs_dropout_prob",), unsupported=_bert_unsupported,
+            positions=r"embeddings\.position_embeddings",
             note="encoder; output projection in the sibling attention.output.dense",
             examples=("BERT", "RoBERTa")),
     Adapter("vit", ("vit",), (Tower(r"layers?\.(?P<layer>\d+)\.attention", causal=False),),

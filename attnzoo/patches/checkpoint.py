@@ -1,12 +1,15 @@
 """Convert a checkpoint directory (what ``attnzoo convert`` runs).
 
+KV-head targets (``gqa``, ``mqa``, ``mha``):
+
 * Native architectures (``num_key_value_heads``: the llama family, phi3) are converted by
   streaming (:mod:`attnzoo.conversion.streaming`): shard by shard, without building the
   model, memory bounded by a layer's attention weights.
 * The others are loaded, patched in memory with :func:`attnzoo.patch`, and saved.
 
 Either way DST is written through a temporary directory renamed at the end, gets SRC's
-tokenizer/generation files and a model card, and SRC is only read.
+tokenizer/generation files and a model card, and SRC is only read. The sparse patterns
+(``sliding_window``, ``longformer``, ``bigbird``) are converted by :mod:`.pattern_checkpoint`.
 """
 from __future__ import annotations
 
@@ -29,11 +32,13 @@ from ..conversion.streaming import StreamSpec, plan_stream, run_stream
 from ..errors import check_choice
 from ..kv import _elem
 from .adapters import Adapter, adapter_for, rope_spec_of
+from .pattern_checkpoint import PATTERN_TARGETS, check_pattern_options, convert_pattern
 from .record import get_record
 
-__all__ = ["TARGETS", "ConversionResult", "stream_spec", "convert_checkpoint", "parse_dtype"]
+__all__ = ["TARGETS", "KV_TARGETS", "ConversionResult", "stream_spec", "convert_checkpoint", "parse_dtype"]
 
-TARGETS = ("gqa", "mqa", "mha")
+KV_TARGETS = ("gqa", "mqa", "mha")
+TARGETS = KV_TARGETS + PATTERN_TARGETS
 _DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
@@ -59,6 +64,7 @@ class ConversionResult:
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     plan: list[dict[str, Any]] = field(default_factory=list)  # what gets rewritten, grouped
+    options: dict[str, Any] = field(default_factory=dict)  # sparse patterns: the options as applied
 
 
 def parse_dtype(name) -> torch.dtype | None:
@@ -92,7 +98,7 @@ def stream_spec(adapter: Adapter, config: dict) -> StreamSpec:
 
 
 def _target_groups(variant: str, groups, heads: int) -> int:
-    check_choice("--to", variant, TARGETS)
+    check_choice("--to", variant, KV_TARGETS)
     if variant == "mqa":
         if groups not in (None, 1):
             raise ValueError(f"--groups {groups}: mqa keeps one KV head; omit --groups or use --to gqa")
@@ -112,14 +118,25 @@ def _dtype_label(dtype, config) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
-def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method: str = "mean",
+def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method: str | None = None,
                        dtype: str | None = None, force: bool = False, dry_run: bool = False,
-                       progress: bool = True) -> ConversionResult:
-    """Convert checkpoint directory ``src`` into ``dst``; see the module docstring."""
+                       progress: bool = True, options: dict[str, Any] | None = None) -> ConversionResult:
+    """Convert checkpoint directory ``src`` into ``dst``; see the module docstring.
+
+    ``groups``/``method`` apply to the KV-head targets, ``options`` (``window``, ``global_tokens``,
+    ``global_projections``, ``max_positions``, ``block_size``, ``global_blocks``, ``random_blocks``,
+    ``seed``) to the sparse patterns."""
     start = time.time()
     src, dst = Path(src), Path(dst)
     check_choice("--to", variant, TARGETS)
-    check_method(method)
+    options = check_pattern_options(variant, options or {})
+    if variant in PATTERN_TARGETS:
+        for flag, value in (("--groups", groups), ("--method", method)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to --to {', '.join(KV_TARGETS)}, not --to {variant}")
+    else:
+        method = method or "mean"
+        check_method(method)
     torch_dtype = parse_dtype(dtype)
     source = SourceCheckpoint(src)  # checks config and every shard before anything is written
     if not dry_run:
@@ -128,7 +145,10 @@ def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method
     if get_record(source.config):
         raise ValueError(f"{src} already holds an attnzoo patch ({source.config['attnzoo'].get('variant')!r}); "
                          "convert the original checkpoint instead")
-    if adapter.native:
+    if variant in PATTERN_TARGETS:
+        result = convert_pattern(source, dst, adapter, variant, options, torch_dtype,
+                                 _dtype_label(torch_dtype, source.config), force, dry_run, progress)
+    elif adapter.native:
         result = _convert_streaming(source, dst, adapter, variant, groups, method, torch_dtype, force, dry_run,
                                     progress)
     else:

@@ -14,8 +14,9 @@ The walker (:mod:`attnzoo.patches.walker`) knows nothing about variants. For
    ``restore(site, plan, opts)`` when :func:`attnzoo.from_pretrained` rebuilds the structure;
 6. ``finish(...)``: model-wide changes (config fields, the attention kernel).
 
-A later variant (``sliding_window``, ``mla``, ...) is one more subclass registered with
-:func:`register_converter`; the walker does not change.
+A later variant is one more subclass registered with :func:`register_converter`; the walker
+does not change. The sparse patterns (``sliding_window``, ``longformer``, ``bigbird``) are in
+:mod:`attnzoo.patches.pattern_converters`.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from .kernel import use_attnzoo_kernel
 from .sites import Site, get_submodule, set_linear
 from .wrapper import HFDenseAttention
 
-__all__ = ["Converter", "DenseConverter", "CONVERTERS", "register_converter", "get_converter"]
+__all__ = ["Converter", "DenseConverter", "CONVERTERS", "register_converter", "get_converter", "build_wrapper"]
 
 CONVERTERS: dict[str, Converter] = {}
 
@@ -103,23 +104,25 @@ def _attn_dropout(adapter: Adapter, config) -> float:
     return 0.0
 
 
-def _build_wrapper(site: Site, w: AttnWeights, kv_heads: int) -> HFDenseAttention:
+def build_wrapper(site: Site, w: AttnWeights, kv_heads: int, config_cls=DenseConfig, module_cls=HFDenseAttention,
+                  **options) -> HFDenseAttention:
+    """The attnzoo module that replaces ``site``'s (weights not set): ``config_cls`` (a ``DenseConfig``, or a
+    sparse one with its pattern ``options``) built from the HF module's shapes, RoPE and dropouts."""
     a, config, old = site.adapter, site.config, site.module
     rope = site.rope()
     rope_cfg = RopeConfig(rotary_dim=rope.rotary_dim, base=rope_theta_of(config), style=rope.style) \
         if rope.rotary_dim else False
     o_inside = not a.o_outside
     o_bias = site.o_bias() if o_inside else None
-    dcfg = DenseConfig(dim=w.q.shape[1], heads=w.heads, groups=kv_heads, head_dim=w.head_dim,
-                       bias=w.q_bias is not None, out_bias=(o_bias is not None) if o_inside else False,
-                       causal=site.causal, rope=rope_cfg, dropout=_attn_dropout(a, config))
+    dcfg = config_cls(dim=w.q.shape[1], heads=w.heads, groups=kv_heads, head_dim=w.head_dim,
+                      bias=w.q_bias is not None, out_bias=(o_bias is not None) if o_inside else False,
+                      causal=site.causal, rope=rope_cfg, dropout=_attn_dropout(a, config), **options)
     resid = float(getattr(config, a.resid_dropout, 0.0) or 0.0) if a.resid_dropout else 0.0
-    new = HFDenseAttention(dcfg, layer_idx=getattr(old, "layer_idx", None) or site.layer, hf_config=config,
-                           cache_kwarg=a.cache_kwarg, out_dropout=resid, has_o_proj=o_inside)
+    new = module_cls(dcfg, layer_idx=getattr(old, "layer_idx", None) or site.layer, hf_config=config,
+                     cache_kwarg=a.cache_kwarg, out_dropout=resid, has_o_proj=o_inside)
     dev, dtype = w.q.device, w.q.dtype
     new.to(device=dev)
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        sub = getattr(new, name)
+    for sub in new.children():
         if isinstance(sub, torch.nn.Linear):
             sub.to(dtype=dtype)
     new.train(old.training)
@@ -197,7 +200,7 @@ class DenseConverter(Converter):
         if site.adapter.native:
             site.write_native(w2)
             return
-        new = _build_wrapper(site, w, plan["kv_heads"])
+        new = build_wrapper(site, w, plan["kv_heads"])
         with torch.no_grad():
             for name, wt, b in (("q_proj", w2.q, w2.q_bias), ("k_proj", w2.k, w2.k_bias), ("v_proj", w2.v, w2.v_bias)):
                 set_linear(new, name, wt, b)
@@ -213,7 +216,7 @@ class DenseConverter(Converter):
         if site.adapter.native:
             site.resize_native(plan["kv_heads"])
             return
-        new = _build_wrapper(site, site.read(), plan["kv_heads"])
+        new = build_wrapper(site, site.read(), plan["kv_heads"])
         setattr(get_submodule(site.root, site.parent_path), site.attr, new)
 
     def prepare(self, model, adapter, sites, opts, native):

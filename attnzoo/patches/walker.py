@@ -81,13 +81,16 @@ def patch(model, name: str, *, layers: Iterable[int] | int | None = None,
     Args:
         model: a ``transformers`` model of a supported architecture
             (``attnzoo.patches.supported_model_types()``).
-        name: the variant: ``"gqa"`` (needs ``groups``), ``"mqa"``, ``"mha"``.
+        name: the variant: ``"gqa"`` (needs ``groups``), ``"mqa"``, ``"mha"``; the sparse patterns
+            ``"sliding_window"`` (needs ``window``), ``"longformer"``, ``"bigbird"`` (docs/surgery.md §4).
         layers: only these layer indices (per tower for models with several).
         filter_fn: ``filter_fn(module, fqn) -> bool`` picks attention modules (like torchao's
             ``quantize_``); combined with ``layers`` by AND.
         **options: the variant's options: ``groups`` (KV heads to keep), ``method``
             (``"mean"`` default, ``"svd"``; see :mod:`attnzoo.conversion`), ``kernel``
-            (``"attnzoo"``/``"hf"`` for native architectures).
+            (``"attnzoo"``/``"hf"`` for native architectures); ``window``, ``global_tokens``,
+            ``global_projections``, ``max_positions``, ``block_size``, ``global_blocks``,
+            ``random_blocks``, ``seed`` for the sparse patterns.
 
     Returns:
         a :class:`PatchReport`.

@@ -1,5 +1,6 @@
-"""attnzoo's :class:`~attnzoo.variants.dense.DenseAttention` speaking a Hugging Face attention
-layer's call signature, for architectures without ``num_key_value_heads``.
+"""attnzoo's :class:`~attnzoo.variants.dense.DenseAttention` (and, for the sparse patterns,
+:class:`~attnzoo.variants.sparse.SparseAttention`) speaking a Hugging Face attention layer's
+call signature, for architectures without ``num_key_value_heads``.
 
 The HF layer calls its attention module with ``hidden_states``, an ``attention_mask``
 (additive float ``[b, 1, q, k]``, boolean ``[b, 1, q, k]``, a 2-d padding mask, or None),
@@ -11,6 +12,10 @@ attnzoo :class:`~attnzoo.variants.cache.Cache` (so ``generate()`` stores the sma
 GQA/MQA cache in HF's own cache object), and RoPE runs inside ``DenseAttention`` from
 ``position_ids`` with the HF model's frequencies. Attention probabilities are never
 materialised (fused kernels), so ``attn_weights`` is None.
+
+:class:`HFSparseAttention` runs a sparse pattern (``sliding_window``, ``longformer``,
+``bigbird``) on :func:`attnzoo.ops.sparse_attention`; Hugging Face's mask becomes the key-padding
+mask (see :mod:`attnzoo.patches.pattern_call`).
 """
 from __future__ import annotations
 
@@ -20,8 +25,10 @@ from torch import nn
 from ..ops.masks import causal_keep
 from ..variants.cache import Cache
 from ..variants.dense import DenseAttention, DenseConfig
+from ..variants.sparse import SparseAttention, SparseConfig
+from .pattern_call import plan_pattern_call, run_pattern_call
 
-__all__ = ["HFDenseAttention", "hf_mask_to_keep", "HFCacheView"]
+__all__ = ["HFDenseAttention", "HFSparseAttention", "hf_mask_to_keep", "HFCacheView"]
 
 
 def hf_mask_to_keep(mask: torch.Tensor | None, k_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -55,6 +62,7 @@ class HFCacheView(Cache):
         self.hf_cache = getattr(hf_cache, "self_attention_cache", hf_cache)  # EncoderDecoderCache
         self.layer_idx = layer_idx
         self.seq_len = int(self.hf_cache.get_seq_length(layer_idx))
+        self.past_len = self.seq_len  # tokens seen before this call (a sliding layer keeps fewer)
 
     def update(self, k, v):
         k, v = self.hf_cache.update(k, v, self.layer_idx)
@@ -115,8 +123,42 @@ class HFDenseAttention(DenseAttention):
             keep = causal_keep(n, k_len, device=hidden_states.device)[None, None]
             attn_mask = keep if attn_mask is None else attn_mask & keep
         position_ids = kwargs.get("position_ids") if self.inv_freq is not None else None
-        out = super().forward(hidden_states, key_padding_mask=kpm, attn_mask=attn_mask, position_ids=position_ids,
-                              cache=cache)
+        out = DenseAttention.forward(self, hidden_states, key_padding_mask=kpm, attn_mask=attn_mask,
+                                     position_ids=position_ids, cache=cache)
         if self.out_dropout is not None:
             out = self.out_dropout(out)
         return out, None
+
+
+class HFSparseAttention(HFDenseAttention, SparseAttention):
+    """``SparseAttention`` in place of a Hugging Face attention module: arguments as
+    :class:`HFDenseAttention` with a :class:`~attnzoo.variants.sparse.SparseConfig`.
+
+    Hugging Face's mask must be the pattern's causality and padding (what its models build from a
+    2-d ``attention_mask``); anything more (packed sequences) runs on the dense op with that mask
+    AND the pattern. Decoding works with ``transformers``' dynamic caches, including its
+    sliding-window cache; a static cache (keys beyond the current position) is refused.
+    """
+
+    def __init__(self, config: SparseConfig, **kwargs):
+        if not isinstance(config, SparseConfig):
+            raise TypeError(f"config={type(config).__name__}: expected a SparseConfig (e.g. SlidingWindowConfig)")
+        super().__init__(config, **kwargs)
+
+    def _attend(self, q, k, v, *, causal, attn_mask, key_padding_mask, cache, hidden_states):
+        q_len, k_len = q.shape[2], k.shape[2]
+        if cache is not None:
+            if self.global_projections:
+                raise ValueError("longformer with global_projections=True does not decode with a cache; call the "
+                                 "model with use_cache=False")
+            past = getattr(cache, "past_len", cache.seq_len)
+            if k_len > past + q_len:
+                raise ValueError(f"{self.pattern.name}: the cache returned {k_len} keys for {past} past and {q_len} "
+                                 "new tokens (a static cache?); attnzoo's sparse modules decode with transformers' "
+                                 "dynamic caches (generate()'s default)")
+        call = plan_pattern_call(self.pattern, attn_mask, key_padding_mask, q_len, k_len, q.device)
+        dropout = self.config.dropout if self.training else 0.0
+        out = run_pattern_call(q, k, v, call, dropout=dropout, global_rows=not self.global_projections)
+        if self.global_projections:
+            out = self._global_rows(out, hidden_states, call.key_padding_mask, dropout, pattern=call.pattern)
+        return out

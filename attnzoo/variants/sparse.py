@@ -201,10 +201,12 @@ class SparseAttention(DenseAttention):
             out = self._global_rows(out, hidden_states, key_padding_mask, dropout)
         return out
 
-    def _global_rows(self, out, x, key_padding_mask, dropout):
-        """Longformer's global rows through their own projections (dense over every key)."""
+    def _global_rows(self, out, x, key_padding_mask, dropout, pattern=None):
+        """Longformer's global rows through their own projections (dense over every key); ``pattern``:
+        the module's pattern (default) or the one a caller fitted to this length."""
         b, n, _ = x.shape
-        rows = compile_layout(self.pattern, n, device=x.device).global_rows  # cached, already on the device
+        pattern = self.pattern if pattern is None else pattern
+        rows = compile_layout(pattern, n, device=x.device).global_rows  # cached, already on the device
         if rows.numel() == 0:
             return out
         hd = self.head_dim
@@ -212,7 +214,7 @@ class SparseAttention(DenseAttention):
         k = self.k_global_proj(x).view(b, n, self.kv_heads, hd).transpose(1, 2)
         v = self.v_global_proj(x).view(b, n, self.kv_heads, hd).transpose(1, 2)
         mask = None
-        if self.pattern.causal:
+        if pattern.causal:
             mask = (torch.arange(n, device=x.device)[None, :] <= rows[:, None])[None, None]
         g = attention(q, k, v, mask=mask, key_padding_mask=key_padding_mask, dropout_p=dropout)
         return out.index_copy(2, rows, g)
