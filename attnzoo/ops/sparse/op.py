@@ -22,10 +22,10 @@ __all__ = ["sparse_attention", "explain_sparse", "use_sparse_backend", "last_spa
 
 #: Priority per device type; ``"cuda:band"`` for band patterns (``sliding_window``, ``longformer``: see
 #: :meth:`Pattern.band`), whose contiguous key runs attnzoo's Triton kernel walks without index tables.
-#: Measured on an H200 (benchmarks/results/sparse-h200.md, N=16384, +-256, fwd+bwd): the Triton kernel 1.43 ms,
-#: flex over the layout 1.45 ms, and for Longformer's global columns flex takes 4.6 ms; BigBird (block lists) at
-#: N=8192: flex 1.86 ms, the Triton kernel 2.05 ms (one program walks a global key tile's whole column), so flex
-#: leads for block lists. Decoding (q_len < k_len) goes to ``masked``; on the CPU ``gather`` runs the layout.
+#: Measured on an H200 (benchmarks/results/sparse-h200.md, N=16384, +-256, fwd+bwd): the Triton kernel 1.20 ms,
+#: flex over the layout 1.51 ms; Longformer with one global token: Triton 2.58 ms, flex 4.56 ms. Other patterns
+#: try flex first, which on CUDA serves 128-tiles only: BigBird's default tile is its block (64), so BigBird runs
+#: on the Triton kernel (N=16384: 2.21 ms). Decoding (q_len < k_len) goes to ``masked``; on the CPU ``gather``.
 SPARSE_ORDER: dict[str, tuple[str, ...]] = {
     "cuda:band": ("triton", "flex", "gather", "masked"),
     "cuda": ("flex", "triton", "gather", "masked"),
