@@ -357,3 +357,15 @@ def run_stream(plan: StreamPlan, out_dir: Path, progress: Callable[[int], None] 
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         written.append("model.safetensors.index.json")
     return written
+
+
+def run_stream_with_bar(plan: StreamPlan, out_dir: Path, show: bool = True) -> list[str]:
+    """:func:`run_stream` with a byte progress bar (``attnzoo convert``'s); returns the file names."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=plan.bytes_out(), unit="B", unit_scale=True, unit_divisor=1024, desc="attnzoo convert",
+               disable=not show)
+    try:
+        return run_stream(plan, out_dir, bar.update)
+    finally:
+        bar.close()

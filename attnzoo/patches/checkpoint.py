@@ -28,7 +28,7 @@ from ..conversion.heads import check_groups
 from ..conversion.methods import check_method
 from ..conversion.output import check_destination, copy_side_files, staged_output
 from ..conversion.source import SourceCheckpoint
-from ..conversion.streaming import StreamSpec, plan_stream, run_stream
+from ..conversion.streaming import StreamSpec, plan_stream, run_stream_with_bar
 from ..errors import check_choice
 from ..kv import _elem
 from .adapters import Adapter, adapter_for, rope_spec_of
@@ -170,8 +170,6 @@ def _write_card(tmp: Path, source: SourceCheckpoint, dst: Path, r: ConversionRes
 def _convert_streaming(source, dst, adapter, variant, groups, method, dtype, force, dry_run, progress):
     import json
 
-    from tqdm.auto import tqdm
-
     spec = stream_spec(adapter, source.config)
     target = _target_groups(variant, groups, spec.heads)
     check_groups(target, spec.heads, spec.kv_heads, str(source.path))
@@ -202,12 +200,7 @@ def _convert_streaming(source, dst, adapter, variant, groups, method, dtype, for
     if dry_run:
         return result
     with staged_output(source.path, dst, force) as tmp:
-        bar = tqdm(total=plan.bytes_out(), unit="B", unit_scale=True, unit_divisor=1024, desc="attnzoo convert",
-                   disable=not progress)
-        try:
-            result.files = run_stream(plan, tmp, bar.update)
-        finally:
-            bar.close()
+        result.files = run_stream_with_bar(plan, tmp, progress)
         config = dict(source.config)
         text = _text_config(config)
         text["num_key_value_heads"] = target

@@ -26,7 +26,7 @@ import torch
 from .. import __version__
 from ..conversion.card import pattern_model_card
 from ..conversion.output import copy_side_files, staged_output
-from ..conversion.streaming import plan_stream, run_stream
+from ..conversion.streaming import plan_stream, run_stream_with_bar
 from ..kv import _elem
 from ..ops.sparse import SlidingWindow
 from .adapters import Adapter, adapter_for
@@ -95,8 +95,6 @@ def _kv_per_token(text, dtype_label: str) -> int:
 
 def _streamed_native_window(source, dst, adapter, config, text, style, options, dtype, force, dry_run, progress,
                             result) -> None:
-    from tqdm.auto import tqdm
-
     from .checkpoint import stream_spec
     from .pattern_converters import set_native_window
 
@@ -122,12 +120,7 @@ def _streamed_native_window(source, dst, adapter, config, text, style, options, 
     if dry_run:
         return
     with staged_output(source.path, dst, force) as tmp:
-        bar = tqdm(total=plan.bytes_out(), unit="B", unit_scale=True, unit_divisor=1024, desc="attnzoo convert",
-                   disable=not progress)
-        try:
-            result.files = run_stream(plan, tmp, bar.update)
-        finally:
-            bar.close()
+        result.files = run_stream_with_bar(plan, tmp, progress)
         config.save_pretrained(tmp)
         result.files += ["config.json"] + copy_side_files(source.path, tmp)
         _write_card(tmp, source, dst, result, config)
