@@ -630,8 +630,9 @@ def _dummy(device) -> torch.Tensor:
 
 
 def _list_args(layout, p: KernelPlan, dummy):
+    """(bits, full count/index, partial count/index, ids) for the kernels; dummies where the mode reads none."""
     if p.mode == BAND:
-        return (dummy,) * 5
+        return (dummy,) * 6
     return (p.bits if p.bits is not None else dummy, layout.full_count, layout.full_index, layout.partial_count,
             layout.partial_index, p.ids if p.ids is not None else dummy)
 
@@ -647,10 +648,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         dummy = _dummy(q.device)
         kpm_t = kpm.to(torch.int8).contiguous() if kpm is not None else dummy
         gpos = p.gpos if p.n_global else dummy
-        if p.mode == BAND:
-            bits, fc, fi, pc, pi, ids = dummy, dummy, dummy, dummy, dummy, dummy
-        else:
-            bits, fc, fi, pc, pi, ids = _list_args(layout, p, dummy)
+        bits, fc, fi, pc, pi, ids = _list_args(layout, p, dummy)
         kw = dict(GROUPS=h // hk, MODE=p.mode, FMASK=0 if n % layout.tile == 0 else 5,
                   PMASK=3 if p.bits is not None else 2 if p.causal else 5,
                   CAUSAL=p.causal, HAS_KPM=kpm is not None, TILE=layout.tile, HEAD_DIM=d)
@@ -676,13 +674,9 @@ class _BlockSparseAttention(torch.autograd.Function):
         dq = torch.empty(b, h, n, d, device=q.device, dtype=q.dtype)
         dk = torch.empty(b, hk, n, d, device=q.device, dtype=k.dtype)
         dv = torch.empty(b, hk, n, d, device=q.device, dtype=v.dtype)
-        if p.mode == BAND:
-            bits, fc, fi, pc, pi, ids = (dummy,) * 6
-            fct = fit = pct = pit = idst = dummy
-        else:
-            bits, fc, fi, pc, pi, ids = _list_args(layout, p, dummy)
-            fct, fit = p.full_t
-            pct, pit, idst = p.partial_t
+        bits, fc, fi, pc, pi, ids = _list_args(layout, p, dummy)
+        fct, fit = p.full_t if p.mode == LIST else (dummy, dummy)
+        pct, pit, idst = p.partial_t if p.mode == LIST else (dummy, dummy, dummy)
         gpos = p.gpos if p.n_global else dummy
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads
         _launch(_dq_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h),
