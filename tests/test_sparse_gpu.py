@@ -112,6 +112,31 @@ def test_triton_on_strided_qkv_from_one_projection():
     assert _rel(out, ref) < TOL
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_triton_bigbird_long_enough_to_split_its_global_kv_tiles(causal):
+    """N=4131 (65 blocks of 64, the last short): the global blocks' KV tiles are read by every query tile, so
+    their dK/dV is split over several programs (float32 parts, the last program writes the tile); the global
+    rows are computed in the kernel. Against float64, forward and backward, with padding and grouped heads."""
+    from attnzoo.ops.sparse import compile_layout
+    from attnzoo.ops.sparse import triton_kernel as tk
+
+    n = 4131
+    pattern = BigBird(block_size=64, window=64, global_blocks=2, random_blocks=3, causal=causal)
+    p = tk.plan(compile_layout(pattern, n, 64, "cuda"), rows=True)
+    assert p.rows and p.n_split >= 1, p.items[:4]
+    q, k, v = _inputs(torch.bfloat16, b=1, hq=4, hkv=2, n=n)
+    kpm = torch.ones(1, n, dtype=torch.bool, device="cuda")
+    kpm[0, n - 300:] = False
+    out = sparse_attention(q, k, v, pattern, key_padding_mask=kpm, backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sparse_attention(q64, k64, v64, pattern, key_padding_mask=kpm, backend="reference")
+    assert _rel(out, ref) < TOL, f"forward rel err {_rel(out, ref):.2e}"
+    go = torch.randn_like(ref)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), go.to(out.dtype)),
+                          torch.autograd.grad(ref, (q64, k64, v64), go)):
+        assert _rel(a, b) < TOL, f"d{name} rel err {_rel(a, b):.2e}"
+
+
 def test_dispatch_picks_the_first_of_the_cuda_order():
     from attnzoo.ops.sparse.op import SPARSE_ORDER
 

@@ -1,7 +1,8 @@
 """attnzoo's Triton block-sparse kernel, run by Triton's interpreter on CPU (skipped without Triton).
 
-The interpreter is selected before the kernel module is imported (``TRITON_INTERPRET=1``); the same
-kernels run compiled on a GPU in tests/test_sparse_gpu.py.
+The interpreter is selected before the kernel module is imported (``TRITON_INTERPRET=1``). On a GPU machine
+the same tests run the compiled kernels (float32 dots in IEEE float32 unless torch allows TF32);
+tests/test_sparse_gpu.py checks them in bf16/fp16 against float64.
 """
 import os
 import sys
@@ -21,6 +22,11 @@ from oracle import bigbird_keep, fixed_keep, longformer_keep, naive_attention, s
 
 pytestmark = pytest.mark.skipif(not triton_kernel.interpreted() and not torch.cuda.is_available(),
                                 reason="the kernel module was imported without TRITON_INTERPRET=1")
+DEV = "cuda" if torch.cuda.is_available() and not triton_kernel.interpreted() else "cpu"
+# float32 dots: NumPy's in the interpreter, IEEE float32 when compiled (TF32 only if torch allows it); compiled
+# kernels also sum in another order, hence a little more room on a GPU
+FWD_TOL = dict(rtol=1e-5, atol=1e-5) if DEV == "cpu" else dict(rtol=1e-4, atol=1e-4)
+BWD_TOL = dict(rtol=1e-4, atol=1e-4) if DEV == "cpu" else dict(rtol=1e-3, atol=1e-3)
 
 N = 101  # not a multiple of the 32-tiles (nor of the interpreter's 32-blocks)
 CASES = [
@@ -42,7 +48,7 @@ def _case_id(p) -> str:
 
 @pytest.mark.parametrize("pattern, loops", CASES, ids=[_case_id(p) for p, _ in CASES])
 def test_triton_kernel_matches_oracle(pattern, loops):
-    dev = "cuda" if torch.cuda.is_available() and not triton_kernel.interpreted() else "cpu"
+    dev = DEV
     q = torch.randn(2, 4, N, 16, device=dev, requires_grad=True)
     k = torch.randn(2, 2, N, 16, device=dev, requires_grad=True)
     v = torch.randn(2, 2, N, 16, device=dev, requires_grad=True)
@@ -51,12 +57,12 @@ def test_triton_kernel_matches_oracle(pattern, loops):
     kpm[0, :5] = False
     out = sparse_attention(q, k, v, pattern, key_padding_mask=kpm, tile=32, backend="triton")
     ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=loops(), key_padding_mask=kpm.cpu())
-    torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.cpu().double(), ref, **FWD_TOL)
     go = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), go)
     want = torch.autograd.grad(ref, (q, k, v), go.cpu().double())
     for a, b in zip(got, want):
-        torch.testing.assert_close(a.cpu().double(), b.double(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.cpu().double(), b.cpu().double(), **BWD_TOL)
 
 
 def test_bigbird_with_tiles_inside_its_blocks_runs_without_mask_tables():
@@ -66,13 +72,14 @@ def test_bigbird_with_tiles_inside_its_blocks_runs_without_mask_tables():
     from attnzoo.ops.sparse import compile_layout
 
     assert triton_kernel.plan(compile_layout(pattern, n, 32)).bits is None
-    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, n, 16, device=DEV, requires_grad=True) for _ in range(3))
     out = sparse_attention(q, k, v, pattern, tile=32, backend="triton")
-    ref = naive_attention(q, k, v, mask=bigbird_keep(n, 32, 32, 2, 1, 0, False))
-    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=bigbird_keep(n, 32, 32, 2, 1, 0, False))
+    torch.testing.assert_close(out.cpu().double(), ref, **FWD_TOL)
     go = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go.double())):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go),
+                    torch.autograd.grad(ref, (q, k, v), go.cpu().double())):
+        torch.testing.assert_close(a.cpu().double(), b.cpu().double(), **BWD_TOL)
 
 
 def test_plans_band_list_and_bit_packed_masks():
@@ -96,10 +103,55 @@ def test_plans_band_list_and_bit_packed_masks():
 
 
 def test_unavailable_reasons():
-    q = torch.randn(1, 2, 40, 12)
+    q = torch.randn(1, 2, 40, 12, device=DEV)
     with pytest.raises(Exception, match="head_dim"):
         sparse_attention(q, q, q, SlidingWindow(window=3), tile=32, backend="triton")
-    q = torch.randn(1, 2, 40, 16)
+    q = torch.randn(1, 2, 40, 16, device=DEV)
     with pytest.raises(Exception, match="multiple of 32"):
         sparse_attention(q, q, q, Strided(stride=3), tile=16, backend="triton")
     sparse_attention(q, q, q, SlidingWindow(window=3), tile=16, backend="triton")  # a band needs no mask table
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_bigbird_global_rows_in_the_kernel_and_split_kv_tiles(monkeypatch, causal):
+    """Tiles = blocks: the kernels compute the global rows themselves (no dense pass), and KV tiles with long
+    lists (the global blocks every query reads) are split over several dK/dV programs (SPLIT_MIN lowered so a
+    short sequence splits too: lists of 5 in parts of 2 and 3), with padding, grouped heads and a length that is
+    no multiple of the tile."""
+    from attnzoo.ops.sparse import compile_layout
+    from attnzoo.ops.sparse.layout import clear_cache
+
+    monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 2)
+    monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
+    clear_cache()
+    n = 150
+    pattern = BigBird(block_size=32, window=32, random_blocks=1, causal=causal)
+    layout = compile_layout(pattern, n, 32, "cpu")
+    assert triton_kernel.rows_in_kernel(layout)
+    p = triton_kernel.plan(layout, rows=True)
+    assert p.rows and p.n_split > 0 and (p.items[:, 3] >= 0).any()
+    assert not triton_kernel.plan(layout).rows  # global_rows=False keeps them out of the kernel
+    dev = DEV
+    q = torch.randn(2, 4, n, 16, device=dev, requires_grad=True)
+    k = torch.randn(2, 2, n, 16, device=dev, requires_grad=True)
+    v = torch.randn(2, 2, n, 16, device=dev, requires_grad=True)
+    kpm = torch.ones(2, n, dtype=torch.bool, device=dev)
+    kpm[1, 120:] = False
+    out = sparse_attention(q, k, v, pattern, key_padding_mask=kpm, tile=32, backend="triton")
+    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=bigbird_keep(n, 32, 32, 2, 1, 0, causal),
+                          key_padding_mask=kpm.cpu())
+    torch.testing.assert_close(out.cpu().double(), ref, **FWD_TOL)
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), go)
+    want = torch.autograd.grad(ref, (q, k, v), go.cpu().double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu().double(), b.cpu().double(), **BWD_TOL)
+    clear_cache()
+
+
+def test_global_rows_stay_out_of_the_kernel_unless_they_fill_whole_exact_tiles():
+    from attnzoo.ops.sparse import compile_layout
+
+    assert not triton_kernel.rows_in_kernel(compile_layout(BigBird(block_size=16, window=16), 150, 32))  # masks
+    assert not triton_kernel.rows_in_kernel(compile_layout(Longformer(window=9, global_tokens=2), 150, 32))  # band
+    assert not triton_kernel.rows_in_kernel(compile_layout(SlidingWindow(window=9), 150, 32))  # none

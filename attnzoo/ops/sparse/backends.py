@@ -185,8 +185,9 @@ class FlexBackend(_KernelBackend):
         except ImportError as e:
             return f"torch.nn.attention.flex_attention is missing ({e})"
         if call.q.device.type == "cuda" and call.tile != 128:
-            return (f"tile={call.tile}: on CUDA the flex backend serves 128-tiles only (its BigBird tests with 64-tiles "
-                    "failed on an H200, not yet investigated); pass tile=128 to force it")
+            return (f"tile={call.tile}: on CUDA the flex backend serves 128-tiles only (compiled FlexAttention "
+                    "needs sparse blocks divisible by its own 128-row kernel tiles: Inductor refused 64-tiles on an "
+                    "H200); pass tile=128 to force it")
         if call.q.device.type == "cuda" and call.dense.k_len < call.tile:
             return (f"sequence of {call.dense.k_len} tokens is shorter than one tile ({call.tile}): compiled "
                     "FlexAttention finds no kernel configuration for it (use 'triton' or a smaller tile)")
@@ -243,11 +244,20 @@ class TritonBackend(_KernelBackend):
                     f"got tile={call.tile}")
         return None
 
+    def run(self, call):
+        from .triton_kernel import rows_in_kernel
+
+        out = self.kernel(call)
+        if call.global_rows and rows_in_kernel(call.layout):
+            return out  # the kernels computed the global rows (whole tiles of a tile-exact pattern)
+        return fill_global_rows(out, call)
+
     def kernel(self, call):
         from .triton_kernel import block_sparse_attention
 
         d = call.dense
-        return block_sparse_attention(call.q, call.k, call.v, call.layout, d.key_padding_mask, d.scale)
+        return block_sparse_attention(call.q, call.k, call.v, call.layout, d.key_padding_mask, d.scale,
+                                      rows=call.global_rows)
 
 
 # ---------------------------------------------------------------------------- dense masks

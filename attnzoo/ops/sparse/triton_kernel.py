@@ -17,14 +17,19 @@ Two ways to walk the keys, chosen per pattern (:func:`plan`):
   128x128 tile), so any pattern runs.
 
 Three kernels per call, as FlashAttention-2: the forward (one program per block of queries and
-head: online softmax, output and log-sum-exp), dK/dV (one program per block of keys and KV head,
-looping over its query heads: grouped KV heads without atomics) and dQ; a small kernel computes
-``rowsum(dO * O)`` first. Tile sizes and warps are autotuned once per head_dim and mode.
+head: online softmax, output and log-sum-exp), dQ (which also writes ``rowsum(dO * O)``) and dK/dV
+(one program per block of keys and KV head, looping over its query heads: grouped KV heads without
+atomics). Tile sizes and warps are autotuned once per head_dim and mode.
 
-Rows of global *queries* are not special here: the op overwrites them with a dense computation
-(:func:`attnzoo.ops.sparse.backends.fill_global_rows`). The float64 reference for every path is
-the dense keep mask through :func:`attnzoo.ops.attention_reference` (tests/test_sparse_triton.py,
-under Triton's interpreter on CPU; tests/test_sparse_gpu.py compiled).
+List mode schedules the work: query tiles run heaviest first (all heads of the longest lists
+before any short one), and a KV tile visited by many more query tiles than the others (a global
+block: every query reads it) is split over several dK/dV programs, which add their parts into a
+float32 scratch; the last of them to finish writes the tile. Rows of global *queries* are part of
+the list when they fill whole tiles and the pattern is exact on its tiles (BigBird with tiles =
+blocks: :func:`rows_in_kernel`); otherwise, and in band mode, the op overwrites them with a dense
+computation (:func:`attnzoo.ops.sparse.backends.fill_global_rows`). The float64 reference for
+every path is the dense keep mask through :func:`attnzoo.ops.attention_reference`
+(tests/test_sparse_triton.py, under Triton's interpreter on CPU; tests/test_sparse_gpu.py compiled).
 
 Importable without Triton: :func:`available` says why it cannot run.
 """
@@ -42,9 +47,12 @@ try:
 except ImportError:  # the kernel is optional; attnzoo works without Triton
     triton = None
 
-__all__ = ["available", "interpreted", "plan", "KernelPlan", "block_sparse_attention"]
+__all__ = ["available", "interpreted", "plan", "rows_in_kernel", "KernelPlan", "block_sparse_attention"]
 
 BAND, LIST = 0, 1
+#: A KV tile whose list is longer than ``max(SPLIT_MIN, SPLIT_FACTOR x the mean list)`` is split over several
+#: dK/dV programs of at most that many query tiles each (tests lower both to reach the split path on small inputs).
+SPLIT_MIN, SPLIT_FACTOR = 8, 2
 
 
 def interpreted() -> bool:
@@ -87,8 +95,12 @@ class KernelPlan:
     """What the kernels read for one layout (built once, cached on the layout).
 
     ``mode``: BAND or LIST. Band: keys ``lo <= j - i <= hi``; ``gpos`` int32 ``[G]`` global key
-    columns (G may be 0). List: the layout's lists, the transposed lists for dK/dV, and for
-    patterns that are not exact on their tiles the bit-packed partial masks ``bits`` with ``ids``.
+    columns (G may be 0). List: ``lists`` = (full count, full index, partial count, partial index)
+    per query tile (the layout's, plus the global rows' tiles when ``rows``), ``order`` the query
+    tiles heaviest first, the transposed lists for dK/dV with their work ``items`` (int32
+    ``[items, 5]``: KV tile, first and last slot, split id or -1, parts of that tile) and
+    ``n_split`` split KV tiles; for patterns that are not exact on their tiles the bit-packed
+    partial masks ``bits`` with ``ids``.
     """
 
     mode: int
@@ -98,8 +110,13 @@ class KernelPlan:
     gpos: torch.Tensor | None = None
     bits: torch.Tensor | None = None
     ids: torch.Tensor | None = None
+    lists: tuple | None = None
+    order: torch.Tensor | None = None
     full_t: tuple | None = None
     partial_t: tuple | None = None
+    items: torch.Tensor | None = None
+    n_split: int = 0
+    rows: bool = False
 
     @property
     def n_global(self) -> int:
@@ -154,9 +171,66 @@ def _partial_bits(layout) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.contiguous(), ids
 
 
-def plan(layout) -> KernelPlan:
-    """The :class:`KernelPlan` of ``layout`` (cached on it)."""
-    hit = layout._cache.get("triton")
+def rows_in_kernel(layout) -> bool:
+    """True when the list-mode kernels compute the global rows themselves: the pattern is exact on the
+    layout's tiles and its global rows fill whole tiles (BigBird with tiles = blocks)."""
+    hit = layout._cache.get("rows_in_kernel")
+    if hit is None:
+        bound, tile, n = layout.pattern, layout.tile, layout.n
+        rows = bound.global_rows.cpu()
+        hit = False
+        if rows.numel() and bound.pattern.band() is None and bound.pattern.tile_exact(tile):
+            per_tile = torch.bincount(rows // tile, minlength=layout.num_tiles)
+            size = (n - torch.arange(layout.num_tiles) * tile).clamp(max=tile)
+            hit = bool(((per_tile == 0) | (per_tile == size)).all())
+        layout._cache["rows_in_kernel"] = hit
+    return hit
+
+
+def _with_global_rows(layout):
+    """The layout's lists with every global query tile visiting all KV tiles (causal: the earlier ones full,
+    its own partial under the causal mask)."""
+    t = layout.num_tiles
+    fc, fi = layout.full_count.clone(), layout.full_index.clone()
+    pc, pi = layout.partial_count.clone(), layout.partial_index.clone()
+    dev = fc.device
+    cols = torch.arange(t, dtype=torch.int32, device=dev)
+    for qt in torch.unique(layout.pattern.global_rows // layout.tile).tolist():
+        if layout.pattern.causal:
+            fc[qt], fi[qt], pc[qt] = qt, cols, 1
+            pi[qt] = torch.roll(cols, -qt)  # slot 0: the diagonal tile
+        else:
+            fc[qt], fi[qt], pc[qt] = t, cols, 0
+    return fc, fi, pc, pi
+
+
+def _items(tcount: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """dK/dV work items from the per-KV-tile list lengths: long lists split in parts, heaviest first."""
+    counts = tcount.tolist()
+    busy = [c for c in counts if c]
+    chunk = max(SPLIT_MIN, SPLIT_FACTOR * -(-sum(busy) // max(1, len(busy))))
+    items, n_split = [], 0
+    for kt, c in enumerate(counts):
+        if c <= chunk:
+            items.append((c, kt, 0, c, -1, 1))
+            continue
+        parts = -(-c // chunk)
+        for p in range(parts):
+            lo = p * c // parts
+            hi = (p + 1) * c // parts
+            items.append((hi - lo, kt, lo, hi, n_split, parts))
+        n_split += 1
+    items.sort(key=lambda it: -it[0])
+    table = torch.tensor([it[1:] for it in items], dtype=torch.int32, device=tcount.device)
+    return table.contiguous(), n_split
+
+
+def plan(layout, rows: bool = False) -> KernelPlan:
+    """The :class:`KernelPlan` of ``layout`` (cached on it); ``rows``: the kernels also compute the global
+    rows (list mode, where :func:`rows_in_kernel` holds)."""
+    rows = rows and rows_in_kernel(layout)
+    key = "triton+rows" if rows else "triton"
+    hit = layout._cache.get(key)
     if hit is not None:
         return hit
     bound = layout.pattern
@@ -172,10 +246,16 @@ def plan(layout) -> KernelPlan:
                 raise ValueError(f"tile={layout.tile}: the Triton kernel packs partial-tile masks of "
                                  f"{pattern.describe()} in 32-bit words; expected a multiple of 32")
             bits, ids = _partial_bits(layout)
-        fq = _transpose(layout.full_count, layout.full_index, None)
-        pq = _transpose(layout.partial_count, layout.partial_index, ids)
-        hit = KernelPlan(LIST, pattern.causal, bits=bits, ids=ids, full_t=fq[:2], partial_t=pq)
-    layout._cache["triton"] = hit
+        lists = _with_global_rows(layout) if rows else (layout.full_count, layout.full_index,
+                                                        layout.partial_count, layout.partial_index)
+        fc, fi, pc, pi = lists
+        order = torch.argsort(-(fc + pc).long(), stable=True).to(torch.int32)
+        fq = _transpose(fc, fi, None)
+        pq = _transpose(pc, pi, ids)
+        items, n_split = _items(fq[0] + pq[0])
+        hit = KernelPlan(LIST, pattern.causal, bits=bits, ids=ids, lists=lists, order=order, full_t=fq[:2],
+                         partial_t=pq, items=items, n_split=n_split, rows=rows)
+    layout._cache[key] = hit
     return hit
 
 
@@ -186,12 +266,12 @@ if triton is not None:
     def _configs(kind):
         if interpreted():
             return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-        shapes = {  # (BLOCK_M, BLOCK_N, warps, stages)
-            "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                    (64, 64, 4, 4)],
-            "dkdv": [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (64, 128, 4, 2),
+        shapes = {  # (BLOCK_M, BLOCK_N, warps, stages); the first ones won a 108-config sweep on an H200 (band, d=64)
+            "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
+                    (128, 128, 8, 3)],
+            "dkdv": [(32, 64, 4, 2), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (64, 128, 8, 3),
                      (32, 128, 8, 4)],
-            "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 4),
+            "dq": [(64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3),
                    (64, 64, 4, 4)],
         }[kind]
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
@@ -262,7 +342,7 @@ if triton is not None:
     def _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, bits_ptr, mid, offs_m, offs_n, rows_t, cols_t,
                    N, LO, HI, skn, svn, qk_scale,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr,
-                   HEAD_DIM: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         if MASK == 0 and not HAS_KPM:
             k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None])
@@ -271,32 +351,32 @@ if triton is not None:
             inb = offs_n < N
             k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=inb[:, None], other=0.0)
-        s = tl.dot(q, k) * qk_scale
+        s = tl.dot(q, k, input_precision=PREC)  # unscaled: the scale goes into the exponent's multiply-add
         if MASK == 0 and not HAS_KPM:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
         else:
             keep = _keep(offs_m, offs_n, N, LO, HI, kpm_base, bits_ptr, mid, rows_t, cols_t, MASK, CAUSAL, HAS_KPM,
                          TILE)
             s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
+            p = tl.exp2(s * qk_scale - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         return acc, m_new, l_i
 
     @triton.jit
     def _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, end, N, LO, HI, skn, svn, qk_scale,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HEAD_DIM: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
         for start_n in tl.range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, kpm_base, 0, offs_m, offs_n,
                                        offs_m, offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32,
-                                       HEAD_DIM)
+                                       HEAD_DIM, PREC)
         return acc, m_i, l_i
 
     @triton.jit
@@ -312,15 +392,19 @@ if triton is not None:
     @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL"],
                      prune_configs_by={"early_config_prune": _pruner("fwd")})
     @triton.jit
-    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS,
+    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, ORDER,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                     H, N, T_TILES, G, LO, HI, sm_scale,
                     GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
-                    CAUSAL: tl.constexpr,
+                    CAUSAL: tl.constexpr, PREC: tl.constexpr,
                     HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        if MODE == 0:
+            pid_m = tl.program_id(0)
+            bh = tl.program_id(1)
+        else:  # heads fastest, query tiles heaviest first (BLOCK_M == TILE)
+            bh = tl.program_id(0)
+            pid_m = tl.load(ORDER + tl.program_id(1))
         b = bh // H
         h = bh % H
         hk = h // GROUPS
@@ -339,18 +423,18 @@ if triton is not None:
         if MODE == 0:
             start, a, bb, end = _band_stages(q0, tl.minimum(q0 + BLOCK_M, N) - 1, N, LO, HI, BLOCK_N)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, a, N, LO, HI,
-                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, a, bb, N, LO, HI,
-                                       skn, svn, qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+                                       skn, svn, qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, bb, end, N, LO, HI,
-                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
             if HAS_GLOBAL:
                 for g0 in range(0, G, BLOCK_N):
                     offs_g = g0 + tl.arange(0, BLOCK_N)
                     pos = tl.load(GPOS + offs_g, mask=offs_g < G, other=N)  # N: out of bounds, masked
                     acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, BITS, 0, offs_m, pos,
                                                offs_m, pos, N, LO, HI, skn, svn, qk_scale, 4, CAUSAL, HAS_KPM, TILE,
-                                               HEAD_DIM)
+                                               HEAD_DIM, PREC)
         else:
             qt = q0 // TILE
             rows_t = offs_m - qt * TILE
@@ -360,7 +444,7 @@ if triton is not None:
                     cols_t = sub * BLOCK_N + tl.arange(0, BLOCK_N)
                     acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, BITS, 0, offs_m,
                                                kt * TILE + cols_t, rows_t, cols_t, N, LO, HI, skn, svn, qk_scale,
-                                               FMASK, CAUSAL, HAS_KPM, TILE, HEAD_DIM)
+                                               FMASK, CAUSAL, HAS_KPM, TILE, HEAD_DIM, PREC)
             for slot in range(0, tl.load(PC + qt)):
                 kt = tl.load(PI + qt * T_TILES + slot)
                 mid = tl.load(IDS + qt * T_TILES + slot)
@@ -368,7 +452,7 @@ if triton is not None:
                     cols_t = sub * BLOCK_N + tl.arange(0, BLOCK_N)
                     acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, BITS, mid, offs_m,
                                                kt * TILE + cols_t, rows_t, cols_t, N, LO, HI, skn, svn, qk_scale,
-                                               PMASK, CAUSAL, HAS_KPM, TILE, HEAD_DIM)
+                                               PMASK, CAUSAL, HAS_KPM, TILE, HEAD_DIM, PREC)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 domain; inf: empty
@@ -381,48 +465,61 @@ if triton is not None:
     def _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, bits_ptr, mid, offs_m, offs_n,
                     rows_t, cols_t, N, LO, HI, sqn, sdon, qk_scale,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr,
-                    HEAD_DIM: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         rows = offs_m < N
         qT = tl.load(q_base + offs_m[None, :] * sqn + offs_d[:, None], mask=rows[None, :], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sdon + offs_d[None, :], mask=rows[:, None], other=0.0)
         lse = tl.load(lse_base + offs_m, mask=rows, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=rows, other=0.0)
-        sT = tl.dot(k, qT) * qk_scale  # [BLOCK_N, BLOCK_M]
-        pT = tl.exp2(sT - lse[None, :])
+        sT = tl.dot(k, qT, input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+        pT = tl.exp2(sT * qk_scale - lse[None, :])
         if MASK != 0 or HAS_KPM:
             keep = _keep_t(offs_m, offs_n, N, LO, HI, kpm_base, bits_ptr, mid, rows_t, cols_t, MASK, CAUSAL, HAS_KPM,
                            TILE)
             pT = tl.where(keep, pT, 0.0)
-        dv += tl.dot(pT.to(do.dtype), do)
-        dpT = tl.dot(v, tl.trans(do))
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=PREC)
         return dk, dv
 
     @triton.jit
     def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, offs_n, start, end, N, LO, HI,
                     sqn, sdon, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
         for start_m in tl.range(start, end, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, kpm_base, 0, offs_m,
                                  offs_n, offs_m, offs_n, N, LO, HI, sqn, sdon, qk_scale, MASK, CAUSAL, HAS_KPM, 32,
-                                 HEAD_DIM)
+                                 HEAD_DIM, PREC)
         return dk, dv
 
     @triton.autotune(configs=_configs("dkdv"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL"],
-                     prune_configs_by={"early_config_prune": _pruner("dkdv")})
+                     prune_configs_by={"early_config_prune": _pruner("dkdv")}, reset_to_zero=["SCR", "CNT"])
     @triton.jit
-    def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, BITS, FCT, FIT, PCT, PIT, IDST,
+    def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, BITS, FCT, FIT, PCT, PIT, IDST, ITEMS, SCR, CNT,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
                      HK, H, N, T_TILES, LO, HI, sm_scale,
                      GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
                     CAUSAL: tl.constexpr,
-                     HAS_KPM: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     HAS_KPM: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_n = tl.program_id(0)
-        bhk = tl.program_id(1)
+        if MODE == 0:
+            pid_n = tl.program_id(0)
+            bhk = tl.program_id(1)
+            lo = 0
+            hi = 0
+            sid = -1
+            parts = 1
+        else:  # one work item: KV tile, its query-tile slots [lo, hi), split id (-1: whole tile), parts
+            bhk = tl.program_id(0)
+            item = ITEMS + tl.program_id(1) * 5
+            pid_n = tl.load(item)
+            lo = tl.load(item + 1)
+            hi = tl.load(item + 2)
+            sid = tl.load(item + 3)
+            parts = tl.load(item + 4)
         b = bhk // HK
         hk = bhk % HK
         k0 = pid_n * BLOCK_N
@@ -444,38 +541,55 @@ if triton is not None:
             if MODE == 0:  # queries i with LO <= j - i <= HI: i in [j - HI, j - LO]
                 start, a, bb, end = _band_stages(k0, tl.minimum(k0 + BLOCK_N, N) - 1, N, -HI, -LO, BLOCK_M)
                 dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, offs_n, start, a,
-                                     N, LO, HI, sqn, sdon, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_M, HEAD_DIM)
+                                     N, LO, HI, sqn, sdon, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_M, HEAD_DIM, PREC)
                 dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, offs_n, a, bb,
-                                     N, LO, HI, sqn, sdon, qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_M, HEAD_DIM)
+                                     N, LO, HI, sqn, sdon, qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_M, HEAD_DIM, PREC)
                 dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, offs_n, bb, end,
-                                     N, LO, HI, sqn, sdon, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_M, HEAD_DIM)
+                                     N, LO, HI, sqn, sdon, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_M, HEAD_DIM, PREC)
             else:
                 kt = k0 // TILE
                 cols_t = offs_n - kt * TILE
-                for slot in range(0, tl.load(FCT + kt)):
+                fcount = tl.load(FCT + kt)  # slots [0, fcount): full tiles, then the partial ones
+                for slot in range(lo, tl.minimum(hi, fcount)):
                     qt = tl.load(FIT + kt * T_TILES + slot)
                     for sub in tl.static_range(TILE // BLOCK_M):
                         rows_t = sub * BLOCK_M + tl.arange(0, BLOCK_M)
                         dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, BITS, 0,
                                              qt * TILE + rows_t, offs_n, rows_t, cols_t, N, LO, HI, sqn, sdon,
-                                             qk_scale, 0, CAUSAL, HAS_KPM, TILE, HEAD_DIM)
-                for slot in range(0, tl.load(PCT + kt)):
+                                             qk_scale, 0, CAUSAL, HAS_KPM, TILE, HEAD_DIM, PREC)
+                for slot in range(tl.maximum(lo - fcount, 0), hi - fcount):
                     qt = tl.load(PIT + kt * T_TILES + slot)
                     mid = tl.load(IDST + kt * T_TILES + slot)
                     for sub in tl.static_range(TILE // BLOCK_M):
                         rows_t = sub * BLOCK_M + tl.arange(0, BLOCK_M)
                         dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, kpm_base, BITS,
                                              mid, qt * TILE + rows_t, offs_n, rows_t, cols_t, N, LO, HI, sqn, sdon,
-                                             qk_scale, PMASK, CAUSAL, HAS_KPM, TILE, HEAD_DIM)
+                                             qk_scale, PMASK, CAUSAL, HAS_KPM, TILE, HEAD_DIM, PREC)
         out = (bhk * N + offs_n)[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
-        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kmask)
+        dk = dk * sm_scale
+        if MODE == 0:
+            tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kmask)
+            tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kmask)
+        elif sid >= 0:  # one part of a split tile: add it into the float32 scratch; the last part writes the tile
+            nbhk = tl.num_programs(0)
+            scr = SCR + (sid * nbhk + bhk) * (2 * BLOCK_N * HEAD_DIM) + (offs_n - k0)[:, None] * HEAD_DIM \
+                + offs_d[None, :]
+            tl.atomic_add(scr, dk)
+            tl.atomic_add(scr + BLOCK_N * HEAD_DIM, dv)
+            if tl.atomic_add(CNT + sid * nbhk + bhk, 1) == parts - 1:  # acq_rel: the other parts are in
+                dk_all = tl.load(scr, cache_modifier=".cg")
+                dv_all = tl.load(scr + BLOCK_N * HEAD_DIM, cache_modifier=".cg")
+                tl.store(DK + out, dk_all.to(DK.dtype.element_ty), mask=kmask)
+                tl.store(DV + out, dv_all.to(DV.dtype.element_ty), mask=kmask)
+        else:
+            tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kmask)
+            tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kmask)
 
     # -- dQ: one program per block of queries and head -----------------------------------------
     @triton.jit
     def _dq_block(dq, q, do, lse, delta, k_base, v_base, kpm_base, bits_ptr, mid, offs_m, offs_n, rows_t, cols_t,
                   N, LO, HI, skn, svn, qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                  TILE: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  TILE: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
         offs_d = tl.arange(0, HEAD_DIM)
         if MASK == 0 and not HAS_KPM:
             kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None])
@@ -484,39 +598,43 @@ if triton is not None:
             inb = (offs_n < N)[None, :]
             kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=inb, other=0.0)
             vT = tl.load(v_base + offs_n[None, :] * svn + offs_d[:, None], mask=inb, other=0.0)
-        s = tl.dot(q, kT) * qk_scale
-        p = tl.exp2(s - lse[:, None])
+        s = tl.dot(q, kT, input_precision=PREC)
+        p = tl.exp2(s * qk_scale - lse[:, None])
         if MASK != 0 or HAS_KPM:
             keep = _keep(offs_m, offs_n, N, LO, HI, kpm_base, bits_ptr, mid, rows_t, cols_t, MASK, CAUSAL, HAS_KPM,
                          TILE)
             p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, vT)
+        dp = tl.dot(do, vT, input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=PREC)
         return dq
 
     @triton.jit
     def _dq_range(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, start, end, N, LO, HI, skn, svn,
                   qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HEAD_DIM: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
         for start_n in tl.range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, kpm_base, kpm_base, 0, offs_m, offs_n, offs_m,
-                           offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32, HEAD_DIM)
+                           offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32, HEAD_DIM, PREC)
         return dq
 
     @triton.autotune(configs=_configs("dq"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL"],
                      prune_configs_by={"early_config_prune": _pruner("dq")})
     @triton.jit
-    def _dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KPM, GPOS, BITS, FC, FI, PC, PI, IDS,
+    def _dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, ORDER,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
                    H, N, T_TILES, G, LO, HI, sm_scale,
                    GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
-                    CAUSAL: tl.constexpr,
+                   CAUSAL: tl.constexpr, PREC: tl.constexpr,
                    HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1)
+        if MODE == 0:
+            pid_m = tl.program_id(0)
+            bh = tl.program_id(1)
+        else:  # as the forward
+            bh = tl.program_id(0)
+            pid_m = tl.load(ORDER + tl.program_id(1))
         b = bh // H
         h = bh % H
         hk = h // GROUPS
@@ -539,17 +657,17 @@ if triton is not None:
         if MODE == 0:
             start, a, bb, end = _band_stages(q0, tl.minimum(q0 + BLOCK_M, N) - 1, N, LO, HI, BLOCK_N)
             dq = _dq_range(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, start, a, N, LO, HI, skn, svn,
-                           qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+                           qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
             dq = _dq_range(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, a, bb, N, LO, HI, skn, svn,
-                           qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+                           qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
             dq = _dq_range(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, bb, end, N, LO, HI, skn, svn,
-                           qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM)
+                           qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
             if HAS_GLOBAL:
                 for g0 in range(0, G, BLOCK_N):
                     offs_g = g0 + tl.arange(0, BLOCK_N)
                     pos = tl.load(GPOS + offs_g, mask=offs_g < G, other=N)
                     dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, kpm_base, BITS, 0, offs_m, pos, offs_m,
-                                   pos, N, LO, HI, skn, svn, qk_scale, 4, CAUSAL, HAS_KPM, TILE, HEAD_DIM)
+                                   pos, N, LO, HI, skn, svn, qk_scale, 4, CAUSAL, HAS_KPM, TILE, HEAD_DIM, PREC)
         else:
             qt = q0 // TILE
             rows_t = offs_m - qt * TILE
@@ -559,7 +677,7 @@ if triton is not None:
                     cols_t = sub * BLOCK_N + tl.arange(0, BLOCK_N)
                     dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, kpm_base, BITS, 0, offs_m,
                                    kt * TILE + cols_t, rows_t, cols_t, N, LO, HI, skn, svn, qk_scale, FMASK,
-                                   CAUSAL, HAS_KPM, TILE, HEAD_DIM)
+                                   CAUSAL, HAS_KPM, TILE, HEAD_DIM, PREC)
             for slot in range(0, tl.load(PC + qt)):
                 kt = tl.load(PI + qt * T_TILES + slot)
                 mid = tl.load(IDS + qt * T_TILES + slot)
@@ -567,7 +685,7 @@ if triton is not None:
                     cols_t = sub * BLOCK_N + tl.arange(0, BLOCK_N)
                     dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, kpm_base, BITS, mid, offs_m,
                                    kt * TILE + cols_t, rows_t, cols_t, N, LO, HI, skn, svn, qk_scale, PMASK,
-                                   CAUSAL, HAS_KPM, TILE, HEAD_DIM)
+                                   CAUSAL, HAS_KPM, TILE, HEAD_DIM, PREC)
         tl.store(DQ + (bh * N + offs_m)[:, None] * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=rows[:, None])
 
@@ -621,50 +739,62 @@ def _launch(kernel, grid, args, constexprs: dict) -> None:
         kernel.fn[grid](*args, **constexprs, **cfg)
 
 
-def _dummy(device) -> torch.Tensor:
-    """A 1-element int32 tensor for pointer arguments a kernel variant does not read (one per device)."""
-    t = _dummies.get(device)
+def _dummy(device, dtype=torch.int32) -> torch.Tensor:
+    """A 1-element tensor for pointer arguments a kernel variant does not read (one per device and dtype)."""
+    t = _dummies.get((device, dtype))
     if t is None:
-        t = _dummies[device] = torch.zeros(1, device=device, dtype=torch.int32)
+        t = _dummies[(device, dtype)] = torch.zeros(1, device=device, dtype=dtype)
     return t
 
 
-def _list_args(layout, p: KernelPlan, dummy):
-    """(bits, full count/index, partial count/index, ids) for the kernels; dummies where the mode reads none."""
+def _precision(dtype) -> str:
+    """Dot precision: float32 inputs take TF32 only where torch allows it (``torch.backends.cuda.matmul.allow_tf32``),
+    as torch's own float32 attention does; float16/bfloat16 are unaffected."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _list_args(p: KernelPlan, dummy):
+    """(bits, full count/index, partial count/index, ids, order) for the forward and dQ kernels; dummies where
+    the mode reads none."""
     if p.mode == BAND:
-        return (dummy,) * 6
-    return (p.bits if p.bits is not None else dummy, layout.full_count, layout.full_index, layout.partial_count,
-            layout.partial_index, p.ids if p.ids is not None else dummy)
+        return (dummy,) * 7
+    return (p.bits if p.bits is not None else dummy, *p.lists, p.ids if p.ids is not None else dummy, p.order)
+
+
+def _grid(p: KernelPlan, tiles: int, heads: int, block: str):
+    """Band: (blocks along the sequence, heads); list: (heads, work units), heads fastest."""
+    if p.mode == BAND:
+        return lambda meta: (triton.cdiv(tiles, meta[block]), heads)
+    return lambda meta: (heads, tiles)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, layout, kpm, scale):
+    def forward(ctx, q, k, v, layout, kpm, scale, rows):
         b, h, n, d = q.shape
         hk = k.shape[1]
-        p = plan(layout)
+        p = plan(layout, rows)
         o = torch.empty(b, h, n, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
         dummy = _dummy(q.device)
         kpm_t = kpm.to(torch.int8).contiguous() if kpm is not None else dummy
         gpos = p.gpos if p.n_global else dummy
-        bits, fc, fi, pc, pi, ids = _list_args(layout, p, dummy)
         kw = dict(GROUPS=h // hk, MODE=p.mode, FMASK=0 if n % layout.tile == 0 else 5,
                   PMASK=3 if p.bits is not None else 2 if p.causal else 5,
-                  CAUSAL=p.causal, HAS_KPM=kpm is not None, TILE=layout.tile, HEAD_DIM=d)
-        _launch(_fwd_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h),
-                (q, k, v, o, lse, kpm_t, gpos, bits, fc, fi, pc, pi, ids,
+                  CAUSAL=p.causal, HAS_KPM=kpm is not None, TILE=layout.tile, HEAD_DIM=d, PREC=_precision(q.dtype))
+        _launch(_fwd_kernel, _grid(p, n if p.mode == BAND else layout.num_tiles, b * h, "BLOCK_M"),
+                (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy),
                  *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                  h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale), dict(HAS_GLOBAL=p.n_global > 0, **kw))
         ctx.save_for_backward(q, k, v, o, lse, kpm_t)
-        ctx.layout, ctx.scale, ctx.has_kpm, ctx.kw = layout, scale, kpm is not None, kw
+        ctx.layout, ctx.scale, ctx.has_kpm, ctx.kw, ctx.rows = layout, scale, kpm is not None, kw, rows
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, kpm_t = ctx.saved_tensors
         layout, scale, kw = ctx.layout, ctx.scale, ctx.kw
-        p = plan(layout)
+        p = plan(layout, ctx.rows)
         b, h, n, d = q.shape
         hk = k.shape[1]
         if do.stride(-1) != 1:
@@ -674,26 +804,35 @@ class _BlockSparseAttention(torch.autograd.Function):
         dq = torch.empty(b, h, n, d, device=q.device, dtype=q.dtype)
         dk = torch.empty(b, hk, n, d, device=q.device, dtype=k.dtype)
         dv = torch.empty(b, hk, n, d, device=q.device, dtype=v.dtype)
-        bits, fc, fi, pc, pi, ids = _list_args(layout, p, dummy)
-        fct, fit = p.full_t if p.mode == LIST else (dummy, dummy)
-        pct, pit, idst = p.partial_t if p.mode == LIST else (dummy, dummy, dummy)
         gpos = p.gpos if p.n_global else dummy
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads
-        _launch(_dq_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h),
-                (q, k, v, o, do, lse, delta, dq, kpm_t, gpos, bits, fc, fi, pc, pi, ids,
+        _launch(_dq_kernel, _grid(p, n if p.mode == BAND else layout.num_tiles, b * h, "BLOCK_M"),
+                (q, k, v, o, do, lse, delta, dq, kpm_t, gpos, *_list_args(p, dummy),
                  *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), h, n, layout.num_tiles,
                  p.n_global, p.lo, p.hi, scale), dict(HAS_GLOBAL=p.n_global > 0, **kw))
-        _launch(_dkdv_kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * hk),
-                (q, k, v, do, lse, delta, dk, dv, kpm_t, bits, fct, fit, pct, pit, idst,
+        if p.mode == LIST:
+            t_args = (p.bits if p.bits is not None else dummy, *p.full_t, *p.partial_t, p.items)
+            scr, cnt = _dummy(q.device, torch.float32), dummy
+            if p.n_split:  # float32 dK/dV parts of the split tiles, and their arrival counters: one zeroed buffer
+                size = p.n_split * b * hk * 2 * layout.tile * d
+                buf = torch.zeros(size + p.n_split * b * hk, device=q.device, dtype=torch.int32)
+                scr, cnt = buf[:size].view(torch.float32), buf[size:]
+            grid = _grid(p, p.items.shape[0], b * hk, "BLOCK_N")
+        else:
+            t_args, scr, cnt = (dummy,) * 7, _dummy(q.device, torch.float32), dummy
+            grid = _grid(p, n, b * hk, "BLOCK_N")
+        _launch(_dkdv_kernel, grid,
+                (q, k, v, do, lse, delta, dk, dv, kpm_t, *t_args, scr, cnt,
                  *_strides(q), *_strides(k), *_strides(v), *_strides(do), hk, h, n, layout.num_tiles, p.lo, p.hi,
                  scale), kw)
         if p.n_global:
             _global_dkdv(q, k, v, do, lse, delta, p, kpm_t.bool() if ctx.has_kpm else None, scale, dk, dv)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
-def block_sparse_attention(q, k, v, layout, key_padding_mask=None, scale=None) -> torch.Tensor:
-    """``[B, Hq, N, D]`` attention over ``layout``'s pattern (its kernel part: global rows are computed as
-    ordinary rows here, and the op overwrites them). q, k, v: ``[B, H, N, D]`` with a contiguous last dim."""
+def block_sparse_attention(q, k, v, layout, key_padding_mask=None, scale=None, rows=False) -> torch.Tensor:
+    """``[B, Hq, N, D]`` attention over ``layout``'s pattern. q, k, v: ``[B, H, N, D]`` with a contiguous last dim.
+    Global rows: with ``rows`` and where :func:`rows_in_kernel` holds, computed here; otherwise they come out as
+    the kernel part leaves them (empty: zeros) and the op overwrites them."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _BlockSparseAttention.apply(q, k, v, layout, key_padding_mask, scale)
+    return _BlockSparseAttention.apply(q, k, v, layout, key_padding_mask, scale, rows)
