@@ -190,12 +190,14 @@ def device_info() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cudnn"] = torch.backends.cudnn.version()
-    try:
-        import subprocess
-        info["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True).stdout.strip()
-    except OSError:
-        pass
+    info["commit"] = os.environ.get("ATTNZOO_COMMIT", "")  # set by the caller where the tree has no .git
+    if not info["commit"]:
+        try:
+            import subprocess
+            info["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                            text=True).stdout.strip()
+        except OSError:
+            pass
     info["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     return info
 
