@@ -19,7 +19,8 @@ Two ways to walk the keys, chosen per pattern (:func:`plan`):
 Three kernels per call, as FlashAttention-2: the forward (one program per block of queries and
 head: online softmax, output and log-sum-exp), dQ (which also writes ``rowsum(dO * O)``) and dK/dV
 (one program per block of keys and KV head, looping over its query heads: grouped KV heads without
-atomics). Tile sizes and warps are autotuned once per head_dim and mode.
+atomics). Tile sizes and warps are autotuned once per head_dim and mode (``ATTNZOO_SPARSE_AUTOTUNE=0`` in the
+environment: the first configuration that fits, no tuning compiles, for tests and quick runs).
 
 List mode schedules the work: query tiles run heaviest first (all heads of the longest lists
 before any short one), and a KV tile visited by many more query tiles than the others (a global
@@ -732,6 +733,10 @@ def _launch(kernel, grid, args, constexprs: dict) -> None:
     autotuner's per-call argument bookkeeping (host time matters: these kernels run for ~0.1 ms)."""
     key = (kernel, tuple(constexprs.items()), args[0].dtype, args[0].device)
     cfg = _tuned.get(key)
+    if cfg is None and os.environ.get("ATTNZOO_SPARSE_AUTOTUNE", "1") == "0":  # the first config that fits
+        prune = getattr(kernel, "early_config_prune", None)
+        fits = prune(kernel.configs, dict(zip(kernel.fn.arg_names, args)), **constexprs) if prune else kernel.configs
+        cfg = _tuned[key] = fits[0].all_kwargs()
     if cfg is None:
         kernel[grid](*args, **constexprs)
         _tuned[key] = kernel.best_config.all_kwargs()
