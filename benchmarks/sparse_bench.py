@@ -435,10 +435,48 @@ def report(out_dir: str, peers_path: str | None) -> str:
     if ideal:
         lines += ["\n## against dense and the ideal\n", markdown_table(ideal)]
     lines += ["\n## targets\n"] + _targets(rows, peers)
+    chart = plot_scaling(rows, os.path.join(out_dir, "sparse_scaling.png"))
+    if chart:
+        lines.append(f"\n![scaling]({os.path.basename(chart)})")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "sparse_bench.md"), "w") as f:
         f.write(text)
     return text
+
+
+def plot_scaling(rows, path: str) -> str | None:
+    """Log-log chart of the scaling group (time and peak memory vs N, forward+backward): the sparse op against
+    dense cuDNN. Returns the path, or None without matplotlib or scaling rows."""
+    pts = [r for r in rows if r["group"] == "scaling" and r["mode"] == "fwd+bwd" and r.get("ms") == r.get("ms")]
+    if not pts:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, style in (("attnzoo sliding_window op (+qkv)", "o-"), ("dense cuDNN SDPA (+qkv)", "s--")):
+        sel = sorted((r for r in pts if r["name"] == name), key=lambda r: r["n"])
+        if not sel:
+            continue
+        ns = [r["n"] for r in sel]
+        axes[0].plot(ns, [r.get("gpu_ms") or r["ms"] for r in sel], style, label=name)
+        axes[1].plot(ns, [r.get("peak_mem_mb", float("nan")) for r in sel], style, label=name)
+    for ax, ylabel in zip(axes, ("forward+backward ms (device time)", "peak memory MB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("sliding window ±256 vs dense attention (bf16, hidden 768, 12 heads, batch 1, +qkv projection)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _targets(rows, peers) -> list[str]:

@@ -22,10 +22,10 @@ __all__ = ["sparse_attention", "explain_sparse", "use_sparse_backend", "last_spa
 
 #: Priority per device type; ``"cuda:band"`` for band patterns (``sliding_window``, ``longformer``: see
 #: :meth:`Pattern.band`), whose contiguous key runs attnzoo's Triton kernel walks without index tables.
-#: Measured on an H200 (benchmarks/results/sparse-h200.md, N=16384, +-256, fwd+bwd): the Triton kernel 1.20 ms,
-#: flex over the layout 1.51 ms; Longformer with one global token: Triton 2.58 ms, flex 4.56 ms. Other patterns
-#: try flex first, which on CUDA serves 128-tiles only: BigBird's default tile is its block (64), so BigBird runs
-#: on the Triton kernel (N=16384: 2.21 ms). Decoding (q_len < k_len) goes to ``masked``; on the CPU ``gather``.
+#: Measured on an H200 (benchmarks/results/sparse-h200.md, N=16384, +-256, device time fwd+bwd with the
+#: projection): the Triton kernel 0.91 ms, flex over the layout 1.13 ms. Other patterns try flex first, which on
+#: CUDA serves 128-tiles only: BigBird's default tile is its block (64), so BigBird runs on the Triton kernel
+#: (N=16384: 1.33 ms; flex on 128-tiles 19 ms). Decoding (q_len < k_len) goes to ``masked``; on the CPU ``gather``.
 SPARSE_ORDER: dict[str, tuple[str, ...]] = {
     "cuda:band": ("triton", "flex", "gather", "masked"),
     "cuda": ("flex", "triton", "gather", "masked"),
