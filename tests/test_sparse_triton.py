@@ -46,23 +46,28 @@ def _case_id(p) -> str:
     return f"{p.name}-{getattr(p, 'window', '')}" + ("-causal" if p.causal else "")
 
 
-@pytest.mark.parametrize("pattern, loops", CASES, ids=[_case_id(p) for p, _ in CASES])
-def test_triton_kernel_matches_oracle(pattern, loops):
-    dev = DEV
-    q = torch.randn(2, 4, N, 16, device=dev, requires_grad=True)
-    k = torch.randn(2, 2, N, 16, device=dev, requires_grad=True)
-    v = torch.randn(2, 2, N, 16, device=dev, requires_grad=True)
-    kpm = torch.ones(2, N, dtype=torch.bool, device=dev)
-    kpm[1, 80:] = False
-    kpm[0, :5] = False
+def _match_oracle(pattern, n, keep, padded):
+    """The kernel (tile 32, grouped heads, key padding ``padded``: {batch row: slice}) against the float64 oracle,
+    forward and backward."""
+    q = torch.randn(2, 4, n, 16, device=DEV, requires_grad=True)
+    k = torch.randn(2, 2, n, 16, device=DEV, requires_grad=True)
+    v = torch.randn(2, 2, n, 16, device=DEV, requires_grad=True)
+    kpm = torch.ones(2, n, dtype=torch.bool, device=DEV)
+    for row, cols in padded.items():
+        kpm[row, cols] = False
     out = sparse_attention(q, k, v, pattern, key_padding_mask=kpm, tile=32, backend="triton")
-    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=loops(), key_padding_mask=kpm.cpu())
+    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=keep, key_padding_mask=kpm.cpu())
     torch.testing.assert_close(out.cpu().double(), ref, **FWD_TOL)
     go = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), go)
     want = torch.autograd.grad(ref, (q, k, v), go.cpu().double())
     for a, b in zip(got, want):
         torch.testing.assert_close(a.cpu().double(), b.cpu().double(), **BWD_TOL)
+
+
+@pytest.mark.parametrize("pattern, loops", CASES, ids=[_case_id(p) for p, _ in CASES])
+def test_triton_kernel_matches_oracle(pattern, loops):
+    _match_oracle(pattern, N, loops(), {1: slice(80, None), 0: slice(None, 5)})
 
 
 def test_bigbird_with_tiles_inside_its_blocks_runs_without_mask_tables():
@@ -131,21 +136,7 @@ def test_bigbird_global_rows_in_the_kernel_and_split_kv_tiles(monkeypatch, causa
     p = triton_kernel.plan(layout, rows=True)
     assert p.rows and p.n_split > 0 and (p.items[:, 3] >= 0).any()
     assert not triton_kernel.plan(layout).rows  # global_rows=False keeps them out of the kernel
-    dev = DEV
-    q = torch.randn(2, 4, n, 16, device=dev, requires_grad=True)
-    k = torch.randn(2, 2, n, 16, device=dev, requires_grad=True)
-    v = torch.randn(2, 2, n, 16, device=dev, requires_grad=True)
-    kpm = torch.ones(2, n, dtype=torch.bool, device=dev)
-    kpm[1, 120:] = False
-    out = sparse_attention(q, k, v, pattern, key_padding_mask=kpm, tile=32, backend="triton")
-    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=bigbird_keep(n, 32, 32, 2, 1, 0, causal),
-                          key_padding_mask=kpm.cpu())
-    torch.testing.assert_close(out.cpu().double(), ref, **FWD_TOL)
-    go = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), go)
-    want = torch.autograd.grad(ref, (q, k, v), go.cpu().double())
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.cpu().double(), b.cpu().double(), **BWD_TOL)
+    _match_oracle(pattern, n, bigbird_keep(n, 32, 32, 2, 1, 0, causal), {1: slice(120, None)})
     clear_cache()
 
 
