@@ -292,7 +292,9 @@ def alone_cases(b: Bench, group, n, pattern, window):
     kept = sum(min(n - 1, i + window) - max(0, i - window) + 1 for i in range(n))
     b.run(group, "attnzoo sliding_window op, attention alone", n,
           lambda: (lambda: sparse_attention(q, k, v, pattern)), attn_flops(kept), {"kept": round(kept / n / n, 5)})
-    flex = torch.compile(flex_attention, dynamic=False) if b.dev == "cuda" else flex_attention
+    if b.dev != "cuda":
+        return  # eager FlexAttention has no backward off CUDA
+    flex = torch.compile(flex_attention, dynamic=False)
 
     def make():
         bm = create_block_mask(lambda bb, h, qi, ki: (qi - ki).abs() <= window, None, None, n, n, device=b.dev)
@@ -461,10 +463,14 @@ def plot_scaling(rows, path: str) -> str | None:
         sel = sorted((r for r in pts if r["name"] == name), key=lambda r: r["n"])
         if not sel:
             continue
-        ns = [r["n"] for r in sel]
-        axes[0].plot(ns, [r.get("gpu_ms") or r["ms"] for r in sel], style, label=name)
-        axes[1].plot(ns, [r.get("peak_mem_mb", float("nan")) for r in sel], style, label=name)
+        axes[0].plot([r["n"] for r in sel], [r.get("gpu_ms") or r["ms"] for r in sel], style, label=name)
+        mem = [r for r in sel if r.get("peak_mem_mb")]  # measured on CUDA only
+        if mem:
+            axes[1].plot([r["n"] for r in mem], [r["peak_mem_mb"] for r in mem], style, label=name)
     for ax, ylabel in zip(axes, ("forward+backward ms (device time)", "peak memory MB")):
+        if not ax.lines:
+            ax.set_axis_off()
+            continue
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length N")
