@@ -253,12 +253,19 @@ def op_case(b: Bench, group, name, n, pattern, **op_kw):
         b.rows[-2]["backend"] = d.backend
 
 
-def flex_mask_mod_case(b: Bench, group, n, window):
-    """FlexAttention with a plain mask_mod, built as shared/bench/peers_bench.py builds it."""
+def band_counts(n, window) -> tuple[float, dict]:
+    """(forward FLOPs, row extras) of a ±window band over n positions: what the sliding rows report."""
+    kept = sum(min(n - 1, i + window) - max(0, i - window) + 1 for i in range(n))
+    return attn_flops(kept), {"kept": round(kept / n / n, 5)}
+
+
+def flex_mask_mod_case(b: Bench, group, n, window, qkv=None, name="flex plain mask_mod (+qkv)"):
+    """FlexAttention with a plain mask_mod, built as shared/bench/peers_bench.py builds it, on ``qkv()``
+    (default: the projection, as the peers)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False) if b.dev == "cuda" else flex_attention
-    qkv = b.projected(n)
+    qkv = qkv or b.projected(n)
 
     def make():
         bm = create_block_mask(lambda bb, h, qi, ki: (qi - ki).abs() <= window, None, None, n, n, device=b.dev)
@@ -267,8 +274,7 @@ def flex_mask_mod_case(b: Bench, group, n, window):
             q, k, v = qkv()
             return flex(q, k, v, block_mask=bm)
         return f
-    kept = sum(min(n - 1, i + window) - max(0, i - window) + 1 for i in range(n))
-    b.run(group, "flex plain mask_mod (+qkv)", n, make, attn_flops(kept), {"kept": round(kept / n / n, 5)})
+    b.run(group, name, n, make, *band_counts(n, window))
 
 
 def module_case(b: Bench, group, n, window):
@@ -276,30 +282,19 @@ def module_case(b: Bench, group, n, window):
 
     m = attnzoo.create("sliding_window", dim=HID, heads=NH, window=window).to(b.dev, b.dt)
     x = torch.randn(1, n, HID, device=b.dev, dtype=b.dt, requires_grad=True)
-    kept = sum(min(n - 1, i + window) - max(0, i - window) + 1 for i in range(n))
-    b.run(group, "attnzoo sliding_window module (q/k/v/o proj)", n, lambda: (lambda: m(x)), attn_flops(kept),
-          {"kept": round(kept / n / n, 5)})
+    b.run(group, "attnzoo sliding_window module (q/k/v/o proj)", n, lambda: (lambda: m(x)), *band_counts(n, window))
 
 
 def alone_cases(b: Bench, group, n, pattern, window):
     """attnzoo's op and FlexAttention with a plain mask_mod on the same q, k, v ``[1, 12, n, 64]`` (leaves, no
     projection): the attention alone, what the ">= 1.5x faster than FlexAttention" target compares."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     from attnzoo.ops import sparse_attention
 
     q, k, v = (torch.randn(1, NH, n, HD, device=b.dev, dtype=b.dt, requires_grad=True) for _ in range(3))
-    kept = sum(min(n - 1, i + window) - max(0, i - window) + 1 for i in range(n))
     b.run(group, "attnzoo sliding_window op, attention alone", n,
-          lambda: (lambda: sparse_attention(q, k, v, pattern)), attn_flops(kept), {"kept": round(kept / n / n, 5)})
-    if b.dev != "cuda":
-        return  # eager FlexAttention has no backward off CUDA
-    flex = torch.compile(flex_attention, dynamic=False)
-
-    def make():
-        bm = create_block_mask(lambda bb, h, qi, ki: (qi - ki).abs() <= window, None, None, n, n, device=b.dev)
-        return lambda: flex(q, k, v, block_mask=bm)
-    b.run(group, "flex plain mask_mod, attention alone", n, make, attn_flops(kept), {"kept": round(kept / n / n, 5)})
+          lambda: (lambda: sparse_attention(q, k, v, pattern)), *band_counts(n, window))
+    if b.dev == "cuda":  # eager FlexAttention has no backward off CUDA
+        flex_mask_mod_case(b, group, n, window, qkv=lambda: (q, k, v), name="flex plain mask_mod, attention alone")
 
 
 def proj_case(b: Bench, group, n):
