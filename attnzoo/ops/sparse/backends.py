@@ -15,9 +15,10 @@
 * ``reference``: the dense keep mask through :func:`attnzoo.ops.attention_reference`; the
   oracle (float64 on CPU), any call.
 
-The kernel backends (``flex``, ``gather``) compute the layout's part of the pattern; the rows of
-global tokens are computed densely by :func:`fill_global_rows` (one dense row in a tile would
-make that tile visit every KV tile).
+The kernel backends (``flex``, ``triton``, ``gather``) compute the layout's part of the pattern; the
+rows of global tokens are computed densely by :func:`fill_global_rows` (one dense row in a tile would
+make that tile visit every KV tile), unless the backend says it computed them itself
+(``computes_global_rows``: ``triton`` when they fill whole tiles of a tile-exact pattern).
 """
 from __future__ import annotations
 
@@ -67,7 +68,12 @@ class _KernelBackend(SparseBackend):
         return None
 
     def run(self, call):
-        return fill_global_rows(self.kernel(call), call)
+        out = self.kernel(call)
+        return out if self.computes_global_rows(call) else fill_global_rows(out, call)
+
+    def computes_global_rows(self, call: SparseCall) -> bool:
+        """True when :meth:`kernel` already computed the global rows (default: no, they are filled densely)."""
+        return False
 
     def kernel(self, call: SparseCall) -> torch.Tensor:
         raise NotImplementedError  # every concrete backend overrides this
@@ -244,13 +250,10 @@ class TritonBackend(_KernelBackend):
                     f"got tile={call.tile}")
         return None
 
-    def run(self, call):
+    def computes_global_rows(self, call):
         from .triton_kernel import rows_in_kernel
 
-        out = self.kernel(call)
-        if call.global_rows and rows_in_kernel(call.layout):
-            return out  # the kernels computed the global rows (whole tiles of a tile-exact pattern)
-        return fill_global_rows(out, call)
+        return call.global_rows and rows_in_kernel(call.layout)  # whole tiles of a tile-exact pattern
 
     def kernel(self, call):
         from .triton_kernel import block_sparse_attention
