@@ -390,6 +390,19 @@ if triton is not None:
         b = tl.maximum(tl.minimum((tl.minimum(q0 + HI + 1, N) // BLOCK) * BLOCK, end), a)
         return start, a, b, end
 
+    @triton.jit
+    def _query_program(ORDER, H, GROUPS: tl.constexpr, MODE: tl.constexpr):
+        """(query block, batch x head, batch, head, KV head) of this program in the forward and dQ kernels.
+        Band: grid (blocks, heads); list: grid (heads, tiles), heads fastest, query tiles heaviest first."""
+        if MODE == 0:
+            pid_m = tl.program_id(0)
+            bh = tl.program_id(1)
+        else:
+            bh = tl.program_id(0)
+            pid_m = tl.load(ORDER + tl.program_id(1))
+        h = bh % H
+        return pid_m, bh, bh // H, h, h // GROUPS
+
     @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL"],
                      prune_configs_by={"early_config_prune": _pruner("fwd")})
     @triton.jit
@@ -400,15 +413,7 @@ if triton is not None:
                     CAUSAL: tl.constexpr, PREC: tl.constexpr,
                     HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        if MODE == 0:
-            pid_m = tl.program_id(0)
-            bh = tl.program_id(1)
-        else:  # heads fastest, query tiles heaviest first (BLOCK_M == TILE)
-            bh = tl.program_id(0)
-            pid_m = tl.load(ORDER + tl.program_id(1))
-        b = bh // H
-        h = bh % H
-        hk = h // GROUPS
+        pid_m, bh, b, h, hk = _query_program(ORDER, H, GROUPS, MODE)
         q0 = pid_m * BLOCK_M
         offs_m = q0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -630,15 +635,7 @@ if triton is not None:
                    CAUSAL: tl.constexpr, PREC: tl.constexpr,
                    HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        if MODE == 0:
-            pid_m = tl.program_id(0)
-            bh = tl.program_id(1)
-        else:  # as the forward
-            bh = tl.program_id(0)
-            pid_m = tl.load(ORDER + tl.program_id(1))
-        b = bh // H
-        h = bh % H
-        hk = h // GROUPS
+        pid_m, bh, b, h, hk = _query_program(ORDER, H, GROUPS, MODE)
         q0 = pid_m * BLOCK_M
         offs_m = q0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -766,11 +763,12 @@ def _list_args(p: KernelPlan, dummy):
     return (p.bits if p.bits is not None else dummy, *p.lists, p.ids if p.ids is not None else dummy, p.order)
 
 
-def _grid(p: KernelPlan, tiles: int, heads: int, block: str):
-    """Band: (blocks along the sequence, heads); list: (heads, work units), heads fastest."""
+def _grid(p: KernelPlan, n: int, units: int, heads: int, block: str):
+    """Band: (blocks of ``block`` along the ``n`` positions, heads); list: (heads, ``units`` work units), heads
+    fastest."""
     if p.mode == BAND:
-        return lambda meta: (triton.cdiv(tiles, meta[block]), heads)
-    return lambda meta: (heads, tiles)
+        return lambda meta: (triton.cdiv(n, meta[block]), heads)
+    return lambda meta: (heads, units)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -787,7 +785,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         kw = dict(GROUPS=h // hk, MODE=p.mode, FMASK=0 if n % layout.tile == 0 else 5,
                   PMASK=3 if p.bits is not None else 2 if p.causal else 5,
                   CAUSAL=p.causal, HAS_KPM=kpm is not None, TILE=layout.tile, HEAD_DIM=d, PREC=_precision(q.dtype))
-        _launch(_fwd_kernel, _grid(p, n if p.mode == BAND else layout.num_tiles, b * h, "BLOCK_M"),
+        _launch(_fwd_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"),
                 (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy),
                  *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                  h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale), dict(HAS_GLOBAL=p.n_global > 0, **kw))
@@ -811,22 +809,18 @@ class _BlockSparseAttention(torch.autograd.Function):
         dv = torch.empty(b, hk, n, d, device=q.device, dtype=v.dtype)
         gpos = p.gpos if p.n_global else dummy
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads
-        _launch(_dq_kernel, _grid(p, n if p.mode == BAND else layout.num_tiles, b * h, "BLOCK_M"),
+        _launch(_dq_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"),
                 (q, k, v, o, do, lse, delta, dq, kpm_t, gpos, *_list_args(p, dummy),
                  *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), h, n, layout.num_tiles,
                  p.n_global, p.lo, p.hi, scale), dict(HAS_GLOBAL=p.n_global > 0, **kw))
+        t_args, scr, cnt, units = (dummy,) * 7, _dummy(q.device, torch.float32), dummy, 0
         if p.mode == LIST:
-            t_args = (p.bits if p.bits is not None else dummy, *p.full_t, *p.partial_t, p.items)
-            scr, cnt = _dummy(q.device, torch.float32), dummy
+            t_args, units = (p.bits if p.bits is not None else dummy, *p.full_t, *p.partial_t, p.items), len(p.items)
             if p.n_split:  # float32 dK/dV parts of the split tiles, and their arrival counters: one zeroed buffer
                 size = p.n_split * b * hk * 2 * layout.tile * d
                 buf = torch.zeros(size + p.n_split * b * hk, device=q.device, dtype=torch.int32)
                 scr, cnt = buf[:size].view(torch.float32), buf[size:]
-            grid = _grid(p, p.items.shape[0], b * hk, "BLOCK_N")
-        else:
-            t_args, scr, cnt = (dummy,) * 7, _dummy(q.device, torch.float32), dummy
-            grid = _grid(p, n, b * hk, "BLOCK_N")
-        _launch(_dkdv_kernel, grid,
+        _launch(_dkdv_kernel, _grid(p, n, units, b * hk, "BLOCK_N"),
                 (q, k, v, do, lse, delta, dk, dv, kpm_t, *t_args, scr, cnt,
                  *_strides(q), *_strides(k), *_strides(v), *_strides(do), hk, h, n, layout.num_tiles, p.lo, p.hi,
                  scale), kw)
