@@ -116,9 +116,12 @@ class Bench:
     def log(self, msg):
         print(f"[{time.time() - self.t0:7.1f}s] {msg}", flush=True)
 
-    def run(self, group, name, n, make, flops_fwd=None, extra=None):
-        """``make() -> fn`` returning the output tensor; times fwd (no grad) and fwd+bwd."""
-        for mode in ("fwd", "fwd+bwd"):
+    def run(self, group, name, n, make, flops_fwd=None, extra=None, modes=("fwd", "fwd+bwd"), grad_of=None):
+        """``make() -> fn`` returning the output tensor; times fwd (no grad) and fwd+bwd. The backward goes
+        through ``out.float().sum()``; with ``grad_of`` (``() -> inputs``) it is ``torch.autograd.grad(out,
+        inputs, dO)`` with a fixed random dO instead: the attention's own kernels, no loss and no gradient
+        accumulation, as attention kernels are usually compared."""
+        for mode in modes:
             row = dict(group=group, name=name, n=n, mode=mode, **(extra or {}))
             fn = None
             try:
@@ -132,9 +135,16 @@ class Bench:
                     def fn():
                         with torch.no_grad():
                             return fwd()
-                else:
+                elif grad_of is None:
                     def fn():
                         fwd().float().sum().backward()
+                else:
+                    inputs = grad_of()
+                    with torch.no_grad():
+                        dout = torch.randn_like(fwd())
+
+                    def fn():
+                        torch.autograd.grad(fwd(), inputs, dout)
                 fn()  # compile / first call, outside the timing
                 if self.dev == "cuda":
                     torch.cuda.synchronize()
@@ -259,9 +269,9 @@ def band_counts(n, window) -> tuple[float, dict]:
     return attn_flops(kept), {"kept": round(kept / n / n, 5)}
 
 
-def flex_mask_mod_case(b: Bench, group, n, window, qkv=None, name="flex plain mask_mod (+qkv)"):
+def flex_mask_mod_case(b: Bench, group, n, window, qkv=None, name="flex plain mask_mod (+qkv)", **run_kw):
     """FlexAttention with a plain mask_mod, built as shared/bench/peers_bench.py builds it, on ``qkv()``
-    (default: the projection, as the peers)."""
+    (default: the projection, as the peers); ``run_kw`` go to :meth:`Bench.run`."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     flex = torch.compile(flex_attention, dynamic=False) if b.dev == "cuda" else flex_attention
@@ -274,7 +284,7 @@ def flex_mask_mod_case(b: Bench, group, n, window, qkv=None, name="flex plain ma
             q, k, v = qkv()
             return flex(q, k, v, block_mask=bm)
         return f
-    b.run(group, name, n, make, *band_counts(n, window))
+    b.run(group, name, n, make, *band_counts(n, window), **run_kw)
 
 
 def module_case(b: Bench, group, n, window):
@@ -287,14 +297,18 @@ def module_case(b: Bench, group, n, window):
 
 def alone_cases(b: Bench, group, n, pattern, window):
     """attnzoo's op and FlexAttention with a plain mask_mod on the same q, k, v ``[1, 12, n, 64]`` (leaves, no
-    projection): the attention alone, what the ">= 1.5x faster than FlexAttention" target compares."""
+    projection): the attention alone, what the ">= 1.5x faster than FlexAttention" target compares; backward
+    through the loss as the other rows, then given dO (the kernels alone)."""
     from attnzoo.ops import sparse_attention
 
     q, k, v = (torch.randn(1, NH, n, HD, device=b.dev, dtype=b.dt, requires_grad=True) for _ in range(3))
-    b.run(group, "attnzoo sliding_window op, attention alone", n,
-          lambda: (lambda: sparse_attention(q, k, v, pattern)), *band_counts(n, window))
-    if b.dev == "cuda":  # eager FlexAttention has no backward off CUDA
-        flex_mask_mod_case(b, group, n, window, qkv=lambda: (q, k, v), name="flex plain mask_mod, attention alone")
+    given = {"modes": ("fwd+bwd",), "grad_of": lambda: (q, k, v)}
+    for suffix, kw in (("attention alone", {}), ("kernels, dO given", given)):
+        b.run(group, f"attnzoo sliding_window op, {suffix}", n,
+              lambda: (lambda: sparse_attention(q, k, v, pattern)), *band_counts(n, window), **kw)
+        if b.dev == "cuda":  # eager FlexAttention has no backward off CUDA
+            flex_mask_mod_case(b, group, n, window, qkv=lambda: (q, k, v), name=f"flex plain mask_mod, {suffix}",
+                               **kw)
 
 
 def proj_case(b: Bench, group, n):
@@ -497,9 +511,11 @@ def _targets(rows, peers) -> list[str]:
             out.append(f"- {r['name']} {mode}: {r['ms']:.3f} ms")
         da = _find(rows, "sliding", "dense cuDNN SDPA, attention alone", n, mode)
         pj = _find(rows, "sliding", "qkv projection alone", n, mode)
-        for ours, flex, what in ((best, _find(rows, "sliding", "flex plain mask_mod (+qkv)", n, mode), "+qkv"),
-                                 (_find(rows, "sliding", "attnzoo sliding_window op, attention alone", n, mode),
-                                  _find(rows, "sliding", "flex plain mask_mod, attention alone", n, mode), "alone")):
+        pairs = [(best, _find(rows, "sliding", "flex plain mask_mod (+qkv)", n, mode), "+qkv")]
+        for what in ("attention alone", "kernels, dO given"):
+            pairs.append((_find(rows, "sliding", f"attnzoo sliding_window op, {what}", n, mode),
+                          _find(rows, "sliding", f"flex plain mask_mod, {what}", n, mode), what))
+        for ours, flex, what in pairs:
             if not (ours and flex):
                 continue
             for key, clock in (("ms", "do_bench"), ("gpu_ms", "CUDA graph")):

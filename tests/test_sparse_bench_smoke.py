@@ -19,6 +19,8 @@ def test_sparse_bench_smoke(tmp_path, capsys):
     names = {r["name"] for r in rows}
     assert {"attnzoo sliding_window op (+qkv)", "attnzoo bigbird op (+qkv)", "flex plain mask_mod (+qkv)",
             "dense SDPA math (+qkv)", "attnzoo longformer op, 1 global token (+qkv)"} <= names
+    given = [r for r in rows if r["name"] == "attnzoo sliding_window op, kernels, dO given"]
+    assert [r["mode"] for r in given] == ["fwd+bwd"] and given[0]["ms"] > 0  # backward given dO, no forward row
     ours = [r for r in rows if r["name"].startswith("attnzoo") and "error" in r]
     assert not ours, ours  # only the peer's CPU backward may fail (FlexAttention has none off CUDA)
     md = (tmp_path / "sparse_bench.md").read_text()
