@@ -2,6 +2,7 @@
 the GPU is kept busy with a long sleep kernel so the host never waits, then 50 calls are timed on the host clock,
 and the op is profiled with cProfile. The record behind docs/sparse.md's host-time line. Run from the repo root on a
 GPU machine; writes $OUT/host2.txt."""
+import os, sys, time, cProfile, pstats, io
 sys.path.insert(0, os.getcwd())
 import torch
 from attnzoo.ops import sparse_attention
