@@ -99,7 +99,9 @@ def _num(x: str) -> float:
 def summary(details: str, source: str) -> None:
     """Print the round-6 tables from ncu's details page (text) and source page (CSV with SASS)."""
     heads, figs = [], []
-    for line in open(details):
+    with open(details) as fh:
+        lines = fh.read().splitlines()
+    for line in lines:
         m = re.match(r"\s{2}(\S+) \((\d+), (\d+), 1\)x\((\d+), 1, 1\)", line)
         if m:
             heads.append(f"{m.group(1)} grid {m.group(2)}x{m.group(3)} x {m.group(4)} threads")
@@ -113,7 +115,9 @@ def summary(details: str, source: str) -> None:
     for h, f in zip(heads, figs):
         print(f"| {h} | " + " | ".join(f.get(x, "") for x in _FIGURES) + " |")
     kernels, hdr = [], None
-    for r in csv.reader(open(source)):
+    with open(source, newline="") as fh:
+        rows = list(csv.reader(fh))
+    for r in rows:
         if r and r[0] == "Kernel Name":
             kernels.append((r[1], []))
             hdr = None
