@@ -37,6 +37,7 @@ import torch
 from ..ops import attention, sparse_attention
 from ..ops.masks import causal_keep
 from ..ops.sparse import BigBird, Dense, Longformer, Pattern, SlidingWindow
+from .mask_memo import memoized
 
 __all__ = ["fit_pattern", "pattern_rows", "padding_of", "covers", "PatternCall", "plan_pattern_call",
            "run_pattern_call"]
@@ -126,7 +127,17 @@ def plan_pattern_call(pattern: Pattern, keep: torch.Tensor | None, key_padding_m
 
     A pattern that keeps everything at this length (a window of at least ``k_len - 1``) runs on
     the dense op, whose fused kernels are the fastest there.
+
+    The plan is memoized per mask tensors (:mod:`.mask_memo`): the layers of one forward share it,
+    so the checks that read the masks on the host run once, not once per layer.
     """
+    key = ("plan_pattern_call", pattern, q_len, k_len, str(device), mask_has_pattern)
+    return memoized((keep, key_padding_mask), key,
+                    lambda: _plan(pattern, keep, key_padding_mask, q_len, k_len, device, mask_has_pattern))
+
+
+def _plan(pattern: Pattern, keep: torch.Tensor | None, key_padding_mask: torch.Tensor | None, q_len: int,
+          k_len: int, device, mask_has_pattern: bool) -> PatternCall:
     pattern = fit_pattern(pattern, k_len)
     if key_padding_mask is not None and key_padding_mask.shape[-1] != k_len:
         key_padding_mask = key_padding_mask[:, -k_len:]

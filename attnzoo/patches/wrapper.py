@@ -26,6 +26,7 @@ from ..ops.masks import causal_keep
 from ..variants.cache import Cache
 from ..variants.dense import DenseAttention, DenseConfig
 from ..variants.sparse import SparseAttention, SparseConfig
+from .mask_memo import memoized
 from .pattern_call import plan_pattern_call, run_pattern_call
 
 __all__ = ["HFDenseAttention", "HFSparseAttention", "hf_mask_to_keep", "HFCacheView"]
@@ -36,10 +37,16 @@ def hf_mask_to_keep(mask: torch.Tensor | None, k_len: int) -> tuple[torch.Tensor
 
     4-d boolean masks pass through; 4-d float masks are additive (0 = keep, a large negative
     number = masked; other values would be a bias attnzoo does not take and raise); 2-d masks of
-    ones and zeros are key-padding masks.
+    ones and zeros are key-padding masks. The result is memoized per mask tensor
+    (:mod:`.mask_memo`): every layer of a forward gets the same tensors, and the check of a float
+    mask reads the GPU once.
     """
     if mask is None:
         return None, None
+    return memoized((mask,), ("hf_mask_to_keep", k_len), lambda: _keep_of(mask, k_len))
+
+
+def _keep_of(mask: torch.Tensor, k_len: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     if mask.dim() == 2:
         return None, mask[:, -k_len:] != 0
     if mask.dim() != 4:
