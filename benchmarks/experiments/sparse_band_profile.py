@@ -27,6 +27,13 @@ Subcommands (on an H200, from the repo root, ``ATTNZOO_SPARSE_AUTOTUNE=0``):
     times forward + backward (dO given, CUDA-graph replay) with the dQ and dK/dV kernels recompiled at other
     ``num_stages`` / ``maxnreg`` settings, so that 4 programs fit on an SM instead of 3.
 
+``sass``
+    (CPU; Triton's wheel carries ptxas and cuobjdump) compiles the three band kernels for sm_90a with the
+    launch's divisibility hints and the configs above, and prints registers, SASS instruction counts and a few
+    opcode counts. The round's mask rewrites were edits of ``_keep`` / ``_keep_t`` in
+    ``attnzoo/ops/sparse/triton_kernel.py`` (MASK == 1) run through this: ``dd = (n - m - LO)`` bitcast to
+    uint32 and compared with ``HI - LO``; and the same two compares without the ``m >= 0`` term.
+
 The third experiment of the round, a forward that takes each row's self-score as a fixed softmax reference
 (no running max), was a change to ``attnzoo/ops/sparse/triton_kernel.py``; it is kept as
 ``sparse_band_fixed_reference.patch`` (against commit 0e8a420) with its timing in the results file.
@@ -192,6 +199,61 @@ def occupancy() -> None:
             print(f"{name:14s} fwd+bwd {t:6.1f}  fwd {tf:6.1f}  bwd {t - tf:6.1f}  maxdiff {err:.3g}", flush=True)
 
 
+def _signature(fn, consts):
+    ptrs = {"KPM", "GPOS", "BITS", "FC", "FI", "PC", "PI", "IDS", "FCT", "FIT", "PCT", "PIT", "IDST", "ORDER",
+            "ITEMS", "CNT"}
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = "*i32"
+        elif name in ("LSE", "DELTA", "SCR"):
+            sig[name] = "*fp32"
+        elif name in ("Q", "K", "V", "O", "OUT", "DO", "DQ", "DK", "DV"):
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "fp32" if name == "sm_scale" else "i32"
+    # a launch at N=16384, 12 heads marks every pointer and every integer divisible by 16 except the head count
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and n not in ("H", "G", "sm_scale", "HK")}
+    return sig, attrs
+
+
+def sass() -> None:
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sys.path.insert(0, os.getcwd())
+    from attnzoo.ops.sparse import triton_kernel as tk
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for kname, bm, bn, stages in (("_fwd_kernel", 64, 64, 2), ("_dq_kernel", 64, 64, 3), ("_dkdv_kernel", 32, 64, 2)):
+        fn = getattr(tk, kname).fn
+        consts = {k: v for k, v in dict(GROUPS=1, MODE=0, FMASK=0, PMASK=5, CAUSAL=False, HAS_KPM=False,
+                                        HAS_GLOBAL=False, TILE=64, HEAD_DIM=64, PREC="tf32", BLOCK_M=bm,
+                                        BLOCK_N=bn).items() if k in fn.arg_names}
+        sig, attrs = _signature(fn, consts)
+        k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 128),
+                           options={"num_warps": 4, "num_stages": stages})
+        with tempfile.TemporaryDirectory() as td:
+            ptx, cubin = os.path.join(td, "k.ptx"), os.path.join(td, "k.cubin")
+            with open(ptx, "w") as fh:
+                fh.write(k.asm["ptx"])
+            r = subprocess.run([os.path.join(bindir, "ptxas"), "-v", "-arch=sm_90a", ptx, "-o", cubin],
+                               capture_output=True, text=True, check=True)
+            regs = re.search(r"Used (\d+) registers", r.stdout + r.stderr).group(1)
+            out = subprocess.run([os.path.join(bindir, "cuobjdump"), "-sass", cubin], capture_output=True,
+                                 text=True, check=True).stdout
+        ins = [ln for ln in out.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/\s+\S", ln)]
+        ops = collections.Counter(re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", ln).split()[0].split(".")[0]
+                                  for ln in ins)
+        print(f"{kname:13s} regs {regs:>3s} sass {len(ins):5d} | "
+              + " ".join(f"{o} {ops[o]}" for o in ("ISETP", "FSEL", "IMAD", "LOP3", "PLOP3", "HGMMA", "MUFU")))
+
+
 if __name__ == "__main__":
     cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "target":
@@ -200,5 +262,7 @@ if __name__ == "__main__":
         summary(sys.argv[2], sys.argv[3])
     elif cmd == "occupancy":
         occupancy()
+    elif cmd == "sass":
+        sass()
     else:
         sys.exit(__doc__)
