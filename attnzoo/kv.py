@@ -48,6 +48,29 @@ def attention_sizes(config: Any) -> dict[str, int]:
 _RESOLVERS: list = []  # callables (config, dtype) -> int | None, registered by higher layers
 
 
+def _hf_cached_tokens(cfg: Any, seq_len: int) -> list[int] | None:
+    """Tokens each decoder layer's cache holds after ``seq_len`` tokens, as ``transformers``' ``DynamicCache``
+    keeps them: a sliding (or chunked) layer of window ``S`` the last ``S - 1`` (``min(seq_len, S - 1)``), a full
+    layer all ``seq_len``. None when every layer keeps everything, or when a layer is of another kind (linear
+    attention, shared KV, ...): the count is then ``seq_len`` per layer, as before. Layers are assumed to take
+    equal bytes per token (true for the architectures attnzoo patches)."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+        text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+        types, kwargs = get_layer_types_and_kwargs(text)
+    except Exception:  # an older transformers, or a config it cannot read layer by layer
+        return None
+    kept = []
+    for kind, kw in zip(types, kwargs):
+        if kind == "full_attention":
+            kept.append(seq_len)
+        elif kind in ("sliding_attention", "chunked_attention") and kw.get("sliding_window"):
+            kept.append(min(seq_len, max(int(kw["sliding_window"]) - 1, 1)))
+        else:
+            return None
+    return kept if kept and any(k != seq_len for k in kept) else None
+
+
 def kv_bytes_per_token(model_or_config: Any, dtype=None) -> int:
     """KV-cache bytes per token (batch 1), summed over every attention layer."""
     return _kv_bytes(model_or_config, dtype, None)
@@ -63,6 +86,11 @@ def _kv_bytes(model_or_config: Any, dtype, seq_len: int | None) -> int:
             return 1
         return cfg.cached_tokens(seq_len) if hasattr(cfg, "cached_tokens") else seq_len
 
+    def hf(cfg) -> int:
+        per_token = _hf_per_token(cfg, dtype)
+        kept = _hf_cached_tokens(cfg, seq_len) if seq_len is not None else None
+        return per_token * (seq_len or 1) if kept is None else per_token * sum(kept) // len(kept)
+
     if isinstance(model_or_config, VariantConfig):
         return model_or_config.kv_bytes_per_token(dtype or torch.float16) * tokens(model_or_config)
     if isinstance(model_or_config, torch.nn.Module):
@@ -73,7 +101,7 @@ def _kv_bytes(model_or_config: Any, dtype, seq_len: int | None) -> int:
             dtype = p.dtype if p is not None else torch.float16
         hf_config = getattr(model_or_config, "config", None)
         if hf_config is not None and not isinstance(hf_config, VariantConfig):
-            return _hf_per_token(hf_config, dtype) * (seq_len or 1)  # HF (patched ones: see resolvers)
+            return hf(hf_config)  # HF (patched ones: see resolvers)
         if mods:
             return sum(m.config.kv_bytes_per_token(dtype) * tokens(m.config) for m in mods)
         raise ValueError(f"kv_cache_bytes: {type(model_or_config).__name__} holds no attnzoo attention module "
@@ -82,7 +110,7 @@ def _kv_bytes(model_or_config: Any, dtype, seq_len: int | None) -> int:
         if dtype is None:
             dtype = getattr(model_or_config, "torch_dtype", None) or getattr(model_or_config, "dtype", None)
             dtype = dtype or torch.float16
-        return _hf_per_token(model_or_config, dtype) * (seq_len or 1)
+        return hf(model_or_config)
     raise TypeError(f"kv_cache_bytes: expected an attnzoo module/config or a Hugging Face model/config, "
                     f"got {type(model_or_config).__name__}")
 
@@ -93,7 +121,9 @@ def kv_cache_bytes(model_or_config: Any, seq_len: int, batch: int = 1, dtype=Non
     ``model_or_config``: an attnzoo module or config, or a Hugging Face model or config.
     ``dtype``: the cache dtype (default: the model's parameter dtype, the config's
     ``torch_dtype``, else float16). A layer whose config has ``cached_tokens(seq_len)`` (a causal
-    sliding window keeps ``window`` tokens) counts those tokens only.
+    sliding window keeps ``window`` tokens) counts those tokens only; so does a sliding layer of a
+    Hugging Face model (``config.sliding_window = S``, natively or set by attnzoo's patch: the last
+    ``S - 1`` tokens, as ``transformers``' ``DynamicCache`` keeps them).
     """
     check_positive_int("seq_len", seq_len)
     check_positive_int("batch", batch)

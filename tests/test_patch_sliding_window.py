@@ -170,6 +170,21 @@ def test_generate_with_the_cache_matches_the_full_forward(name, op_calls):
     assert op_calls[:2] == [("sparse", 10, 10)] * 2 and set(op_calls[2:12]) == {("dense", 1, 4)}
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2"])
+def test_kv_cache_bytes_match_the_cache_transformers_keeps(name):
+    """kv_cache_bytes of a patched decoder (and of its config) equals the bytes of the DynamicCache after a
+    prompt longer than the window, and after one shorter; sliding layers count their window, full layers all."""
+    model, _ = TINY[name].make()
+    attnzoo.patch(model, "sliding_window", window=3)
+    for n in (10, 2):
+        with torch.no_grad():
+            cache = model(input_ids=torch.randint(3, VOCAB, (1, n)), use_cache=True).past_key_values
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        assert attnzoo.kv_cache_bytes(model, n) == held
+        assert attnzoo.kv_cache_bytes(model.config, n, dtype=torch.float32) == held
+    assert attnzoo.kv_cache_bytes(model, 10) < 10 * attnzoo.kv_cache_bytes(model, 1)
+
+
 def test_static_cache_works_when_every_layer_slides_and_is_refused_otherwise():
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     inputs = _ids(10)
