@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from hf_tiny import TINY, main_output, run
+from hf_tiny import TINY, VOCAB, main_output, run
 
 import attnzoo
 from attnzoo.patches import HFDenseAttention, attention_sites
@@ -74,7 +74,7 @@ def test_fewer_groups_is_the_exact_mean_and_trains_and_generates(name):
     assert attnzoo.kv_cache_bytes(model, 5) == 5 * report.kv_bytes_per_token_after  # within the tiny windows
     if t.decoder:  # longer than mistral's and gemma2's tiny windows: what the cache really holds
         with torch.no_grad():
-            cache = model(input_ids=torch.randint(3, 90, (1, 10)), use_cache=True).past_key_values
+            cache = model(input_ids=torch.randint(3, VOCAB, (1, 10)), use_cache=True).past_key_values
         held = sum(x.numel() * x.element_size() for layer in cache.layers for x in (layer.keys, layer.values))
         assert attnzoo.kv_cache_bytes(model, 10) == held
     # forward and backward
