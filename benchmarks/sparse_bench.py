@@ -34,6 +34,7 @@ without running anything (run it after peers_bench.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -197,6 +198,11 @@ def device_info() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         pass
+    try:
+        from importlib.metadata import version
+        info["flash-attn-4"] = version("flash-attn-4")
+    except Exception:  # noqa: BLE001 - not installed
+        info["flash-attn-4"] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cudnn"] = torch.backends.cudnn.version()
@@ -295,20 +301,76 @@ def module_case(b: Bench, group, n, window):
     b.run(group, "attnzoo sliding_window module (q/k/v/o proj)", n, lambda: (lambda: m(x)), *band_counts(n, window))
 
 
+def _fa4_backward_note(n, window) -> str:
+    """Which backward the op's band kernels run here: "flash_attn.cute" or attnzoo's (and why)."""
+    from attnzoo.ops.sparse.fa4_backward import fa4_backward_reason
+
+    q = torch.empty(1, NH, 1, HD, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    why = fa4_backward_reason(q, band=True, n_global=0, lo=-window, hi=window, has_padding=False)
+    return "flash_attn.cute" if why is None else f"attnzoo ({why})"
+
+
+@contextlib.contextmanager
+def _env(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def flash4_case(b: Bench, group, n, window, qkv, **run_kw):
+    """FlashAttention-4's own local attention (``flash_attn.cute.flash_attn_func``, ``window_size=(w, w)``), forward
+    and backward its own, on the same q, k, v (views in its [B, N, H, D] layout, no copies). Skipped unless it
+    imports."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as e:  # noqa: BLE001 - not installed (or not importable here)
+        b.log(f"  (no FlashAttention-4 row: {type(e).__name__}: {str(e)[:120]})")
+        return
+
+    def make():
+        q, k, v = qkv()
+
+        def f():
+            o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), window_size=(window, window))
+            return (o[0] if isinstance(o, tuple) else o).transpose(1, 2)
+        return f
+    b.run(group, "FlashAttention-4 local window, kernels, dO given", n, make, *band_counts(n, window), **run_kw)
+
+
 def alone_cases(b: Bench, group, n, pattern, window):
-    """attnzoo's op and FlexAttention with a plain mask_mod on the same q, k, v ``[1, 12, n, 64]`` (leaves, no
+    """attnzoo's op and FlashAttention with a plain mask_mod on the same q, k, v ``[1, 12, n, 64]`` (leaves, no
     projection): the attention alone, what the ">= 1.5x faster than FlexAttention" target compares; backward
-    through the loss as the other rows, then given dO (the kernels alone)."""
+    through the loss as the other rows, then given dO (the kernels alone). Where FlashAttention-4 serves the
+    band's backward, also the op with attnzoo's own backward (``ATTNZOO_SPARSE_FA4=0``) and FlashAttention-4's
+    own local attention (forward and backward)."""
     from attnzoo.ops import sparse_attention
 
     q, k, v = (torch.randn(1, NH, n, HD, device=b.dev, dtype=b.dt, requires_grad=True) for _ in range(3))
     given = {"modes": ("fwd+bwd",), "grad_of": lambda: (q, k, v)}
+    bwd = _fa4_backward_note(n, window) if b.dev == "cuda" else None  # the triton backend's band backward
+    flops, extra = band_counts(n, window)
+    if bwd:
+        b.log(f"  band backward: {bwd}")
+        extra = {**extra, "backward": bwd}
     for suffix, kw in (("attention alone", {}), ("kernels, dO given", given)):
         b.run(group, f"attnzoo sliding_window op, {suffix}", n,
-              lambda: (lambda: sparse_attention(q, k, v, pattern)), *band_counts(n, window), **kw)
+              lambda: (lambda: sparse_attention(q, k, v, pattern)), flops, extra, **kw)
         if b.dev == "cuda":  # eager FlexAttention has no backward off CUDA
             flex_mask_mod_case(b, group, n, window, qkv=lambda: (q, k, v), name=f"flex plain mask_mod, {suffix}",
                                **kw)
+    if bwd == "flash_attn.cute":
+        with _env("ATTNZOO_SPARSE_FA4", "0"):
+            b.run(group, "attnzoo sliding_window op, kernels, dO given, attnzoo backward", n,
+                  lambda: (lambda: sparse_attention(q, k, v, pattern)), flops,
+                  {**extra, "backward": _fa4_backward_note(n, window)}, **given)
+    if b.dev == "cuda":
+        flash4_case(b, group, n, window, lambda: (q, k, v), **given)
 
 
 def proj_case(b: Bench, group, n):
@@ -415,7 +477,7 @@ def report(out_dir: str, peers_path: str | None) -> str:
             peers = [json.loads(line) for line in f if line.strip()]
     lines = [f"# attnzoo sparse benchmark\n\n{json.dumps(data['device'])}\n"]
     cols = ["name", "n", "mode", "ms", "gpu_ms", "tflops", "peak_mem_mb", "kept", "tiles_visited", "tiles_full",
-            "layout_build_ms", "backend", "error"]
+            "layout_build_ms", "backend", "backward", "error"]
     for group in ("sliding", "bigbird", "scaling", "autotune"):
         g = [r for r in rows if r["group"] == group]
         if g:
@@ -523,6 +585,18 @@ def _targets(rows, peers) -> list[str]:
                     check(f"sliding ±256 N={n} {mode} ({what}, {clock}) >= 1.5x faster than flex mask_mod",
                           flex[key] / ours[key] >= 1.5,
                           f"{ours[key]:.3f} ms vs {flex[key]:.3f} ms: {flex[key] / ours[key]:.2f}x")
+        kernels = pairs[-1][0]  # the op with what it picks, kernels alone (dO given)
+        for name, label in (("attnzoo sliding_window op, kernels, dO given, attnzoo backward",
+                             "the op with attnzoo's own backward (ATTNZOO_SPARSE_FA4=0)"),
+                            ("FlashAttention-4 local window, kernels, dO given",
+                             "FlashAttention-4's own local attention (its forward and backward)")):
+            other = _find(rows, "sliding", name, n, mode)
+            if other and kernels and other.get("gpu_ms") and kernels.get("gpu_ms"):
+                fx = pairs[-1][1]
+                out.append(f"- {label}, kernels, dO given, CUDA graph: {other['gpu_ms']:.3f} ms; the op as dispatched "
+                           f"{kernels['gpu_ms']:.3f} ms ({other['gpu_ms'] / kernels['gpu_ms']:.2f}x its time)"
+                           + (f"; flex mask_mod / it = {fx['gpu_ms'] / other['gpu_ms']:.2f}x"
+                              if fx and fx.get("gpu_ms") else ""))
         if da and pj:
             ideal = da["ms"] * best["kept"] + pj["ms"]
             check(f"sliding ±256 N={n} {mode} within 3x of ideal", best["ms"] <= 3 * ideal,

@@ -19,7 +19,8 @@ Two ways to walk the keys, chosen per pattern (:func:`plan`):
 Three kernels per call, as FlashAttention-2: the forward (one program per block of queries and
 head: online softmax, output and log-sum-exp), dQ (which also writes ``rowsum(dO * O)``) and dK/dV
 (one program per block of keys and KV head, looping over its query heads: grouped KV heads without
-atomics). Tile sizes and warps are autotuned once per head_dim and mode (``ATTNZOO_SPARSE_AUTOTUNE=0`` in the
+atomics). A pure band's backward goes to FlashAttention-4 instead where it is installed and faster
+(:mod:`.fa4_backward`: Hopper, float16/bfloat16, no padding, not deterministic mode). Tile sizes and warps are autotuned once per head_dim and mode (``ATTNZOO_SPARSE_AUTOTUNE=0`` in the
 environment: the first configuration that fits, no tuning compiles, for tests and quick runs).
 
 List mode schedules the work: query tiles run heaviest first (all heads of the longest lists
@@ -41,6 +42,8 @@ import os
 from dataclasses import dataclass
 
 import torch
+
+from .fa4_backward import fa4_backward_reason, fa4_band_backward
 
 try:
     import triton
@@ -802,6 +805,11 @@ class _BlockSparseAttention(torch.autograd.Function):
         hk = k.shape[1]
         if do.stride(-1) != 1:
             do = do.contiguous()
+        if fa4_backward_reason(q, band=p.mode == BAND, n_global=p.n_global, lo=p.lo, hi=p.hi,
+                               has_padding=ctx.has_kpm) is None:
+            grads = fa4_band_backward(q, k, v, o, do, lse, scale, p.lo, p.hi)
+            if grads is not None:
+                return (*grads, None, None, None, None)
         dummy = _dummy(q.device)
         delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
         dq = torch.empty(b, h, n, d, device=q.device, dtype=q.dtype)

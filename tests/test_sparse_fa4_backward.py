@@ -1,0 +1,261 @@
+"""The band backward through FlashAttention-4 (attnzoo.ops.sparse.fa4_backward).
+
+On CPU: when it applies (every reason it declines), the adapter (layouts, base-2 -> natural log-sum-exp, window
+bounds, grouped heads) against float64 autograd through a stand-in that implements FlashAttention's backward
+contract, the one-time fallback when FlashAttention raises, and the Triton backward's hand-over (Triton's
+interpreter). On a Hopper GPU with flash-attn-4 installed (``gpu`` marker): the real kernels against float64, and
+each way of switching them off. Without flash-attn-4 the GPU tests skip; the other GPU tests then cover the Triton
+backward.
+"""
+import math
+import types
+import warnings
+
+import pytest
+import torch
+
+from attnzoo.ops import sparse_attention
+from attnzoo.ops.sparse import SlidingWindow, fa4_backward
+from attnzoo.ops.sparse.fa4_backward import band_backward_reason, fa4_backward_reason, fa4_band_backward
+
+GOOD = dict(band=True, n_global=0, has_padding=False, device_type="cuda", capability=(9, 0), dtype=torch.bfloat16,
+            head_dim=64, lo=-256, hi=256, deterministic=False, env=None)
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch):
+    monkeypatch.setattr(fa4_backward, "_state", {})
+
+
+def test_reason_is_none_for_a_plain_band_on_hopper():
+    assert band_backward_reason(**GOOD) is None
+    assert band_backward_reason(**{**GOOD, "hi": 0, "dtype": torch.float16, "head_dim": 128}) is None
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"env": "0"}, "ATTNZOO_SPARSE_FA4=0"),
+    ({"band": False}, "not a pure band"),
+    ({"n_global": 1}, "global tokens"),
+    ({"has_padding": True}, "key padding"),
+    ({"device_type": "cpu"}, "device cpu"),
+    ({"capability": (8, 0)}, "compute capability (8, 0)"),
+    ({"capability": (10, 0)}, "compute capability (10, 0)"),
+    ({"dtype": torch.float32}, "dtype torch.float32"),
+    ({"head_dim": 12}, "head_dim 12"),
+    ({"head_dim": 512}, "head_dim 512"),
+    ({"lo": 3, "hi": 9}, "band 3..9"),
+    ({"deterministic": True}, "use_deterministic_algorithms"),
+], ids=lambda x: str(x) if isinstance(x, str) else "-".join(x))
+def test_reason_names_what_declines(change, words):
+    assert words in band_backward_reason(**{**GOOD, **change})
+
+
+def test_reason_for_a_cpu_tensor_does_not_import_flash_attention():
+    assert fa4_backward_reason(torch.zeros(1, 1, 4, 8), band=True, n_global=0, lo=-1, hi=1,
+                               has_padding=False) == "device cpu (needs CUDA)"
+    assert fa4_backward._state == {}
+
+
+def _band_keep(n, left, right):
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    return (j >= i - left) & (j <= i + right)
+
+
+def _fake_flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, window_size_left, window_size_right):
+    """FlashAttention's backward contract in float64: ``[B, N, H, D]`` tensors (k, v with Hkv heads), ``lse``
+    ``[B, H, N]`` natural log, keys ``i - left <= j <= i + right``; returns dq, dk, dv in the inputs' layouts."""
+    assert not causal
+    qh, kh, vh, oh, doh = (x.transpose(1, 2).double() for x in (q, k, v, out, dout))
+    g = qh.shape[1] // kh.shape[1]
+    kr, vr = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
+    keep = _band_keep(qh.shape[2], window_size_left, window_size_right)
+    s = qh @ kr.transpose(-1, -2) * softmax_scale
+    p = torch.where(keep, torch.exp(s - lse.double()[..., None]), 0.0)
+    dv = p.transpose(-1, -2) @ doh
+    ds = p * (doh @ vr.transpose(-1, -2) - (doh * oh).sum(-1, keepdim=True))
+    dq = ds @ kr * softmax_scale
+    dk = ds.transpose(-1, -2) @ qh * softmax_scale
+    b, h, n, d = dk.shape
+    dk, dv = (x.view(b, h // g, g, n, d).sum(2) for x in (dk, dv))
+    return tuple(x.transpose(1, 2).contiguous().to(q.dtype) for x in (dq, dk, dv))
+
+
+@pytest.mark.parametrize("lo, hi", [(-5, 5), (-7, 0), (-3, 11)], ids=["bidirectional", "causal", "asymmetric"])
+def test_adapter_matches_float64_autograd(monkeypatch, lo, hi):
+    """``fa4_band_backward`` hands FlashAttention its layout, natural-log LSE and window bounds, and returns the
+    gradients in attnzoo's layout: through the stand-in they equal float64 autograd (grouped heads, odd length)."""
+    monkeypatch.setattr(fa4_backward, "_state", {"module": types.SimpleNamespace(_flash_attn_bwd=_fake_flash_attn_bwd)})
+    torch.manual_seed(0)
+    b, h, hk, n, d, scale = 2, 4, 2, 37, 8, 0.3
+    q = torch.randn(b, h, n, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hk, n, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hk, n, d, dtype=torch.float64, requires_grad=True)
+    keep = _band_keep(n, -lo, hi)
+    s = q @ k.repeat_interleave(h // hk, 1).transpose(-1, -2) * scale
+    s = s.masked_fill(~keep, float("-inf"))
+    o = torch.softmax(s, -1) @ v.repeat_interleave(h // hk, 1)
+    lse2 = (torch.logsumexp(s, -1) / math.log(2.0)).detach()
+    do = torch.randn_like(o)
+    want = torch.autograd.grad(o, (q, k, v), do)
+    got = fa4_band_backward(q.detach(), k.detach(), v.detach(), o.detach(), do, lse2, scale, lo, hi)
+    for name, a, w in zip("qkv", got, want):
+        assert a.shape == w.shape, name
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+
+
+def test_a_failing_flash_attention_warns_once_and_is_not_called_again(monkeypatch):
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise TypeError("unexpected keyword argument 'window_size_left'")
+    monkeypatch.setattr(fa4_backward, "_state", {"module": types.SimpleNamespace(_flash_attn_bwd=broken)})
+    x = torch.zeros(1, 2, 8, 8)
+    lse = torch.zeros(1, 2, 8)
+    with pytest.warns(RuntimeWarning, match="window_size_left.*attnzoo's own kernels.*ATTNZOO_SPARSE_FA4=0"):
+        assert fa4_band_backward(x, x, x, x, x, lse, 1.0, -2, 2) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fa4_band_backward(x, x, x, x, x, lse, 1.0, -2, 2) is None
+    assert len(calls) == 1
+    assert "failed once (TypeError" in fa4_backward._state["failed"]
+
+
+def test_missing_flash_attention_is_a_reason(monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_flash(name, *args, **kwargs):
+        if name.startswith("flash_attn"):
+            raise ImportError("No module named 'flash_attn'")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_flash)
+    assert fa4_backward._interface() is None
+    assert "flash_attn.cute does not import (ImportError" in fa4_backward._state["failed"]
+
+
+def test_triton_backward_hands_a_band_over_and_takes_its_own_path_on_none(monkeypatch):
+    """The ``triton`` backend's backward returns what ``fa4_band_backward`` gives when the reason is None, and
+    runs its own kernels when it gives None (Triton's interpreter on CPU; stand-ins for FlashAttention)."""
+    pytest.importorskip("triton")
+    from attnzoo.ops.sparse import triton_kernel
+    if not triton_kernel.interpreted() and not torch.cuda.is_available():
+        pytest.skip("the kernel module was imported without TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() and not triton_kernel.interpreted() else "cpu"
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 45, 16, device=dev, requires_grad=True) for _ in range(3))
+    pattern = SlidingWindow(window=6, causal=True)
+    go = torch.randn(1, 2, 45, 16, device=dev)
+    own = torch.autograd.grad(sparse_attention(q, k, v, pattern, tile=32, backend="triton"), (q, k, v), go)
+    seen = {}
+
+    def stand_in(*args):
+        seen["args"] = args
+        return tuple(torch.full_like(t, i + 1.0) for i, t in enumerate(args[:3]))
+    monkeypatch.setattr(triton_kernel, "fa4_backward_reason", lambda *a, **kw: None)
+    monkeypatch.setattr(triton_kernel, "fa4_band_backward", stand_in)
+    got = torch.autograd.grad(sparse_attention(q, k, v, pattern, tile=32, backend="triton"), (q, k, v), go)
+    assert [float(g.unique()) for g in got] == [1.0, 2.0, 3.0]
+    qq, kk, vv, o, do, lse2, scale, lo, hi = seen["args"]
+    assert (lo, hi) == (-6, 0) and scale == pytest.approx(0.25) and lse2.shape == (1, 2, 45)
+    assert torch.equal(do, go)
+    monkeypatch.setattr(triton_kernel, "fa4_band_backward", lambda *args: None)
+    again = torch.autograd.grad(sparse_attention(q, k, v, pattern, tile=32, backend="triton"), (q, k, v), go)
+    for a, b in zip(again, own):
+        torch.testing.assert_close(a, b)
+
+
+# -- GPU: the real FlashAttention-4 kernels ---------------------------------------------------------------------
+
+
+def _fa4_here() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs CUDA"
+    if torch.cuda.get_device_capability()[0] != 9:
+        return "needs a Hopper GPU"
+    if fa4_backward._interface() is None:
+        return fa4_backward._state["failed"]
+    return None
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _run(pattern, dtype, n, hq=8, hkv=4, d=64, kpm=None):
+    torch.manual_seed(0)
+    q = torch.randn(2, hq, n, d, device="cuda", dtype=dtype, requires_grad=True)
+    k = torch.randn(2, hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(2, hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
+    out = sparse_attention(q, k, v, pattern, key_padding_mask=kpm, backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sparse_attention(q64, k64, v64, pattern, key_padding_mask=kpm, backend="reference")
+    go = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), go.to(dtype))
+    want = torch.autograd.grad(ref, (q64, k64, v64), go)
+    return {name: _rel(a, b) for name, a, b in zip("qkv", got, want)}
+
+
+@pytest.fixture
+def fa4_calls(monkeypatch):
+    """Counts the calls that reach FlashAttention-4 (skips the test where it cannot run)."""
+    monkeypatch.setattr(fa4_backward, "_state", {})
+    why = _fa4_here()
+    if why is not None:
+        pytest.skip(f"FlashAttention-4's backward is not usable here: {why}")
+    from attnzoo.ops.sparse import triton_kernel
+    calls = []
+    real = triton_kernel.fa4_band_backward
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+    monkeypatch.setattr(triton_kernel, "fa4_band_backward", counting)
+    monkeypatch.delenv("ATTNZOO_SPARSE_FA4", raising=False)
+    return calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window, causal, n, dtype", [
+    (100, False, 999, torch.bfloat16), (100, True, 999, torch.bfloat16), (256, False, 4096, torch.bfloat16),
+    (256, True, 1500, torch.float16), (31, False, 333, torch.float16),
+], ids=["w100-full-999-bf16", "w100-causal-999-bf16", "w256-full-4096-bf16", "w256-causal-1500-fp16",
+        "w31-full-333-fp16"])
+def test_fa4_backward_matches_float64(fa4_calls, window, causal, n, dtype):
+    errs = _run(SlidingWindow(window=window, causal=causal), dtype, n)
+    assert len(fa4_calls) == 1
+    assert max(errs.values()) < 1e-2, errs
+
+
+@pytest.mark.gpu
+def test_fa4_backward_switches_off(fa4_calls, monkeypatch):
+    """ATTNZOO_SPARSE_FA4=0, deterministic algorithms and key padding keep the backward on attnzoo's kernels,
+    which match float64 too."""
+    pattern = SlidingWindow(window=64)
+    monkeypatch.setenv("ATTNZOO_SPARSE_FA4", "0")
+    assert max(_run(pattern, torch.bfloat16, 500).values()) < 1e-2
+    monkeypatch.delenv("ATTNZOO_SPARSE_FA4")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert max(_run(pattern, torch.bfloat16, 500).values()) < 1e-2
+    finally:
+        torch.use_deterministic_algorithms(False)
+    kpm = torch.ones(2, 500, dtype=torch.bool, device="cuda")
+    kpm[1, 450:] = False
+    assert max(_run(pattern, torch.bfloat16, 500, kpm=kpm).values()) < 1e-2
+    assert fa4_calls == []
+    assert max(_run(pattern, torch.bfloat16, 500).values()) < 1e-2
+    assert len(fa4_calls) == 1
+
+
+@pytest.mark.gpu
+def test_fa4_failure_falls_back_with_a_warning(fa4_calls, monkeypatch):
+    interface = fa4_backward._interface()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated launch failure")
+    monkeypatch.setattr(interface, "_flash_attn_bwd", broken)
+    with pytest.warns(RuntimeWarning, match="simulated launch failure"):
+        errs = _run(SlidingWindow(window=64), torch.bfloat16, 500)
+    assert max(errs.values()) < 1e-2
