@@ -19,6 +19,8 @@ Groups (``--groups``, default all):
             (±256 + 1 global token), the full sliding_window module, FlexAttention with a plain mask_mod (built
             here as peers_bench does), the op and that FlexAttention on the attention alone (same leaf q, k, v),
             dense cuDNN (+qkv and alone), the projection alone; "ideal" = kept x dense attention (+ projection).
+            Where FlashAttention-4 (flash-attn-4) serves the band's backward, also the op with attnzoo's own
+            backward (ATTNZOO_SPARSE_FA4=0) and FlashAttention-4's own local attention.
   bigbird   block 64, window 3 blocks, 2 global, 3 random; N = 4096, 8192, 16384 (dispatch, triton, flex on
             128-tiles); vs dense cuDNN.
   scaling   N = 4k ... 128k, sliding ±256 (what dispatch picks) vs dense cuDNN, time and peak memory.
@@ -402,6 +404,9 @@ def group_sliding(b: Bench):
     w = 16 if b.smoke else WINDOW
     pattern = SlidingWindow(window=w)
     op_case(b, "sliding", "attnzoo sliding_window op (+qkv)", n, pattern)  # what dispatch picks
+    if b.dev == "cuda" and _fa4_backward_note(n, w) == "flash_attn.cute":
+        with _env("ATTNZOO_SPARSE_FA4", "0"):
+            op_case(b, "sliding", "attnzoo sliding_window op, attnzoo backward (+qkv)", n, pattern)
     if b.dev == "cuda":
         for be in ("triton", "flex"):
             op_case(b, "sliding", f"attnzoo sliding_window op, {be} (+qkv)", n, pattern, backend=be)

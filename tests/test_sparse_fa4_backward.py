@@ -62,9 +62,11 @@ def _band_keep(n, left, right):
     return (j >= i - left) & (j <= i + right)
 
 
-def _fake_flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, window_size_left, window_size_right):
+def _fake_flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, window_size_left, window_size_right,
+                         dq=None, dk=None, dv=None):
     """FlashAttention's backward contract in float64: ``[B, N, H, D]`` tensors (k, v with Hkv heads), ``lse``
-    ``[B, H, N]`` natural log, keys ``i - left <= j <= i + right``; returns dq, dk, dv in the inputs' layouts."""
+    ``[B, H, N]`` natural log, keys ``i - left <= j <= i + right``; writes dq, dk, dv into the given tensors (same
+    shapes as q, k, v; any strides) and returns them."""
     assert not causal
     qh, kh, vh, oh, doh = (x.transpose(1, 2).double() for x in (q, k, v, out, dout))
     g = qh.shape[1] // kh.shape[1]
@@ -72,13 +74,17 @@ def _fake_flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, window_
     keep = _band_keep(qh.shape[2], window_size_left, window_size_right)
     s = qh @ kr.transpose(-1, -2) * softmax_scale
     p = torch.where(keep, torch.exp(s - lse.double()[..., None]), 0.0)
-    dv = p.transpose(-1, -2) @ doh
+    dv_ = p.transpose(-1, -2) @ doh
     ds = p * (doh @ vr.transpose(-1, -2) - (doh * oh).sum(-1, keepdim=True))
-    dq = ds @ kr * softmax_scale
-    dk = ds.transpose(-1, -2) @ qh * softmax_scale
-    b, h, n, d = dk.shape
-    dk, dv = (x.view(b, h // g, g, n, d).sum(2) for x in (dk, dv))
-    return tuple(x.transpose(1, 2).contiguous().to(q.dtype) for x in (dq, dk, dv))
+    dq_ = ds @ kr * softmax_scale
+    dk_ = ds.transpose(-1, -2) @ qh * softmax_scale
+    b, h, n, d = dk_.shape
+    dk_, dv_ = (x.view(b, h // g, g, n, d).sum(2) for x in (dk_, dv_))
+    outs = []
+    for given, x in zip((dq, dk, dv), (dq_, dk_, dv_)):
+        given.copy_(x.transpose(1, 2))
+        outs.append(given)
+    return tuple(outs)
 
 
 @pytest.mark.parametrize("lo, hi", [(-5, 5), (-7, 0), (-3, 11)], ids=["bidirectional", "causal", "asymmetric"])
@@ -100,7 +106,7 @@ def test_adapter_matches_float64_autograd(monkeypatch, lo, hi):
     want = torch.autograd.grad(o, (q, k, v), do)
     got = fa4_band_backward(q.detach(), k.detach(), v.detach(), o.detach(), do, lse2, scale, lo, hi)
     for name, a, w in zip("qkv", got, want):
-        assert a.shape == w.shape, name
+        assert a.shape == w.shape and a.is_contiguous(), name
         torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"d{name}: {m}")
 
 

@@ -100,17 +100,20 @@ def fa4_band_backward(q, k, v, o, do, lse2, scale: float, lo: int, hi: int):
 
     q, o, do: ``[B, H, N, D]``; k, v: ``[B, Hkv, N, D]`` (H a multiple of Hkv); ``lse2``: float32 ``[B, H, N]``,
     the forward's log-sum-exp of ``scale * q·k`` in base 2 (attnzoo's kernels' convention). Returns the three
-    gradients in the shapes of q, k, v (views of FlashAttention's ``[B, N, H, D]`` tensors). Returns None,
+    gradients as contiguous tensors in the shapes of q, k, v. Returns None,
     after one warning, when FlashAttention raises; the caller then runs its own kernels.
     """
     fa = _interface()
     if fa is None:
         return None
     t = lambda x: x.transpose(1, 2)  # noqa: E731 - [B, H, N, D] <-> FlashAttention's [B, N, H, D], no copy
+    # the gradients in attnzoo's layout (contiguous [B, H, N, D], as its own kernels return them), written by
+    # FlashAttention through [B, N, H, D] views: no copies here, and none later where autograd reassembles them
+    dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
     try:
-        grads = fa._flash_attn_bwd(t(q), t(k), t(v), t(o), t(do), lse2 * _LN2, softmax_scale=scale, causal=False,
-                                   window_size_left=-lo, window_size_right=hi)
-        return tuple(t(g) for g in grads[:3])
+        fa._flash_attn_bwd(t(q), t(k), t(v), t(o), t(do), lse2 * _LN2, softmax_scale=scale, causal=False,
+                           window_size_left=-lo, window_size_right=hi, dq=t(dq), dk=t(dk), dv=t(dv))
+        return dq, dk, dv
     except Exception as e:  # noqa: BLE001 - any failure: fall back to attnzoo's kernels for the rest of the process
         _state.pop("module", None)
         _state["failed"] = f"flash_attn.cute's backward failed once ({type(e).__name__}: {str(e)[:200]})"
