@@ -18,8 +18,8 @@ from attnzoo.ops import sparse_attention
 from attnzoo.ops.sparse import SlidingWindow, fa4_backward
 from attnzoo.ops.sparse.fa4_backward import band_backward_reason, fa4_backward_reason, fa4_band_backward
 
-GOOD = dict(band=True, n_global=0, has_padding=False, device_type="cuda", capability=(9, 0), dtype=torch.bfloat16,
-            head_dim=64, lo=-256, hi=256, deterministic=False, env=None)
+GOOD = {"band": True, "n_global": 0, "has_padding": False, "device_type": "cuda", "capability": (9, 0),
+        "dtype": torch.bfloat16, "head_dim": 64, "lo": -256, "hi": 256, "deterministic": False, "env": None}
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +107,7 @@ def test_adapter_matches_float64_autograd(monkeypatch, lo, hi):
     got = fa4_band_backward(q.detach(), k.detach(), v.detach(), o.detach(), do, lse2, scale, lo, hi)
     for name, a, w in zip("qkv", got, want):
         assert a.shape == w.shape and a.is_contiguous(), name
-        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_a_failing_flash_attention_warns_once_and_is_not_called_again(monkeypatch):
@@ -163,7 +163,7 @@ def test_triton_backward_hands_a_band_over_and_takes_its_own_path_on_none(monkey
     monkeypatch.setattr(triton_kernel, "fa4_band_backward", stand_in)
     got = torch.autograd.grad(sparse_attention(q, k, v, pattern, tile=32, backend="triton"), (q, k, v), go)
     assert [float(g.unique()) for g in got] == [1.0, 2.0, 3.0]
-    qq, kk, vv, o, do, lse2, scale, lo, hi = seen["args"]
+    *_, do, lse2, scale, lo, hi = seen["args"]
     assert (lo, hi) == (-6, 0) and scale == pytest.approx(0.25) and lse2.shape == (1, 2, 45)
     assert torch.equal(do, go)
     monkeypatch.setattr(triton_kernel, "fa4_band_backward", lambda *args: None)

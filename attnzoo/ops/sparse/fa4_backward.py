@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-__all__ = ["fa4_backward_reason", "fa4_band_backward", "band_backward_reason"]
+__all__ = ["band_backward_reason", "fa4_backward_reason", "fa4_band_backward"]
 
 _LN2 = math.log(2.0)
 _state: dict = {}  # "module": the imported interface, or "failed": why it cannot be used in this process
