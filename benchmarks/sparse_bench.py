@@ -305,11 +305,11 @@ def module_case(b: Bench, group, n, window):
 
 def _fa4_backward_note(n, window) -> str:
     """Which backward the op's band kernels run here: "flash_attn.cute" or attnzoo's (and why)."""
-    from attnzoo.ops.sparse.fa4_backward import fa4_backward_reason
+    from attnzoo.ops.sparse import SlidingWindow
+    from attnzoo.ops.sparse.fa4_backward import which_band_backward
 
-    q = torch.empty(1, NH, 1, HD, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
-    why = fa4_backward_reason(q, band=True, n_global=0, lo=-window, hi=window, has_padding=False)
-    return "flash_attn.cute" if why is None else f"attnzoo ({why})"
+    q = torch.empty(1, NH, n, HD, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    return which_band_backward(q, SlidingWindow(window=window))
 
 
 @contextlib.contextmanager

@@ -56,6 +56,24 @@ def test_reason_for_a_cpu_tensor_does_not_import_flash_attention():
     assert fa4_backward._state == {}
 
 
+def test_which_band_backward_names_the_path(monkeypatch):
+    from attnzoo.ops.sparse import BigBird, Longformer
+
+    q = torch.zeros(1, 2, 40, 8)
+    assert fa4_backward.which_band_backward(q, BigBird(block_size=8)) == "attnzoo (not a band pattern)"
+    assert fa4_backward.which_band_backward(q, SlidingWindow(window=4)) == "attnzoo (device cpu (needs CUDA))"
+    seen = {}
+
+    def reason(q, **facts):
+        seen.update(facts)
+        return None
+    monkeypatch.setattr(fa4_backward, "fa4_backward_reason", reason)
+    assert fa4_backward.which_band_backward(q, SlidingWindow(window=4, causal=True)) == "flash_attn.cute"
+    assert seen == {"band": True, "n_global": 0, "lo": -4, "hi": 0, "has_padding": False}
+    fa4_backward.which_band_backward(q, Longformer(window=4, global_tokens=(0, 7)), torch.ones(1, 40, dtype=bool))
+    assert seen["n_global"] == 2 and seen["has_padding"]
+
+
 def _band_keep(n, left, right):
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]

@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-__all__ = ["band_backward_reason", "fa4_backward_reason", "fa4_band_backward"]
+__all__ = ["band_backward_reason", "fa4_backward_reason", "fa4_band_backward", "which_band_backward"]
 
 _LN2 = math.log(2.0)
 _state: dict = {}  # "module": the imported interface, or "failed": why it cannot be used in this process
@@ -93,6 +93,22 @@ def fa4_backward_reason(q: torch.Tensor, *, band: bool, n_global: int, lo: int, 
     if why is None and _interface() is None:
         why = _state["failed"]
     return why
+
+
+def which_band_backward(q: torch.Tensor, pattern, key_padding_mask: torch.Tensor | None = None) -> str:
+    """Which backward the ``triton`` sparse backend runs for ``pattern`` on inputs like ``q`` (``[B, H, N, D]``):
+    ``"flash_attn.cute"``, or ``"attnzoo (<why not FlashAttention-4>)"``.
+
+    >>> which_band_backward(q, SlidingWindow(window=256))  # on an H200 with flash-attn-4
+    'flash_attn.cute'
+    """
+    band = pattern.band()
+    if band is None:
+        return "attnzoo (not a band pattern)"
+    n_global = int(pattern.bind(q.shape[2], "cpu").global_rows.numel())
+    why = fa4_backward_reason(q, band=True, n_global=n_global, lo=band[0], hi=band[1],
+                              has_padding=key_padding_mask is not None)
+    return "flash_attn.cute" if why is None else f"attnzoo ({why})"
 
 
 def fa4_band_backward(q, k, v, o, do, lse2, scale: float, lo: int, hi: int):
