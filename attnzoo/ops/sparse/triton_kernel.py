@@ -50,10 +50,6 @@ try:
     import triton.language as tl
 except ImportError:  # the kernel is optional; attnzoo works without Triton
     triton = None
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # older Triton: the forward loads K/V through pointers
-    TensorDescriptor = None
 
 __all__ = ["available", "interpreted", "plan", "rows_in_kernel", "KernelPlan", "block_sparse_attention"]
 
@@ -268,30 +264,6 @@ def plan(layout, rows: bool = False) -> KernelPlan:
 
 
 # ---------------------------------------------------------------------------- kernels
-def _set_tma_blocks(nargs: dict) -> None:
-    """Autotuner pre-hook of the forward (and of its direct launches): the K/V descriptors' block is one
-    ``[1, 1, BLOCK_N, HEAD_DIM]`` slab, known only once the configuration is."""
-    for name in ("KD", "VD"):
-        d = nargs.get(name)
-        if TensorDescriptor is not None and isinstance(d, TensorDescriptor):
-            d.block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
-
-
-def _tma_descriptors(k: torch.Tensor, v: torch.Tensor):
-    """``(KD, VD)`` tensor descriptors of ``[B, Hkv, N, D]`` K and V for the band forward, or None where TMA
-    cannot read them (no Hopper, Triton's interpreter, not 16-bit, strides or addresses off 16 bytes)."""
-    if TensorDescriptor is None or interpreted() or k.device.type != "cuda" or k.dtype not in (torch.float16,
-                                                                                               torch.bfloat16):
-        return None
-    if torch.cuda.get_device_capability(k.device)[0] < 9:
-        return None
-    for t in (k, v):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
-            return None
-    d = k.shape[-1]
-    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 64, d]) for t in (k, v))
-
-
 if triton is not None:
     _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -306,9 +278,7 @@ if triton is not None:
             "dq": [(64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3),
                    (64, 64, 4, 4)],
         }[kind]
-        hook = _set_tma_blocks if kind == "fwd" else None
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=hook)
-                for m, n, w, s in shapes]
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
     def _pruner(kind):
         def prune(configs, named_args, **kw):
@@ -385,14 +355,6 @@ if triton is not None:
             inb = offs_n < N
             k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=inb[:, None], other=0.0)
-        return _fwd_step(acc, m_i, l_i, q, k, v, kpm_base, bits_ptr, mid, offs_m, offs_n, rows_t, cols_t, N, LO, HI,
-                         qk_scale, MASK, CAUSAL, HAS_KPM, TILE, PREC)
-
-    @triton.jit
-    def _fwd_step(acc, m_i, l_i, q, k, v, kpm_base, bits_ptr, mid, offs_m, offs_n, rows_t, cols_t, N, LO, HI,
-                  qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr,
-                  PREC: tl.constexpr):
-        """One online-softmax step over loaded ``k`` ``[HEAD_DIM, BLOCK_N]`` and ``v`` ``[BLOCK_N, HEAD_DIM]``."""
         s = tl.dot(q, k, input_precision=PREC)  # unscaled: the scale goes into the exponent's multiply-add
         if MASK == 0 and not HAS_KPM:
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -412,21 +374,13 @@ if triton is not None:
 
     @triton.jit
     def _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, end, N, LO, HI, skn, svn, qk_scale,
-                   kd, vd, b, hk, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
-        """Keys ``start..end`` of a band, one BLOCK_N block at a time. TMA: K/V blocks through the tensor
-        descriptors ``kd``/``vd`` (``[B, Hkv, N, D]``, rows outside ``[0, N)`` read as zeros and masked)."""
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
         for start_n in tl.range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            if TMA:
-                k = tl.trans(kd.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
-                v = vd.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-                acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, kpm_base, kpm_base, 0, offs_m, offs_n, offs_m,
-                                          offs_n, N, LO, HI, qk_scale, MASK, CAUSAL, HAS_KPM, 32, PREC)
-            else:
-                acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, kpm_base, 0, offs_m, offs_n,
-                                           offs_m, offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32,
-                                           HEAD_DIM, PREC)
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, kpm_base, 0, offs_m, offs_n,
+                                       offs_m, offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32,
+                                       HEAD_DIM, PREC)
         return acc, m_i, l_i
 
     @triton.jit
@@ -452,16 +406,16 @@ if triton is not None:
         h = bh % H
         return pid_m, bh, bh // H, h, h // GROUPS
 
-    @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL", "TMA"],
+    @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL"],
                      prune_configs_by={"early_config_prune": _pruner("fwd")})
     @triton.jit
-    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, ORDER, KD, VD,
+    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, ORDER,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                     H, N, T_TILES, G, LO, HI, sm_scale,
                     GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
                     CAUSAL: tl.constexpr, PREC: tl.constexpr,
                     HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m, bh, b, h, hk = _query_program(ORDER, H, GROUPS, MODE)
         q0 = pid_m * BLOCK_M
         offs_m = q0 + tl.arange(0, BLOCK_M)
@@ -478,14 +432,11 @@ if triton is not None:
         if MODE == 0:
             start, a, bb, end = _band_stages(q0, tl.minimum(q0 + BLOCK_M, N) - 1, N, LO, HI, BLOCK_N)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, a, N, LO, HI,
-                                       skn, svn, qk_scale, KD, VD, b, hk, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC,
-                                       TMA)
+                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, a, bb, N, LO, HI,
-                                       skn, svn, qk_scale, KD, VD, b, hk, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC,
-                                       TMA)
+                                       skn, svn, qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, bb, end, N, LO, HI,
-                                       skn, svn, qk_scale, KD, VD, b, hk, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC,
-                                       TMA)
+                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
             if HAS_GLOBAL:
                 for g0 in range(0, G, BLOCK_N):
                     offs_g = g0 + tl.arange(0, BLOCK_N)
@@ -790,8 +741,6 @@ def _launch(kernel, grid, args, constexprs: dict) -> None:
         kernel[grid](*args, **constexprs)
         _tuned[key] = kernel.best_config.all_kwargs()
     else:
-        if kernel is _fwd_kernel:  # the autotuner's pre-hook, which a direct launch skips
-            _set_tma_blocks({**dict(zip(kernel.fn.arg_names, args)), **constexprs, **cfg})
         kernel.fn[grid](*args, **constexprs, **cfg)
 
 
@@ -839,12 +788,10 @@ class _BlockSparseAttention(torch.autograd.Function):
         kw = dict(GROUPS=h // hk, MODE=p.mode, FMASK=0 if n % layout.tile == 0 else 5,
                   PMASK=3 if p.bits is not None else 2 if p.causal else 5,
                   CAUSAL=p.causal, HAS_KPM=kpm is not None, TILE=layout.tile, HEAD_DIM=d, PREC=_precision(q.dtype))
-        descs = _tma_descriptors(k, v) if p.mode == BAND else None  # band: K/V blocks by TMA (5% on an H200)
         _launch(_fwd_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"),
-                (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy), *(descs or (dummy, dummy)),
+                (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy),
                  *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                 h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale),
-                dict(HAS_GLOBAL=p.n_global > 0, TMA=descs is not None, **kw))
+                 h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale), dict(HAS_GLOBAL=p.n_global > 0, **kw))
         ctx.save_for_backward(q, k, v, o, lse, kpm_t)
         ctx.layout, ctx.scale, ctx.has_kpm, ctx.kw, ctx.rows = layout, scale, kpm is not None, kw, rows
         return o
