@@ -61,3 +61,12 @@ def test_flash_attn_checks_say_why():
     q = torch.randn(1, 2, 4, 8)
     reason = BACKENDS["flash_attn"].check(AttentionCall.build(q, q, q))
     assert reason is not None and ("not installed" in reason or "CUDA" in reason)
+
+
+def test_not_installed_names_the_extra_that_installs_it(monkeypatch):
+    """flash_attn (FA2) comes with ``attnzoo[flash]``, flash_attn.cute (FlashAttention-4) with ``attnzoo[fa4]``."""
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert "pip install 'attnzoo[flash]'" in BACKENDS["flash_attn"].available()
+    assert "pip install 'attnzoo[fa4]'" in BACKENDS["flash_attn_cute"].available()

@@ -187,7 +187,8 @@ class FlashAttnBackend(Backend):
         except ModuleNotFoundError:
             found = False
         if not found:
-            return f"package {mod!r} is not installed (pip install 'attnzoo[flash]')"
+            extra = "fa4" if self.cute else "flash"  # flash_attn.cute ships as flash-attn-4
+            return f"package {mod!r} is not installed (pip install 'attnzoo[{extra}]')"
         if not torch.cuda.is_available():
             return "needs a CUDA GPU"
         return None
