@@ -155,8 +155,18 @@ def test_missing_flash_attention_is_a_reason(monkeypatch):
             raise ImportError("No module named 'flash_attn'")
         return real(name, *args, **kwargs)
     monkeypatch.setattr(builtins, "__import__", no_flash)
-    assert fa4_backward._interface() is None
+    monkeypatch.setattr(fa4_backward, "_installed", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not installed: no warning, attnzoo's kernels are the default
+        assert fa4_backward._interface() is None
     assert "flash_attn.cute does not import (ImportError" in fa4_backward._state["failed"]
+    fa4_backward._state.clear()
+    monkeypatch.setattr(fa4_backward, "_installed", lambda: True)  # installed but broken: one warning
+    with pytest.warns(RuntimeWarning, match="flash-attn-4 is installed but flash_attn.cute does not import"):
+        assert fa4_backward._interface() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fa4_backward._interface() is None  # remembered, not retried
 
 
 def test_triton_backward_hands_a_band_over_and_takes_its_own_path_on_none(monkeypatch):
