@@ -5,7 +5,7 @@ query ``i`` keeps key ``j`` when ``i - left <= j <= i + right``. FlashAttention-
 package, imported as ``flash_attn.cute``) has a warp-specialised Hopper backward for it (one kernel that
 writes dK/dV and adds dQ in float32 with atomics, FlashAttention-3's design). On an H200 at N=16384,
 ±256, 12 heads, head_dim 64 it takes 237 µs (its kernel 187 µs plus 47 µs of pre/post-processing),
-against 298 µs for attnzoo's dQ and dK/dV kernels (``benchmarks/results/sparse-h200.md``). Its forward
+against 288-298 µs for attnzoo's dQ and dK/dV kernels (``benchmarks/results/sparse-h200.md``). Its forward
 is no faster than attnzoo's (98.5 against 98.6 µs; causal 82 against 67), so the forward stays attnzoo's
 and only the backward is handed over: it reads the forward's output and log-sum-exp.
 
