@@ -7,7 +7,6 @@ interpreter). On a Hopper GPU with flash-attn-4 installed (``gpu`` marker): the 
 each way of switching them off. Without flash-attn-4 the GPU tests skip; the other GPU tests then cover the Triton
 backward.
 """
-import math
 import types
 import warnings
 
@@ -107,8 +106,8 @@ def _fake_flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, window_
 
 @pytest.mark.parametrize("lo, hi", [(-5, 5), (-7, 0), (-3, 11)], ids=["bidirectional", "causal", "asymmetric"])
 def test_adapter_matches_float64_autograd(monkeypatch, lo, hi):
-    """``fa4_band_backward`` hands FlashAttention its layout, natural-log LSE and window bounds, and returns the
-    gradients in attnzoo's layout: through the stand-in they equal float64 autograd (grouped heads, odd length)."""
+    """``fa4_band_backward`` hands FlashAttention its layout, the LSE and window bounds, and returns the gradients
+    in attnzoo's layout: through the stand-in they equal float64 autograd (grouped heads, odd length)."""
     monkeypatch.setattr(fa4_backward, "_state", {"module": types.SimpleNamespace(_flash_attn_bwd=_fake_flash_attn_bwd)})
     torch.manual_seed(0)
     b, h, hk, n, d, scale = 2, 4, 2, 37, 8, 0.3
@@ -119,10 +118,10 @@ def test_adapter_matches_float64_autograd(monkeypatch, lo, hi):
     s = q @ k.repeat_interleave(h // hk, 1).transpose(-1, -2) * scale
     s = s.masked_fill(~keep, float("-inf"))
     o = torch.softmax(s, -1) @ v.repeat_interleave(h // hk, 1)
-    lse2 = (torch.logsumexp(s, -1) / math.log(2.0)).detach()
+    lse = torch.logsumexp(s, -1).detach()  # natural log, as FlashAttention reads it
     do = torch.randn_like(o)
     want = torch.autograd.grad(o, (q, k, v), do)
-    got = fa4_band_backward(q.detach(), k.detach(), v.detach(), o.detach(), do, lse2, scale, lo, hi)
+    got = fa4_band_backward(q.detach(), k.detach(), v.detach(), o.detach(), do, lse, scale, lo, hi)
     for name, a, w in zip("qkv", got, want):
         assert a.shape == w.shape and a.is_contiguous(), name
         torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"d{name}: {m}")
@@ -170,8 +169,9 @@ def test_missing_flash_attention_is_a_reason(monkeypatch):
 
 
 def test_triton_backward_hands_a_band_over_and_takes_its_own_path_on_none(monkeypatch):
-    """The ``triton`` backend's backward returns what ``fa4_band_backward`` gives when the reason is None, and
-    runs its own kernels when it gives None (Triton's interpreter on CPU; stand-ins for FlashAttention)."""
+    """Where the reason is None, the ``triton`` backend's forward writes the natural-log LSE and its backward
+    returns what ``fa4_band_backward`` gives; when that gives None, the backward converts the LSE back to base 2
+    and runs its own kernels (Triton's interpreter on CPU; stand-ins for FlashAttention)."""
     pytest.importorskip("triton")
     from attnzoo.ops.sparse import triton_kernel
     if not triton_kernel.interpreted() and not torch.cuda.is_available():
@@ -191,9 +191,12 @@ def test_triton_backward_hands_a_band_over_and_takes_its_own_path_on_none(monkey
     monkeypatch.setattr(triton_kernel, "fa4_band_backward", stand_in)
     got = torch.autograd.grad(sparse_attention(q, k, v, pattern, tile=32, backend="triton"), (q, k, v), go)
     assert [float(g.unique()) for g in got] == [1.0, 2.0, 3.0]
-    *_, do, lse2, scale, lo, hi = seen["args"]
-    assert (lo, hi) == (-6, 0) and scale == pytest.approx(0.25) and lse2.shape == (1, 2, 45)
-    assert torch.equal(do, go)
+    *_, do, lse, scale, lo, hi = seen["args"]
+    assert (lo, hi) == (-6, 0) and scale == pytest.approx(0.25) and torch.equal(do, go)
+    i, j = torch.arange(45)[:, None], torch.arange(45)[None, :]
+    scores = (q.detach().double() @ k.detach().double().transpose(-1, -2) * 0.25).cpu()
+    want_lse = torch.logsumexp(scores.masked_fill(~((i - j >= 0) & (i - j <= 6)), float("-inf")), -1)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, rtol=1e-4, atol=1e-4)  # natural log
     monkeypatch.setattr(triton_kernel, "fa4_band_backward", lambda *args: None)
     again = torch.autograd.grad(sparse_attention(q, k, v, pattern, tile=32, backend="triton"), (q, k, v), go)
     for a, b in zip(again, own):

@@ -32,7 +32,6 @@ warning says why.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import warnings
 
@@ -40,7 +39,6 @@ import torch
 
 __all__ = ["band_backward_reason", "fa4_backward_reason", "fa4_band_backward", "which_band_backward"]
 
-_LN2 = math.log(2.0)
 _state: dict = {}  # "module": the imported interface, or "failed": why it cannot be used in this process
 
 
@@ -125,13 +123,13 @@ def which_band_backward(q: torch.Tensor, pattern, key_padding_mask: torch.Tensor
     return "flash_attn.cute" if why is None else f"attnzoo ({why})"
 
 
-def fa4_band_backward(q, k, v, o, do, lse2, scale: float, lo: int, hi: int):
+def fa4_band_backward(q, k, v, o, do, lse, scale: float, lo: int, hi: int):
     """dQ, dK, dV of band attention (keys ``lo <= j - i <= hi``) through FlashAttention-4.
 
-    q, o, do: ``[B, H, N, D]``; k, v: ``[B, Hkv, N, D]`` (H a multiple of Hkv); ``lse2``: float32 ``[B, H, N]``,
-    the forward's log-sum-exp of ``scale * q·k`` in base 2 (attnzoo's kernels' convention). Returns the three
-    gradients as contiguous tensors in the shapes of q, k, v. Returns None,
-    after one warning, when FlashAttention raises; the caller then runs its own kernels.
+    q, o, do: ``[B, H, N, D]``; k, v: ``[B, Hkv, N, D]`` (H a multiple of Hkv); ``lse``: float32 ``[B, H, N]``,
+    the forward's log-sum-exp of ``scale * q·k`` in natural log (attnzoo's forward writes it so when it knows this
+    backward will run; its own kernels use base 2). Returns the three gradients as contiguous tensors in the shapes
+    of q, k, v. Returns None, after one warning, when FlashAttention raises; the caller then runs its own kernels.
     """
     fa = _interface()
     if fa is None:
@@ -141,7 +139,7 @@ def fa4_band_backward(q, k, v, o, do, lse2, scale: float, lo: int, hi: int):
     # FlashAttention through [B, N, H, D] views: no copies here, and none later where autograd reassembles them
     dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
     try:
-        fa._flash_attn_bwd(t(q), t(k), t(v), t(o), t(do), lse2 * _LN2, softmax_scale=scale, causal=False,
+        fa._flash_attn_bwd(t(q), t(k), t(v), t(o), t(do), lse, softmax_scale=scale, causal=False,
                            window_size_left=-lo, window_size_right=hi, dq=t(dq), dk=t(dk), dv=t(dv))
         return dq, dk, dv
     except Exception as e:  # noqa: BLE001 - any failure: fall back to attnzoo's kernels for the rest of the process

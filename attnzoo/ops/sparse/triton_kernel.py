@@ -54,6 +54,7 @@ except ImportError:  # the kernel is optional; attnzoo works without Triton
 __all__ = ["available", "interpreted", "plan", "rows_in_kernel", "KernelPlan", "block_sparse_attention"]
 
 BAND, LIST = 0, 1
+_LN2 = math.log(2.0)
 #: A KV tile whose list is longer than ``max(SPLIT_MIN, SPLIT_FACTOR x the mean list)`` is split over several
 #: dK/dV programs of at most that many query tiles each (tests lower both to reach the split path on small inputs).
 SPLIT_MIN, SPLIT_FACTOR = 8, 2
@@ -415,7 +416,7 @@ if triton is not None:
                     GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
                     CAUSAL: tl.constexpr, PREC: tl.constexpr,
                     HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    LSE_LN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m, bh, b, h, hk = _query_program(ORDER, H, GROUPS, MODE)
         q0 = pid_m * BLOCK_M
         offs_m = q0 + tl.arange(0, BLOCK_M)
@@ -465,6 +466,8 @@ if triton is not None:
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 domain; inf: empty
+        if LSE_LN:  # natural log, for FlashAttention-4's backward
+            lse = lse * 0.6931471805599453
         tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=(offs_m < N)[:, None])
         tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
@@ -788,12 +791,17 @@ class _BlockSparseAttention(torch.autograd.Function):
         kw = dict(GROUPS=h // hk, MODE=p.mode, FMASK=0 if n % layout.tile == 0 else 5,
                   PMASK=3 if p.bits is not None else 2 if p.causal else 5,
                   CAUSAL=p.causal, HAS_KPM=kpm is not None, TILE=layout.tile, HEAD_DIM=d, PREC=_precision(q.dtype))
+        # where FlashAttention-4 will take the backward, the forward writes the log-sum-exp it reads (natural log)
+        fa4 = any(ctx.needs_input_grad[:3]) and fa4_backward_reason(
+            q, band=p.mode == BAND, n_global=p.n_global, lo=p.lo, hi=p.hi, has_padding=kpm is not None) is None
         _launch(_fwd_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"),
                 (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy),
                  *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                 h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale), dict(HAS_GLOBAL=p.n_global > 0, **kw))
+                 h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale),
+                dict(HAS_GLOBAL=p.n_global > 0, LSE_LN=fa4, **kw))
         ctx.save_for_backward(q, k, v, o, lse, kpm_t)
         ctx.layout, ctx.scale, ctx.has_kpm, ctx.kw, ctx.rows = layout, scale, kpm is not None, kw, rows
+        ctx.lse_ln = fa4
         return o
 
     @staticmethod
@@ -807,9 +815,11 @@ class _BlockSparseAttention(torch.autograd.Function):
             do = do.contiguous()
         if fa4_backward_reason(q, band=p.mode == BAND, n_global=p.n_global, lo=p.lo, hi=p.hi,
                                has_padding=ctx.has_kpm) is None:
-            grads = fa4_band_backward(q, k, v, o, do, lse, scale, p.lo, p.hi)
+            grads = fa4_band_backward(q, k, v, o, do, lse if ctx.lse_ln else lse * _LN2, scale, p.lo, p.hi)
             if grads is not None:
                 return (*grads, None, None, None, None)
+        if ctx.lse_ln:  # FlashAttention-4 was meant to take it and did not: back to the kernels' base 2
+            lse = lse * (1.0 / _LN2)
         dummy = _dummy(q.device)
         delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
         dq = torch.empty(b, h, n, d, device=q.device, dtype=q.dtype)
