@@ -33,8 +33,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from attnzoo.conversion.safetensors_io import ShardWriter, nbytes, read_header
-from attnzoo.table import format_table, markdown_table
+from attnzoo.conversion.safetensors_io import ShardWriter, nbytes, read_header  # noqa: E402
+from attnzoo.table import format_table, markdown_table  # noqa: E402
 
 L, D, FF, H, V = 32, 4096, 11008, 32, 32000
 SHARD = 5 * 10**9

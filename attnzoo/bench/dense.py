@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import statistics
 import warnings
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -235,7 +235,9 @@ def _convert_in_memory(source, dst, adapter, variant, groups, method, dtype, for
     label = _dtype_label(dtype, source.config)
     elem_model = _elem(next(model.parameters()).dtype)
     elem_out = _elem(dtype) if dtype is not None else elem_model
-    scale = lambda b: b // elem_model * elem_out
+
+    def scale(b):  # bytes in the model's dtype -> bytes in the output dtype
+        return b // elem_model * elem_out
     plan_rows = [{"tensors": fqn, "count": 1, "shape before": f"{p['heads']} q / {p['kv_heads_before']} kv heads",
                   "shape after": f"{p['heads']} q / {p['kv_heads']} kv heads", "dtype": label}
                  for fqn, p in (getattr(model.config, "attnzoo", None) or {}).get("modules", {}).items()]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -20,7 +19,6 @@ from ..checkpoint_io import atomic_output_dir, check_new_output, load_causal_lm,
     resolve_model_dir, update_metadata
 from ..data.sources import TokenData, open_data
 from ..data.tokenizer import load_tokenizer
-from ..table import format_table
 from .curves import append_log, plot_losses, read_log, truncate_log
 from .lora import TrainableSummary, apply_lora, merge_lora, summarize_trainable
 from .losses import mixed_loss
