@@ -9,7 +9,8 @@ against 288-298 µs for attnzoo's dQ and dK/dV kernels (``benchmarks/results/spa
 is no faster than attnzoo's (98.5 against 98.6 µs; causal 82 against 67), so the forward stays attnzoo's
 and only the backward is handed over: it reads the forward's output and log-sum-exp.
 
-Used by the ``triton`` sparse backend's backward when :func:`fa4_backward_reason` returns None:
+Used by the ``triton`` sparse backend's backward when :func:`fa4_backward_reason` returns None at the forward
+(which then writes the natural-log LSE this backward reads; the choice holds for that call's backward):
 
 * a band pattern with no global tokens and no key padding;
 * float16/bfloat16 on a Hopper GPU (compute capability 9.x, where it was measured), head_dim a multiple

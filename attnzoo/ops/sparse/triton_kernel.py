@@ -20,7 +20,8 @@ Three kernels per call, as FlashAttention-2: the forward (one program per block 
 head: online softmax, output and log-sum-exp), dQ (which also writes ``rowsum(dO * O)``) and dK/dV
 (one program per block of keys and KV head, looping over its query heads: grouped KV heads without
 atomics). A pure band's backward goes to FlashAttention-4 instead where it is installed and faster
-(:mod:`.fa4_backward`: Hopper, float16/bfloat16, no padding, not deterministic mode). Tile sizes and warps are autotuned once per head_dim and mode (``ATTNZOO_SPARSE_AUTOTUNE=0`` in the
+(:mod:`.fa4_backward`: Hopper, float16/bfloat16, no padding, not deterministic mode; decided at the forward).
+Tile sizes and warps are autotuned once per head_dim and mode (``ATTNZOO_SPARSE_AUTOTUNE=0`` in the
 environment: the first configuration that fits, no tuning compiles, for tests and quick runs).
 
 List mode schedules the work: query tiles run heaviest first (all heads of the longest lists
@@ -813,13 +814,11 @@ class _BlockSparseAttention(torch.autograd.Function):
         hk = k.shape[1]
         if do.stride(-1) != 1:
             do = do.contiguous()
-        if fa4_backward_reason(q, band=p.mode == BAND, n_global=p.n_global, lo=p.lo, hi=p.hi,
-                               has_padding=ctx.has_kpm) is None:
-            grads = fa4_band_backward(q, k, v, o, do, lse if ctx.lse_ln else lse * _LN2, scale, p.lo, p.hi)
+        if ctx.lse_ln:  # the forward chose FlashAttention-4 for this backward (and wrote its natural-log LSE)
+            grads = fa4_band_backward(q, k, v, o, do, lse, scale, p.lo, p.hi)
             if grads is not None:
                 return (*grads, None, None, None, None)
-        if ctx.lse_ln:  # FlashAttention-4 was meant to take it and did not: back to the kernels' base 2
-            lse = lse * (1.0 / _LN2)
+            lse = lse * (1.0 / _LN2)  # it declined: back to the kernels' base 2
         dummy = _dummy(q.device)
         delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
         dq = torch.empty(b, h, n, d, device=q.device, dtype=q.dtype)
