@@ -101,6 +101,37 @@ def test_flex_declines_a_sequence_shorter_than_one_tile_and_dispatch_goes_on():
     assert out.shape == q.shape
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_triton_band_fixed_reference_overflow_is_redone(monkeypatch, causal):
+    """bf16 band without padding: the forward's fixed softmax reference (each row's self-score). Rows whose kept
+    score lies ~580 log2-units above their own overflow it; stage 2 redoes those blocks with the running max.
+    Against float64, forward and backward; without the redo exactly those rows come out non-finite."""
+    from attnzoo.ops.sparse import triton_kernel as tk
+
+    n, rows = 1500, [(0, 0, 3), (0, 7, 700), (1, 2, 1023), (1, 5, 1499)]
+    q, k, v = (t.detach() for t in _inputs(torch.bfloat16, n=n))
+    for b, h, i in rows:
+        j = i - 3  # kept in both bands
+        q[b, h, i] = 0.0
+        q[b, h, i, 0] = 40.0
+        k[b, h // 2, j] = 0.0
+        k[b, h // 2, j, 0] = 40.0  # score 40 * 40 / 8 = 200
+        k[b, h // 2, i] = -k[b, h // 2, j]  # own score -200
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    pattern = SlidingWindow(window=256, causal=causal)
+    out = sparse_attention(q, k, v, pattern, backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sparse_attention(q64, k64, v64, pattern, backend="reference")
+    assert _rel(out, ref) < TOL, f"forward rel err {_rel(out, ref):.2e}"
+    go = torch.randn_like(ref)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), go.to(out.dtype)),
+                          torch.autograd.grad(ref, (q64, k64, v64), go)):
+        assert _rel(a, b) < TOL, f"d{name} rel err {_rel(a, b):.2e}"
+    monkeypatch.setattr(tk, "_redo_overflowed", lambda *a: None)
+    bad = ~torch.isfinite(sparse_attention(q, k, v, pattern, backend="triton")).all(-1)
+    assert all(bad[b, h, i] for b, h, i in rows) and int(bad.sum()) == len(rows)
+
+
 def test_triton_on_strided_qkv_from_one_projection():
     """q, k, v as the benchmark makes them: views of one [B, N, 3, H, D] projection, no copies."""
     lin = torch.nn.Linear(768, 3 * 768, device="cuda", dtype=torch.bfloat16)

@@ -146,3 +146,74 @@ def test_global_rows_stay_out_of_the_kernel_unless_they_fill_whole_exact_tiles()
     assert not triton_kernel.rows_in_kernel(compile_layout(BigBird(block_size=16, window=16), 150, 32))  # masks
     assert not triton_kernel.rows_in_kernel(compile_layout(Longformer(window=9, global_tokens=2), 150, 32))  # band
     assert not triton_kernel.rows_in_kernel(compile_layout(SlidingWindow(window=9), 150, 32))  # none
+
+
+BAND_CASES = [(SlidingWindow(window=20), lambda n: sliding_keep(n, 20)),
+              (SlidingWindow(window=45, causal=True), lambda n: sliding_keep(n, 45, True)),
+              (Longformer(window=9, global_tokens=(0, 50, -1)), lambda n: longformer_keep(n, 9, (0, 50, -1)))]
+
+
+def _match_unpadded(pattern, keep, q, k, v):
+    out = sparse_attention(q, k, v, pattern, tile=32, backend="triton")
+    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=keep)
+    torch.testing.assert_close(out.cpu().double(), ref, **FWD_TOL)
+    go = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go),
+                    torch.autograd.grad(ref, (q, k, v), go.cpu().double())):
+        torch.testing.assert_close(a.cpu().double(), b.cpu().double(), **BWD_TOL)
+    return out
+
+
+@pytest.mark.parametrize("pattern, keep", BAND_CASES, ids=[_case_id(p) for p, _ in BAND_CASES])
+def test_band_fixed_reference_matches_oracle(pattern, keep):
+    """Without padding a band forward takes each row's self-score as its softmax reference (stage 1) instead of
+    a running max; forward and backward against float64, grouped heads, a length no multiple of the blocks."""
+    from attnzoo.ops.sparse import compile_layout
+
+    p = triton_kernel.plan(compile_layout(pattern, N, 32, DEV))
+    assert triton_kernel._fixed_reference(p, False, torch.float32)
+    q = torch.randn(2, 4, N, 16, device=DEV, requires_grad=True)
+    k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
+    _match_unpadded(pattern, keep(N), q, k, v)
+
+
+def test_fixed_reference_only_where_every_row_keeps_its_own_key():
+    from attnzoo.ops.sparse import compile_layout
+
+    band = triton_kernel.plan(compile_layout(SlidingWindow(window=20), N, 32, DEV))
+    assert not triton_kernel._fixed_reference(band, True, torch.float32)  # padding may drop a row's own key
+    assert not triton_kernel._fixed_reference(band, False, torch.float16)  # p would overflow float16's 2**16
+    assert triton_kernel._fixed_reference(band, False, torch.bfloat16)
+    listed = triton_kernel.plan(compile_layout(Strided(stride=12), N, 32, DEV))
+    assert not triton_kernel._fixed_reference(listed, False, torch.float32)  # list mode: running max
+
+
+def _overflowing_inputs(n, rows):
+    """q, k, v where each row in ``rows`` (batch, head, position) keeps a key whose score is ~1150 log2-units
+    above its own (exp2 overflows float32 at 128): the fixed reference must be redone there."""
+    q = torch.randn(2, 4, n, 16)
+    k, v = torch.randn(2, 2, n, 16), torch.randn(2, 2, n, 16)
+    for b, h, i in rows:
+        j = i + 3 if i + 3 < n else i - 3  # inside every band case's window
+        q[b, h, i] = 0.0
+        q[b, h, i, 0] = 40.0
+        k[b, h // 2, j] = 0.0
+        k[b, h // 2, j, 0] = 40.0  # score 40 * 40 / sqrt(16) = 400
+        k[b, h // 2, i] = -k[b, h // 2, j]  # own score -400
+    return tuple(t.to(DEV).requires_grad_() for t in (q, k, v))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy, in the interpreter, on the overflow itself
+@pytest.mark.parametrize("pattern, keep", BAND_CASES[:2], ids=[_case_id(p) for p, _ in BAND_CASES[:2]])
+def test_fixed_reference_overflow_is_redone(monkeypatch, pattern, keep):
+    """Blocks in several batches, heads and positions (the last, partial block too) overflow under the fixed
+    reference; stage 2 redoes exactly those with the running max. Without the redo their output is not finite,
+    which shows this test reaches it."""
+    rows = [(0, 0, 5), (0, 3, 40), (1, 1, 70), (1, 2, N - 1)]
+    q, k, v = _overflowing_inputs(N, rows)
+    _match_unpadded(pattern, keep(N), q, k, v)
+    monkeypatch.setattr(triton_kernel, "_redo_overflowed", lambda *a: None)
+    out = sparse_attention(q, k, v, pattern, tile=32, backend="triton")
+    bad = ~torch.isfinite(out).all(-1)
+    assert all(bad[b, h, i] for b, h, i in rows)
+    assert int(bad.sum()) <= len(rows)  # only the overflowing rows

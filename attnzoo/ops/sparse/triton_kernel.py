@@ -59,6 +59,11 @@ _LN2 = math.log(2.0)
 #: A KV tile whose list is longer than ``max(SPLIT_MIN, SPLIT_FACTOR x the mean list)`` is split over several
 #: dK/dV programs of at most that many query tiles each (tests lower both to reach the split path on small inputs).
 SPLIT_MIN, SPLIT_FACTOR = 8, 2
+#: Query blocks per program of the forward's redo launch (stage 2 of :func:`_fwd_kernel`).
+REDO_CHUNK = 32
+#: The forward's fixed softmax reference (:func:`_fixed_reference`); False: always the running max (tests and
+#: benchmarks compare the two).
+FIXED_REFERENCE = True
 
 
 def interpreted() -> bool:
@@ -268,6 +273,7 @@ def plan(layout, rows: bool = False) -> KernelPlan:
 # ---------------------------------------------------------------------------- kernels
 if triton is not None:
     _LOG2E = tl.constexpr(1.4426950408889634)
+    _REDO_CHUNK = tl.constexpr(REDO_CHUNK)
 
     def _configs(kind):
         if interpreted():
@@ -348,7 +354,10 @@ if triton is not None:
     def _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, bits_ptr, mid, offs_m, offs_n, rows_t, cols_t,
                    N, LO, HI, skn, svn, qk_scale,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FIXED_M: tl.constexpr = False):
+        """One ``[BLOCK_M, BLOCK_N]`` tile of the online softmax. ``FIXED_M``: ``m_i`` is a fixed per-row reference
+        (:func:`_fwd_tile`'s fast band path): no row max, no rescale of ``acc`` and ``l_i``, and the exponentials
+        do not wait for a row reduction."""
         offs_d = tl.arange(0, HEAD_DIM)
         if MASK == 0 and not HAS_KPM:
             k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None])
@@ -358,6 +367,15 @@ if triton is not None:
             k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=inb[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=PREC)  # unscaled: the scale goes into the exponent's multiply-add
+        if FIXED_M:
+            if MASK != 0 or HAS_KPM:
+                keep = _keep(offs_m, offs_n, N, LO, HI, kpm_base, bits_ptr, mid, rows_t, cols_t, MASK, CAUSAL,
+                             HAS_KPM, TILE)
+                s = tl.where(keep, s, float("-inf"))
+            p = tl.exp2(s * qk_scale - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            acc = acc + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+            return acc, m_i, l_i
         if MASK == 0 and not HAS_KPM:
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             p = tl.exp2(s * qk_scale - m_new[:, None])
@@ -377,12 +395,12 @@ if triton is not None:
     @triton.jit
     def _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, end, N, LO, HI, skn, svn, qk_scale,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, PREC: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FIXED_M: tl.constexpr):
         for start_n in tl.range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, kpm_base, 0, offs_m, offs_n,
                                        offs_m, offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32,
-                                       HEAD_DIM, PREC)
+                                       HEAD_DIM, PREC, FIXED_M)
         return acc, m_i, l_i
 
     @triton.jit
@@ -408,17 +426,20 @@ if triton is not None:
         h = bh % H
         return pid_m, bh, bh // H, h, h // GROUPS
 
-    @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL"],
-                     prune_configs_by={"early_config_prune": _pruner("fwd")})
     @triton.jit
-    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, ORDER,
-                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                    H, N, T_TILES, G, LO, HI, sm_scale,
-                    GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
-                    CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                    HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    LSE_LN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_m, bh, b, h, hk = _query_program(ORDER, H, GROUPS, MODE)
+    def _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                  H, N, T_TILES, G, LO, HI, sm_scale,
+                  GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
+                  CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                  HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  LSE_LN: tl.constexpr, FIXED_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The forward of query block ``pid_m`` of batch x head ``bh``: output and log-sum-exp. ``FIXED_M`` (band
+        mode, every row keeps its own key): each row's softmax reference is its self-score instead of a running
+        max; the block's flag in ``FLAGS`` says whether that overflowed (see :func:`_fwd_kernel`)."""
+        h = bh % H
+        b = bh // H
+        hk = h // GROUPS
         q0 = pid_m * BLOCK_M
         offs_m = q0 + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
@@ -432,20 +453,23 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         qk_scale = sm_scale * _LOG2E  # exp2 below
         if MODE == 0:
+            if FIXED_M:  # the self-scores q_i . k_i, in the exponent's units
+                kd = tl.load(k_base + offs_m[:, None] * skn + offs_d[None, :], mask=(offs_m < N)[:, None], other=0.0)
+                m_i = tl.sum(q.to(tl.float32) * kd.to(tl.float32), 1) * qk_scale
             start, a, bb, end = _band_stages(q0, tl.minimum(q0 + BLOCK_M, N) - 1, N, LO, HI, BLOCK_N)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, a, N, LO, HI,
-                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
+                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, a, bb, N, LO, HI,
-                                       skn, svn, qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
+                                       skn, svn, qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, bb, end, N, LO, HI,
-                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC)
+                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M)
             if HAS_GLOBAL:
                 for g0 in range(0, G, BLOCK_N):
                     offs_g = g0 + tl.arange(0, BLOCK_N)
                     pos = tl.load(GPOS + offs_g, mask=offs_g < G, other=N)  # N: out of bounds, masked
                     acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, BITS, 0, offs_m, pos,
                                                offs_m, pos, N, LO, HI, skn, svn, qk_scale, 4, CAUSAL, HAS_KPM, TILE,
-                                               HEAD_DIM, PREC)
+                                               HEAD_DIM, PREC, FIXED_M)
         else:
             qt = q0 // TILE
             rows_t = offs_m - qt * TILE
@@ -472,6 +496,45 @@ if triton is not None:
         tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=(offs_m < N)[:, None])
         tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
+        if FIXED_M:  # inf or nan anywhere in the block's rows: an exponent overflowed, redo them
+            bad = ((out - out) != 0.0) | ((l_i - l_i) != 0.0)[:, None]
+            tl.store(FLAGS + bh * tl.cdiv(N, BLOCK_M) + pid_m,
+                     tl.max(tl.where(bad & (offs_m < N)[:, None], 1, 0)).to(tl.int8))
+
+    @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL", "STAGE"],
+                     prune_configs_by={"early_config_prune": _pruner("fwd")})
+    @triton.jit
+    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, ORDER, FLAGS,
+                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                    H, N, T_TILES, G, LO, HI, sm_scale, BH,
+                    GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
+                    CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                    HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    LSE_LN: tl.constexpr, STAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The forward. ``STAGE`` 0: the online softmax with a running max, one program per query block and head.
+        1 (band mode where every row keeps its own key, see :func:`_fixed_reference`): each row's self-score as a
+        fixed softmax reference, which saves the running max and the rescales, ~7% of the forward; a block whose
+        exponent overflowed (a kept score about 128 log2-units above the row's self-score) sets its flag. 2, after
+        stage 1: each program reads ``REDO_CHUNK`` flags and redoes the flagged blocks with the running max (one
+        small launch; it returns at once when nothing overflowed)."""
+        if STAGE == 2:
+            total = BH * tl.cdiv(N, BLOCK_M)
+            c0 = tl.program_id(0) * _REDO_CHUNK
+            offs = c0 + tl.arange(0, _REDO_CHUNK)
+            if tl.max(tl.load(FLAGS + offs, mask=offs < total, other=0).to(tl.int32)) > 0:
+                for i in range(c0, tl.minimum(c0 + _REDO_CHUNK, total)):
+                    if tl.load(FLAGS + i) != 0:
+                        _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS,
+                                  i % tl.cdiv(N, BLOCK_M), i // tl.cdiv(N, BLOCK_M),
+                                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                                  H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
+                                  HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, False, BLOCK_M, BLOCK_N)
+        else:
+            pid_m, bh, _, _, _ = _query_program(ORDER, H, GROUPS, MODE)
+            _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
+                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                      H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
+                      HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, STAGE == 1, BLOCK_M, BLOCK_N)
 
     # -- dK/dV: one program per block of keys and KV head -------------------------------------
     @triton.jit
@@ -731,10 +794,11 @@ _dummies: dict = {}
 _tuned: dict = {}
 
 
-def _launch(kernel, grid, args, constexprs: dict) -> None:
-    """Launch an autotuned kernel. The first launch per (kernel, constexprs, dtypes) goes through Triton's
-    autotuner; later ones call the tuned JIT function directly with the remembered config, skipping the
-    autotuner's per-call argument bookkeeping (host time matters: these kernels run for ~0.1 ms)."""
+def _launch(kernel, grid, args, constexprs: dict) -> dict:
+    """Launch an autotuned kernel and return the config it ran (tile sizes, warps, stages). The first launch per
+    (kernel, constexprs, dtypes) goes through Triton's autotuner; later ones call the tuned JIT function directly
+    with the remembered config, skipping the autotuner's per-call argument bookkeeping (host time matters: these
+    kernels run for ~0.1 ms)."""
     key = (kernel, tuple(constexprs.items()), args[0].dtype, args[0].device)
     cfg = _tuned.get(key)
     if cfg is None and os.environ.get("ATTNZOO_SPARSE_AUTOTUNE", "1") == "0":  # the first config that fits
@@ -743,9 +807,10 @@ def _launch(kernel, grid, args, constexprs: dict) -> None:
         cfg = _tuned[key] = fits[0].all_kwargs()
     if cfg is None:
         kernel[grid](*args, **constexprs)
-        _tuned[key] = kernel.best_config.all_kwargs()
+        cfg = _tuned[key] = kernel.best_config.all_kwargs()
     else:
         kernel.fn[grid](*args, **constexprs, **cfg)
+    return cfg
 
 
 def _dummy(device, dtype=torch.int32) -> torch.Tensor:
@@ -754,6 +819,22 @@ def _dummy(device, dtype=torch.int32) -> torch.Tensor:
     if t is None:
         t = _dummies[(device, dtype)] = torch.zeros(1, device=device, dtype=dtype)
     return t
+
+
+def _redo_overflowed(args, constexprs: dict, cfg: dict, blocks: int) -> None:
+    """Stage 2 of the forward: redo the query blocks whose fixed reference overflowed (their flags), with the
+    running max and the same tiles as stage 1 (``cfg``). One launch of ``blocks / REDO_CHUNK`` programs."""
+    _fwd_kernel.fn[(triton.cdiv(blocks, REDO_CHUNK),)](*args, **{**constexprs, "STAGE": 2}, **cfg)
+
+
+def _fixed_reference(p: KernelPlan, has_padding: bool, dtype) -> bool:
+    """Whether the forward takes each row's self-score as its fixed softmax reference (stage 1 of
+    :func:`_fwd_kernel`) instead of a running max. It needs every row to keep its own key: band mode with
+    ``lo <= 0 <= hi`` and no padding mask (padding could drop that key). Not float16: ``p`` goes into the ``P V``
+    product in the inputs' dtype, and float16 ends at ``2**16``, so a kept score 16 log2-units above the
+    self-score (common in trained models) would overflow and send the block to the redo; bfloat16 and float32
+    reach ``2**127``."""
+    return FIXED_REFERENCE and p.mode == BAND and not has_padding and p.lo <= 0 <= p.hi and dtype != torch.float16
 
 
 def _precision(dtype) -> str:
@@ -795,11 +876,15 @@ class _BlockSparseAttention(torch.autograd.Function):
         # where FlashAttention-4 will take the backward, the forward writes the log-sum-exp it reads (natural log)
         fa4 = any(ctx.needs_input_grad[:3]) and fa4_backward_reason(
             q, band=p.mode == BAND, n_global=p.n_global, lo=p.lo, hi=p.hi, has_padding=kpm is not None) is None
-        _launch(_fwd_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"),
-                (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy),
-                 *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                 h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale),
-                dict(HAS_GLOBAL=p.n_global > 0, LSE_LN=fa4, **kw))
+        fixed = _fixed_reference(p, kpm is not None, q.dtype)
+        flags = torch.empty(b * h * triton.cdiv(n, 16), device=q.device, dtype=torch.int8) if fixed else dummy
+        args = (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy), flags,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale, b * h)
+        cex = dict(HAS_GLOBAL=p.n_global > 0, LSE_LN=fa4, STAGE=1 if fixed else 0, **kw)
+        cfg = _launch(_fwd_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"), args, cex)
+        if fixed:
+            _redo_overflowed(args, cex, cfg, b * h * triton.cdiv(n, cfg["BLOCK_M"]))
         ctx.save_for_backward(q, k, v, o, lse, kpm_t)
         ctx.layout, ctx.scale, ctx.has_kpm, ctx.kw, ctx.rows = layout, scale, kpm is not None, kw, rows
         ctx.lse_ln = fa4

@@ -1,0 +1,103 @@
+"""Experiment (round 8): the band forward's fixed softmax reference, adopted with a separate redo launch.
+
+Not library code: a record of what was measured for ``benchmarks/results/sparse-band-experiments-h200.md``
+(round 8). Each case measures, in one process and alternating (A B A B ...) so that drift hits both alike:
+
+* the forward alone, and the forward + backward given dO (what ``sparse_bench.py`` calls "kernels"), with
+  ``triton_kernel.FIXED_REFERENCE`` True (stage 1 + the redo launch) and False (the running max);
+* FlexAttention with a plain mask_mod (compiled, ``create_block_mask``), forward + backward, same inputs;
+* each kernel's device time per call from torch.profiler (fixed reference on), to see the redo launch's cost;
+* a check of every output against the running-max path.
+
+Device times come from CUDA graphs (``do_bench_cudagraph``, medians). The backward is FlashAttention-4's where it
+imports (as in the library), else attnzoo's. Run on an H200: ``python benchmarks/experiments/sparse_band_fixed_ref.py``
+(``OUT`` names the output folder; one JSON line per case in ``fixed_ref.jsonl``).
+"""
+import json
+import os
+
+import torch
+import triton.testing as tt
+
+os.environ.setdefault("ATTNZOO_SPARSE_AUTOTUNE", "0")
+from attnzoo.ops.sparse import SlidingWindow, compile_layout  # noqa: E402
+from attnzoo.ops.sparse import triton_kernel as tk  # noqa: E402
+from attnzoo.ops.sparse.fa4_backward import which_band_backward  # noqa: E402
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
+
+OUT = os.environ.get("OUT", ".")
+dev, dt = "cuda", torch.bfloat16
+B, H, D, W = 1, 12, 64, 256
+REPEATS = 3
+flex = torch.compile(flex_attention, dynamic=False)
+
+
+def graph_us(fn):
+    fn()
+    torch.cuda.synchronize()
+    return tt.do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
+
+
+def prof_kernels(fn, iters=20):
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as pr:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    tot = {}
+    for ev in pr.events():
+        if ev.device_type.name == "CUDA":
+            tot[ev.name[:60]] = tot.get(ev.name[:60], 0.0) + ev.device_time / iters
+    return dict(sorted(tot.items(), key=lambda kv: -kv[1])[:8])
+
+
+def run_case(n, causal):
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, n, D, device=dev, dtype=dt) for _ in range(4))
+    lay = compile_layout(SlidingWindow(window=W, causal=causal), n, 128, dev)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    r = {"n": n, "causal": causal, "backward": which_band_backward(leaves[0], SlidingWindow(window=W, causal=causal))}
+
+    def fwd():
+        return tk.block_sparse_attention(q, k, v, lay)
+
+    def fb():
+        return torch.autograd.grad(tk.block_sparse_attention(*leaves, lay), leaves, do)
+
+    outs = {}
+    for fixed in (False, True):
+        tk.FIXED_REFERENCE = fixed
+        outs[fixed] = (fwd(), fb())
+    r["max_rel_err"] = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                           for a, b in zip((outs[True][0], *outs[True][1]), (outs[False][0], *outs[False][1])))
+    for name in ("fwd_running", "fwd_fixed", "fb_running", "fb_fixed"):
+        r[name] = []
+    for _ in range(REPEATS):
+        for fixed in (False, True):
+            tk.FIXED_REFERENCE = fixed
+            tag = "fixed" if fixed else "running"
+            r[f"fwd_{tag}"].append(round(graph_us(fwd), 1))
+            r[f"fb_{tag}"].append(round(graph_us(fb), 1))
+    tk.FIXED_REFERENCE = True
+    r["kernels_fixed"] = {k_: round(t, 1) for k_, t in prof_kernels(fb).items()}
+    mm = (lambda b_, h_, i, j: (i - j <= W) & (i >= j)) if causal else (lambda b_, h_, i, j: (i - j).abs() <= W)
+    bm = create_block_mask(mm, None, None, n, n, device=dev)
+    f = [t.clone().requires_grad_() for t in (q, k, v)]
+    r["flex_fb"] = [round(graph_us(lambda: torch.autograd.grad(flex(*f, block_mask=bm), f, do)), 1)
+                    for _ in range(2)]
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    r["ratio_flex_fixed"] = round(med(r["flex_fb"]) / med(r["fb_fixed"]), 3)
+    r["ratio_flex_running"] = round(med(r["flex_fb"]) / med(r["fb_running"]), 3)
+    print(json.dumps(r), flush=True)
+    with open(os.path.join(OUT, "fixed_ref.jsonl"), "a") as fh:
+        fh.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
+    print(torch.__version__, torch.cuda.get_device_name(), os.environ.get("ATTNZOO_COMMIT"), flush=True)
+    for n, causal in ((16384, False), (16384, True), (4096, False), (65536, False)):
+        run_case(n, causal)
