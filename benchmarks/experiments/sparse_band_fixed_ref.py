@@ -67,30 +67,64 @@ def run_case(n, causal):
     def fb():
         return torch.autograd.grad(tk.block_sparse_attention(*leaves, lay), leaves, do)
 
+    variants = {"running": (False, False), "fixed": (True, False), "inkernel": (True, True)}
+
+    def use(name):
+        tk.FIXED_REFERENCE, tk.REDO_IN_KERNEL = variants[name]
+
     outs = {}
-    for fixed in (False, True):
-        tk.FIXED_REFERENCE = fixed
-        outs[fixed] = (fwd(), fb())
-    r["max_rel_err"] = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-                           for a, b in zip((outs[True][0], *outs[True][1]), (outs[False][0], *outs[False][1])))
-    for name in ("fwd_running", "fwd_fixed", "fb_running", "fb_fixed"):
-        r[name] = []
+    for name in variants:
+        use(name)
+        outs[name] = (fwd(), fb())
+    for name in ("fixed", "inkernel"):
+        r[f"max_rel_err_{name}"] = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                                       for a, b in zip((outs[name][0], *outs[name][1]),
+                                                       (outs["running"][0], *outs["running"][1])))
+    for name in variants:
+        r[f"fwd_{name}"], r[f"fb_{name}"] = [], []
     for _ in range(REPEATS):
-        for fixed in (False, True):
-            tk.FIXED_REFERENCE = fixed
-            tag = "fixed" if fixed else "running"
-            r[f"fwd_{tag}"].append(round(graph_us(fwd), 1))
-            r[f"fb_{tag}"].append(round(graph_us(fb), 1))
-    tk.FIXED_REFERENCE = True
+        for name in variants:
+            use(name)
+            r[f"fwd_{name}"].append(round(graph_us(fwd), 1))
+            r[f"fb_{name}"].append(round(graph_us(fb), 1))
+    use("fixed")
     r["kernels_fixed"] = {k_: round(t, 1) for k_, t in prof_kernels(fb).items()}
+    use("inkernel")
+    r["kernels_inkernel"] = {k_: round(t, 1) for k_, t in prof_kernels(fb).items()}
     mm = (lambda b_, h_, i, j: (i - j <= W) & (i >= j)) if causal else (lambda b_, h_, i, j: (i - j).abs() <= W)
     bm = create_block_mask(mm, None, None, n, n, device=dev)
     f = [t.clone().requires_grad_() for t in (q, k, v)]
     r["flex_fb"] = [round(graph_us(lambda: torch.autograd.grad(flex(*f, block_mask=bm), f, do)), 1)
                     for _ in range(2)]
     med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    r["ratio_flex_fixed"] = round(med(r["flex_fb"]) / med(r["fb_fixed"]), 3)
-    r["ratio_flex_running"] = round(med(r["flex_fb"]) / med(r["fb_running"]), 3)
+    for name in variants:
+        r[f"ratio_flex_{name}"] = round(med(r["flex_fb"]) / med(r[f"fb_{name}"]), 3)
+    print(json.dumps(r), flush=True)
+    with open(os.path.join(OUT, "fixed_ref.jsonl"), "a") as fh:
+        fh.write(json.dumps(r) + "\n")
+
+
+def overflow_check():
+    """Rows whose kept score lies ~580 log2-units above their own: every variant against the running max."""
+    n = 4096
+    torch.manual_seed(1)
+    q, k, v, do = (torch.randn(2, H, n, D, device=dev, dtype=dt) for _ in range(4))
+    for b, h, i in [(0, 0, 3), (0, 7, 700), (1, 2, 1023), (1, 5, n - 1), (1, 11, 2000)]:
+        q[b, h, i] = 0.0
+        q[b, h, i, 0] = 40.0
+        k[b, h, i - 3] = 0.0
+        k[b, h, i - 3, 0] = 40.0
+        k[b, h, i] = -k[b, h, i - 3]
+    lay = compile_layout(SlidingWindow(window=W), n, 128, dev)
+    res = {}
+    for name, (fixed, ink) in {"running": (False, False), "fixed": (True, False), "inkernel": (True, True)}.items():
+        tk.FIXED_REFERENCE, tk.REDO_IN_KERNEL = fixed, ink
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = tk.block_sparse_attention(*leaves, lay)
+        res[name] = (o.detach(), *torch.autograd.grad(o, leaves, do))
+    r = {"overflow_check": {name: max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+                                      for a, b in zip(res[name], res["running"])) for name in ("fixed", "inkernel")},
+         "finite": {name: all(bool(torch.isfinite(t).all()) for t in res[name]) for name in res}}
     print(json.dumps(r), flush=True)
     with open(os.path.join(OUT, "fixed_ref.jsonl"), "a") as fh:
         fh.write(json.dumps(r) + "\n")
@@ -99,5 +133,6 @@ def run_case(n, causal):
 if __name__ == "__main__":
     torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
     print(torch.__version__, torch.cuda.get_device_name(), os.environ.get("ATTNZOO_COMMIT"), flush=True)
+    overflow_check()
     for n, causal in ((16384, False), (16384, True), (4096, False), (65536, False)):
         run_case(n, causal)

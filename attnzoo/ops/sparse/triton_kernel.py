@@ -64,6 +64,7 @@ REDO_CHUNK = 32
 #: The forward's fixed softmax reference (:func:`_fixed_reference`); False: always the running max (tests and
 #: benchmarks compare the two).
 FIXED_REFERENCE = True
+REDO_IN_KERNEL = False  # experiment (round 8): the redo as a noinline call in the same kernel
 
 
 def interpreted() -> bool:
@@ -453,7 +454,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         qk_scale = sm_scale * _LOG2E  # exp2 below
         if MODE == 0:
-            if FIXED_M:  # the self-scores q_i . k_i, in the exponent's units
+            if FIXED_M != 0:  # the self-scores q_i . k_i, in the exponent's units
                 kd = tl.load(k_base + offs_m[:, None] * skn + offs_d[None, :], mask=(offs_m < N)[:, None], other=0.0)
                 m_i = tl.sum(q.to(tl.float32) * kd.to(tl.float32), 1) * qk_scale
             start, a, bb, end = _band_stages(q0, tl.minimum(q0 + BLOCK_M, N) - 1, N, LO, HI, BLOCK_N)
@@ -496,10 +497,30 @@ if triton is not None:
         tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=(offs_m < N)[:, None])
         tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
-        if FIXED_M:  # inf or nan anywhere in the block's rows: an exponent overflowed, redo them
+        if FIXED_M == 1:  # inf or nan anywhere in the block's rows: an exponent overflowed, redo them
             bad = ((out - out) != 0.0) | ((l_i - l_i) != 0.0)[:, None]
             tl.store(FLAGS + bh * tl.cdiv(N, BLOCK_M) + pid_m,
                      tl.max(tl.where(bad & (offs_m < N)[:, None], 1, 0)).to(tl.int8))
+        if FIXED_M == 2:  # inf or nan anywhere in the block's rows: an exponent overflowed, redo them
+            bad = ((out - out) != 0.0) | ((l_i - l_i) != 0.0)[:, None]
+            if tl.max(tl.where(bad & (offs_m < N)[:, None], 1, 0)) > 0:
+                _fwd_redo(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
+                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                          H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
+                          HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, BLOCK_M, BLOCK_N)
+
+    @triton.jit(noinline=True)
+    def _fwd_redo(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                  H, N, T_TILES, G, LO, HI, sm_scale,
+                  GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
+                  CAUSAL: tl.constexpr, PREC: tl.constexpr,
+                  HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  LSE_LN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
+                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                  H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
+                  HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, False, BLOCK_M, BLOCK_N)
 
     @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL", "STAGE"],
                      prune_configs_by={"early_config_prune": _pruner("fwd")})
@@ -534,7 +555,7 @@ if triton is not None:
             _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                       H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
-                      HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, STAGE == 1, BLOCK_M, BLOCK_N)
+                      HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, 2 if STAGE == 3 else STAGE, BLOCK_M, BLOCK_N)
 
     # -- dK/dV: one program per block of keys and KV head -------------------------------------
     @triton.jit
@@ -881,9 +902,9 @@ class _BlockSparseAttention(torch.autograd.Function):
         args = (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy), flags,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                 h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale, b * h)
-        cex = dict(HAS_GLOBAL=p.n_global > 0, LSE_LN=fa4, STAGE=1 if fixed else 0, **kw)
+        cex = dict(HAS_GLOBAL=p.n_global > 0, LSE_LN=fa4, STAGE=(3 if REDO_IN_KERNEL else 1) if fixed else 0, **kw)
         cfg = _launch(_fwd_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"), args, cex)
-        if fixed:
+        if fixed and not REDO_IN_KERNEL:
             _redo_overflowed(args, cex, cfg, b * h * triton.cdiv(n, cfg["BLOCK_M"]))
         ctx.save_for_backward(q, k, v, o, lse, kpm_t)
         ctx.layout, ctx.scale, ctx.has_kpm, ctx.kw, ctx.rows = layout, scale, kpm is not None, kw, rows
