@@ -101,8 +101,23 @@ def test_flex_declines_a_sequence_shorter_than_one_tile_and_dispatch_goes_on():
     assert out.shape == q.shape
 
 
+@pytest.fixture
+def fixed_everywhere(monkeypatch):
+    """The forward's fixed softmax reference for any band (the library keeps it to wide bands, long inputs)."""
+    from attnzoo.ops.sparse import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "FIXED_MIN_WIDTH", 0)
+    monkeypatch.setattr(tk, "FIXED_MIN_ROWS", 0)
+
+
+@pytest.mark.parametrize("name", ["sliding", "longformer"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_triton_band_fixed_reference_overflow_is_redone(monkeypatch, causal):
+def test_triton_band_fixed_reference_matches_float64(fixed_everywhere, name, causal):
+    _check("triton", PATTERNS[name](causal), torch.bfloat16, "none")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_triton_band_fixed_reference_overflow_is_redone(monkeypatch, fixed_everywhere, causal):
     """bf16 band without padding: the forward's fixed softmax reference (each row's self-score). Rows whose kept
     score lies ~580 log2-units above their own overflow it; stage 2 redoes those blocks with the running max.
     Against float64, forward and backward; without the redo exactly those rows come out non-finite."""

@@ -164,28 +164,42 @@ def _match_unpadded(pattern, keep, q, k, v):
     return out
 
 
+@pytest.fixture
+def fixed_everywhere(monkeypatch):
+    """The fixed softmax reference for any band size (the library keeps it to wide bands and long inputs)."""
+    monkeypatch.setattr(triton_kernel, "FIXED_MIN_WIDTH", 0)
+    monkeypatch.setattr(triton_kernel, "FIXED_MIN_ROWS", 0)
+
+
 @pytest.mark.parametrize("pattern, keep", BAND_CASES, ids=[_case_id(p) for p, _ in BAND_CASES])
-def test_band_fixed_reference_matches_oracle(pattern, keep):
+def test_band_fixed_reference_matches_oracle(fixed_everywhere, pattern, keep):
     """Without padding a band forward takes each row's self-score as its softmax reference (stage 1) instead of
     a running max; forward and backward against float64, grouped heads, a length no multiple of the blocks."""
     from attnzoo.ops.sparse import compile_layout
 
     p = triton_kernel.plan(compile_layout(pattern, N, 32, DEV))
-    assert triton_kernel._fixed_reference(p, False, torch.float32)
+    assert triton_kernel._fixed_reference(p, False, torch.float32, 2 * 4 * N)
     q = torch.randn(2, 4, N, 16, device=DEV, requires_grad=True)
     k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
     _match_unpadded(pattern, keep(N), q, k, v)
 
 
-def test_fixed_reference_only_where_every_row_keeps_its_own_key():
+def test_fixed_reference_only_where_every_row_keeps_its_own_key_and_it_pays():
     from attnzoo.ops.sparse import compile_layout
 
-    band = triton_kernel.plan(compile_layout(SlidingWindow(window=20), N, 32, DEV))
-    assert not triton_kernel._fixed_reference(band, True, torch.float32)  # padding may drop a row's own key
-    assert not triton_kernel._fixed_reference(band, False, torch.float16)  # p would overflow float16's 2**16
-    assert triton_kernel._fixed_reference(band, False, torch.bfloat16)
+    rows = 12 * 16384
+    band = triton_kernel.plan(compile_layout(SlidingWindow(window=256), 16384, 64, DEV))
+    assert triton_kernel._fixed_reference(band, False, torch.bfloat16, rows)
+    assert triton_kernel._fixed_reference(band, False, torch.float32, rows)
+    assert not triton_kernel._fixed_reference(band, True, torch.bfloat16, rows)  # padding may drop a row's own key
+    assert not triton_kernel._fixed_reference(band, False, torch.float16, rows)  # p would overflow float16's 2**16
+    assert not triton_kernel._fixed_reference(band, False, torch.bfloat16, 12 * 4096)  # too short to pay
+    causal = triton_kernel.plan(compile_layout(SlidingWindow(window=256, causal=True), 16384, 64, DEV))
+    assert not triton_kernel._fixed_reference(causal, False, torch.bfloat16, rows)  # too narrow to pay
+    wide_causal = triton_kernel.plan(compile_layout(SlidingWindow(window=512, causal=True), 16384, 64, DEV))
+    assert triton_kernel._fixed_reference(wide_causal, False, torch.bfloat16, rows)
     listed = triton_kernel.plan(compile_layout(Strided(stride=12), N, 32, DEV))
-    assert not triton_kernel._fixed_reference(listed, False, torch.float32)  # list mode: running max
+    assert not triton_kernel._fixed_reference(listed, False, torch.float32, 1 << 30)  # list mode: running max
 
 
 def _overflowing_inputs(n, rows):
@@ -205,7 +219,7 @@ def _overflowing_inputs(n, rows):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy, in the interpreter, on the overflow itself
 @pytest.mark.parametrize("pattern, keep", BAND_CASES[:2], ids=[_case_id(p) for p, _ in BAND_CASES[:2]])
-def test_fixed_reference_overflow_is_redone(monkeypatch, pattern, keep):
+def test_fixed_reference_overflow_is_redone(monkeypatch, fixed_everywhere, pattern, keep):
     """Blocks in several batches, heads and positions (the last, partial block too) overflow under the fixed
     reference; stage 2 redoes exactly those with the running max. Without the redo their output is not finite,
     which shows this test reaches it."""

@@ -64,7 +64,8 @@ REDO_CHUNK = 32
 #: The forward's fixed softmax reference (:func:`_fixed_reference`); False: always the running max (tests and
 #: benchmarks compare the two).
 FIXED_REFERENCE = True
-REDO_IN_KERNEL = False  # experiment (round 8): the redo as a noinline call in the same kernel
+#: ... where the band is at least this many keys wide (``hi - lo``) and has this many query rows (batch x heads x N).
+FIXED_MIN_WIDTH, FIXED_MIN_ROWS = 448, 1 << 17
 
 
 def interpreted() -> bool:
@@ -454,7 +455,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         qk_scale = sm_scale * _LOG2E  # exp2 below
         if MODE == 0:
-            if FIXED_M != 0:  # the self-scores q_i . k_i, in the exponent's units
+            if FIXED_M:  # the self-scores q_i . k_i, in the exponent's units
                 kd = tl.load(k_base + offs_m[:, None] * skn + offs_d[None, :], mask=(offs_m < N)[:, None], other=0.0)
                 m_i = tl.sum(q.to(tl.float32) * kd.to(tl.float32), 1) * qk_scale
             start, a, bb, end = _band_stages(q0, tl.minimum(q0 + BLOCK_M, N) - 1, N, LO, HI, BLOCK_N)
@@ -497,30 +498,10 @@ if triton is not None:
         tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=(offs_m < N)[:, None])
         tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
-        if FIXED_M == 1:  # inf or nan anywhere in the block's rows: an exponent overflowed, redo them
+        if FIXED_M:  # inf or nan anywhere in the block's rows: an exponent overflowed, redo them
             bad = ((out - out) != 0.0) | ((l_i - l_i) != 0.0)[:, None]
             tl.store(FLAGS + bh * tl.cdiv(N, BLOCK_M) + pid_m,
                      tl.max(tl.where(bad & (offs_m < N)[:, None], 1, 0)).to(tl.int8))
-        if FIXED_M == 2:  # inf or nan anywhere in the block's rows: an exponent overflowed, redo them
-            bad = ((out - out) != 0.0) | ((l_i - l_i) != 0.0)[:, None]
-            if tl.max(tl.where(bad & (offs_m < N)[:, None], 1, 0)) > 0:
-                _fwd_redo(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
-                          sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                          H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
-                          HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, BLOCK_M, BLOCK_N)
-
-    @triton.jit(noinline=True)
-    def _fwd_redo(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
-                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                  H, N, T_TILES, G, LO, HI, sm_scale,
-                  GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
-                  CAUSAL: tl.constexpr, PREC: tl.constexpr,
-                  HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  LSE_LN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
-                  sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
-                  H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
-                  HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, False, BLOCK_M, BLOCK_N)
 
     @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL", "STAGE"],
                      prune_configs_by={"early_config_prune": _pruner("fwd")})
@@ -555,7 +536,7 @@ if triton is not None:
             _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                       H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
-                      HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, 2 if STAGE == 3 else STAGE, BLOCK_M, BLOCK_N)
+                      HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, STAGE, BLOCK_M, BLOCK_N)
 
     # -- dK/dV: one program per block of keys and KV head -------------------------------------
     @triton.jit
@@ -848,14 +829,23 @@ def _redo_overflowed(args, constexprs: dict, cfg: dict, blocks: int) -> None:
     _fwd_kernel.fn[(triton.cdiv(blocks, REDO_CHUNK),)](*args, **{**constexprs, "STAGE": 2}, **cfg)
 
 
-def _fixed_reference(p: KernelPlan, has_padding: bool, dtype) -> bool:
+def _fixed_reference(p: KernelPlan, has_padding: bool, dtype, rows: int) -> bool:
     """Whether the forward takes each row's self-score as its fixed softmax reference (stage 1 of
-    :func:`_fwd_kernel`) instead of a running max. It needs every row to keep its own key: band mode with
-    ``lo <= 0 <= hi`` and no padding mask (padding could drop that key). Not float16: ``p`` goes into the ``P V``
-    product in the inputs' dtype, and float16 ends at ``2**16``, so a kept score 16 log2-units above the
-    self-score (common in trained models) would overflow and send the block to the redo; bfloat16 and float32
-    reach ``2**127``."""
-    return FIXED_REFERENCE and p.mode == BAND and not has_padding and p.lo <= 0 <= p.hi and dtype != torch.float16
+    :func:`_fwd_kernel`) instead of a running max.
+
+    * It needs every row to keep its own key: band mode with ``lo <= 0 <= hi`` and no padding mask (padding could
+      drop that key).
+    * Not float16: ``p`` goes into the ``P V`` product in the inputs' dtype, and float16 ends at ``2**16``, so a
+      kept score 16 log2-units above the self-score (common in trained models) would send the block to the redo;
+      bfloat16 and float32 reach ``2**127``.
+    * Only where it pays (H200, bf16, head_dim 64, round 8 of ``benchmarks/results/sparse-band-experiments-h200.md``):
+      it saves ~4% of a wide band's loop but costs a per-block self-score and the redo launch (~1.5 µs). Measured:
+      ±256 at N=16384 and 65536, -4% of the forward; causal ±256 (5 key blocks per query block) and N=4096 x 12
+      heads, +1 µs. Hence a band at least ``FIXED_MIN_WIDTH`` keys wide and at least ``FIXED_MIN_ROWS`` query rows
+      (batch x heads x N).
+    """
+    return (FIXED_REFERENCE and p.mode == BAND and not has_padding and p.lo <= 0 <= p.hi and dtype != torch.float16
+            and p.hi - p.lo >= FIXED_MIN_WIDTH and rows >= FIXED_MIN_ROWS)
 
 
 def _precision(dtype) -> str:
@@ -897,14 +887,14 @@ class _BlockSparseAttention(torch.autograd.Function):
         # where FlashAttention-4 will take the backward, the forward writes the log-sum-exp it reads (natural log)
         fa4 = any(ctx.needs_input_grad[:3]) and fa4_backward_reason(
             q, band=p.mode == BAND, n_global=p.n_global, lo=p.lo, hi=p.hi, has_padding=kpm is not None) is None
-        fixed = _fixed_reference(p, kpm is not None, q.dtype)
+        fixed = _fixed_reference(p, kpm is not None, q.dtype, b * h * n)
         flags = torch.empty(b * h * triton.cdiv(n, 16), device=q.device, dtype=torch.int8) if fixed else dummy
         args = (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy), flags,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                 h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale, b * h)
-        cex = dict(HAS_GLOBAL=p.n_global > 0, LSE_LN=fa4, STAGE=(3 if REDO_IN_KERNEL else 1) if fixed else 0, **kw)
+        cex = dict(HAS_GLOBAL=p.n_global > 0, LSE_LN=fa4, STAGE=1 if fixed else 0, **kw)
         cfg = _launch(_fwd_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"), args, cex)
-        if fixed and not REDO_IN_KERNEL:
+        if fixed:
             _redo_overflowed(args, cex, cfg, b * h * triton.cdiv(n, cfg["BLOCK_M"]))
         ctx.save_for_backward(q, k, v, o, lse, kpm_t)
         ctx.layout, ctx.scale, ctx.has_kpm, ctx.kw, ctx.rows = layout, scale, kpm is not None, kw, rows
