@@ -9,6 +9,11 @@ Not library code: a record of what was measured for ``benchmarks/results/sparse-
 * each kernel's device time per call from torch.profiler (fixed reference on), to see the redo launch's cost;
 * a check of every output against the running-max path.
 
+Run at 11d9900 (fixed and running) and 6ed4a11, which also had ``REDO_IN_KERNEL`` (the redo as a noinline call
+inside the same kernel, the "inkernel" variant): slower, removed in 1c109a1, which also keeps the fixed reference
+to wide bands and long inputs (``FIXED_MIN_WIDTH``, ``FIXED_MIN_ROWS``). At later commits this script's "fixed" and
+"inkernel" rows are the library's choice, the same.
+
 Device times come from CUDA graphs (``do_bench_cudagraph``, medians). The backward is FlashAttention-4's where it
 imports (as in the library), else attnzoo's. Run on an H200: ``python benchmarks/experiments/sparse_band_fixed_ref.py``
 (``OUT`` names the output folder; one JSON line per case in ``fixed_ref.jsonl``).
