@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from .fa4_backward import fa4_backward_reason, fa4_band_backward
+from .launch import _tuned, launch as _launch  # noqa: F401  (_tuned: read by benchmarks/experiments)
 
 try:
     import triton
@@ -793,26 +794,6 @@ def _global_dkdv(q, k, v, do, lse2, delta, p: KernelPlan, kpm, scale, dk, dv):
 
 
 _dummies: dict = {}
-_tuned: dict = {}
-
-
-def _launch(kernel, grid, args, constexprs: dict) -> dict:
-    """Launch an autotuned kernel and return the config it ran (tile sizes, warps, stages). The first launch per
-    (kernel, constexprs, dtypes) goes through Triton's autotuner; later ones call the tuned JIT function directly
-    with the remembered config, skipping the autotuner's per-call argument bookkeeping (host time matters: these
-    kernels run for ~0.1 ms)."""
-    key = (kernel, tuple(constexprs.items()), args[0].dtype, args[0].device)
-    cfg = _tuned.get(key)
-    if cfg is None and os.environ.get("ATTNZOO_SPARSE_AUTOTUNE", "1") == "0":  # the first config that fits
-        prune = getattr(kernel, "early_config_prune", None)
-        fits = prune(kernel.configs, dict(zip(kernel.fn.arg_names, args)), **constexprs) if prune else kernel.configs
-        cfg = _tuned[key] = fits[0].all_kwargs()
-    if cfg is None:
-        kernel[grid](*args, **constexprs)
-        cfg = _tuned[key] = kernel.best_config.all_kwargs()
-    else:
-        kernel.fn[grid](*args, **constexprs, **cfg)
-    return cfg
 
 
 def _dummy(device, dtype=torch.int32) -> torch.Tensor:
@@ -826,7 +807,7 @@ def _dummy(device, dtype=torch.int32) -> torch.Tensor:
 def _redo_overflowed(args, constexprs: dict, cfg: dict, blocks: int) -> None:
     """Stage 2 of the forward: redo the query blocks whose fixed reference overflowed (their flags), with the
     running max and the same tiles as stage 1 (``cfg``). One launch of ``blocks / REDO_CHUNK`` programs."""
-    _fwd_kernel.fn[(triton.cdiv(blocks, REDO_CHUNK),)](*args, **{**constexprs, "STAGE": 2}, **cfg)
+    _launch(_fwd_kernel, (triton.cdiv(blocks, REDO_CHUNK),), args, {**constexprs, "STAGE": 2}, cfg=cfg)
 
 
 def _fixed_reference(p: KernelPlan, has_padding: bool, dtype, rows: int) -> bool:
