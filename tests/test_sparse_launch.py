@@ -69,3 +69,22 @@ def test_a_failing_direct_launch_warns_once_and_falls_back(monkeypatch):
     with pytest.warns(RuntimeWarning, match="ATTNZOO_TRITON_FAST_LAUNCH=0"):
         got = _band(q, k, v)
     assert torch.equal(got, want) and not L._state["fast"]
+
+
+def test_a_triton_launch_hook_turns_the_direct_path_off(monkeypatch):
+    pytest.importorskip("triton")
+    from triton import knobs
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("ATTNZOO_TRITON_FAST_LAUNCH", raising=False)
+    assert L._fast_enabled()  # nothing hooked
+
+    def hook(*a):
+        return None
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert not L._fast_enabled()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert not L._hooked(None) and L._hooked(hook)

@@ -55,7 +55,13 @@ def _fast_enabled() -> bool:
         return False
     from triton import knobs
 
-    return knobs.runtime.launch_enter_hook is None and knobs.runtime.launch_exit_hook is None
+    return not _hooked(knobs.runtime.launch_enter_hook) and not _hooked(knobs.runtime.launch_exit_hook)
+
+
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook is installed: Triton 3.6 keeps a chain that is never None (``HookChain``,
+    empty ``calls`` when nothing is hooked); earlier versions a callable or None."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def launch(kernel, grid, args: tuple, constexprs: dict, cfg: dict | None = None) -> dict:
