@@ -24,6 +24,11 @@ import warnings
 
 import torch
 
+try:
+    from triton import knobs as _knobs  # where Triton keeps its launch hooks (3.4+)
+except ImportError:  # no Triton, or one without knobs: Triton's own launch path only
+    _knobs = None
+
 __all__ = ["launch"]
 
 _tuned: dict = {}
@@ -49,13 +54,14 @@ def _config(kernel, grid, args, constexprs: dict):
 
 
 def _fast_enabled() -> bool:
-    if not _state["fast"] or os.environ.get("ATTNZOO_TRITON_FAST_LAUNCH", "1") == "0":
+    """Whether this launch may call the compiled kernel directly (checked per launch: switches and hooks can
+    change while the process runs)."""
+    if _knobs is None or not _state["fast"] or os.environ.get("ATTNZOO_TRITON_FAST_LAUNCH", "1") == "0":
         return False
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
-    from triton import knobs
-
-    return not _hooked(knobs.runtime.launch_enter_hook) and not _hooked(knobs.runtime.launch_exit_hook)
+    hooks = _knobs.runtime
+    return not _hooked(hooks.launch_enter_hook) and not _hooked(hooks.launch_exit_hook)
 
 
 def _hooked(hook) -> bool:
