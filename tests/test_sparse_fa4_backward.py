@@ -24,6 +24,7 @@ GOOD = {"band": True, "n_global": 0, "has_padding": False, "device_type": "cuda"
 @pytest.fixture(autouse=True)
 def fresh_state(monkeypatch):
     monkeypatch.setattr(fa4_backward, "_state", {})
+    monkeypatch.setattr(fa4_backward, "_direct", {})
 
 
 def test_reason_is_none_for_a_plain_band_on_hopper():
@@ -203,6 +204,160 @@ def test_triton_backward_hands_a_band_over_and_takes_its_own_path_on_none(monkey
         torch.testing.assert_close(a, b)
 
 
+# -- the replay of FlashAttention-4's compiled kernels (CPU, a stand-in with its internals' shape) ---------------
+
+
+class _Compiled:
+    """A stand-in compiled kernel: counts its calls; ``broken`` makes it raise, ``wrong`` writes garbage (both only
+    when called directly, i.e. replayed, not from the wrapper)."""
+
+    def __init__(self, fn, fa):
+        self.fn, self.fa, self.calls, self.broken, self.wrong = fn, fa, 0, False, False
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.broken and not self.fa.inside:
+            raise TypeError("simulated argument mismatch")
+        self.fn(*args, wrong=self.wrong and not self.fa.inside)
+
+
+def _fake_interface():
+    """A module shaped like ``flash_attn.cute.interface`` 4.0.0b36: ``_flash_attn_bwd`` allocates three float32
+    buffers and runs three compiled kernels found in the compile caches of ``_bwd_preprocess``, itself and
+    ``_bwd_postprocess_convert`` (float64 maths in FlashAttention's ``[B, N, H, D]`` layout)."""
+    log2e = 1.4426950408889634
+
+    def pre(out, dout, dpsum, lse, lse_log2, dq_accum, cu, su, dlse, wrong=False):
+        dpsum.copy_((out.double() * dout.double()).sum(-1).transpose(1, 2))
+        lse_log2.copy_(lse * log2e)
+        dq_accum.zero_()
+
+    def main(q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv, scale, left, right, aux, wrong=False):
+        qh, kh, vh, doh = (x.transpose(1, 2).double() for x in (q, k, v, dout))
+        b, h, n, d = qh.shape
+        g = h // kh.shape[1]
+        kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
+        s = qh @ kh.transpose(-1, -2) * scale
+        p = torch.where(_band_keep(n, left, right), torch.exp2(s * log2e - lse_log2.double()[..., None]), 0.0)
+        ds = p * (doh @ vh.transpose(-1, -2) - dpsum.double()[..., None])
+        dq_accum.view(qh.shape).add_(ds @ kh)  # unscaled, as the postprocess scales it
+        dk.copy_((ds.transpose(-1, -2) @ qh * scale).view(b, h // g, g, n, d).sum(2).transpose(1, 2))
+        dv.copy_((p.transpose(-1, -2) @ doh).view(b, h // g, g, n, d).sum(2).transpose(1, 2) + (1.0 if wrong else 0))
+
+    def post(dq_accum, dq, scale, wrong=False):
+        dq.copy_((dq_accum.view(dq.shape[0], dq.shape[2], dq.shape[1], dq.shape[3]) * scale).transpose(1, 2))
+
+    fa = types.SimpleNamespace(inside=False)
+    kernels = {"pre": _Compiled(pre, fa), "main": _Compiled(main, fa), "post": _Compiled(post, fa)}
+
+    def _bwd_preprocess(*args):
+        if "pre" not in _bwd_preprocess.compile_cache:
+            _bwd_preprocess.compile_cache["pre"] = kernels["pre"]
+        _bwd_preprocess.compile_cache["pre"](*args)
+
+    def _bwd_postprocess_convert(*args):
+        if "post" not in _bwd_postprocess_convert.compile_cache:
+            _bwd_postprocess_convert.compile_cache["post"] = kernels["post"]
+        _bwd_postprocess_convert.compile_cache["post"](*args)
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale, causal, window_size_left, window_size_right,
+                        dq, dk, dv):
+        fa.wrapper_calls += 1
+        fa.inside = True
+        b, n, h, d = q.shape
+        dq_accum = torch.empty(b, h, n * d, dtype=torch.float32)
+        dpsum, lse_log2 = (torch.empty(b, h, n, dtype=torch.float32) for _ in range(2))
+        _bwd_preprocess(out, dout, dpsum, lse, lse_log2, dq_accum, None, None, None)
+        if "main" not in _flash_attn_bwd.compile_cache:
+            _flash_attn_bwd.compile_cache["main"] = kernels["main"]
+        _flash_attn_bwd.compile_cache["main"](q.detach(), k.detach(), v.detach(), dout, lse_log2, dpsum, dq_accum,
+                                              dk, dv, softmax_scale, window_size_left, window_size_right, None)
+        _bwd_postprocess_convert(dq_accum, dq, softmax_scale)
+        fa.inside = False
+        return dq, dk, dv
+
+    for f in (_bwd_preprocess, _flash_attn_bwd, _bwd_postprocess_convert):
+        f.compile_cache = {}
+        setattr(fa, f.__name__, f)
+    fa.wrapper_calls, fa.kernels = 0, kernels
+    return fa
+
+
+def _band_case(seed, n=29, h=3, hk=3, d=8, lo=-4, hi=6, scale=0.35):
+    """Float64 band attention: (q, k, v, o, lse natural log, dO, the gradients by autograd)."""
+    torch.manual_seed(seed)
+    q = torch.randn(2, h, n, d, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, hk, n, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    s = (q @ k.repeat_interleave(h // hk, 1).transpose(-1, -2) * scale).masked_fill(~_band_keep(n, -lo, hi),
+                                                                                     float("-inf"))
+    o = torch.softmax(s, -1) @ v.repeat_interleave(h // hk, 1)
+    do = torch.randn_like(o)
+    return (q.detach(), k.detach(), v.detach(), o.detach(), torch.logsumexp(s, -1).detach(), do,
+            torch.autograd.grad(o, (q, k, v), do), scale, lo, hi)
+
+
+@pytest.fixture
+def fake_fa(monkeypatch):
+    fa = _fake_interface()
+    monkeypatch.setattr(fa4_backward, "_state", {"module": fa})
+    monkeypatch.setattr(fa4_backward, "_version", lambda: "4.0.0b36")
+    monkeypatch.delenv("ATTNZOO_SPARSE_FA4_DIRECT", raising=False)
+    return fa
+
+
+def _backward(case):
+    q, k, v, o, lse, do, want, scale, lo, hi = case
+    got = fa4_band_backward(q, k, v, o, do, lse, scale, lo, hi)
+    for name, a, w in zip("qkv", got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_later_calls_replay_the_compiled_kernels(fake_fa):
+    """The first call per signature goes through the wrapper (and one replay that checks it); later calls of
+    that signature run the three compiled kernels directly, each with fresh buffers, and stay exact."""
+    for seed in range(3):
+        _backward(_band_case(seed))
+    assert fake_fa.wrapper_calls == 1
+    assert [kn.calls for kn in fake_fa.kernels.values()] == [4, 4, 4]  # 1 wrapper + 1 check + 2 replays
+    (replay,) = fa4_backward._direct.values()
+    assert isinstance(replay, fa4_backward._Replay) and len(replay.shapes) == 3
+    _backward(_band_case(3, n=31))  # another length: another signature, through the wrapper first
+    assert fake_fa.wrapper_calls == 2
+
+
+@pytest.mark.parametrize("how", ["grouped heads", "switched off", "other version", "wrong", "broken"])
+def test_the_wrapper_serves_what_cannot_be_replayed(fake_fa, monkeypatch, how):
+    hk = 1 if how == "grouped heads" else 3
+    if how == "switched off":
+        monkeypatch.setenv("ATTNZOO_SPARSE_FA4_DIRECT", "0")
+    if how == "other version":
+        monkeypatch.setattr(fa4_backward, "_version", lambda: "4.0.1")
+    if how in ("wrong", "broken"):
+        setattr(fake_fa.kernels["main"], how, True)
+        with pytest.warns(RuntimeWarning, match="replaying FlashAttention-4's compiled backward failed"):
+            _backward(_band_case(0, hk=hk))
+    else:
+        _backward(_band_case(0, hk=hk))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        for seed in (1, 2):
+            _backward(_band_case(seed, hk=hk))
+    assert fake_fa.wrapper_calls == 3
+    (why,) = fa4_backward._direct.values()
+    assert isinstance(why, str) and {"grouped heads": "grouped KV heads", "switched off": "switched off",
+                                     "other version": "4.0.1", "wrong": "did not reproduce",
+                                     "broken": "simulated argument mismatch"}[how] in why
+
+
+def test_a_replay_that_raises_later_hands_the_shape_back_to_the_wrapper(fake_fa):
+    _backward(_band_case(0))
+    fake_fa.kernels["pre"].broken = True
+    with pytest.warns(RuntimeWarning, match="its replay raised TypeError"):
+        _backward(_band_case(1))
+    _backward(_band_case(2))
+    assert fake_fa.wrapper_calls == 3
+
+
 # -- GPU: the real FlashAttention-4 kernels ---------------------------------------------------------------------
 
 
@@ -220,8 +375,8 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _run(pattern, dtype, n, hq=8, hkv=4, d=64, kpm=None):
-    torch.manual_seed(0)
+def _run(pattern, dtype, n, hq=8, hkv=4, d=64, kpm=None, seed=0):
+    torch.manual_seed(seed)
     q = torch.randn(2, hq, n, d, device="cuda", dtype=dtype, requires_grad=True)
     k = torch.randn(2, hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
     v = torch.randn(2, hkv, n, d, device="cuda", dtype=dtype, requires_grad=True)
@@ -263,6 +418,18 @@ def test_fa4_backward_matches_float64(fa4_calls, window, causal, n, dtype):
     errs = _run(SlidingWindow(window=window, causal=causal), dtype, n)
     assert len(fa4_calls) == 1
     assert max(errs.values()) < 1e-2, errs
+
+
+@pytest.mark.gpu
+def test_fa4_replay_matches_float64_on_later_calls(fa4_calls):
+    """Without grouped heads, calls after the first of a shape replay FlashAttention-4's compiled kernels
+    (``fa4_backward._Replay``): still against float64, on fresh inputs each time."""
+    pattern = SlidingWindow(window=100)
+    for seed in range(3):
+        errs = _run(pattern, torch.bfloat16, 999, hq=4, hkv=4, seed=seed)
+        assert max(errs.values()) < 1e-2, errs
+    assert len(fa4_calls) == 3
+    assert [type(r).__name__ for r in fa4_backward._direct.values()] == ["_Replay"], fa4_backward._direct
 
 
 @pytest.mark.gpu

@@ -147,6 +147,35 @@ def test_triton_band_fixed_reference_overflow_is_redone(monkeypatch, fixed_every
     assert all(bad[b, h, i] for b, h, i in rows) and int(bad.sum()) == len(rows)
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("fixed", [False, True], ids=["running-max", "fixed-reference"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_triton_band_forward_with_tma_and_pointer_loads(monkeypatch, tma, fixed, causal):
+    """The band forward reads K/V through TMA descriptors on Hopper (``TMA_LOADS``) or through pointers: both
+    against float64, forward and backward, on strided views of one projection at an odd length, with the running
+    max and with the fixed reference (and its redo launch)."""
+    from attnzoo.ops.sparse import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "TMA_LOADS", tma)
+    if fixed:
+        monkeypatch.setattr(tk, "FIXED_MIN_WIDTH", 0)
+        monkeypatch.setattr(tk, "FIXED_MIN_ROWS", 0)
+    torch.manual_seed(3)
+    x = torch.randn(2, 1999, 3, 8, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.requires_grad_() for t in x.permute(2, 0, 3, 1, 4).unbind(0))
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert (tk._tma_descriptors(k, v) is not None) == (tma and hopper)
+    p = SlidingWindow(window=200, causal=causal)
+    out = sparse_attention(q, k, v, p, backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sparse_attention(q64, k64, v64, p, backend="reference")
+    assert _rel(out, ref) < TOL, f"forward rel err {_rel(out, ref):.2e}"
+    go = torch.randn_like(ref)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), go.to(out.dtype)),
+                          torch.autograd.grad(ref, (q64, k64, v64), go)):
+        assert _rel(a, b) < TOL, f"d{name} rel err {_rel(a, b):.2e}"
+
+
 def test_triton_on_strided_qkv_from_one_projection():
     """q, k, v as the benchmark makes them: views of one [B, N, 3, H, D] projection, no copies."""
     lin = torch.nn.Linear(768, 3 * 768, device="cuda", dtype=torch.bfloat16)

@@ -29,9 +29,21 @@ top of what attnzoo's kernels use. Time: the first backward of each shape signat
 kernels (about 3-6 s on the H200; ``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` keeps them on disk), and its
 Python wrapper adds about 0.08 ms of host time per call. Where flash-attn-4 is installed but does not import, one
 warning says why.
+
+**Direct calls.** The wrapper's host time (argument checks, compile-key hashing, buffer set-up) is spent again on
+every call although nothing changes between calls of one shape. So the first call per *signature* (shapes,
+strides, dtype, device, scale, window) goes through the wrapper with its three compile caches watched
+(:class:`_Recorder`): that gives the three compiled kernels it ran (preprocess, the backward, the dQ
+postprocess) and the arguments it passed them. Later calls of that signature call the same compiled kernels with
+the same arguments, the caller's tensors and three fresh float32 buffers (dQ accumulator, ``rowsum(dO * O)``,
+base-2 log-sum-exp) in place of the first call's. This is used only with the FlashAttention-4 versions it was
+checked against (``_DIRECT_VERSIONS``), without grouped KV heads (their dK/dV take two more postprocess kernels),
+and only where the first call's replay reproduced the wrapper's gradients (dK, dV exactly, dQ to bf16 rounding:
+its atomics add in any order). ``DIRECT = False`` (or ``ATTNZOO_SPARSE_FA4_DIRECT=0``) always calls the wrapper.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -41,6 +53,12 @@ import torch
 __all__ = ["band_backward_reason", "fa4_backward_reason", "fa4_band_backward", "which_band_backward"]
 
 _state: dict = {}  # "module": the imported interface, or "failed": why it cannot be used in this process
+#: Replay FlashAttention-4's compiled kernels after the first call per signature (module docstring).
+DIRECT = True
+#: flash-attn-4 versions whose wrapper the replay was checked against (on an H200).
+_DIRECT_VERSIONS = frozenset({"4.0.0b36"})
+_direct: dict = {}  # signature -> _Replay, or a string: why this signature goes through the wrapper
+_MAX_DIRECT = 256  # signatures kept; cleared when full
 
 
 def _interface():
@@ -124,6 +142,142 @@ def which_band_backward(q: torch.Tensor, pattern, key_padding_mask: torch.Tensor
     return "flash_attn.cute" if why is None else f"attnzoo ({why})"
 
 
+class _Recorder:
+    """Stands in for one of FlashAttention's compile caches during one wrapper call: passes every lookup through
+    and logs which compiled function ran with which arguments (into a log shared by the three caches, in call
+    order)."""
+
+    def __init__(self, cache, log: list):
+        self.cache, self.log = cache, log
+
+    def __contains__(self, key):
+        return key in self.cache
+
+    def __setitem__(self, key, fn):
+        self.cache[key] = fn
+
+    def __getitem__(self, key):
+        fn = self.cache[key]
+
+        def call(*args):
+            self.log.append((fn, args))
+            return fn(*args)
+        return call
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+
+_CACHED = ("_bwd_preprocess", "_flash_attn_bwd", "_bwd_postprocess_convert")  # the wrapper's compiled pieces
+
+
+class _Replay:
+    """The compiled kernels one wrapper call ran, as slots: ``("in", name)`` one of the caller's tensors,
+    ``("buf", i)`` a float32 buffer the wrapper allocated (fresh per call, shape ``shapes[i]``), ``("arg", x)``
+    any other argument as it was."""
+
+    def __init__(self, calls, shapes):
+        self.calls, self.shapes = calls, shapes
+
+    @classmethod
+    def from_log(cls, log, given: dict):
+        """From a recorded call; a string (why not) when it cannot be replayed."""
+        if len(log) != 3:
+            return f"the wrapper ran {len(log)} compiled kernels (replayed: 3)"
+        found: dict = {}
+        calls = []
+        for fn, args in log:
+            slots = []
+            for a in args:
+                if not isinstance(a, torch.Tensor):
+                    slots.append(("arg", a))
+                    continue
+                name = next((n for n, t in given.items() if a.data_ptr() == t.data_ptr() and a.shape == t.shape
+                             and a.stride() == t.stride() and a.dtype == t.dtype), None)
+                if name is not None:
+                    slots.append(("in", name))
+                    continue
+                if a.dtype != torch.float32 or not a.is_contiguous():
+                    return f"an argument that is neither the caller's nor a float32 buffer ({a.dtype}, {a.shape})"
+                idx = found.setdefault(a.data_ptr(), (len(found), tuple(a.shape)))[0]
+                slots.append(("buf", idx))
+            calls.append((fn, tuple(slots)))
+        return cls(calls, [shape for _, shape in sorted(found.values())])
+
+    def __call__(self, given: dict) -> None:
+        dev = given["dq"].device
+        bufs = [torch.empty(shape, device=dev, dtype=torch.float32) for shape in self.shapes]
+        for fn, slots in self.calls:
+            fn(*[given[x] if kind == "in" else bufs[x] if kind == "buf" else x for kind, x in slots])
+
+
+def _signature(q, k, v, o, do, scale, lo, hi):
+    return (q.shape, k.shape, q.dtype, q.device, q.stride(), k.stride(), v.stride(), o.stride(), do.stride(),
+            float(scale), lo, hi)
+
+
+def _direct_allowed(fa, q, k) -> str | None:
+    """Why a signature cannot be replayed before trying (None: it can)."""
+    if not DIRECT or os.environ.get("ATTNZOO_SPARSE_FA4_DIRECT", "1") == "0":
+        return "switched off"
+    if q.shape[1] != k.shape[1]:
+        return "grouped KV heads"
+    if not all(hasattr(getattr(fa, name, None), "compile_cache") for name in _CACHED):
+        return "flash_attn.cute.interface has other internals"
+    version = _version()
+    if version not in _DIRECT_VERSIONS:
+        return f"flash-attn-4 {version} (checked: {', '.join(sorted(_DIRECT_VERSIONS))})"
+    return None
+
+
+def _version() -> str | None:
+    try:
+        return importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _record(fa, given: dict, run) -> tuple:
+    """Run ``run()`` (one wrapper call) with FlashAttention's compile caches watched; (its result, the log)."""
+    log: list = []
+    saved = {name: getattr(fa, name).compile_cache for name in _CACHED}
+    try:
+        for name, cache in saved.items():
+            getattr(fa, name).compile_cache = _Recorder(cache, log)
+        return run(), log
+    finally:
+        for name, cache in saved.items():
+            getattr(fa, name).compile_cache = cache
+
+
+def _replay_matches(replay: _Replay, given: dict, grads) -> bool:
+    """Whether the replay gives the wrapper's gradients: dK, dV exactly (one program owns each key block), dQ to
+    within bf16 rounding of its float32 atomics, which add in any order."""
+    mine = {name: torch.empty_like(t) for name, t in zip(("dq", "dk", "dv"), grads)}
+    replay({**given, **{n: t.transpose(1, 2) for n, t in mine.items()}})
+    dq, dk, dv = grads
+    return (torch.equal(mine["dk"], dk) and torch.equal(mine["dv"], dv)
+            and torch.allclose(mine["dq"].float(), dq.float(), rtol=2e-2, atol=2e-2 * float(dq.abs().max()) + 1e-6))
+
+
+def _checked_replay(log, given: dict, grads):
+    """The :class:`_Replay` of a recorded wrapper call if it reproduces that call's gradients, else why not (with
+    one warning where it ran but disagreed or raised)."""
+    replay = _Replay.from_log(log, given)
+    if not isinstance(replay, _Replay):
+        return replay
+    try:
+        if _replay_matches(replay, given, grads):
+            return replay
+        why = "its replay did not reproduce the wrapper's gradients"
+    except Exception as e:  # noqa: BLE001 - the replay is an optimisation: the wrapper serves this shape
+        why = f"its replay raised {type(e).__name__}: {str(e)[:200]}"
+    warnings.warn(f"attnzoo: replaying FlashAttention-4's compiled backward failed ({why}); calling its wrapper for "
+                  "this shape (slower on the host; ATTNZOO_SPARSE_FA4_DIRECT=0 skips the replay)", RuntimeWarning,
+                  stacklevel=4)
+    return why
+
+
 def fa4_band_backward(q, k, v, o, do, lse, scale: float, lo: int, hi: int):
     """dQ, dK, dV of band attention (keys ``lo <= j - i <= hi``) through FlashAttention-4.
 
@@ -139,9 +293,35 @@ def fa4_band_backward(q, k, v, o, do, lse, scale: float, lo: int, hi: int):
     # the gradients in attnzoo's layout (contiguous [B, H, N, D], as its own kernels return them), written by
     # FlashAttention through [B, N, H, D] views: no copies here, and none later where autograd reassembles them
     dq, dk, dv = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for x in (q, k, v))
+    given = dict(q=t(q), k=t(k), v=t(v), o=t(o), do=t(do), lse=lse, dq=t(dq), dk=t(dk), dv=t(dv))
+    sig = _signature(q, k, v, o, do, scale, lo, hi)
+    replay = _direct.get(sig)
+    if isinstance(replay, _Replay):
+        try:
+            replay(given)
+            return dq, dk, dv
+        except Exception as e:  # noqa: BLE001 - the replay is an optimisation: back to the wrapper for this shape
+            replay = _direct[sig] = f"its replay raised {type(e).__name__}: {str(e)[:200]}"
+            warnings.warn(f"attnzoo: replaying FlashAttention-4's compiled backward failed ({replay}); calling its "
+                          "wrapper for this shape from now on (slower on the host; ATTNZOO_SPARSE_FA4_DIRECT=0 "
+                          "skips the replay)", RuntimeWarning, stacklevel=3)
     try:
-        fa._flash_attn_bwd(t(q), t(k), t(v), t(o), t(do), lse, softmax_scale=scale, causal=False,
-                           window_size_left=-lo, window_size_right=hi, dq=t(dq), dk=t(dk), dv=t(dv))
+        def wrapper():
+            fa._flash_attn_bwd(given["q"], given["k"], given["v"], given["o"], given["do"], lse, softmax_scale=scale,
+                               causal=False, window_size_left=-lo, window_size_right=hi, dq=given["dq"],
+                               dk=given["dk"], dv=given["dv"])
+        if replay is not None:  # known not to replay
+            wrapper()
+            return dq, dk, dv
+        replay = _direct_allowed(fa, q, k)
+        if replay is None:
+            _, log = _record(fa, given, wrapper)
+            replay = _checked_replay(log, given, (dq, dk, dv))
+        else:
+            wrapper()
+        if len(_direct) >= _MAX_DIRECT:
+            _direct.clear()
+        _direct[sig] = replay
         return dq, dk, dv
     except Exception as e:  # noqa: BLE001 - any failure: fall back to attnzoo's kernels for the rest of the process
         _state.pop("module", None)

@@ -10,7 +10,11 @@ an H200 host; a forward + backward of three or four launches is then bound by th
 2. **The launch.** The first launch per *argument signature* goes through Triton's ``JITFunction`` (which compiles
    or finds the kernel); later ones call the ``CompiledKernel`` it returned directly (about 20 µs). The signature is
    finer than Triton's specialization (every scalar by value, every tensor by dtype and 16-byte alignment, plus the
-   current device), so two launches with one signature always run the same compiled kernel.
+   current device; a TMA descriptor by dtype, block, shape and strides), so two launches with one signature always
+   run the same compiled kernel.
+
+A config's ``pre_hook`` (which Triton's autotuner runs before launching that config) runs before every launch here
+too: the band forward sets its TMA descriptors' block shape in it.
 
 The direct call uses Triton's launcher (``CompiledKernel.run``), which is internal to Triton (3.6 measured). Where
 it is unavailable or raises, attnzoo warns once and goes back to Triton's path for good. It is also skipped under
@@ -28,6 +32,10 @@ try:
     from triton import knobs as _knobs  # where Triton keeps its launch hooks (3.4+)
 except ImportError:  # no Triton, or one without knobs: Triton's own launch path only
     _knobs = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:
+    _TensorDescriptor = None
 
 __all__ = ["launch"]
 
@@ -70,6 +78,16 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _arg_key(a):
+    """What of a launch argument selects the compiled kernel: a tensor's dtype and 16-byte alignment, a TMA
+    descriptor's dtype, block, shape and strides, any other value itself."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    if _TensorDescriptor is not None and isinstance(a, _TensorDescriptor):
+        return "desc", a.base.dtype, tuple(a.block_shape), tuple(a.shape), tuple(a.strides), a.padding
+    return a
+
+
 def launch(kernel, grid, args: tuple, constexprs: dict, cfg: dict | None = None) -> dict:
     """Launch ``kernel`` (a ``triton.autotune``-wrapped JIT function) on ``grid`` (a tuple, or a function of the
     config's meta-parameters) with the positional ``args`` and keyword ``constexprs``; return the config it ran
@@ -80,11 +98,14 @@ def launch(kernel, grid, args: tuple, constexprs: dict, cfg: dict | None = None)
         if done:
             return cfg
     fn = kernel.fn
+    hook = kernel.configs[0].pre_hook if getattr(kernel, "configs", None) else None
+    if hook is not None:  # what the autotuner runs before a launch of a config (e.g. set descriptor blocks)
+        hook({**dict(zip(fn.arg_names, args)), **constexprs, **cfg})
     if not _fast_enabled():
         fn[grid](*args, **constexprs, **cfg)
         return cfg
     sig = (fn, torch.cuda.current_device(), tuple(constexprs.items()), tuple(cfg.items()),
-           tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args))
+           tuple(_arg_key(a) for a in args))
     entry = _compiled.get(sig)
     if entry is None:
         compiled = fn[grid](*args, **constexprs, **cfg)  # Triton's path: compiles or finds the kernel

@@ -52,6 +52,10 @@ try:
     import triton.language as tl
 except ImportError:  # the kernel is optional; attnzoo works without Triton
     triton = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # no Triton, or one without host tensor descriptors: the forward loads K/V through pointers
+    TensorDescriptor = None
 
 __all__ = ["available", "interpreted", "plan", "rows_in_kernel", "KernelPlan", "block_sparse_attention"]
 
@@ -67,6 +71,9 @@ REDO_CHUNK = 32
 FIXED_REFERENCE = True
 #: ... where the band is at least this many keys wide (``hi - lo``) and has this many query rows (batch x heads x N).
 FIXED_MIN_WIDTH, FIXED_MIN_ROWS = 448, 1 << 17
+#: The band forward reads K/V blocks through TMA tensor descriptors where it can (:func:`_tma_descriptors`);
+#: False: pointer loads everywhere (tests and benchmarks compare the two).
+TMA_LOADS = True
 
 
 def interpreted() -> bool:
@@ -274,13 +281,37 @@ def plan(layout, rows: bool = False) -> KernelPlan:
 
 
 # ---------------------------------------------------------------------------- kernels
+def _set_tma_blocks(nargs: dict) -> None:
+    """Pre-hook of the forward's configs (run by Triton's autotuner and by :func:`.launch.launch` before every
+    launch): the K/V descriptors' block is one ``[1, 1, BLOCK_N, HEAD_DIM]`` slab, known once the config is."""
+    for name in ("KD", "VD"):
+        d = nargs.get(name)
+        if TensorDescriptor is not None and isinstance(d, TensorDescriptor):
+            d.block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
+
+
+def _tma_descriptors(k: torch.Tensor, v: torch.Tensor):
+    """``(KD, VD)``: TMA tensor descriptors of ``[B, Hkv, N, D]`` K and V for the band forward, or None where the
+    forward loads them through pointers: ``TMA_LOADS`` off, no Hopper-class GPU (compute capability 9+), Triton's
+    interpreter, not 16-bit, or a stride or address off 16 bytes. Their block is set per config
+    (:func:`_set_tma_blocks`); rows outside ``[0, N)`` read as zeros, which the band's edge masks drop."""
+    if (not TMA_LOADS or TensorDescriptor is None or interpreted() or k.device.type != "cuda"
+            or k.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(k.device)[0] < 9):
+        return None
+    for t in (k, v):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+            return None
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 64, t.shape[-1]]) for t in (k, v))
+
+
 if triton is not None:
     _LOG2E = tl.constexpr(1.4426950408889634)
     _REDO_CHUNK = tl.constexpr(REDO_CHUNK)
 
     def _configs(kind):
         if interpreted():
-            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1,
+                              pre_hook=_set_tma_blocks if kind == "fwd" else None)]
         shapes = {  # (BLOCK_M, BLOCK_N, warps, stages); the first ones won a 108-config sweep on an H200 (band, d=64)
             "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
                     (128, 128, 8, 3)],
@@ -289,7 +320,9 @@ if triton is not None:
             "dq": [(64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3),
                    (64, 64, 4, 4)],
         }[kind]
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+        hook = _set_tma_blocks if kind == "fwd" else None
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=hook)
+                for m, n, w, s in shapes]
 
     def _pruner(kind):
         def prune(configs, named_args, **kw):
@@ -369,6 +402,15 @@ if triton is not None:
             inb = offs_n < N
             k = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None], mask=inb[None, :], other=0.0)
             v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=inb[:, None], other=0.0)
+        return _fwd_step(acc, m_i, l_i, q, k, v, kpm_base, bits_ptr, mid, offs_m, offs_n, rows_t, cols_t, N, LO, HI,
+                         qk_scale, MASK, CAUSAL, HAS_KPM, TILE, PREC, FIXED_M)
+
+    @triton.jit
+    def _fwd_step(acc, m_i, l_i, q, k, v, kpm_base, bits_ptr, mid, offs_m, offs_n, rows_t, cols_t, N, LO, HI,
+                  qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, TILE: tl.constexpr,
+                  PREC: tl.constexpr, FIXED_M: tl.constexpr):
+        """The online-softmax step of :func:`_fwd_block` on loaded ``k`` ``[HEAD_DIM, BLOCK_N]`` and ``v``
+        ``[BLOCK_N, HEAD_DIM]``."""
         s = tl.dot(q, k, input_precision=PREC)  # unscaled: the scale goes into the exponent's multiply-add
         if FIXED_M:
             if MASK != 0 or HAS_KPM:
@@ -397,13 +439,22 @@ if triton is not None:
 
     @triton.jit
     def _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, end, N, LO, HI, skn, svn, qk_scale,
-                   MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FIXED_M: tl.constexpr):
+                   kd, vd, b, hk, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FIXED_M: tl.constexpr,
+                   TMA: tl.constexpr):
+        """Keys ``start..end`` of a band, one BLOCK_N block at a time. ``TMA``: K/V blocks through the tensor
+        descriptors ``kd``/``vd`` (``[B, Hkv, N, D]``; rows outside ``[0, N)`` read as zeros and are masked)."""
         for start_n in tl.range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, kpm_base, 0, offs_m, offs_n,
-                                       offs_m, offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32,
-                                       HEAD_DIM, PREC, FIXED_M)
+            if TMA:
+                k = tl.trans(kd.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
+                v = vd.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+                acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, kpm_base, kpm_base, 0, offs_m, offs_n, offs_m,
+                                          offs_n, N, LO, HI, qk_scale, MASK, CAUSAL, HAS_KPM, 32, PREC, FIXED_M)
+            else:
+                acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, kpm_base, 0, offs_m, offs_n,
+                                           offs_m, offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32,
+                                           HEAD_DIM, PREC, FIXED_M)
         return acc, m_i, l_i
 
     @triton.jit
@@ -430,13 +481,14 @@ if triton is not None:
         return pid_m, bh, bh // H, h, h // GROUPS
 
     @triton.jit
-    def _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
+    def _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, KD, VD, pid_m, bh,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                   H, N, T_TILES, G, LO, HI, sm_scale,
                   GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
                   CAUSAL: tl.constexpr, PREC: tl.constexpr,
                   HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  LSE_LN: tl.constexpr, FIXED_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  LSE_LN: tl.constexpr, FIXED_M: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
         """The forward of query block ``pid_m`` of batch x head ``bh``: output and log-sum-exp. ``FIXED_M`` (band
         mode, every row keeps its own key): each row's softmax reference is its self-score instead of a running
         max; the block's flag in ``FLAGS`` says whether that overflowed (see :func:`_fwd_kernel`)."""
@@ -461,11 +513,14 @@ if triton is not None:
                 m_i = tl.sum(q.to(tl.float32) * kd.to(tl.float32), 1) * qk_scale
             start, a, bb, end = _band_stages(q0, tl.minimum(q0 + BLOCK_M, N) - 1, N, LO, HI, BLOCK_N)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, a, N, LO, HI,
-                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M)
+                                       skn, svn, qk_scale, KD, VD, b, hk, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M,
+                                       TMA)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, a, bb, N, LO, HI,
-                                       skn, svn, qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M)
+                                       skn, svn, qk_scale, KD, VD, b, hk, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M,
+                                       TMA)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, bb, end, N, LO, HI,
-                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M)
+                                       skn, svn, qk_scale, KD, VD, b, hk, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M,
+                                       TMA)
             if HAS_GLOBAL:
                 for g0 in range(0, G, BLOCK_N):
                     offs_g = g0 + tl.arange(0, BLOCK_N)
@@ -504,16 +559,17 @@ if triton is not None:
             tl.store(FLAGS + bh * tl.cdiv(N, BLOCK_M) + pid_m,
                      tl.max(tl.where(bad & (offs_m < N)[:, None], 1, 0)).to(tl.int8))
 
-    @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL", "STAGE"],
+    @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL", "STAGE", "TMA"],
                      prune_configs_by={"early_config_prune": _pruner("fwd")})
     @triton.jit
-    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, ORDER, FLAGS,
+    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, ORDER, FLAGS, KD, VD,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                     H, N, T_TILES, G, LO, HI, sm_scale, BH,
                     GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
                     CAUSAL: tl.constexpr, PREC: tl.constexpr,
                     HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    LSE_LN: tl.constexpr, STAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    LSE_LN: tl.constexpr, STAGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
         """The forward. ``STAGE`` 0: the online softmax with a running max, one program per query block and head.
         1 (band mode where every row keeps its own key, see :func:`_fixed_reference`): each row's self-score as a
         fixed softmax reference, which saves the running max and the rescales, ~7% of the forward; a block whose
@@ -527,17 +583,17 @@ if triton is not None:
             if tl.max(tl.load(FLAGS + offs, mask=offs < total, other=0).to(tl.int32)) > 0:
                 for i in range(c0, tl.minimum(c0 + _REDO_CHUNK, total)):
                     if tl.load(FLAGS + i) != 0:
-                        _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS,
+                        _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, KD, VD,
                                   i % tl.cdiv(N, BLOCK_M), i // tl.cdiv(N, BLOCK_M),
                                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                                   H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
-                                  HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, False, BLOCK_M, BLOCK_N)
+                                  HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, False, TMA, BLOCK_M, BLOCK_N)
         else:
             pid_m, bh, _, _, _ = _query_program(ORDER, H, GROUPS, MODE)
-            _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
+            _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, KD, VD, pid_m, bh,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                       H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
-                      HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, STAGE, BLOCK_M, BLOCK_N)
+                      HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, STAGE, TMA, BLOCK_M, BLOCK_N)
 
     # -- dK/dV: one program per block of keys and KV head -------------------------------------
     @triton.jit
@@ -870,10 +926,11 @@ class _BlockSparseAttention(torch.autograd.Function):
             q, band=p.mode == BAND, n_global=p.n_global, lo=p.lo, hi=p.hi, has_padding=kpm is not None) is None
         fixed = _fixed_reference(p, kpm is not None, q.dtype, b * h * n)
         flags = torch.empty(b * h * triton.cdiv(n, 16), device=q.device, dtype=torch.int8) if fixed else dummy
-        args = (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy), flags,
+        descs = _tma_descriptors(k, v) if p.mode == BAND else None  # band: K/V blocks by TMA on Hopper
+        args = (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy), flags, *(descs or (dummy, dummy)),
                 *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                 h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale, b * h)
-        cex = dict(HAS_GLOBAL=p.n_global > 0, LSE_LN=fa4, STAGE=1 if fixed else 0, **kw)
+        cex = dict(HAS_GLOBAL=p.n_global > 0, LSE_LN=fa4, STAGE=1 if fixed else 0, TMA=descs is not None, **kw)
         cfg = _launch(_fwd_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"), args, cex)
         if fixed:
             _redo_overflowed(args, cex, cfg, b * h * triton.cdiv(n, cfg["BLOCK_M"]))
