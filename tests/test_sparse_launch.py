@@ -17,6 +17,20 @@ def test_direct_launch_off_under_the_interpreter_and_by_switch(monkeypatch):
     assert not L._fast_enabled()
 
 
+def test_the_signature_tells_apart_what_selects_a_compiled_kernel():
+    """Tensors by dtype and 16-byte alignment (not address or shape), TMA descriptors by block, shape and strides,
+    scalars by value."""
+    td = pytest.importorskip("triton.tools.tensor_descriptor")
+    x = torch.zeros(64, 64, dtype=torch.bfloat16)
+    d = td.TensorDescriptor.from_tensor
+    key = L._args_key
+    assert key((x, 3, 0.5)) == key((torch.ones(8, 8, dtype=torch.bfloat16), 3, 0.5))
+    assert key((x, 3)) != key((x.float(), 3)) and key((x, 3)) != key((x.view(-1)[1:], 3)) != key((x, 4))
+    assert key((d(x, [16, 64]),)) == key((d(x.clone(), [16, 64]),))
+    assert key((d(x, [16, 64]),)) != key((d(x, [32, 64]),))
+    assert key((d(x, [16, 64]),)) != key((d(x[:32], [16, 64]),))
+
+
 def _band(q, k, v):
     from attnzoo.ops import sparse_attention
     from attnzoo.ops.sparse import SlidingWindow

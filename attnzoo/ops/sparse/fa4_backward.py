@@ -61,6 +61,18 @@ _direct: dict = {}  # signature -> _Replay, or a string: why this signature goes
 _MAX_DIRECT = 256  # signatures kept; cleared when full
 
 
+_capabilities: dict = {}
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability(device)``, cached (it is asked on every call of the op)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _capabilities.get(index)
+    if cap is None:
+        cap = _capabilities[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
 def _interface():
     """``flash_attn.cute.interface``, or None with the reason kept in ``_state["failed"]``."""
     if "module" in _state or "failed" in _state:
@@ -118,7 +130,7 @@ def fa4_backward_reason(q: torch.Tensor, *, band: bool, n_global: int, lo: int, 
     cuda = q.device.type == "cuda"
     why = band_backward_reason(
         band=band, n_global=n_global, has_padding=has_padding, device_type=q.device.type,
-        capability=torch.cuda.get_device_capability(q.device) if cuda else None, dtype=q.dtype,
+        capability=capability(q.device) if cuda else None, dtype=q.dtype,
         head_dim=q.shape[-1], lo=lo, hi=hi, deterministic=torch.are_deterministic_algorithms_enabled(),
         env=os.environ.get("ATTNZOO_SPARSE_FA4"))
     if why is None and _interface() is None:

@@ -78,14 +78,25 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
-def _arg_key(a):
-    """What of a launch argument selects the compiled kernel: a tensor's dtype and 16-byte alignment, a TMA
-    descriptor's dtype, block, shape and strides, any other value itself."""
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if _TensorDescriptor is not None and isinstance(a, _TensorDescriptor):
-        return "desc", a.base.dtype, tuple(a.block_shape), tuple(a.shape), tuple(a.strides), a.padding
-    return a
+def _args_key(args) -> tuple:
+    """What of the launch arguments selects the compiled kernel: a tensor's dtype and 16-byte alignment, a TMA
+    descriptor's dtype, block, shape and strides, any other value itself. (One loop, no call per argument: it runs
+    on every launch.)"""
+    key = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif _TensorDescriptor is not None and type(a) is _TensorDescriptor:
+            key.append(("desc", a.base.dtype, tuple(a.block_shape), tuple(a.shape), tuple(a.strides), a.padding))
+        else:
+            key.append(a)
+    return tuple(key)
+
+
+def _raw_stream(device: int) -> int:
+    """The current CUDA stream's handle on ``device`` (what Triton's own launch path reads)."""
+    get = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return get(device) if get is not None else torch.cuda.current_stream(device).cuda_stream
 
 
 def launch(kernel, grid, args: tuple, constexprs: dict, cfg: dict | None = None) -> dict:
@@ -104,8 +115,8 @@ def launch(kernel, grid, args: tuple, constexprs: dict, cfg: dict | None = None)
     if not _fast_enabled():
         fn[grid](*args, **constexprs, **cfg)
         return cfg
-    sig = (fn, torch.cuda.current_device(), tuple(constexprs.items()), tuple(cfg.items()),
-           tuple(_arg_key(a) for a in args))
+    device = torch.cuda.current_device()
+    sig = (fn, device, tuple(constexprs.items()), tuple(cfg.items()), _args_key(args))
     entry = _compiled.get(sig)
     if entry is None:
         compiled = fn[grid](*args, **constexprs, **cfg)  # Triton's path: compiles or finds the kernel
@@ -122,7 +133,7 @@ def launch(kernel, grid, args: tuple, constexprs: dict, cfg: dict | None = None)
     g = grid(cfg) if callable(grid) else grid
     try:
         compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
-                     torch.cuda.current_stream().cuda_stream, compiled.function, compiled.packed_metadata,
+                     _raw_stream(device), compiled.function, compiled.packed_metadata,
                      None, None, None, *args, *tail)
     except (TypeError, ValueError, AttributeError, IndexError) as e:  # raised before anything was launched
         _state["fast"] = False

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fa4_backward import fa4_backward_reason, fa4_band_backward
+from .fa4_backward import capability, fa4_backward_reason, fa4_band_backward
 from .launch import _tuned, launch as _launch  # noqa: F401  (_tuned: read by benchmarks/experiments)
 
 try:
@@ -296,7 +296,7 @@ def _tma_descriptors(k: torch.Tensor, v: torch.Tensor):
     interpreter, not 16-bit, or a stride or address off 16 bytes. Their block is set per config
     (:func:`_set_tma_blocks`); rows outside ``[0, N)`` read as zeros, which the band's edge masks drop."""
     if (not TMA_LOADS or TensorDescriptor is None or interpreted() or k.device.type != "cuda"
-            or k.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(k.device)[0] < 9):
+            or k.dtype not in (torch.float16, torch.bfloat16) or capability(k.device)[0] < 9):
         return None
     for t in (k, v):
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
