@@ -46,21 +46,26 @@ def _padding(kind, b, n):
     return kpm
 
 
-def _check(backend, pattern, dtype, padding, n=999):
-    q, k, v = _inputs(dtype, n=n)
-    kpm = _padding(padding, 2, n)
-    tile = 128 if backend == "flex" else None  # flex on CUDA serves 128-tiles only
+def _against_float64(q, k, v, pattern, backend, kpm=None, tile=None):
+    """``backend`` on q, k, v (leaves that require grad) against the float64 reference: output and dQ, dK, dV
+    for one random dO, relative error below TOL, every gradient finite."""
     out = sparse_attention(q, k, v, pattern, key_padding_mask=kpm, backend=backend, tile=tile)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = sparse_attention(q64, k64, v64, pattern, key_padding_mask=kpm, backend="reference")
-    assert out.dtype == dtype and out.shape == ref.shape
+    assert out.dtype == q.dtype and out.shape == ref.shape
     assert _rel(out, ref) < TOL, f"forward rel err {_rel(out, ref):.2e}"
     go = torch.randn_like(ref)
-    got = torch.autograd.grad(out, (q, k, v), go.to(dtype))
+    got = torch.autograd.grad(out, (q, k, v), go.to(q.dtype))
     want = torch.autograd.grad(ref, (q64, k64, v64), go)
     for name, a, b in zip("qkv", got, want):
         assert torch.isfinite(a).all(), f"d{name} not finite"
         assert _rel(a, b) < TOL, f"d{name} rel err {_rel(a, b):.2e}"
+
+
+def _check(backend, pattern, dtype, padding, n=999):
+    q, k, v = _inputs(dtype, n=n)
+    tile = 128 if backend == "flex" else None  # flex on CUDA serves 128-tiles only
+    _against_float64(q, k, v, pattern, backend, kpm=_padding(padding, 2, n), tile=tile)
 
 
 def _fused_cases():
@@ -134,14 +139,7 @@ def test_triton_band_fixed_reference_overflow_is_redone(monkeypatch, fixed_every
         k[b, h // 2, i] = -k[b, h // 2, j]  # own score -200
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     pattern = SlidingWindow(window=256, causal=causal)
-    out = sparse_attention(q, k, v, pattern, backend="triton")
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = sparse_attention(q64, k64, v64, pattern, backend="reference")
-    assert _rel(out, ref) < TOL, f"forward rel err {_rel(out, ref):.2e}"
-    go = torch.randn_like(ref)
-    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), go.to(out.dtype)),
-                          torch.autograd.grad(ref, (q64, k64, v64), go)):
-        assert _rel(a, b) < TOL, f"d{name} rel err {_rel(a, b):.2e}"
+    _against_float64(q, k, v, pattern, "triton")
     monkeypatch.setattr(tk, "_redo_overflowed", lambda *a: None)
     bad = ~torch.isfinite(sparse_attention(q, k, v, pattern, backend="triton")).all(-1)
     assert all(bad[b, h, i] for b, h, i in rows) and int(bad.sum()) == len(rows)
@@ -165,15 +163,7 @@ def test_triton_band_forward_with_tma_and_pointer_loads(monkeypatch, tma, fixed,
     q, k, v = (t.requires_grad_() for t in x.permute(2, 0, 3, 1, 4).unbind(0))
     hopper = torch.cuda.get_device_capability()[0] >= 9
     assert (tk._tma_descriptors(k, v) is not None) == (tma and hopper)
-    p = SlidingWindow(window=200, causal=causal)
-    out = sparse_attention(q, k, v, p, backend="triton")
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = sparse_attention(q64, k64, v64, p, backend="reference")
-    assert _rel(out, ref) < TOL, f"forward rel err {_rel(out, ref):.2e}"
-    go = torch.randn_like(ref)
-    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), go.to(out.dtype)),
-                          torch.autograd.grad(ref, (q64, k64, v64), go)):
-        assert _rel(a, b) < TOL, f"d{name} rel err {_rel(a, b):.2e}"
+    _against_float64(q, k, v, SlidingWindow(window=200, causal=causal), "triton")
 
 
 def test_triton_on_strided_qkv_from_one_projection():
