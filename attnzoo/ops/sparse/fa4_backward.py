@@ -249,14 +249,15 @@ def _version() -> str | None:
         return None
 
 
-def _record(fa, given: dict, run) -> tuple:
-    """Run ``run()`` (one wrapper call) with FlashAttention's compile caches watched; (its result, the log)."""
+def _record(fa, run) -> list:
+    """Run ``run()`` (one wrapper call) with FlashAttention's compile caches watched; the log of what ran."""
     log: list = []
     saved = {name: getattr(fa, name).compile_cache for name in _CACHED}
     try:
         for name, cache in saved.items():
             getattr(fa, name).compile_cache = _Recorder(cache, log)
-        return run(), log
+        run()
+        return log
     finally:
         for name, cache in saved.items():
             getattr(fa, name).compile_cache = cache
@@ -327,8 +328,7 @@ def fa4_band_backward(q, k, v, o, do, lse, scale: float, lo: int, hi: int):
             return dq, dk, dv
         replay = _direct_allowed(fa, q, k)
         if replay is None:
-            _, log = _record(fa, given, wrapper)
-            replay = _checked_replay(log, given, (dq, dk, dv))
+            replay = _checked_replay(_record(fa, wrapper), given, (dq, dk, dv))
         else:
             wrapper()
         if len(_direct) >= _MAX_DIRECT:

@@ -310,8 +310,7 @@ if triton is not None:
 
     def _configs(kind):
         if interpreted():
-            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1,
-                              pre_hook=_set_tma_blocks if kind == "fwd" else None)]
+            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]  # no TMA here
         shapes = {  # (BLOCK_M, BLOCK_N, warps, stages); the first ones won a 108-config sweep on an H200 (band, d=64)
             "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
                     (128, 128, 8, 3)],
@@ -513,14 +512,14 @@ if triton is not None:
                 m_i = tl.sum(q.to(tl.float32) * kd.to(tl.float32), 1) * qk_scale
             start, a, bb, end = _band_stages(q0, tl.minimum(q0 + BLOCK_M, N) - 1, N, LO, HI, BLOCK_N)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, a, N, LO, HI,
-                                       skn, svn, qk_scale, KD, VD, b, hk, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M,
-                                       TMA)
+                                       skn, svn, qk_scale, KD, VD, b, hk, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM,
+                                       PREC, FIXED_M, TMA)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, a, bb, N, LO, HI,
-                                       skn, svn, qk_scale, KD, VD, b, hk, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M,
-                                       TMA)
+                                       skn, svn, qk_scale, KD, VD, b, hk, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM,
+                                       PREC, FIXED_M, TMA)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, bb, end, N, LO, HI,
-                                       skn, svn, qk_scale, KD, VD, b, hk, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M,
-                                       TMA)
+                                       skn, svn, qk_scale, KD, VD, b, hk, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM,
+                                       PREC, FIXED_M, TMA)
             if HAS_GLOBAL:
                 for g0 in range(0, G, BLOCK_N):
                     offs_g = g0 + tl.arange(0, BLOCK_N)
