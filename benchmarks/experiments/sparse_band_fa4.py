@@ -20,19 +20,13 @@ import sys
 import time
 import traceback
 
+import timing
 import torch
 import triton
-import triton.testing as tt
+from timing import Log, kernel_us
 
 OUT = os.environ.get("OUT", ".")
-log = open(os.path.join(OUT, "fa4b.log"), "a")
-
-
-def P(*a):
-    s = " ".join(str(x) for x in a)
-    print(s, flush=True)
-    log.write(s + "\n")
-    log.flush()
+P = Log(os.path.join(OUT, "fa4b.log"))
 
 
 os.environ["ATTNZOO_SPARSE_AUTOTUNE"] = "0"
@@ -52,10 +46,8 @@ torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
 
 
 def graph_us(fn, name=""):
-    fn()
-    torch.cuda.synchronize()
     try:
-        return tt.do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
+        return timing.graph_us(fn)
     except Exception as e:  # noqa: BLE001
         P(f"  [{name}] cudagraph failed: {type(e).__name__}: {str(e)[:300]}")
         torch.cuda.synchronize()
@@ -64,20 +56,9 @@ def graph_us(fn, name=""):
 
 def prof_us(fn, name, iters=20):
     """Sum of device kernel times per call (torch.profiler), and the kernels."""
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as pr:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    tot = {}
-    for ev in pr.events():
-        if ev.device_type.name == "CUDA":
-            tot[ev.name] = tot.get(ev.name, 0.0) + ev.device_time / iters
+    tot = kernel_us(fn, iters)
     s = sum(tot.values())
-    top = sorted(tot.items(), key=lambda kv: -kv[1])[:8]
+    top = list(tot.items())[:8]
     P(f"  [{name}] profiler kernel sum {s:.1f} us: " + "; ".join(f"{k[:60]} {v:.1f}" for k, v in top))
     return s
 
@@ -261,23 +242,11 @@ def bwd_configs():
                 fai._tile_size_bwd_sm90 = orig_cfg
         P(f"  best bwd {best}")
         if best is not None:
-            from torch.profiler import ProfilerActivity, profile
             c = CONFIGS[best[0]]
             fai._tile_size_bwd_sm90 = orig_cfg if c is None else (lambda *args, _c=c, **kw: _c)
             bwd = lambda: fai._flash_attn_bwd(qt, kt, vt, o_fa, dot, lse_fa, 1 / math.sqrt(D), False,  # noqa: E731
                                              window_size_left=W, window_size_right=W)
-            for _ in range(3):
-                bwd()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as pr:
-                for _ in range(20):
-                    bwd()
-                torch.cuda.synchronize()
-            tot = {}
-            for ev in pr.events():
-                if ev.device_type.name == "CUDA":
-                    tot[ev.name] = tot.get(ev.name, 0.0) + ev.device_time / 20
-            P("  best bwd kernels: " + "; ".join(f"{k[:70]} {v:.1f}" for k, v in sorted(tot.items(), key=lambda x: -x[1])))
+            P("  best bwd kernels: " + "; ".join(f"{k[:70]} {v:.1f}" for k, v in kernel_us(bwd).items()))
             fai._tile_size_bwd_sm90 = orig_cfg
 
 

@@ -22,7 +22,7 @@ import json
 import os
 
 import torch
-import triton.testing as tt
+from timing import graph_us, kernel_us
 
 os.environ.setdefault("ATTNZOO_SPARSE_AUTOTUNE", "0")
 from attnzoo.ops.sparse import SlidingWindow, compile_layout  # noqa: E402
@@ -35,28 +35,6 @@ dev, dt = "cuda", torch.bfloat16
 B, H, D, W = 1, 12, 64, 256
 REPEATS = 3
 flex = torch.compile(flex_attention, dynamic=False)
-
-
-def graph_us(fn):
-    fn()
-    torch.cuda.synchronize()
-    return tt.do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
-
-
-def prof_kernels(fn, iters=20):
-    from torch.profiler import ProfilerActivity, profile
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as pr:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    tot = {}
-    for ev in pr.events():
-        if ev.device_type.name == "CUDA":
-            tot[ev.name[:60]] = tot.get(ev.name[:60], 0.0) + ev.device_time / iters
-    return dict(sorted(tot.items(), key=lambda kv: -kv[1])[:8])
 
 
 def run_case(n, causal):
@@ -93,9 +71,9 @@ def run_case(n, causal):
             r[f"fwd_{name}"].append(round(graph_us(fwd), 1))
             r[f"fb_{name}"].append(round(graph_us(fb), 1))
     use("fixed")
-    r["kernels_fixed"] = {k_: round(t, 1) for k_, t in prof_kernels(fb).items()}
+    r["kernels_fixed"] = {k_: round(t, 1) for k_, t in list(kernel_us(fb, name=lambda kn: kn[:60]).items())[:8]}
     use("inkernel")
-    r["kernels_inkernel"] = {k_: round(t, 1) for k_, t in prof_kernels(fb).items()}
+    r["kernels_inkernel"] = {k_: round(t, 1) for k_, t in list(kernel_us(fb, name=lambda kn: kn[:60]).items())[:8]}
     mm = (lambda b_, h_, i, j: (i - j <= W) & (i >= j)) if causal else (lambda b_, h_, i, j: (i - j).abs() <= W)
     bm = create_block_mask(mm, None, None, n, n, device=dev)
     f = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -17,10 +17,10 @@ output folder; one JSON line per case in ``tma_replay.jsonl``).
 """
 import json
 import os
-import time
 
 import torch
 import triton.testing as tt
+from timing import graph_us, host_us
 
 os.environ.setdefault("ATTNZOO_SPARSE_AUTOTUNE", "0")
 from attnzoo.ops.sparse import SlidingWindow, compile_layout  # noqa: E402
@@ -34,26 +34,6 @@ B, H, D, W = 1, 12, 64, 256
 REPEATS = 3
 flex = torch.compile(flex_attention, dynamic=False)
 med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-
-
-def graph_us(fn):
-    fn()
-    torch.cuda.synchronize()
-    return tt.do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3
-
-
-def host_us(fn, calls=40):
-    """Host time per call while the GPU is kept busy (a long sleep kernel queued first)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))  # ~1 s of GPU time: the queue never drains while the host enqueues
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    t = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return t
 
 
 def emit(r):
@@ -112,9 +92,9 @@ def run_case(n, causal, host=False):
                     fa4_backward._direct.clear()
                     fb()  # the first call of the signature: through the wrapper (and recorded)
                     tag = f"{'tma' if tma else 'pointers'}_{'replay' if direct else 'wrapper'}"
-                    r[f"host_fwd_{tag}"].append(round(host_us(fwd), 1))
-                    r[f"host_fb_{tag}"].append(round(host_us(fb), 1))
-        r["flex_host_fb"] = round(host_us(lambda: torch.autograd.grad(flex(*f, block_mask=bm), f, do)), 1)
+                    r[f"host_fwd_{tag}"].append(round(host_us(fwd, 40, warmup=3), 1))
+                    r[f"host_fb_{tag}"].append(round(host_us(fb, 40, warmup=3), 1))
+        r["flex_host_fb"] = round(host_us(lambda: torch.autograd.grad(flex(*f, block_mask=bm), f, do), 40, warmup=3), 1)
         fa4_backward.DIRECT = True
     tk.TMA_LOADS = True
     emit(r)
@@ -145,7 +125,7 @@ def step_case(n=16384):
             r[f"do_bench_{name}"].append(round(tt.do_bench(step, grad_to_none=[x, *lin.parameters()],
                                                            return_mode="median") * 1e3, 1))
             r[f"graph_{name}"].append(round(graph_us(step), 1))
-            r[f"host_{name}"].append(round(host_us(step), 1))
+            r[f"host_{name}"].append(round(host_us(step, 40, warmup=3), 1))
     tk.TMA_LOADS, fa4_backward.DIRECT = True, True
     emit(r)
 

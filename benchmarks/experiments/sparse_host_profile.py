@@ -12,22 +12,15 @@ import gc
 import io
 import os
 import pstats
-import time
 
 import torch
+from timing import Log, host_us
 
 from attnzoo.ops import sparse_attention
 from attnzoo.ops.sparse import SlidingWindow
 
 OUT = os.environ.get("OUT", ".")
-log = open(os.path.join(OUT, "host_profile.txt"), "w")
-
-
-def P(*a):
-    s = " ".join(str(x) for x in a)
-    print(s, flush=True)
-    log.write(s + "\n")
-    log.flush()
+P = Log(os.path.join(OUT, "host_profile.txt"), "w")
 
 
 dev, dt, n = "cuda", torch.bfloat16, 16384
@@ -51,14 +44,7 @@ cases = {
 
 
 def host_ms(f, calls=30):
-    torch.cuda.synchronize()
-    torch.cuda._sleep(int(2e9))
-    t = time.perf_counter()
-    for _ in range(calls):
-        f()
-    el = (time.perf_counter() - t) / calls * 1e3
-    torch.cuda.synchronize()
-    return el
+    return host_us(f, calls) / 1e3
 
 
 for name, f in cases.items():
