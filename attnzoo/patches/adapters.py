@@ -12,7 +12,7 @@ One :class:`Adapter` row per architecture family; no per-model code. A row says
 * whether ``transformers`` has a sliding window for it (``window_native``: ``"model"``, one
   ``config.sliding_window`` for every layer; ``"layers"``, per layer through ``config.layer_types``),
 * where its learned absolute position table is (``positions``, for the Longformer recipe),
-* how RoPE and the KV cache reach the module (``rope``, ``cache_kwarg``), its dropouts,
+* how RoPE reaches the module (``rope``; the KV cache's keyword is found by :mod:`attnzoo.hf_compat`), its dropouts,
   and which config options attnzoo cannot reproduce (``unsupported``).
 
 Adding an architecture is adding a row (and a tiny config to the tests).
@@ -142,7 +142,6 @@ class Adapter:
     o: str = "o_proj"
     native: bool = False
     rope: Callable[[Any, int], RopeSpec] = _no_rope
-    cache_kwarg: str | None = None
     attn_dropout: tuple[str, ...] = ("attention_dropout",)
     resid_dropout: str | None = None
     unsupported: Callable[[Any], str | None] = lambda config: None
@@ -177,15 +176,15 @@ ADAPTERS: tuple[Adapter, ...] = (
             kernel_block=_llama_kernel, window_native=lambda config: "model", note="fused qkv_proj rows [q; k; v]",
             examples=("Phi-3", "Phi-3.5")),
     Adapter("gpt_neox", ("gpt_neox",), (Tower(r"layers\.(?P<layer>\d+)\.attention", causal=True),),
-            layout="interleaved", qkv="query_key_value", o="dense", rope=_rotary, cache_kwarg="layer_past",
+            layout="interleaved", qkv="query_key_value", o="dense", rope=_rotary,
             unsupported=_neox_unsupported, note="fused query_key_value interleaved per head; partial rotary",
             examples=("Pythia", "GPT-NeoX-20B")),
     Adapter("gpt2", ("gpt2",), (Tower(r"h\.(?P<layer>\d+)\.attn", causal=True),), layout="conv1d", qkv="c_attn",
-            o="c_proj", cache_kwarg="past_key_values", attn_dropout=("attn_pdrop",), resid_dropout="resid_pdrop",
+            o="c_proj", attn_dropout=("attn_pdrop",), resid_dropout="resid_pdrop",
             unsupported=_gpt2_unsupported, note="Conv1D c_attn (transposed, [q|k|v]); learned positions",
             examples=("GPT-2",)),
     Adapter("bert", ("bert", "roberta"), (Tower(r"layer\.(?P<layer>\d+)\.attention\.self"),), q="query", k="key",
-            v="value", o="../output.dense", cache_kwarg="past_key_values",
+            v="value", o="../output.dense",
             attn_dropout=("attention_probs_dropout_prob",), unsupported=_bert_unsupported,
             positions=r"embeddings\.position_embeddings",
             note="encoder; output projection in the sibling attention.output.dense",

@@ -119,7 +119,7 @@ def build_wrapper(site: Site, w: AttnWeights, kv_heads: int, config_cls=DenseCon
                       causal=site.causal, rope=rope_cfg, dropout=_attn_dropout(a, config), **options)
     resid = float(getattr(config, a.resid_dropout, 0.0) or 0.0) if a.resid_dropout else 0.0
     new = module_cls(dcfg, layer_idx=getattr(old, "layer_idx", None) or site.layer, hf_config=config,
-                     cache_kwarg=a.cache_kwarg, out_dropout=resid, has_o_proj=o_inside)
+                     out_dropout=resid, has_o_proj=o_inside)
     dev, dtype = w.q.device, w.q.dtype
     new.to(device=dev)
     for sub in new.children():

@@ -4,7 +4,8 @@ call signature, for architectures without ``num_key_value_heads``.
 
 The HF layer calls its attention module with ``hidden_states``, an ``attention_mask``
 (additive float ``[b, 1, q, k]``, boolean ``[b, 1, q, k]``, a 2-d padding mask, or None),
-a cache under ``past_key_values`` or ``layer_past`` (a ``transformers`` ``Cache``), maybe
+a cache under ``cache``, ``past_key_values`` or ``layer_past`` (a ``transformers`` ``Cache``; the keyword
+changed across versions, see :mod:`attnzoo.hf_compat`), maybe
 ``position_ids``/``position_embeddings``, ``is_causal``, ``output_attentions``... and
 expects ``(attn_output, attn_weights)`` back. :class:`HFDenseAttention` translates:
 masks become attnzoo keep masks (:mod:`attnzoo.ops.masks`), the HF cache is wrapped as an
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..hf_compat import layer_cache
 from ..ops.masks import causal_keep
 from ..variants.cache import Cache
 from ..variants.dense import DenseAttention, DenseConfig
@@ -95,19 +97,17 @@ class HFDenseAttention(DenseAttention):
         config: the dense config (``groups`` = KV heads kept).
         layer_idx: the layer's index in the HF cache.
         hf_config: the HF (sub-)config the replaced module had (kept for the walker).
-        cache_kwarg: the keyword the HF layer passes its cache under, or None.
         out_dropout: dropout the HF module applied after its output projection (GPT-2's resid_dropout).
         has_o_proj: False where the HF model keeps the output projection outside (BERT): then
             ``o_proj`` is the identity.
     """
 
-    def __init__(self, config: DenseConfig, *, layer_idx: int, hf_config=None, cache_kwarg: str | None = None,
+    def __init__(self, config: DenseConfig, *, layer_idx: int, hf_config=None,
                  out_dropout: float = 0.0, has_o_proj: bool = True):
         super().__init__(config)
         self.layer_idx = layer_idx
         self.hf_config = hf_config
         self.is_causal = config.causal
-        self.cache_kwarg = cache_kwarg
         self.out_dropout = nn.Dropout(out_dropout) if out_dropout else None
         if not has_o_proj:
             self.o_proj = nn.Identity()
@@ -119,9 +119,7 @@ class HFDenseAttention(DenseAttention):
         if kwargs.get("encoder_hidden_states") is not None:
             raise ValueError("HFDenseAttention replaces self-attention; encoder_hidden_states (cross-attention) "
                              "is not accepted here")
-        hf_cache = kwargs.get(self.cache_kwarg) if self.cache_kwarg else None
-        if hf_cache is None:
-            hf_cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+        hf_cache = layer_cache(kwargs)
         cache = HFCacheView(hf_cache, self.layer_idx) if hf_cache is not None else None
         n = hidden_states.shape[1]
         k_len = n + (cache.seq_len if cache is not None else 0)
