@@ -155,8 +155,8 @@ def _corrupt(src: Path, how: str):
 
 @pytest.mark.parametrize("args, how, msg", [
     (["--to", "gqa", "--groups", "3"], None, r"groups=3: must divide the 8 query heads"),
-    (["--to", "gqa"], None, "needs --groups"),
-    (["--to", "mla"], None, r"--to='mla': expected one of 'gqa', 'mqa', 'mha'"),
+    (["--to", "gqa"], None, "needs groups"),
+    (["--to", "nope"], None, r"unknown variant 'nope'.*converts to: bigbird, gqa"),
     (["--to", "gqa", "--groups", "2", "--method", "magic"], None, r"method='magic'"),
     (["--to", "gqa", "--groups", "2", "--dtype", "int8"], None, r"dtype='int8'"),
     (["--to", "mqa"], "missing", r"shard listed in model.safetensors.index.json is missing"),
@@ -209,7 +209,7 @@ def test_info_tables(tmp_path, capsys):
     out = capsys.readouterr().out
     import re
     assert re.search(r"attnzoo patch +mqa", out) and re.search(r"as is \(patched\) +128 B", out)
-    assert "KV heads 1 in every layer" in out
+    assert "K/V 1 x 8 in every layer" in out
     assert main(["info", str(tmp_path / "nope")]) == 2
 
 

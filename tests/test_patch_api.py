@@ -18,7 +18,7 @@ def test_layers_and_filter_fn_select_modules(name, tmp_path):
     assert report.modules == [attention_sites(model)[1][1].fqn] and not report.native
     kv = [s.kv_heads for s in attention_sites(model)[1]]
     assert kv == [t.kv_heads, 1]
-    assert model.config.attnzoo["kv_layout"] == [[t.kv_heads, s.head_dim] if i == 0 else [1, s.head_dim]
+    assert model.config.attnzoo["kv_layout"] == [{"kv_heads": t.kv_heads if i == 0 else 1, "head_dim": s.head_dim}
                                                  for i, s in enumerate(attention_sites(model)[1])]
     if name == "llama":  # the HF module stays, resized; config.num_key_value_heads is untouched
         assert model.config.num_key_value_heads == t.kv_heads

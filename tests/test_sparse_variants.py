@@ -160,7 +160,7 @@ def test_cache_misuse_raises():
 
 def test_kv_cache_bytes_of_a_sliding_window_is_bounded():
     cfg = attnzoo.registry.get("sliding_window").make_config(dim=64, heads=4, window=100, causal=True)
-    per_token = cfg.kv_bytes_per_token()
+    per_token = attnzoo.kv.kv_bytes_per_token(cfg)
     assert attnzoo.kv_cache_bytes(cfg, 50) == 50 * per_token
     assert attnzoo.kv_cache_bytes(cfg, 10_000) == attnzoo.kv_cache_bytes(cfg, 1_000) == 100 * per_token
     m = attnzoo.create("sliding_window", dim=64, heads=4, window=100, causal=True)

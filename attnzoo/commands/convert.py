@@ -68,35 +68,36 @@ def _global_tokens(text: str):
                          "(e.g. 0,511)") from None
 
 
-PATTERN_OPTIONS = ("window", "global_tokens", "global_projections", "max_positions", "block_size", "global_blocks",
-                   "random_blocks", "seed")
+OPTIONS = ("groups", "method", "window", "global_tokens", "global_projections", "max_positions", "block_size",
+           "global_blocks", "random_blocks", "seed")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def run(args) -> int:
     from ..conversion.card import format_bytes, kv_table
-    from ..patches.checkpoint import KV_TARGETS, convert_checkpoint
+    from ..patches.checkpoint import convert_checkpoint
+    from ..patches.converters import get_converter
     from ..table import format_table
 
-    options = {k: getattr(args, k) for k in PATTERN_OPTIONS}
-    r = convert_checkpoint(args.src, args.dst, args.to, groups=args.groups, method=args.method, dtype=args.dtype,
-                           force=args.force, dry_run=args.dry_run, progress=not args.no_progress, options=options)
-    kv_target = r.variant in KV_TARGETS
-    if kv_target:
-        what = f"{r.variant}: {r.heads} query heads, KV heads {r.kv_before} -> {r.groups}, method={r.method}, {r.dtype}"
-        rewritten = f"{r.tensors_rewritten} of {r.tensors_total}" if r.native else \
-            f"{r.tensors_rewritten} attention modules"
-    else:
-        opts = ", ".join(f"{k}={v}" for k, v in r.options.items() if v is not None)
-        what = f"{r.variant}: {opts}, {r.dtype}"
-        rewritten = (f"none: config.json only, {r.tensors_total} tensors copied" if r.native
-                     else f"{r.tensors_rewritten} attention modules")
+    converter = get_converter(args.to)
+    options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None and getattr(args, k) is not False}
+    for k in options:
+        if k not in converter.option_names:
+            valid = ", ".join(_flag(o) for o in converter.option_names if o in OPTIONS)
+            raise ValueError(f"{_flag(k)} does not apply to --to {args.to}; its options: {valid or 'none'}")
+    r = convert_checkpoint(args.src, args.dst, args.to, options, dtype=args.dtype, force=args.force,
+                           dry_run=args.dry_run, progress=not args.no_progress)
     rows = [
         {"": "source", "value": str(r.src)},
         {"": "destination", "value": str(r.dst) + ("  (dry run: nothing written)" if r.dry_run else "")},
-        {"": "conversion", "value": what},
-        {"": "checkpoint", "value": "native transformers (streamed shard by shard)" if r.native
-         else "attnzoo attention (patched in memory; reload with attnzoo.from_pretrained)"},
-        {"": "tensors rewritten", "value": rewritten},
+        {"": "conversion", "value": f"{r.summary}, {r.dtype}"},
+        {"": "checkpoint", "value": ("native transformers (streamed shard by shard)" if r.streamed else
+                                     "native transformers" if r.native else
+                                     "attnzoo attention (patched in memory; reload with attnzoo.from_pretrained)")},
+        {"": "tensors rewritten", "value": r.rewritten},
         {"": "weights", "value": f"{format_bytes(r.bytes_before)} -> {format_bytes(r.bytes_after)}"},
         {"": "time", "value": f"{r.seconds:.1f} s"},
     ] + [{"": "note", "value": n} for n in r.notes]
@@ -105,10 +106,12 @@ def run(args) -> int:
         print()
     print(format_table(rows, ["", "value"], title="attnzoo convert"))
     print()
-    if not kv_target:
-        return 0
-    saved = 1 - r.per_token_after / r.per_token_before if r.per_token_before else 0.0
-    print(format_table(kv_table([(f"before: {r.kv_before} KV heads", r.per_token_before),
-                                 (f"after: {r.groups} KV head{'s' if r.groups != 1 else ''}", r.per_token_after)]),
-                       title=f"KV cache, batch 1, {r.dtype} ({100 * saved:.1f}% saved)"))
+    table = kv_table([("before: " + _layouts(r.layouts_before), r.layouts_before),
+                      ("after: " + _layouts(r.layouts_after), r.layouts_after)], r.dtype)
+    print(format_table(table, title=f"KV cache, batch 1, {r.dtype} (per token: {r.kv_change()})"))
     return 0
+
+
+def _layouts(layouts) -> str:
+    kinds = sorted({lay.describe() for lay in layouts})
+    return kinds[0] if len(kinds) == 1 else "mixed: " + "; ".join(kinds)

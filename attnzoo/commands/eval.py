@@ -65,6 +65,7 @@ def run(args) -> int:
             {"metric": "recall perplexity (answer tokens)", "value": result.recall_perplexity},
             {"metric": "recall accuracy (top-1)", "value": result.recall_accuracy},
             {"metric": f"KV-cache bytes/token ({result.kv_dtype})", "value": result.kv_bytes_per_token},
+            {"metric": f"KV cache held at {result.kv_seq_len} tokens (batch 1)", "value": result.kv_cache_bytes},
             {"metric": f"decode tokens/s ({device}, batch 1)", "value": result.decode_tokens_per_s},
             {"metric": "parameters", "value": result.parameters},
             {"metric": "scored", "value": f"{result.sequences} seqs, {result.tokens:,} tokens, "

@@ -1,7 +1,8 @@
 """Show a checkpoint's attention layout and what its KV cache costs, as it is and converted.
 
-Reads config.json only (no weights). The KV-cache table gives bytes per token and totals at
-8k/32k/128k tokens (batch 1) for the model as it is and for candidate conversions:
+Reads config.json only (no weights). The KV-cache table gives bytes per token and what the caches
+hold at 8k/32k/128k tokens (batch 1; sliding-window layers keep their window only) for the model as it is
+and for candidate conversions:
 MHA, GQA-8, MQA and MLA (a 512-dim latent plus 64 RoPE dims per layer, DeepSeek-V2's
 sizes: MLA caches one latent per token, not keys and values, so its per-layer cost is
 (kv_rank + rope_dim) x bytes).
@@ -29,14 +30,16 @@ def layout(config) -> dict:
     return attention_sizes(config)
 
 
-def candidates(lay: dict, elem: int, kv_rank: int, rope_dim: int) -> list[tuple[str, int]]:
-    """``(label, bytes/token)`` for MHA, GQA-8, MQA and MLA at this model's sizes."""
+def candidates(lay: dict, kv_rank: int, rope_dim: int) -> list[tuple[str, list]]:
+    """``(label, one KVLayout per layer)`` for MHA, GQA-8, MQA and MLA at this model's sizes."""
+    from ..kv import KVLayout
+
     L, H, hd = lay["layers"], lay["heads"], lay["head_dim"]
-    rows = [(f"MHA ({H} KV heads)", L * 2 * H * hd * elem)]
+    rows = [(f"MHA ({H} KV heads)", [KVLayout(H, hd)] * L)]
     if H % 8 == 0 and H > 8:
-        rows.append(("GQA-8", L * 2 * 8 * hd * elem))
-    rows.append(("MQA (1 KV head)", L * 2 * hd * elem))
-    rows.append((f"MLA ({kv_rank} latent + {rope_dim} rope)", L * (kv_rank + rope_dim) * elem))
+        rows.append(("GQA-8", [KVLayout(8, hd)] * L))
+    rows.append(("MQA (1 KV head)", [KVLayout(1, hd)] * L))
+    rows.append((f"MLA ({kv_rank} latent + {rope_dim} rope)", [KVLayout(latent=kv_rank + rope_dim)] * L))
     return rows
 
 
@@ -48,9 +51,9 @@ def run(args) -> int:
 
     from ..conversion.card import kv_table
     from ..errors import UnsupportedArchitectureError
-    from ..kv import _elem, kv_bytes_per_token
+    from ..kv import kv_layouts
     from ..patches.adapters import adapter_for
-    from ..patches.record import get_record
+    from ..record import get_record
     from ..table import format_table
 
     path = Path(args.model_dir)
@@ -60,7 +63,6 @@ def run(args) -> int:
     dtype = args.dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.replace("torch.", ""), None) or torch.float16
-    elem = _elem(dtype)
     lay = layout(config)
     record = get_record(config)
     try:
@@ -70,10 +72,11 @@ def run(args) -> int:
         arch = "not supported by attnzoo.patch"
     kind = "MHA" if lay["kv_heads"] == lay["heads"] else ("MQA" if lay["kv_heads"] == 1 else f"GQA-{lay['kv_heads']}")
     attention = f"{kind}: {lay['heads']} query heads, {lay['kv_heads']} KV heads, head_dim {lay['head_dim']}"
-    if record and record.get("kv_layout"):
-        kvs = [kv for kv, _ in record["kv_layout"]]
-        per_layer = ", ".join(str(k) for k in kvs) if len(set(kvs)) > 1 else f"{kvs[0]} in every layer"
-        attention = f"patched: {lay['heads']} query heads, KV heads {per_layer}, head_dim {lay['head_dim']}"
+    layouts = kv_layouts(config)
+    if record or len({lay_.describe() for lay_ in layouts}) > 1:
+        kinds = [lay_.describe() for lay_ in layouts]
+        per_layer = "; ".join(kinds) if len(set(kinds)) > 1 else f"{kinds[0]} in every layer"
+        attention = f"{'patched: ' if record else ''}{lay['heads']} query heads; {per_layer}"
     rows = [
         {"": "model_type", "value": getattr(config, "model_type", "?")},
         {"": "adapter", "value": arch},
@@ -89,8 +92,7 @@ def run(args) -> int:
                                                    f"{record.get('version')}"})
     print(format_table(rows, ["", "value"], title=f"attnzoo info {path}"))
     print()
-    as_is = kv_bytes_per_token(config, dtype)
-    table = kv_table([(f"as is ({'patched' if record else kind})", as_is)]
-                     + candidates(lay, elem, args.kv_rank, args.rope_dim))
+    table = kv_table([(f"as is ({'patched' if record else kind})", layouts)]
+                     + candidates(lay, args.kv_rank, args.rope_dim), dtype)
     print(format_table(table, title="KV cache per sequence (batch 1)"))
     return 0

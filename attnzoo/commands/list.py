@@ -14,13 +14,14 @@ def add_arguments(p):
 
 def run(args) -> int:
     from .. import registry
+    from ..kv import kv_bytes_per_token
     from ..table import format_table
 
     rows = []
     for name in registry.list_variants(args.pattern):
         e = registry.get(name)
         cfg = e.make_config(**e.example)
-        per_tok = cfg.kv_bytes_per_token() if hasattr(cfg, "kv_bytes_per_token") else None
+        per_tok = kv_bytes_per_token(cfg) if hasattr(cfg, "kv_layout") else None
         rows.append({"variant": name, "description": e.description, "options": ", ".join(cfg.option_names()),
                      "example": ", ".join(f"{k}={v}" for k, v in e.example.items()),
                      "KV B/token (example, fp16)": per_tok})

@@ -4,9 +4,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..kv import KVLayout, element_size
 from ..table import markdown_table
 
-__all__ = ["format_bytes", "kv_table", "CONTEXTS", "model_card", "pattern_model_card", "split_front_matter"]
+__all__ = ["format_bytes", "kv_table", "CONTEXTS", "model_card", "split_front_matter"]
 
 CONTEXTS = (8192, 32768, 131072)
 
@@ -21,14 +22,17 @@ def format_bytes(n: float) -> str:
     return f"{n:.3g} TiB"
 
 
-def kv_table(layouts: Sequence[tuple[str, int]], contexts: Sequence[int] = CONTEXTS,
+def kv_table(models: Sequence[tuple[str, Sequence[KVLayout]]], dtype, contexts: Sequence[int] = CONTEXTS,
              batch: int = 1) -> list[dict[str, Any]]:
-    """Rows ``{layout, per token, @8k, @32k, @128k}`` for ``(label, bytes_per_token)`` pairs."""
+    """Rows ``{layout, per token, @8k, @32k, @128k}`` for ``(label, one KVLayout per layer)`` pairs: what the
+    caches hold after that many tokens (windows and states counted as :class:`~attnzoo.kv.KVLayout` says)."""
+    elem = element_size(dtype)
     rows = []
-    for label, per in layouts:
-        row = {"layout": label, "per token": format_bytes(per)}
+    for label, layouts in models:
+        row = {"layout": label, "per token": format_bytes(sum(lay.per_token for lay in layouts) * elem)}
         for c in contexts:
-            row[f"@{c // 1024}k" if c % 1024 == 0 else f"@{c}"] = format_bytes(per * c * batch)
+            row[f"@{c // 1024}k" if c % 1024 == 0 else f"@{c}"] = format_bytes(
+                sum(lay.elements(c) for lay in layouts) * elem * batch)
         rows.append(row)
     return rows
 
@@ -66,52 +70,32 @@ def _with_body(lines: list[str], body: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_card(*, name: str, source: str, model_type: str, variant: str, groups: int, method: str,
-               heads: int, kv_before: int, dtype: str, per_token_before: int, per_token_after: int,
-               native: bool, version: str, source_card: str | None = None) -> str:
-    """The README.md of a converted checkpoint: what was done, the KV-cache savings, how to load it."""
-    front, body = _front(source_card, variant)
-    saved = 1 - per_token_after / per_token_before if per_token_before else 0.0
-    kv = markdown_table(kv_table([(f"before ({kv_before} KV heads)", per_token_before),
-                                  (f"after ({groups} KV heads)", per_token_after)]))
+def _layouts_label(layouts) -> str:
+    kinds = sorted({lay.describe() for lay in layouts})
+    return f"{len(layouts)} layers, " + (kinds[0] if len(kinds) == 1 else "mixed: " + "; ".join(kinds))
+
+
+def model_card(result, *, version: str, source_card: str | None = None) -> str:
+    """The README.md of a converted checkpoint (``result``: a :class:`~attnzoo.conversion.result.ConversionResult`):
+    what was done, what it costs in quality, the KV cache before and after, how to load it."""
+    r = result
+    front, body = _front(source_card, r.variant)
+    kv = markdown_table(kv_table([(f"before ({_layouts_label(r.layouts_before)})", r.layouts_before),
+                                  (f"after ({_layouts_label(r.layouts_after)})", r.layouts_after)], r.dtype))
     lines = [
-        front + f"# {name}",
+        front + f"# {r.dst.name}",
         "",
-        (f"Converted with attnzoo {version} from `{source}` ({model_type}): "
-         f"**{variant.upper()}**, {heads} query heads sharing **{groups}** KV head{'s' if groups != 1 else ''} "
-         f"(was {kv_before}), initialised with `method={method!r}`, weights in {dtype}."),
+        f"Converted with attnzoo {version} from `{r.src}` ({r.model_type}): **{r.summary}**, weights in {r.dtype}.",
         "",
-        ("The conversion is done without training: expect some quality loss until the model is uptrained "
-         "(a few percent of the original pre-training compute in the GQA paper)." if groups < kv_before else
-         "The conversion is exact (no KV head was merged)."),
+        "The conversion is exact: the converted model computes what the source did." if r.exact else
+        f"The conversion is done without training: {r.lossy_note}",
         "",
-        f"## KV cache (batch 1, {dtype})",
+    ] + ([f"- {n}" for n in r.notes] + [""] if r.notes else []) + [
+        f"## KV cache (batch 1, {r.dtype})",
         "",
         kv,
         "",
-        f"{100 * saved:.1f}% of the KV cache saved.",
+        f"Per token: {r.kv_change()}.",
         "",
-    ] + _loading(name, native, "`num_key_value_heads`")
-    return _with_body(lines, body)
-
-
-def pattern_model_card(*, name: str, source: str, model_type: str, variant: str, options: dict[str, Any],
-                       dtype: str, native: bool, version: str, notes: Sequence[str] = (),
-                       model_class: str = "AutoModel", source_card: str | None = None) -> str:
-    """The README.md of a checkpoint converted to a sparse pattern (sliding window, Longformer, BigBird)."""
-    front, body = _front(source_card, variant)
-    opts = ", ".join(f"`{k}={v!r}`" for k, v in options.items() if v is not None)
-    lines = [
-        front + f"# {name}",
-        "",
-        f"Converted with attnzoo {version} from `{source}` ({model_type}): **{variant}** attention ({opts}), "
-        f"weights in {dtype}.",
-        "",
-        "`window` counts the keys on each side of a query, its own position not counted (causal: keys "
-        "`i - window .. i`; Hugging Face's `sliding_window` is `window + 1`).",
-        "",
-        "The conversion is done without training: a pattern that drops keys the model used changes its outputs "
-        "until it is uptrained (the Longformer paper continues pre-training after the conversion).",
-        "",
-    ] + ([f"- {n}" for n in notes] + [""] if notes else []) + _loading(name, native, "`sliding_window`", model_class)
+    ] + _loading(r.dst.name, r.native, r.native_field, r.model_class)
     return _with_body(lines, body)

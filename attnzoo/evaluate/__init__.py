@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..errors import check_positive_int
+from ..kv import kv_bytes_per_token, kv_cache_bytes
 from .metrics import Scores, score
 from .speed import decode_tokens_per_second
 
@@ -30,6 +31,8 @@ class EvalResult:
     recall_accuracy: float | None
     answers: int
     kv_bytes_per_token: int
+    kv_cache_bytes: int
+    kv_seq_len: int
     kv_dtype: str
     decode_tokens_per_s: float | None
     parameters: int
@@ -51,7 +54,6 @@ def evaluate(model, data, *, num_sequences: int | None = 128, batch_size: int = 
     ``num_sequences``: how many sequences to score (None: all of a file; required for the
     endless built-in corpus). ``decode_tokens=0`` skips the speed measurement.
     """
-    import attnzoo
 
     n = num_sequences if data.num_sequences is None else min(num_sequences or data.num_sequences,
                                                               data.num_sequences)
@@ -71,7 +73,9 @@ def evaluate(model, data, *, num_sequences: int | None = 128, batch_size: int = 
         model.train(was_training)
     dtype = next(model.parameters()).dtype
     return EvalResult(name, data.name, n, s.tokens, s.perplexity, s.recall_perplexity, s.recall_accuracy,
-                      s.answers, attnzoo.kv_cache_bytes(model, seq_len=1, dtype=dtype), str(dtype).replace("torch.", ""),
+                      s.answers, kv_bytes_per_token(model, dtype=dtype),
+                      kv_cache_bytes(model, seq_len=data.seq_len, dtype=dtype), data.seq_len,
+                      str(dtype).replace("torch.", ""),
                       speed, sum(p.numel() for p in model.parameters()), time.perf_counter() - t0)
 
 

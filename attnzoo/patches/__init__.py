@@ -8,18 +8,15 @@ and reload what was saved.
   :mod:`.pattern_converters`: the sparse patterns (``sliding_window``/``longformer``/``bigbird``).
 * :mod:`.wrapper`, :mod:`.kernel`, :mod:`.pattern_call`: attnzoo's attention behind HF's call signature.
 * :mod:`.position_table`: learned position tables, extended by copying (the Longformer recipe).
-* :mod:`.record`, :mod:`.reload`: the ``config.json`` record and :func:`from_pretrained`.
+* :mod:`.reload`: :func:`from_pretrained` (the ``config.json`` record itself: :mod:`attnzoo.record`).
 """
 from .adapters import ADAPTERS, Adapter, Tower, adapter_for, supported_model_types
 from .converters import CONVERTERS, Converter, register_converter
 from .pattern_converters import PatternConverter
-from .record import install_kv_resolver
 from .reload import from_pretrained
 from .report import PatchReport
 from .walker import attention_sites, patch
 from .wrapper import HFDenseAttention, HFSparseAttention
-
-install_kv_resolver()
 
 __all__ = ["patch", "PatchReport", "from_pretrained", "ADAPTERS", "Adapter", "Tower", "adapter_for",
            "supported_model_types", "CONVERTERS", "Converter", "PatternConverter", "register_converter",

@@ -1,70 +1,49 @@
-"""Convert a checkpoint directory (what ``attnzoo convert`` runs).
+"""Convert a checkpoint directory (what ``attnzoo convert`` runs): one pipeline for every method.
 
-KV-head targets (``gqa``, ``mqa``, ``mha``):
+1. Read SRC's config and check every shard (:class:`~attnzoo.conversion.source.SourceCheckpoint`); check DST
+   (never SRC, never an existing DST without ``force``).
+2. Ask the variant's converter whether it can **stream** this checkpoint (:meth:`Converter.stream`): native
+   architectures whose conversion is a rewrite of a few tensors and of ``config.json`` (KV heads of the llama
+   family and phi3; a native sliding window, config only) are converted shard by shard, without building
+   the model, memory bounded by a layer's attention weights.
+3. Otherwise load the model, :func:`attnzoo.patch` it **in memory** (the same code as on a live model) and
+   save it, the patch recorded in ``config.json`` where it is not native.
 
-* Native architectures (``num_key_value_heads``: the llama family, phi3) are converted by
-  streaming (:mod:`attnzoo.conversion.streaming`): shard by shard, without building the
-  model, memory bounded by a layer's attention weights.
-* The others are loaded, patched in memory with :func:`attnzoo.patch`, and saved.
-
-Either way DST is written through a temporary directory renamed at the end, gets SRC's
-tokenizer/generation files and a model card, and SRC is only read. The sparse patterns
-(``sliding_window``, ``longformer``, ``bigbird``) are converted by :mod:`.pattern_checkpoint`.
+Either way DST is written through a temporary directory renamed at the end
+(:func:`~attnzoo.conversion.output.staged_output`), gets SRC's tokenizer/generation files and a model card
+(:func:`~attnzoo.conversion.card.model_card`), and SRC is only read. The result is one
+:class:`~attnzoo.conversion.result.ConversionResult`, whose KV figures come from the layers'
+:class:`~attnzoo.kv.KVLayout` before and after.
 """
 from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from .. import __version__
 from ..conversion.card import model_card
-from ..conversion.heads import check_groups
-from ..conversion.methods import check_method
 from ..conversion.output import check_destination, copy_side_files, staged_output
+from ..conversion.result import ConversionResult
 from ..conversion.source import SourceCheckpoint
-from ..conversion.streaming import StreamSpec, plan_stream, run_stream_with_bar
+from ..conversion.streaming import run_stream_with_bar
 from ..errors import check_choice
-from ..kv import _elem
-from .adapters import Adapter, adapter_for, rope_spec_of
-from .pattern_checkpoint import PATTERN_TARGETS, check_pattern_options, convert_pattern
-from .record import get_record
+from ..kv import kv_layouts
+from .adapters import adapter_for
+from .converters import CONVERTERS, get_converter
+from ..record import get_record
 
-__all__ = ["TARGETS", "KV_TARGETS", "ConversionResult", "stream_spec", "convert_checkpoint", "parse_dtype"]
+__all__ = ["convert_checkpoint", "parse_dtype", "targets"]
 
-KV_TARGETS = ("gqa", "mqa", "mha")
-TARGETS = KV_TARGETS + PATTERN_TARGETS
 _DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
-@dataclass
-class ConversionResult:
-    src: Path
-    dst: Path
-    variant: str
-    groups: int
-    method: str
-    native: bool
-    heads: int
-    kv_before: int
-    per_token_before: int
-    per_token_after: int
-    bytes_before: int
-    bytes_after: int
-    tensors_rewritten: int
-    tensors_total: int
-    dtype: str
-    dry_run: bool
-    seconds: float = 0.0
-    files: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    plan: list[dict[str, Any]] = field(default_factory=list)  # what gets rewritten, grouped
-    options: dict[str, Any] = field(default_factory=dict)  # sparse patterns: the options as applied
+def targets() -> list[str]:
+    """The variants ``attnzoo convert --to`` takes (every registered converter)."""
+    return sorted(CONVERTERS)
 
 
 def parse_dtype(name) -> torch.dtype | None:
@@ -74,69 +53,23 @@ def parse_dtype(name) -> torch.dtype | None:
     return getattr(torch, name)
 
 
-def _ns(config: dict) -> SimpleNamespace:
-    return SimpleNamespace(**config)
-
-
-def _text_config(config: dict) -> dict:
-    return config.get("text_config") or config
-
-
-def stream_spec(adapter: Adapter, config: dict) -> StreamSpec:
-    """The streaming converter's view of a native checkpoint (from config.json and the adapter row)."""
-    c = _ns(_text_config(config))
-    heads = int(c.num_attention_heads)
-    kv = int(getattr(c, "num_key_value_heads", None) or heads)
-    hd = int(getattr(c, "head_dim", None) or c.hidden_size // heads)
-    projs = (adapter.qkv, adapter.o) if adapter.layout == "concat" else (adapter.q, adapter.k, adapter.v, adapter.o)
-    tower = adapter.towers[0].pattern
-    pattern = rf"(?:.*\.)?{tower}\.(?P<proj>{'|'.join(projs)})\.(?P<kind>weight|bias)"
-    tied = ("lm_head.weight", "model.embed_tokens.weight") if getattr(c, "tie_word_embeddings", False) else None
-    return StreamSpec(pattern=pattern, layout=adapter.layout, heads=heads, kv_heads=kv, head_dim=hd,
-                      rope=rope_spec_of(adapter, c, hd), q=adapter.q, k=adapter.k, v=adapter.v, o=adapter.o,
-                      qkv=adapter.qkv, tied_embeddings=tied)
-
-
-def _target_groups(variant: str, groups, heads: int) -> int:
-    check_choice("--to", variant, KV_TARGETS)
-    if variant == "mqa":
-        if groups not in (None, 1):
-            raise ValueError(f"--groups {groups}: mqa keeps one KV head; omit --groups or use --to gqa")
-        return 1
-    if variant == "mha":
-        if groups not in (None, heads):
-            raise ValueError(f"--groups {groups}: mha keeps one KV head per query head ({heads})")
-        return heads
-    if groups is None:
-        raise ValueError("--to gqa needs --groups N (the number of KV heads to keep)")
-    return groups
-
-
 def _dtype_label(dtype, config) -> str:
     if dtype is not None:
         return str(dtype).replace("torch.", "")
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    got = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
+    return str(got).replace("torch.", "")
 
 
-def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method: str | None = None,
-                       dtype: str | None = None, force: bool = False, dry_run: bool = False,
-                       progress: bool = True, options: dict[str, Any] | None = None) -> ConversionResult:
-    """Convert checkpoint directory ``src`` into ``dst``; see the module docstring.
+def convert_checkpoint(src, dst, variant: str, options: dict[str, Any] | None = None, *, dtype: str | None = None,
+                       force: bool = False, dry_run: bool = False, progress: bool = True) -> ConversionResult:
+    """Convert checkpoint directory ``src`` into ``dst`` with ``attnzoo.patch``'s ``variant`` and ``options``
+    (unset options, None, are dropped); see the module docstring."""
+    from transformers import AutoConfig
 
-    ``groups``/``method`` apply to the KV-head targets, ``options`` (``window``, ``global_tokens``,
-    ``global_projections``, ``max_positions``, ``block_size``, ``global_blocks``, ``random_blocks``,
-    ``seed``) to the sparse patterns."""
     start = time.time()
     src, dst = Path(src), Path(dst)
-    check_choice("--to", variant, TARGETS)
-    options = check_pattern_options(variant, options or {})
-    if variant in PATTERN_TARGETS:
-        for flag, value in (("--groups", groups), ("--method", method)):
-            if value is not None:
-                raise ValueError(f"{flag} applies to --to {', '.join(KV_TARGETS)}, not --to {variant}")
-    else:
-        method = method or "mean"
-        check_method(method)
+    converter = get_converter(variant)
+    options = {k: v for k, v in (options or {}).items() if v is not None}
     torch_dtype = parse_dtype(dtype)
     source = SourceCheckpoint(src)  # checks config and every shard before anything is written
     if not dry_run:
@@ -145,140 +78,119 @@ def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method
     if get_record(source.config):
         raise ValueError(f"{src} already holds an attnzoo patch ({source.config['attnzoo'].get('variant')!r}); "
                          "convert the original checkpoint instead")
-    if variant in PATTERN_TARGETS:
-        result = convert_pattern(source, dst, adapter, variant, options, torch_dtype,
-                                 _dtype_label(torch_dtype, source.config), force, dry_run, progress)
-    elif adapter.native:
-        result = _convert_streaming(source, dst, adapter, variant, groups, method, torch_dtype, force, dry_run,
-                                    progress)
+    config = AutoConfig.from_pretrained(source.path)
+    archs = getattr(config, "architectures", None) or []
+    result = ConversionResult(src=source.path, dst=dst, variant=variant, options=dict(options), native=False,
+                              streamed=False, dtype=_dtype_label(torch_dtype, config), summary=variant,
+                              layouts_before=kv_layouts(config), layouts_after=[],
+                              bytes_before=source.total_bytes(), dry_run=dry_run,
+                              model_type=getattr(config, "model_type", "?"),
+                              model_class=archs[0] if archs else "AutoModel", native_field=converter.native_field,
+                              lossy_note=converter.lossy_note)
+    job = converter.stream(source, config, adapter, converter.options(adapter, dict(options)), torch_dtype)
+    if job is not None:
+        _streamed(job, source, dst, torch_dtype, force, progress, result)
     else:
-        result = _convert_in_memory(source, dst, adapter, variant, groups, method, torch_dtype, force, dry_run)
+        _in_memory(source, dst, variant, options, torch_dtype, force, result)
     result.seconds = time.time() - start
     return result
 
 
-def _write_card(tmp: Path, source: SourceCheckpoint, dst: Path, r: ConversionResult) -> None:
+def _write_card(tmp: Path, source: SourceCheckpoint, result: ConversionResult) -> None:
     readme = source.path / "README.md"
-    text = model_card(name=dst.name, source=str(source.path), model_type=source.config.get("model_type", "?"),
-                      variant=r.variant, groups=r.groups, method=r.method, heads=r.heads, kv_before=r.kv_before,
-                      dtype=r.dtype, per_token_before=r.per_token_before, per_token_after=r.per_token_after,
-                      native=r.native, version=__version__,
+    text = model_card(result, version=__version__,
                       source_card=readme.read_text(errors="replace") if readme.is_file() else None)
     (tmp / "README.md").write_text(text)
 
 
-def _convert_streaming(source, dst, adapter, variant, groups, method, dtype, force, dry_run, progress):
-    import json
+def _kind(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", name)
 
-    spec = stream_spec(adapter, source.config)
-    target = _target_groups(variant, groups, spec.heads)
-    check_groups(target, spec.heads, spec.kv_heads, str(source.path))
-    if target < spec.kv_heads and check_method(method).linear_keys:
-        why = adapter.linear_keys(_ns(_text_config(source.config)))
-        if why:
-            raise ValueError(f"method={method!r} needs keys that reach the scores linearly, but {why}; "
-                             "use --method mean")
-    plan = plan_stream(source, spec, target, method, dtype)
-    n_layers = len(plan.layers)
-    label = _dtype_label(dtype, source.config)
-    elem = _elem(dtype or getattr(torch, label, torch.float32))
-    result = ConversionResult(
-        src=source.path, dst=dst, variant=variant, groups=target, method=method, native=True, heads=spec.heads,
-        kv_before=spec.kv_heads, per_token_before=n_layers * 2 * spec.kv_heads * spec.head_dim * elem,
-        per_token_after=n_layers * 2 * target * spec.head_dim * elem, bytes_before=source.total_bytes(),
-        bytes_after=plan.bytes_out(), tensors_rewritten=len(plan.computed),
-        tensors_total=sum(len(s.tensors) for s in plan.shards), dtype=label, dry_run=dry_run)
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape)) if shape is not None else "-"
+
+
+def _plan_rows(changes: list[tuple[str, Any, Any, str]]) -> list[dict[str, Any]]:
+    """``(name, shape before, shape after, dtype)`` per changed tensor -> rows grouped by kind (layer index as
+    ``*``), in first-seen order."""
+    grouped: dict[tuple, int] = {}
+    for name, before, after, dtype in changes:
+        key = (_kind(name), _shape(before), _shape(after), dtype)
+        grouped[key] = grouped.get(key, 0) + 1
+    return [{"tensors": k[0], "count": n, "shape before": k[1], "shape after": k[2], "dtype": k[3]}
+            for k, n in grouped.items()]
+
+
+def _streamed(job, source, dst, dtype, force, progress, result: ConversionResult) -> None:
+    plan = job.plan
+    result.native = result.streamed = True
+    result.layouts_after = kv_layouts(job.config)
+    result.summary = job.converter.summary(job.options, job.config, result.layouts_before, result.layouts_after)
+    result.exact = job.converter.exact(job.options, result.layouts_before, result.layouts_after)
+    result.notes += job.notes
     if plan.dropped:
         result.notes.append(f"dropped {', '.join(plan.dropped)} (tied to the embeddings; transformers re-ties it)")
-    groups_of: dict[tuple, int] = {}
-    for t in plan.computed:
-        kind = re.sub(r"\.\d+\.", ".*.", t.name)
-        key = (kind, tuple(t.source.shape), tuple(t.shape), str(t.dtype).replace("torch.", ""))
-        groups_of[key] = groups_of.get(key, 0) + 1
-    result.plan = [{"tensors": k[0], "count": n, "shape before": "x".join(map(str, k[1])),
-                    "shape after": "x".join(map(str, k[2])), "dtype": k[3]} for k, n in groups_of.items()]
-    if dry_run:
-        return result
+    computed = plan.computed
+    total = sum(len(s.tensors) for s in plan.shards)
+    result.rewritten = (f"{len(computed)} of {total} tensors" if computed
+                        else f"none: config.json only, {total} tensors copied")
+    result.plan = _plan_rows([(t.name, t.source.shape, t.shape, str(t.dtype).replace("torch.", ""))
+                              for t in computed]) + job.config_rows
+    result.bytes_after = plan.bytes_out()
+    if dtype is not None:
+        job.config.dtype = result.dtype
+    if result.dry_run:
+        return
     with staged_output(source.path, dst, force) as tmp:
         result.files = run_stream_with_bar(plan, tmp, progress)
-        config = dict(source.config)
-        text = _text_config(config)
-        text["num_key_value_heads"] = target
-        if dtype is not None:
-            config["dtype"] = label
-            if "torch_dtype" in config:
-                config["torch_dtype"] = label
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        result.files += copy_side_files(source.path, tmp)
-        _write_card(tmp, source, dst, result)
-    return result
+        job.config.save_pretrained(tmp)
+        result.files += ["config.json"] + copy_side_files(source.path, tmp)
+        _write_card(tmp, source, result)
 
 
-def _convert_in_memory(source, dst, adapter, variant, groups, method, dtype, force, dry_run):
+def _in_memory(source, dst, variant, options, dtype, force, result: ConversionResult) -> None:
     from transformers import AutoConfig
 
     from .reload import from_pretrained, model_class_for
-    from .walker import patch
+    from .walker import attention_sites, patch
 
-    config = AutoConfig.from_pretrained(source.path)
-    options: dict[str, Any] = {"method": method}
-    if dry_run:  # plan on a model without storage
+    if result.dry_run:  # the plan on a model without storage
+        config = AutoConfig.from_pretrained(source.path)
         with torch.device("meta"):
             model = model_class_for(config)._from_config(config, dtype=dtype or torch.float32)
-        options["method"] = "mean"  # the numbers do not depend on the method; its checks ran below
-        _check_in_memory_method(model, variant, groups, method)
     else:
         model = from_pretrained(source.path, dtype=dtype or "auto")
-    sites_heads = _heads_of(model)
-    target = _target_groups(variant, groups, sites_heads)
-    report = patch(model, variant, **({"groups": groups} if variant == "gqa" else {}), **options)
-    label = _dtype_label(dtype, source.config)
-    elem_model = _elem(next(model.parameters()).dtype)
-    elem_out = _elem(dtype) if dtype is not None else elem_model
-
-    def scale(b):  # bytes in the model's dtype -> bytes in the output dtype
-        return b // elem_model * elem_out
-    plan_rows = [{"tensors": fqn, "count": 1, "shape before": f"{p['heads']} q / {p['kv_heads_before']} kv heads",
-                  "shape after": f"{p['heads']} q / {p['kv_heads']} kv heads", "dtype": label}
-                 for fqn, p in (getattr(model.config, "attnzoo", None) or {}).get("modules", {}).items()]
-    result = ConversionResult(
-        plan=plan_rows,
-        src=source.path, dst=dst, variant=variant, groups=target, method=method, native=report.native,
-        heads=sites_heads, kv_before=_kv_before(report, model), per_token_before=scale(report.kv_bytes_per_token_before),
-        per_token_after=scale(report.kv_bytes_per_token_after), bytes_before=source.total_bytes(),
-        bytes_after=0, tensors_rewritten=len(report.modules), tensors_total=len(report.modules), dtype=label,
-        dry_run=dry_run, notes=list(report.notes))
-    if dry_run:
-        result.bytes_after = report.params_after * elem_out
-        return result
+    converter = get_converter(variant)
+    if result.dry_run and options.get("method", "mean") != "mean":
+        # meta tensors have no data for a data-dependent method: check the method at every site (what patch()
+        # checks before changing anything), then plan with mean-pooling (same shapes and KV layouts)
+        adapter, sites = attention_sites(model)
+        opts = converter.options(adapter, dict(options))
+        for s in sites:
+            converter.plan(s, opts)
+        options = {**options, "method": "mean"}
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    report = patch(model, variant, **options)
+    result.native, result.options = report.native, dict(report.options)
+    result.notes += list(report.notes)
+    result.layouts_after = kv_layouts(model.config)
+    result.summary = converter.summary(result.options, model.config, result.layouts_before, result.layouts_after)
+    result.exact = converter.exact(result.options, result.layouts_before, result.layouts_after)
+    result.rewritten = f"{len(report.modules)} attention modules"
+    after = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    result.plan = _plan_rows([(k, before.get(k), after.get(k), result.dtype)
+                              for k in list(before) + [k for k in after if k not in before]
+                              if before.get(k) != after.get(k)])
+    elem = torch.empty((), dtype=dtype).element_size() if dtype is not None else None
+    if result.dry_run:
+        p = next(model.parameters())
+        result.bytes_after = report.params_after * (elem or p.element_size())
+        return
     with staged_output(source.path, dst, force) as tmp:
         model.save_pretrained(tmp)
         result.files = sorted(p.name for p in tmp.iterdir())
         result.files += copy_side_files(source.path, tmp)
         result.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-        _write_card(tmp, source, dst, result)
-    return result
-
-
-def _heads_of(model) -> int:
-    from .walker import attention_sites
-
-    return attention_sites(model)[1][0].heads
-
-
-def _kv_before(report, model) -> int:
-    rec = get_record(model.config) or {}
-    plans = list((rec.get("modules") or {}).values())
-    return plans[0]["kv_heads_before"] if plans else 0
-
-
-def _check_in_memory_method(model, variant, groups, method) -> None:
-    """Run patch()'s per-site checks for ``method`` on a meta model without converting."""
-    from .converters import get_converter
-    from .walker import attention_sites
-
-    conv = get_converter(variant)
-    adapter, sites = attention_sites(model)
-    opts = conv.options(adapter, {"method": method, **({"groups": groups} if variant == "gqa" else {})})
-    for s in sites:
-        conv.plan(s, opts)
+        result.notes += converter.after_save(tmp, result.options)
+        _write_card(tmp, source, result)

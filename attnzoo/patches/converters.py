@@ -14,27 +14,37 @@ The walker (:mod:`attnzoo.patches.walker`) knows nothing about variants. For
    ``restore(site, plan, opts)`` when :func:`attnzoo.from_pretrained` rebuilds the structure;
 6. ``finish(...)``: model-wide changes (config fields, the attention kernel).
 
+``attnzoo convert`` (:mod:`attnzoo.patches.checkpoint`) runs the same protocol through ``patch`` on a loaded
+model, unless ``stream(...)`` returns a :class:`StreamJob`: a conversion of the checkpoint's tensors shard by
+shard, without building the model. ``summary``, ``exact``, ``after_save``, ``native_field`` and
+``lossy_note`` describe the result (the table at the end of ``attnzoo convert``, the model card).
+
 A later variant is one more subclass registered with :func:`register_converter`; the walker
 does not change. The sparse patterns (``sliding_window``, ``longformer``, ``bigbird``) are in
 :mod:`attnzoo.patches.pattern_converters`.
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..conversion.heads import AttnWeights, check_groups
 from ..conversion.methods import check_method, convert_kv_heads
+from ..conversion.streaming import StreamPlan, StreamSpec, plan_stream
+from ..kv import KVLayout, attention_sizes
 from ..errors import UnknownVariantError, UnsupportedArchitectureError, check_choice, check_positive_int, suggest
 from ..variants.config import RopeConfig
 from ..variants.dense import DenseConfig
-from .adapters import Adapter, rope_theta_of
+from .adapters import Adapter, rope_spec_of, rope_theta_of
 from .kernel import use_attnzoo_kernel
 from .sites import Site, get_submodule, set_linear
 from .wrapper import HFDenseAttention
 
-__all__ = ["Converter", "DenseConverter", "CONVERTERS", "register_converter", "get_converter", "build_wrapper"]
+__all__ = ["Converter", "StreamJob", "DenseConverter", "CONVERTERS", "register_converter", "get_converter",
+           "build_wrapper", "stream_spec"]
 
 CONVERTERS: dict[str, Converter] = {}
 
@@ -62,11 +72,43 @@ def get_converter(name: str) -> Converter:
     return CONVERTERS[name]
 
 
+@dataclass
+class StreamJob:
+    """A conversion done by streaming: the tensor ``plan`` and the converted ``config`` to save.
+    ``config_rows``: plan rows for configuration-only changes."""
+
+    converter: Converter
+    options: dict
+    plan: StreamPlan
+    config: Any
+    notes: list[str] = field(default_factory=list)
+    config_rows: list[dict] = field(default_factory=list)
+
+
 class Converter:
     """Base class; see the module docstring for the protocol."""
 
     name = ""
     option_names: tuple[str, ...] = ()
+    native_field = "config.json"  # where a native result keeps the change (the model card says so)
+    lossy_note = "expect some quality loss until the model is uptrained."
+
+    def stream(self, source, config, adapter: Adapter, opts: dict, dtype) -> StreamJob | None:
+        """A streamed conversion of checkpoint ``source`` (its HF ``config``), or None: convert in memory."""
+        return None
+
+    def summary(self, opts: dict, config, layouts_before: list[KVLayout], layouts_after: list[KVLayout]) -> str:
+        """One line saying what the conversion did."""
+        shown = ", ".join(f"{k}={v}" for k, v in opts.items() if v is not None and k != "kernel")
+        return f"{self.name}: {shown}" if shown else self.name
+
+    def exact(self, opts: dict, layouts_before: list[KVLayout], layouts_after: list[KVLayout]) -> bool:
+        """Whether the converted model computes what the source did."""
+        return False
+
+    def after_save(self, out_dir, opts: dict) -> list[str]:
+        """Changes to side files in the output directory (notes for the table)."""
+        return []
 
     def options(self, adapter: Adapter, options: dict[str, Any]) -> dict[str, Any]:
         for key in options:
@@ -93,6 +135,23 @@ class Converter:
 
     def finish(self, model, adapter: Adapter, sites: list[Site], plans: dict, opts: dict, native: bool) -> dict:
         return {}
+
+
+def stream_spec(adapter: Adapter, config: dict) -> StreamSpec:
+    """The streaming converter's view of a native checkpoint (from config.json and the adapter row)."""
+    from types import SimpleNamespace
+
+    c = SimpleNamespace(**(config.get("text_config") or config))
+    heads = int(c.num_attention_heads)
+    kv = int(getattr(c, "num_key_value_heads", None) or heads)
+    hd = int(getattr(c, "head_dim", None) or c.hidden_size // heads)
+    projs = (adapter.qkv, adapter.o) if adapter.layout == "concat" else (adapter.q, adapter.k, adapter.v, adapter.o)
+    tower = adapter.towers[0].pattern
+    pattern = rf"(?:.*\.)?{tower}\.(?P<proj>{'|'.join(projs)})\.(?P<kind>weight|bias)"
+    tied = ("lm_head.weight", "model.embed_tokens.weight") if getattr(c, "tie_word_embeddings", False) else None
+    return StreamSpec(pattern=pattern, layout=adapter.layout, heads=heads, kv_heads=kv, head_dim=hd,
+                      rope=rope_spec_of(adapter, c, hd), q=adapter.q, k=adapter.k, v=adapter.v, o=adapter.o,
+                      qkv=adapter.qkv, tied_embeddings=tied)
 
 
 # ---------------------------------------------------------------------------- dense family
@@ -132,12 +191,18 @@ def build_wrapper(site: Site, w: AttnWeights, kv_heads: int, config_cls=DenseCon
 class DenseConverter(Converter):
     """``mha`` / ``gqa`` / ``mqa``: leave ``groups`` KV heads per layer.
 
+    Native checkpoints are converted by streaming (only the K/V projections and, for some methods, Q and O are
+    rewritten; ``num_key_value_heads`` in config.json).
+
     Native architectures keep their HF modules (k/v projections resized, ``num_key_value_heads``
     updated) and get attnzoo's kernel through ``transformers``' attention interface; the others
     get :class:`~attnzoo.patches.wrapper.HFDenseAttention` modules.
     """
 
     option_names = ("groups", "method", "kernel")
+    native_field = "`num_key_value_heads`"
+    lossy_note = ("expect some quality loss until the model is uptrained (a few percent of the original "
+                  "pre-training compute in the GQA paper).")
 
     def __init__(self, name: str):
         self.name = name
@@ -166,28 +231,55 @@ class DenseConverter(Converter):
                                  "omit kernel or pass kernel='attnzoo'")
         return {"groups": groups, "method": method, "kernel": kernel}
 
-    def plan(self, site, opts):
-        a, config = site.adapter, site.config
-        why = a.unsupported(config)
+    def target(self, adapter: Adapter, config, opts: dict, heads: int, kv: int, where: str) -> int:
+        """The KV heads a layer of ``heads`` query and ``kv`` KV heads gets; every check of a site (live or in a
+        checkpoint's config) is here."""
+        why = adapter.unsupported(config)
         if why:
-            raise UnsupportedArchitectureError(f"{site.fqn}: attnzoo cannot reproduce this {a.name} attention: {why}")
-        heads, kv, hd = site.heads, site.kv_heads, site.head_dim
+            raise UnsupportedArchitectureError(f"{where}: attnzoo cannot reproduce this {adapter.name} attention: "
+                                               f"{why}")
         if self.name == "mha":
             if opts["groups"] not in (None, heads):
                 raise ValueError(f"groups={opts['groups']}: mha has one KV head per query head, so groups must "
-                                 f"equal heads={heads} of {site.fqn} (or be omitted)")
+                                 f"equal heads={heads} of {where} (or be omitted)")
             target = heads
         else:
             target = opts["groups"]
-        check_groups(target, heads, kv, site.fqn)
+        check_groups(target, heads, kv, where)
         method = check_method(opts["method"])
         if target < kv and method.linear_keys:
-            why = a.linear_keys(config)
+            why = adapter.linear_keys(config)
             if why:
                 raise ValueError(f"method={method.name!r} folds a per-head correction into the queries, which needs "
                                  f"keys that reach the scores linearly, but {why}; use method='mean'")
+        return target
+
+    def plan(self, site, opts):
+        heads, kv, hd = site.heads, site.kv_heads, site.head_dim
+        target = self.target(site.adapter, site.config, opts, heads, kv, site.fqn)
         return {"layer": site.layer, "heads": heads, "head_dim": hd, "kv_heads_before": kv, "kv_heads": target,
-                "mode": "native" if a.native else "swap"}
+                "mode": "native" if site.adapter.native else "swap"}
+
+    def stream(self, source, config, adapter, opts, dtype):
+        if not adapter.native:
+            return None
+        spec = stream_spec(adapter, source.config)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        target = self.target(adapter, text, opts, spec.heads, spec.kv_heads, str(source.path))
+        plan = plan_stream(source, spec, target, opts["method"], dtype)
+        out = copy.deepcopy(config)
+        (out.get_text_config() if hasattr(out, "get_text_config") else out).num_key_value_heads = target
+        return StreamJob(self, opts, plan, out)
+
+    def summary(self, opts, config, layouts_before, layouts_after):
+        heads = attention_sizes(config)["heads"]
+        before = ", ".join(map(str, sorted({lay.kv_heads for lay in layouts_before})))
+        after = ", ".join(map(str, sorted({lay.kv_heads for lay in layouts_after})))
+        return (f"{self.name}: {heads} query heads, KV heads {before} -> {after}, "
+                f"method={opts.get('method', 'mean')}")
+
+    def exact(self, opts, layouts_before, layouts_after):
+        return all(a.kv_heads >= b.kv_heads for a, b in zip(layouts_after, layouts_before))
 
     def is_native(self, adapter, sites, selected, plans, opts):
         if not adapter.native or len(selected) != len(sites):

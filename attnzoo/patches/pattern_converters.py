@@ -20,6 +20,8 @@ global q/k/v projections, initialised as copies of q/k/v.
 """
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any, ClassVar
 
 import torch
@@ -27,7 +29,8 @@ import torch
 from ..errors import UnsupportedArchitectureError, check_choice, check_positive_int, check_type
 from ..ops.sparse import BigBird, Longformer, Pattern, SlidingWindow
 from ..variants.sparse import BigBirdConfig, LongformerConfig, SlidingWindowConfig
-from .converters import Converter, build_wrapper, register_converter
+from ..conversion.streaming import plan_stream
+from .converters import Converter, StreamJob, build_wrapper, register_converter
 from .kernel import PATTERN_ATTR, hf_sliding_window, use_attnzoo_kernel
 from .position_table import extend_position_tables, position_tables
 from .sites import Site, get_submodule, set_linear
@@ -47,6 +50,29 @@ class PatternConverter(Converter):
     bidirectional_only = False  # longformer, bigbird: encoders only
     required: tuple[str, ...] = ()
     defaults: ClassVar[dict[str, Any]] = {}
+    native_field = "`sliding_window`"
+    lossy_note = ("a pattern that drops keys the model used changes its outputs until it is uptrained (the "
+                  "Longformer paper continues pre-training after the conversion).")
+
+    def summary(self, opts, config, layouts_before, layouts_after):
+        shown = ", ".join(f"{k}={v}" for k, v in opts.items() if v is not None and v is not False and k != "kernel")
+        return f"{self.name}: {shown}"
+
+    def after_save(self, out_dir, opts):
+        """``max_positions`` also becomes the tokenizer's ``model_max_length``."""
+        n = opts.get("max_positions")
+        f = out_dir / "tokenizer_config.json"
+        if n is None or not f.is_file():
+            return []
+        try:
+            tok = json.loads(f.read_text())
+        except json.JSONDecodeError:
+            return []
+        if not isinstance(tok, dict) or "model_max_length" not in tok:
+            return []
+        old, tok["model_max_length"] = tok["model_max_length"], n
+        f.write_text(json.dumps(tok, indent=2) + "\n")
+        return [f"tokenizer_config.json: model_max_length {old} -> {n}"]
 
     # ------------------------------------------------------------------ options
     def options(self, adapter, options):
@@ -227,6 +253,27 @@ class SlidingWindowConverter(PatternConverter):
             raise ValueError(f"patch(model, 'sliding_window') runs the window in attnzoo's kernel, which cannot "
                              f"serve this model: {blocked}")
         return opts
+
+    def stream(self, source, config, adapter, opts, dtype):
+        """A native window changes config.json only: every tensor is copied as is."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        style = adapter.window_native(text) if adapter.native else None
+        if style is None:
+            return None
+        from .converters import stream_spec
+
+        spec = stream_spec(adapter, source.config)
+        plan = plan_stream(source, spec, spec.kv_heads, "mean", dtype)  # nothing to rewrite: every tensor copied
+        out = copy.deepcopy(config)
+        out_text = out.get_text_config() if hasattr(out, "get_text_config") else out
+        before = getattr(text, "sliding_window", None)
+        set_native_window(out_text, opts["window"], style)
+        s = out_text.sliding_window
+        notes = [f"native: config.sliding_window={s} (transformers keeps {s} keys, the query's own included); "
+                 "every tensor copied as is (streamed)"]
+        rows = [{"tensors": "config.json: sliding_window", "count": 1, "shape before": str(before),
+                 "shape after": str(s), "dtype": "-"}]
+        return StreamJob(self, opts, plan, out, notes, rows)
 
     def apply_native(self, site, opts):
         m = site.module

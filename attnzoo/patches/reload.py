@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .record import get_record
+from ..record import get_record
 from .walker import restore_patch
 
 __all__ = ["from_pretrained", "model_class_for", "patched_class"]

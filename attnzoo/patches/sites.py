@@ -9,6 +9,7 @@ from torch import nn
 
 from ..conversion.heads import AttnWeights, RopeSpec
 from ..conversion.layouts import merge_concat, split_concat, split_conv1d, split_interleaved
+from ..kv import KVLayout
 from .adapters import Adapter, Tower, rope_spec_of
 
 __all__ = ["Site", "find_sites", "get_submodule", "set_linear"]
@@ -103,6 +104,15 @@ class Site:
         if self.tower.causal is not None:
             return self.tower.causal
         return bool(getattr(self.module, "is_causal", False))
+
+    def kv_layout(self) -> KVLayout:
+        """What this layer caches per token as the model stands (an attnzoo module says it; a Hugging Face
+        module caches keys and values of its KV heads). Windows are left to the config (see
+        :mod:`attnzoo.record`)."""
+        config = getattr(self.module, "config", None)
+        if hasattr(config, "kv_layout"):
+            return config.kv_layout().with_window(None)
+        return KVLayout(kv_heads=self.kv_heads, head_dim=self.head_dim)
 
     def rope(self) -> RopeSpec:
         return rope_spec_of(self.adapter, self.config, self.head_dim)

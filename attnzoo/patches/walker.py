@@ -10,10 +10,10 @@ from torch import nn
 
 from .. import __version__
 from ..errors import AttnzooError, NoMatchingModuleError, check_type
-from ..kv import _elem
+from ..kv import element_size
 from .adapters import Adapter, adapter_for
 from .converters import get_converter
-from .record import get_record, set_record
+from ..record import get_record, set_record
 from .report import PatchReport
 from .sites import Site, find_sites
 
@@ -61,8 +61,9 @@ def _select(sites: list[Site], layers, filter_fn) -> list[Site]:
     return chosen
 
 
-def _kv_per_token(sites: Iterable[Site], kv_of: Callable[[Site], int], dtype) -> int:
-    return sum(2 * kv_of(s) * s.head_dim for s in sites) * _elem(dtype)
+def _kv_per_token(sites: list[Site], dtype) -> int:
+    """KV bytes per token over every attention module found (both towers of a composite model)."""
+    return sum(s.kv_layout().per_token for s in sites) * element_size(dtype)
 
 
 def _param_count(model) -> int:
@@ -119,22 +120,20 @@ def patch(model, name: str, *, layers: Iterable[int] | int | None = None,
     native = converter.is_native(adapter, sites, selected, plans, opts)
     opts = converter.prepare(model, adapter, selected, opts, native)
     dtype = _model_dtype(model)
-    kv_before = {s.fqn: s.kv_heads for s in sites}
     params_before = _param_count(model)
-    kv_bytes_before = _kv_per_token(sites, lambda s: kv_before[s.fqn], dtype)
+    kv_bytes_before = _kv_per_token(sites, dtype)
     for s in selected:
         converter.apply(s, plans[s.fqn], opts, native)
     info = converter.finish(model, adapter, sites, plans, opts, native)
-    kv_after = {s.fqn: plans[s.fqn]["kv_heads"] if s.fqn in plans else kv_before[s.fqn] for s in sites}
     notes = [n for n in (opts.pop("kernel_note", None), info.get("note")) if n]
     if not native:
         set_record(model.config, {
             "version": __version__, "variant": name, "adapter": adapter.name, "options": opts, "modules": plans,
-            "kv_layout": [[kv_after[s.fqn], s.head_dim] for s in sites]})
+            "kv_layout": [s.kv_layout().to_json() for s in sites]})
     report = PatchReport(variant=name, architecture=adapter.name, options=opts, modules=[s.fqn for s in selected],
                          params_before=params_before, params_after=_param_count(model),
                          kv_bytes_per_token_before=kv_bytes_before,
-                         kv_bytes_per_token_after=_kv_per_token(sites, lambda s: kv_after[s.fqn], dtype),
+                         kv_bytes_per_token_after=_kv_per_token(sites, dtype),
                          native=native, notes=notes)
     setattr(model, _MARK, report)
     return report

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import check_positive_int, check_type
+from ..kv import KVLayout
 from ..ops import apply_rope, attention, inv_frequencies, rope_cos_sin
 from ..registry import register
 from .cache import Cache, KVCache
@@ -84,9 +85,9 @@ class DenseConfig(VariantConfig):
     def kv_heads(self) -> int:
         return self.groups if self.groups is not None else self.heads
 
-    def kv_bytes_per_token(self, dtype: torch.dtype = torch.float16) -> int:
-        """Bytes a KV cache stores per token for this layer: keys + values."""
-        return 2 * self.kv_heads * self.head_dim_ * torch.empty((), dtype=dtype).element_size()
+    def kv_layout(self) -> KVLayout:
+        """What this layer caches: keys and values of ``kv_heads`` heads (see :class:`~attnzoo.kv.KVLayout`)."""
+        return KVLayout(kv_heads=self.kv_heads, head_dim=self.head_dim_)
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,10 @@ class SlidingWindowConfig(SparseConfig):
     pattern_cls = SlidingWindow
     pattern_options = ("window",)
 
-    def cached_tokens(self, seq_len: int) -> int:
-        """Tokens a decoding cache holds after ``seq_len`` tokens (the rolling cache keeps ``window``)."""
-        return min(seq_len, self.window) if self.causal else seq_len
+    def kv_layout(self):
+        """Causal: the rolling cache keeps the last ``window`` tokens (:class:`~attnzoo.variants.RollingKVCache`)."""
+        layout = super().kv_layout()
+        return layout.with_window(self.window) if self.causal else layout
 
 
 @dataclass(frozen=True)

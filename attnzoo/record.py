@@ -1,4 +1,4 @@
-"""The patch as recorded in ``config.json`` under ``attnzoo``, and KV-cache accounting from it.
+"""The patch as recorded in ``config.json`` under ``attnzoo``: its one reader and writer.
 
 A non-native patch (attnzoo modules, or a subset of layers with other KV-head counts)
 writes ``model.config.attnzoo``::
@@ -7,19 +7,19 @@ writes ``model.config.attnzoo``::
      "options": {"groups": 2, "method": "mean", "kernel": "attnzoo"},
      "modules": {"transformer.h.0.attn": {"layer": 0, "heads": 4, "head_dim": 16,
                                           "kv_heads_before": 4, "kv_heads": 2, "mode": "swap"}, ...},
-     "kv_layout": [[2, 16], [2, 16]]}
+     "kv_layout": [{"kv_heads": 2, "head_dim": 16}, {"kv_heads": 2, "head_dim": 16}]}
 
 ``save_pretrained`` writes it with the config; :func:`attnzoo.from_pretrained` reads it to
-rebuild the structure. ``kv_layout`` lists ``[kv_heads, head_dim]`` for every attention
-layer (patched or not), which is what :func:`attnzoo.kv_cache_bytes` needs.
+rebuild the structure. ``kv_layout`` holds one :class:`~attnzoo.kv.KVLayout` per attention layer
+(patched or not), what it caches per token; the sliding windows that ``transformers``' caches apply come
+from the config itself (``sliding_window``, ``layer_types``), so the record holds no window. Records of
+attnzoo 0.1.0 wrote ``[kv_heads, head_dim]`` pairs; they are read the same.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from .. import kv as _kv
-
-__all__ = ["RECORD_KEY", "get_record", "set_record", "kv_resolver", "install_kv_resolver"]
+__all__ = ["RECORD_KEY", "PATCH_KEYS", "get_record", "set_record"]
 
 RECORD_KEY = "attnzoo"
 
@@ -40,17 +40,3 @@ def set_record(config, record: dict[str, Any]) -> None:
     old = getattr(config, RECORD_KEY, None)
     other = {k: v for k, v in old.items() if k not in PATCH_KEYS} if isinstance(old, dict) else {}
     setattr(config, RECORD_KEY, {**other, **record})
-
-
-def kv_resolver(config, dtype) -> int | None:
-    """Bytes/token for a config carrying an attnzoo record (None otherwise: the default formula applies)."""
-    rec = get_record(config)
-    if rec is None or "kv_layout" not in rec:
-        return None
-    per = sum(2 * int(kv) * int(hd) for kv, hd in rec["kv_layout"])
-    return per * _kv._elem(dtype)
-
-
-def install_kv_resolver() -> None:
-    if kv_resolver not in _kv._RESOLVERS:
-        _kv._RESOLVERS.append(kv_resolver)
