@@ -12,10 +12,12 @@ from . import ops
 from .errors import (AttnzooError, BackendUnavailableError, NoMatchingModuleError, UnknownVariantError,
                      UnsupportedArchitectureError)
 from .kv import kv_cache_bytes
-from .patches import PatchReport, from_pretrained, patch
+from .patches import (GQA, MHA, MQA, BigBird, Longformer, PatchConfig, PatchReport, SlidingWindow, from_pretrained,
+                      patch)
 from .plot import plot_pattern, plot_zoo
 from .registry import create, list_variants, register
 
 __all__ = ["__version__", "ops", "create", "list_variants", "register", "kv_cache_bytes", "patch", "PatchReport",
+           "PatchConfig", "GQA", "MQA", "MHA", "SlidingWindow", "Longformer", "BigBird",
            "from_pretrained", "plot_pattern", "plot_zoo", "AttnzooError",
            "BackendUnavailableError", "NoMatchingModuleError", "UnknownVariantError", "UnsupportedArchitectureError"]

@@ -108,9 +108,9 @@ def test_bigbird_and_dry_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name, args, msg", [
-    ("mistral", ["--to", "sliding_window"], "needs window"),
+    ("mistral", ["--to", "sliding_window", "--window", "-2"], "window=-2: expected an integer >= 1"),
     ("llama", ["--to", "sliding_window", "--window", "0"], "window=0: expected an integer >= 1"),
-    ("bert", ["--to", "longformer"], "needs window"),
+    ("bert", ["--to", "longformer", "--global-projections", "--max-positions", "0"], "max_positions=0"),
     ("bert", ["--to", "longformer", "--window", "2", "--max-positions", "8"], "max_positions=8: smaller than the 32"),
     ("bert", ["--to", "gqa", "--groups", "2", "--window", "4"], "--window does not apply to --to gqa"),
     ("bert", ["--to", "longformer", "--window", "2", "--groups", "2"], "--groups does not apply to --to longformer"),

@@ -1,4 +1,7 @@
 """attnzoo.patch: selecting layers, records, errors."""
+import dataclasses
+from typing import ClassVar
+
 import pytest
 import torch
 import transformers as tf
@@ -144,11 +147,15 @@ def test_attnzoo_kernel_serves_native_models():
 
 
 def test_a_new_converter_plugs_in_without_touching_the_walker():
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class TwiceConfig(attnzoo.MHA):
+        variant: ClassVar[str] = "twice_test"
+
     class Twice(DenseConverter):
         def plan(self, site, opts):
             return {**super().plan(site, {**opts, "groups": site.heads}), "note": "custom"}
 
-    CONVERTERS["twice_test"] = Twice("twice_test")
+    CONVERTERS["twice_test"] = Twice(TwiceConfig)
     try:
         model, _ = TINY["gpt2"].make()
         report = attnzoo.patch(model, "twice_test")
@@ -172,3 +179,32 @@ def test_kv_cache_bytes_names_a_bad_dtype_string():
     cfg = tf.LlamaConfig(num_hidden_layers=1)
     with pytest.raises(ValueError, match="dtype='bfloat17'"):
         attnzoo.kv_cache_bytes(cfg, 4, dtype="bfloat17")
+
+
+@pytest.mark.parametrize("config, name, options", [
+    (attnzoo.GQA(groups=2), "gqa", {"groups": 2}),
+    (attnzoo.MQA(method="svd"), "mqa", {"method": "svd"}),
+    (attnzoo.SlidingWindow(window=3), "sliding_window", {"window": 3}),
+])
+def test_typed_configs_are_the_string_path(config, name, options):
+    """patch(model, attnzoo.GQA(groups=2)) and patch(model, "gqa", groups=2): same record, same logits."""
+    a, inputs = TINY["gpt2"].make()
+    b, _ = TINY["gpt2"].make()
+    b.load_state_dict(a.state_dict())
+    ra, rb = attnzoo.patch(a, config), attnzoo.patch(b, name, **options)
+    assert ra.options == rb.options and a.config.attnzoo == b.config.attnzoo
+    torch.testing.assert_close(run(a, inputs), run(b, inputs), rtol=0, atol=0)
+
+
+def test_typed_config_errors():
+    with pytest.raises(ValueError, match="gqa needs groups"):
+        attnzoo.GQA()
+    with pytest.raises(ValueError, match="groups=2: mqa keeps one KV head"):
+        attnzoo.MQA(groups=2)
+    with pytest.raises(ValueError, match="method='magic'"):
+        attnzoo.GQA(groups=2, method="magic")
+    with pytest.raises(TypeError):
+        attnzoo.GQA(2)  # keyword-only, as torchao's configs
+    model, _ = TINY["gpt2"].make()
+    with pytest.raises(TypeError, match="not both"):
+        attnzoo.patch(model, attnzoo.GQA(groups=2), method="svd")

@@ -148,7 +148,7 @@ def test_bigbird_with_max_positions_reloads(tmp_path):
 
 
 @pytest.mark.parametrize("name, call, exc, msg", [
-    ("bert", lambda m: attnzoo.patch(m, "longformer"), ValueError, "needs window"),
+    ("bert", lambda m: attnzoo.patch(m, "longformer", window=0), ValueError, "window=0"),
     ("bert", lambda m: attnzoo.patch(m, "longformer", window=0), ValueError, "window=0: expected an integer >= 1"),
     ("bert", lambda m: attnzoo.patch(m, "longformer", window=2, global_projections="yes"), TypeError,
      "global_projections='yes'"),

@@ -243,7 +243,7 @@ def test_gemma2_keeps_hf_kernel_and_bert_slides_both_ways():
 
 
 @pytest.mark.parametrize("name, call, exc, msg", [
-    ("llama", lambda m: attnzoo.patch(m, "sliding_window"), ValueError, "needs window"),
+    ("llama", lambda m: attnzoo.patch(m, "sliding_window", windw=3), ValueError, "Did you mean 'window'"),
     ("llama", lambda m: attnzoo.patch(m, "sliding_window", window=0), ValueError, "window=0: expected an integer"),
     ("llama", lambda m: attnzoo.patch(m, "sliding_window", window=-3), ValueError, "window=-3"),
     ("llama", lambda m: attnzoo.patch(m, "sliding_window", window="4"), TypeError, "window='4'"),

@@ -11,13 +11,17 @@ and reload what was saved.
 * :mod:`.reload`: :func:`from_pretrained` (the ``config.json`` record itself: :mod:`attnzoo.record`).
 """
 from .adapters import ADAPTERS, Adapter, Tower, adapter_for, supported_model_types
-from .converters import CONVERTERS, Converter, register_converter
+from .config import PatchConfig
+from .converters import CONVERTERS, GQA, MHA, MQA, Converter, register_converter
+from .pattern_converters import BigBirdPatch as BigBird
+from .pattern_converters import LongformerPatch as Longformer
 from .pattern_converters import PatternConverter
+from .pattern_converters import SlidingWindowPatch as SlidingWindow
 from .reload import from_pretrained
 from .report import PatchReport
 from .walker import attention_sites, patch
 from .wrapper import HFDenseAttention, HFSparseAttention
 
-__all__ = ["patch", "PatchReport", "from_pretrained", "ADAPTERS", "Adapter", "Tower", "adapter_for",
+__all__ = ["PatchConfig", "GQA", "MQA", "MHA", "SlidingWindow", "Longformer", "BigBird", "patch", "PatchReport", "from_pretrained", "ADAPTERS", "Adapter", "Tower", "adapter_for",
            "supported_model_types", "CONVERTERS", "Converter", "PatternConverter", "register_converter",
            "attention_sites", "HFDenseAttention", "HFSparseAttention"]

@@ -27,23 +27,25 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..conversion.heads import AttnWeights, check_groups
-from ..conversion.methods import check_method, convert_kv_heads
+from ..conversion.methods import METHODS, check_method, convert_kv_heads
 from ..conversion.streaming import StreamPlan, StreamSpec, plan_stream
 from ..kv import KVLayout, attention_sizes
 from ..errors import UnknownVariantError, UnsupportedArchitectureError, check_choice, check_positive_int, suggest
 from ..variants.config import RopeConfig
-from ..variants.dense import DenseConfig
+from ..options import option
+from ..variants.dense import DenseConfig, GQAOptions, KVHeadsOptions, MHAOptions, MQAOptions
 from .adapters import Adapter, rope_spec_of, rope_theta_of
+from .config import PatchConfig
 from .kernel import use_attnzoo_kernel
 from .sites import Site, get_submodule, set_linear
 from .wrapper import HFDenseAttention
 
-__all__ = ["Converter", "StreamJob", "DenseConverter", "CONVERTERS", "register_converter", "get_converter",
+__all__ = ["GQA", "MQA", "MHA", "Converter", "StreamJob", "DenseConverter", "CONVERTERS", "register_converter", "get_converter",
            "build_wrapper", "stream_spec"]
 
 CONVERTERS: dict[str, Converter] = {}
@@ -86,10 +88,11 @@ class StreamJob:
 
 
 class Converter:
-    """Base class; see the module docstring for the protocol."""
+    """Base class; see the module docstring for the protocol. ``config_cls``: the typed patch config
+    (:class:`~attnzoo.patches.config.PatchConfig`) whose fields are the converter's options."""
 
     name = ""
-    option_names: tuple[str, ...] = ()
+    config_cls: type[PatchConfig] = PatchConfig
     native_field = "config.json"  # where a native result keeps the change (the model card says so)
     lossy_note = "expect some quality loss until the model is uptrained."
 
@@ -110,12 +113,22 @@ class Converter:
         """Changes to side files in the output directory (notes for the table)."""
         return []
 
-    def options(self, adapter: Adapter, options: dict[str, Any]) -> dict[str, Any]:
-        for key in options:
-            if key not in self.option_names:
-                raise ValueError(f"unknown option {key!r} for patch(model, {self.name!r}).{suggest(key, self.option_names)}"
-                                 f" Valid options: {', '.join(self.option_names)}, layers, filter_fn")
-        return dict(options)
+    @property
+    def option_names(self) -> list[str]:
+        return self.config_cls.option_names()
+
+    def options(self, adapter: Adapter, options: dict[str, Any] | PatchConfig) -> dict[str, Any]:
+        """Build the typed config from keyword options (or take one), then :meth:`check` it against the
+        architecture; returns the options as recorded."""
+        config = options if isinstance(options, PatchConfig) else self.config_cls.from_options(**options)
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(config).__name__} is not a config of {self.name!r} "
+                            f"(expected {self.config_cls.__name__})")
+        return self.check(adapter, config, config.to_dict())
+
+    def check(self, adapter: Adapter, config: PatchConfig, opts: dict[str, Any]) -> dict[str, Any]:
+        """Checks of the options against the architecture; returns the options to record."""
+        return opts
 
     def plan(self, site: Site, opts: dict) -> dict:
         raise NotImplementedError  # every converter implements its own
@@ -188,6 +201,44 @@ def build_wrapper(site: Site, w: AttnWeights, kv_heads: int, config_cls=DenseCon
     return new
 
 
+@dataclass(frozen=True, kw_only=True)
+class KVHeadsPatch(KVHeadsOptions, PatchConfig):
+    """Options of ``patch(model, "gqa" | "mqa" | "mha", ...)`` (``attnzoo.GQA``, ``attnzoo.MQA``, ``attnzoo.MHA``)."""
+
+    method: str = option("mean", help="how the merged K/V heads are initialised: "
+                         + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
+    kernel: str | None = option(None, help="native architectures: 'attnzoo' (attnzoo's fused kernels) or 'hf' "
+                                           "(transformers' attention); None: attnzoo where it can serve the model")
+
+    def validate(self):
+        check_positive_int("groups", self.groups, allow_none=True)
+        check_method(self.method)
+        if self.kernel is not None:
+            check_choice("kernel", self.kernel, ("attnzoo", "hf"))
+        self.kv_heads_for(None)  # the variant's rule on groups, as far as it needs no model
+
+
+@dataclass(frozen=True, kw_only=True)
+class MHA(MHAOptions, KVHeadsPatch):
+    """``attnzoo.MHA()``: one KV head per query head (expands grouped heads by copying; exact)."""
+
+    variant: ClassVar[str] = "mha"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GQA(GQAOptions, KVHeadsPatch):
+    """``attnzoo.GQA(groups=8)``: ``groups`` KV heads per layer."""
+
+    variant: ClassVar[str] = "gqa"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MQA(MQAOptions, KVHeadsPatch):
+    """``attnzoo.MQA()``: one KV head per layer."""
+
+    variant: ClassVar[str] = "mqa"
+
+
 class DenseConverter(Converter):
     """``mha`` / ``gqa`` / ``mqa``: leave ``groups`` KV heads per layer.
 
@@ -199,37 +250,21 @@ class DenseConverter(Converter):
     get :class:`~attnzoo.patches.wrapper.HFDenseAttention` modules.
     """
 
-    option_names = ("groups", "method", "kernel")
     native_field = "`num_key_value_heads`"
     lossy_note = ("expect some quality loss until the model is uptrained (a few percent of the original "
                   "pre-training compute in the GQA paper).")
 
-    def __init__(self, name: str):
-        self.name = name
+    def __init__(self, config_cls: type[KVHeadsPatch]):
+        self.name, self.config_cls = config_cls.variant, config_cls
 
-    def options(self, adapter, options):
-        opts = super().options(adapter, options)
-        groups = opts.get("groups")
+    def check(self, adapter, config, opts):
+        if opts["kernel"] == "hf" and not adapter.native:
+            raise ValueError(f"kernel='hf' keeps Hugging Face's attention, which only exists where the model "
+                             f"keeps its own modules ({adapter.name} modules are replaced by attnzoo's); "
+                             "omit kernel or pass kernel='attnzoo'")
         if self.name == "mqa":
-            if groups not in (None, 1):
-                raise ValueError(f"groups={groups!r}: mqa keeps one KV head, so groups must be 1 (or omitted); "
-                                 "use 'gqa' for more")
-            groups = 1
-        elif self.name == "gqa" and groups is None:
-            raise ValueError("patch(model, 'gqa') needs groups (the number of KV heads to keep, a divisor of the "
-                             "query heads), e.g. patch(model, 'gqa', groups=8)")
-        elif groups is not None:
-            check_positive_int("groups", groups)  # per-site checks follow in plan()
-        method = opts.get("method", "mean")
-        check_method(method)
-        kernel = opts.get("kernel")
-        if kernel is not None:
-            check_choice("kernel", kernel, ("attnzoo", "hf"))
-            if kernel == "hf" and not adapter.native:
-                raise ValueError(f"kernel='hf' keeps Hugging Face's attention, which only exists where the model "
-                                 f"keeps its own modules ({adapter.name} modules are replaced by attnzoo's); "
-                                 "omit kernel or pass kernel='attnzoo'")
-        return {"groups": groups, "method": method, "kernel": kernel}
+            opts["groups"] = 1
+        return opts
 
     def target(self, adapter: Adapter, config, opts: dict, heads: int, kv: int, where: str) -> int:
         """The KV heads a layer of ``heads`` query and ``kv`` KV heads gets; every check of a site (live or in a
@@ -238,13 +273,7 @@ class DenseConverter(Converter):
         if why:
             raise UnsupportedArchitectureError(f"{where}: attnzoo cannot reproduce this {adapter.name} attention: "
                                                f"{why}")
-        if self.name == "mha":
-            if opts["groups"] not in (None, heads):
-                raise ValueError(f"groups={opts['groups']}: mha has one KV head per query head, so groups must "
-                                 f"equal heads={heads} of {where} (or be omitted)")
-            target = heads
-        else:
-            target = opts["groups"]
+        target = self.config_cls(groups=opts["groups"]).kv_heads_for(heads)
         check_groups(target, heads, kv, where)
         method = check_method(opts["method"])
         if target < kv and method.linear_keys:
@@ -334,5 +363,5 @@ class DenseConverter(Converter):
         return {"kernel": opts["kernel"]}
 
 
-for _name in ("mha", "gqa", "mqa"):
-    register_converter(DenseConverter(_name))
+for _cls in (MHA, GQA, MQA):
+    register_converter(DenseConverter(_cls))

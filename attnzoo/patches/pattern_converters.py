@@ -22,21 +22,25 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from ..errors import UnsupportedArchitectureError, check_choice, check_positive_int, check_type
 from ..ops.sparse import BigBird, Longformer, Pattern, SlidingWindow
-from ..variants.sparse import BigBirdConfig, LongformerConfig, SlidingWindowConfig
+from ..options import option
+from ..variants.sparse import (BigBirdConfig, BigBirdOptions, LongformerConfig, LongformerOptions, SlidingWindowConfig,
+                               SlidingWindowOptions)
 from ..conversion.streaming import plan_stream
+from .config import PatchConfig
 from .converters import Converter, StreamJob, build_wrapper, register_converter
 from .kernel import PATTERN_ATTR, hf_sliding_window, use_attnzoo_kernel
 from .position_table import extend_position_tables, position_tables
 from .sites import Site, get_submodule, set_linear
 from .wrapper import HFSparseAttention
 
-__all__ = ["PatternConverter", "SlidingWindowConverter", "LongformerConverter", "BigBirdConverter",
+__all__ = ["SlidingWindowPatch", "LongformerPatch", "BigBirdPatch", "PatternConverter", "SlidingWindowConverter", "LongformerConverter", "BigBirdConverter",
            "set_native_window", "NATIVE", "KERNEL", "SWAP"]
 
 NATIVE, KERNEL, SWAP = "native", "kernel", "swap"
@@ -45,11 +49,9 @@ NATIVE, KERNEL, SWAP = "native", "kernel", "swap"
 class PatternConverter(Converter):
     """Base of the sparse-pattern converters; see the module docstring."""
 
-    config_cls: type = SlidingWindowConfig
+    module_config_cls: type = SlidingWindowConfig
     pattern_cls: type = SlidingWindow
     bidirectional_only = False  # longformer, bigbird: encoders only
-    required: tuple[str, ...] = ()
-    defaults: ClassVar[dict[str, Any]] = {}
     native_field = "`sliding_window`"
     lossy_note = ("a pattern that drops keys the model used changes its outputs until it is uptrained (the "
                   "Longformer paper continues pre-training after the conversion).")
@@ -75,15 +77,8 @@ class PatternConverter(Converter):
         return [f"tokenizer_config.json: model_max_length {old} -> {n}"]
 
     # ------------------------------------------------------------------ options
-    def options(self, adapter, options):
-        opts = {**self.defaults, **super().options(adapter, options)}
-        for key in self.required:
-            if opts.get(key) is None:
-                raise ValueError(f"patch(model, {self.name!r}) needs {key}, e.g. patch(model, {self.name!r}, "
-                                 f"{key}=256); options: {', '.join(self.option_names)}")
-        if "max_positions" in opts:
-            check_positive_int("max_positions", opts["max_positions"], allow_none=True)
-        if isinstance(opts.get("global_tokens"), (tuple, range)):
+    def check(self, adapter, config, opts):
+        if isinstance(opts.get("global_tokens"), range):
             opts["global_tokens"] = list(opts["global_tokens"])  # JSON-able in the record
         self.pattern(opts, causal=False)  # checks the pattern's options (ValueError/TypeError naming them)
         return opts
@@ -166,7 +161,49 @@ class PatternConverter(Converter):
         return {"note": "; ".join(notes)} if notes else {}
 
     def _wrapper(self, site, w, plan, opts):
-        return build_wrapper(site, w, plan["kv_heads"], self.config_cls, HFSparseAttention, **self.module_options(opts))
+        return build_wrapper(site, w, plan["kv_heads"], self.module_config_cls, HFSparseAttention,
+                             **self.module_options(opts))
+
+
+# ---------------------------------------------------------------------------- typed configs
+_KERNEL_HELP = ("native architectures: 'attnzoo' (the window on attnzoo's sparse kernel) or 'hf' (transformers' "
+                "own attention, where it has the window); None: attnzoo")
+_MAX_POSITIONS_HELP = "extend the learned position table to this many tokens by copying it (the Longformer recipe)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlidingWindowPatch(SlidingWindowOptions, PatchConfig):
+    """``attnzoo.SlidingWindow(window=256)``: ``patch(model, "sliding_window", window=...)``."""
+
+    variant: ClassVar[str] = "sliding_window"
+    kernel: str | None = option(None, help=_KERNEL_HELP)
+
+    def validate(self):
+        if self.kernel is not None:
+            check_choice("kernel", self.kernel, ("attnzoo", "hf"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LongformerPatch(LongformerOptions, PatchConfig):
+    """``attnzoo.Longformer(window=256, global_tokens=1, max_positions=None, global_projections=False)``."""
+
+    variant: ClassVar[str] = "longformer"
+    max_positions: int | None = option(None, help=_MAX_POSITIONS_HELP)
+
+    def validate(self):
+        check_type("global_projections", self.global_projections, bool, "True or False")
+        check_positive_int("max_positions", self.max_positions, allow_none=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BigBirdPatch(BigBirdOptions, PatchConfig):
+    """``attnzoo.BigBird(block_size=64, window=None, global_blocks=2, random_blocks=3, seed=0, max_positions=None)``."""
+
+    variant: ClassVar[str] = "bigbird"
+    max_positions: int | None = option(None, help=_MAX_POSITIONS_HELP)
+
+    def validate(self):
+        check_positive_int("max_positions", self.max_positions, allow_none=True)
 
 
 # ---------------------------------------------------------------------------- sliding_window
@@ -194,15 +231,7 @@ class SlidingWindowConverter(PatternConverter):
     """``patch(model, "sliding_window", window=W)``: keys ``i - W .. i`` (causal) or ``|i - j| <= W``."""
 
     name = "sliding_window"
-    option_names = ("window", "kernel")
-    required = ("window",)
-    config_cls, pattern_cls = SlidingWindowConfig, SlidingWindow
-
-    def options(self, adapter, options):
-        opts = super().options(adapter, options)
-        if opts.get("kernel") is not None:
-            check_choice("kernel", opts["kernel"], ("attnzoo", "hf"))
-        return opts
+    config_cls, module_config_cls, pattern_cls = SlidingWindowPatch, SlidingWindowConfig, SlidingWindow
 
     @staticmethod
     def _style(adapter, site: Site) -> str | None:
@@ -309,16 +338,8 @@ class LongformerConverter(PatternConverter):
     """``patch(model, "longformer", window=W, global_tokens=1, max_positions=None, global_projections=False)``."""
 
     name = "longformer"
-    option_names = ("window", "global_tokens", "global_projections", "max_positions")
-    required = ("window",)
-    defaults: ClassVar[dict[str, Any]] = {"global_tokens": 1, "global_projections": False, "max_positions": None}
-    config_cls, pattern_cls = LongformerConfig, Longformer
+    config_cls, module_config_cls, pattern_cls = LongformerPatch, LongformerConfig, Longformer
     bidirectional_only = True
-
-    def options(self, adapter, options):
-        opts = super().options(adapter, options)
-        check_type("global_projections", opts["global_projections"], bool, "True or False")
-        return opts
 
     def module_options(self, opts):
         return {**super().module_options(opts), "global_projections": opts["global_projections"]}
@@ -329,14 +350,11 @@ class BigBirdConverter(PatternConverter):
     max_positions=None)``."""
 
     name = "bigbird"
-    option_names = ("block_size", "window", "global_blocks", "random_blocks", "seed", "max_positions")
-    defaults: ClassVar[dict[str, Any]] = {"block_size": 64, "window": None, "global_blocks": 2, "random_blocks": 3,
-                                          "seed": 0, "max_positions": None}
-    config_cls, pattern_cls = BigBirdConfig, BigBird
+    config_cls, module_config_cls, pattern_cls = BigBirdPatch, BigBirdConfig, BigBird
     bidirectional_only = True
 
-    def options(self, adapter, options):
-        opts = super().options(adapter, options)
+    def check(self, adapter, config, opts):
+        opts = super().check(adapter, config, opts)
         opts["window"] = self.pattern(opts, causal=False).window  # None -> block_size
         return opts
 

@@ -14,6 +14,7 @@ from ..kv import element_size
 from .adapters import Adapter, adapter_for
 from .converters import get_converter
 from ..record import get_record, set_record
+from .config import PatchConfig
 from .report import PatchReport
 from .sites import Site, find_sites
 
@@ -75,15 +76,19 @@ def _model_dtype(model) -> torch.dtype:
     return p.dtype if p is not None else torch.float32
 
 
-def patch(model, name: str, *, layers: Iterable[int] | int | None = None,
+def patch(model, name: str | PatchConfig, *, layers: Iterable[int] | int | None = None,
           filter_fn: Callable[[nn.Module, str], bool] | None = None, **options: Any) -> PatchReport:
     """Swap or convert the attention of a Hugging Face ``model`` in place.
+
+    ``patch(model, attnzoo.GQA(groups=8))`` and ``patch(model, "gqa", groups=8)`` are the same call: the
+    string and its options build the typed config (:mod:`attnzoo.patches.config`).
 
     Args:
         model: a ``transformers`` model of a supported architecture
             (``attnzoo.patches.supported_model_types()``).
-        name: the variant: ``"gqa"`` (needs ``groups``), ``"mqa"``, ``"mha"``; the sparse patterns
-            ``"sliding_window"`` (needs ``window``), ``"longformer"``, ``"bigbird"`` (docs/surgery.md §4).
+        name: a typed config, or the variant's name with its options as keywords: ``"gqa"`` (needs
+            ``groups``), ``"mqa"``, ``"mha"``; the sparse patterns ``"sliding_window"``, ``"longformer"``,
+            ``"bigbird"`` (docs/surgery.md §4); ``attnzoo list`` shows every option and default.
         layers: only these layer indices (per tower for models with several).
         filter_fn: ``filter_fn(module, fqn) -> bool`` picks attention modules (like torchao's
             ``quantize_``); combined with ``layers`` by AND.
@@ -108,9 +113,16 @@ def patch(model, name: str, *, layers: Iterable[int] | int | None = None,
         what = previous.variant if isinstance(previous, PatchReport) else previous.get("variant")
         raise AttnzooError(f"{type(model).__name__} is already patched ({what!r}); patching twice is not "
                            "supported: start again from the original model")
+    if isinstance(name, PatchConfig):
+        if options:
+            raise TypeError(f"patch(model, {type(name).__name__}(...), {', '.join(options)}=...): pass the options "
+                            "in the config or as keywords with the variant's name, not both")
+        config, name = name, name.variant
+    else:
+        config = options
     converter = get_converter(name)
     adapter, sites = attention_sites(model)
-    opts = converter.options(adapter, options)
+    opts = converter.options(adapter, config)
     selected = _select(sites, layers, filter_fn)
     if not selected:
         raise NoMatchingModuleError(f"patch(model, {name!r}): no attention module matched (layers={layers!r}, "

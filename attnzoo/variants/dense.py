@@ -15,41 +15,36 @@ from torch import nn
 
 from ..errors import check_positive_int, check_type
 from ..kv import KVLayout
+from ..options import REQUIRED, option
 from ..ops import apply_rope, attention, inv_frequencies, rope_cos_sin
 from ..registry import register
 from .cache import Cache, KVCache
 from .config import RopeConfig, VariantConfig
 
-__all__ = ["DenseConfig", "MHAConfig", "GQAConfig", "MQAConfig", "DenseAttention"]
+__all__ = ["KVHeadsOptions", "MHAOptions", "GQAOptions", "MQAOptions", "DenseConfig", "MHAConfig", "GQAConfig", "MQAConfig", "DenseAttention"]
 
 
-@dataclass(frozen=True)
-class DenseConfig(VariantConfig):
-    """Options of the dense family.
+@dataclass(frozen=True, kw_only=True)
+class KVHeadsOptions:
+    """The dense family's own option, shared by the module configs and the patch configs (``attnzoo.GQA``)."""
 
-    Args:
-        dim: model width (input and output of the module).
-        heads: query heads.
-        groups: KV heads; must divide ``heads`` (None: ``heads``, i.e. MHA).
-        head_dim: per-head width (None: ``dim // heads``, which must then divide evenly).
-        bias: biases on ``q_proj``, ``k_proj``, ``v_proj``.
-        out_bias: bias on ``o_proj`` (None: same as ``bias``).
-        causal: causal self-attention.
-        rope: rotary embeddings on queries and keys: False, True, a dict or a :class:`RopeConfig`.
-        dropout: attention-probability dropout in training.
-        context_dim: width of the ``context`` tensor for cross-attention (None: ``dim``).
-    """
+    groups: int | None = option(None, help="KV heads: a divisor of the query heads (None: one per query head)")
 
-    dim: int
-    heads: int
-    groups: int | None = None
-    head_dim: int | None = None
-    bias: bool = False
-    out_bias: bool | None = None
-    causal: bool = False
-    rope: bool | dict | RopeConfig | None = False
-    dropout: float = 0.0
-    context_dim: int | None = None
+
+@dataclass(frozen=True, kw_only=True)
+class DenseConfig(KVHeadsOptions, VariantConfig):
+    """Options of the dense family (see each field's help; ``attnzoo list --json`` prints them)."""
+
+    dim: int = option(REQUIRED, help="model width (input and output of the module)")
+    heads: int = option(REQUIRED, help="query heads")
+    head_dim: int | None = option(None, help="per-head width (None: dim // heads, which must divide evenly)")
+    bias: bool = option(False, help="biases on q_proj, k_proj, v_proj")
+    out_bias: bool | None = option(None, help="bias on o_proj (None: same as bias)")
+    causal: bool = option(False, help="causal self-attention")
+    rope: bool | dict | RopeConfig | None = option(False, help="rotary embeddings on queries and keys: False, True, "
+                                                               "a dict or a RopeConfig")
+    dropout: float = option(0.0, help="attention-probability dropout in training")
+    context_dim: int | None = option(None, help="width of the context tensor for cross-attention (None: dim)")
 
     def validate(self):
         check_positive_int("dim", self.dim)
@@ -90,38 +85,68 @@ class DenseConfig(VariantConfig):
         return KVLayout(kv_heads=self.kv_heads, head_dim=self.head_dim_)
 
 
-@dataclass(frozen=True)
-class MHAConfig(DenseConfig):
+@dataclass(frozen=True, kw_only=True)
+class MHAOptions(KVHeadsOptions):
+    """``mha``: one KV head per query head."""
+
+    def kv_heads_for(self, heads: int | None) -> int | None:
+        """The KV heads this variant leaves a layer of ``heads`` query heads (None: not known yet); the one
+        place the variant's rule on ``groups`` is written, for the module config, the patch config and the
+        converter alike."""
+        if self.groups is not None and heads is not None and self.groups != heads:
+            raise ValueError(f"groups={self.groups}: mha has one KV head per query head, so groups must equal "
+                             f"heads={heads} (or be omitted); use 'gqa' (1 < groups < heads) or 'mqa' (groups=1)")
+        return heads
+
+
+@dataclass(frozen=True, kw_only=True)
+class GQAOptions(KVHeadsOptions):
+    """``gqa``: ``groups`` KV heads shared by ``heads // groups`` query heads each (required)."""
+
+    def kv_heads_for(self, heads: int | None) -> int | None:
+        if self.groups is None:
+            raise ValueError("gqa needs groups (the number of KV heads to keep, a divisor of the query heads), "
+                             "e.g. groups=8")
+        return self.groups
+
+
+@dataclass(frozen=True, kw_only=True)
+class MQAOptions(KVHeadsOptions):
+    """``mqa``: a single KV head (``groups`` must be None or 1)."""
+
+    groups: int | None = option(1, help="KV heads: 1 (mqa keeps one)")
+
+    def kv_heads_for(self, heads: int | None) -> int | None:
+        if self.groups not in (None, 1):
+            raise ValueError(f"groups={self.groups}: mqa keeps one KV head, so groups must be 1 (or omitted); "
+                             f"use 'gqa' for {self.groups} KV heads")
+        return 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MHAConfig(MHAOptions, DenseConfig):
     """``mha``: one KV head per query head (``groups`` must be None or equal ``heads``)."""
 
     def validate(self):
-        if self.groups is not None and self.groups != self.heads:
-            raise ValueError(f"groups={self.groups}: mha has one KV head per query head, so groups must equal "
-                             f"heads={self.heads}; use 'gqa' (1 < groups < heads) or 'mqa' (groups=1)")
+        self.kv_heads_for(self.heads)
         super().validate()
 
 
-@dataclass(frozen=True)
-class GQAConfig(DenseConfig):
+@dataclass(frozen=True, kw_only=True)
+class GQAConfig(GQAOptions, DenseConfig):
     """``gqa``: ``groups`` KV heads shared by ``heads // groups`` query heads each (required)."""
 
     def validate(self):
-        if self.groups is None:
-            raise ValueError("gqa needs groups (the number of KV heads, a divisor of heads); "
-                             "e.g. attnzoo.create('gqa', dim=512, heads=8, groups=2)")
+        self.kv_heads_for(self.heads)
         super().validate()
 
 
-@dataclass(frozen=True)
-class MQAConfig(DenseConfig):
+@dataclass(frozen=True, kw_only=True)
+class MQAConfig(MQAOptions, DenseConfig):
     """``mqa``: a single KV head (``groups`` must be None or 1)."""
 
-    groups: int | None = 1
-
     def validate(self):
-        if self.groups not in (None, 1):
-            raise ValueError(f"groups={self.groups}: mqa has one KV head, so groups must be 1; "
-                             f"use 'gqa' for {self.groups} KV heads")
+        self.kv_heads_for(self.heads)
         super().validate()
 
 

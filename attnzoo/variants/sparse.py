@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import check_type
+from ..options import option
 from ..ops import attention, sparse_attention
 from ..ops.sparse import BigBird, Fixed, Longformer, Pattern, SlidingWindow, Strided, compile_layout
 from ..registry import register
@@ -29,11 +30,11 @@ from .cache import Cache, KVCache
 from .dense import DenseAttention, DenseConfig
 from .rolling_cache import RollingKVCache
 
-__all__ = ["SparseConfig", "SlidingWindowConfig", "LongformerConfig", "BigBirdConfig", "SparseStridedConfig",
+__all__ = ["SlidingWindowOptions", "LongformerOptions", "BigBirdOptions", "SparseConfig", "SlidingWindowConfig", "LongformerConfig", "BigBirdConfig", "SparseStridedConfig",
            "SparseFixedConfig", "SparseAttention"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SparseConfig(DenseConfig):
     """Dense options (``dim``, ``heads``, ``groups``, ``causal``, ``rope``, ...) plus a pattern's options."""
 
@@ -51,11 +52,20 @@ class SparseConfig(DenseConfig):
         return self.pattern_cls(causal=self.causal, **{k: getattr(self, k) for k in self.pattern_options})
 
 
-@dataclass(frozen=True)
-class SlidingWindowConfig(SparseConfig):
+_WINDOW_HELP = "keys on each side of a query, its own position not counted (causal: keys i-window .. i)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlidingWindowOptions:
+    """``sliding_window``'s own options (the module config and ``attnzoo.SlidingWindow`` share them)."""
+
+    window: int = option(256, help=_WINDOW_HELP)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlidingWindowConfig(SlidingWindowOptions, SparseConfig):
     """``sliding_window``: ``window`` keys on each side (causal: the ``window`` previous keys and itself)."""
 
-    window: int = 256
     pattern_cls = SlidingWindow
     pattern_options = ("window",)
 
@@ -65,8 +75,28 @@ class SlidingWindowConfig(SparseConfig):
         return layout.with_window(self.window) if self.causal else layout
 
 
-@dataclass(frozen=True)
-class LongformerConfig(SparseConfig):
+def _global_tokens(text: str):
+    """``--global-tokens 1`` (the first token) or ``--global-tokens 0,511`` (positions)."""
+    try:
+        return int(text) if "," not in text else [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"--global-tokens {text!r}: expected a count (e.g. 1) or comma-separated positions "
+                         "(e.g. 0,511)") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LongformerOptions:
+    """``longformer``'s own options."""
+
+    window: int = option(256, help=_WINDOW_HELP)
+    global_tokens: int | tuple[int, ...] = option(1, help="global tokens: the first N, or a list of positions",
+                                                  parse=_global_tokens, metavar="N|P,P,...")
+    global_projections: bool = option(False, help="separate q/k/v projections for the global tokens, initialised "
+                                                  "as copies")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LongformerConfig(LongformerOptions, SparseConfig):
     """``longformer``: a sliding ``window`` plus ``global_tokens`` (an int: the first N tokens; or positions).
 
     ``global_projections=True`` gives the global tokens their own ``q_global_proj``,
@@ -75,9 +105,6 @@ class LongformerConfig(SparseConfig):
     from them; every other query reads the global tokens through the ordinary projections.
     """
 
-    window: int = 256
-    global_tokens: int | tuple[int, ...] = 1
-    global_projections: bool = False
     pattern_cls = Longformer
     pattern_options = ("window", "global_tokens")
 
@@ -87,17 +114,23 @@ class LongformerConfig(SparseConfig):
         object.__setattr__(self, "global_tokens", self.pattern().global_tokens)  # lists -> tuples (hashable)
 
 
-@dataclass(frozen=True)
-class BigBirdConfig(SparseConfig):
+@dataclass(frozen=True, kw_only=True)
+class BigBirdOptions:
+    """``bigbird``'s own options."""
+
+    block_size: int = option(64, help="tokens per block")
+    window: int | None = option(None, help="keys on each side in whole blocks (None: block_size, 3 blocks)")
+    global_blocks: int = option(2, help="global blocks")
+    random_blocks: int = option(3, help="random key blocks per query block")
+    seed: int = option(0, help="seed of the random blocks (the same in training and evaluation)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BigBirdConfig(BigBirdOptions, SparseConfig):
     """``bigbird``: blocks of ``block_size``; a ``window`` of whole blocks (default ``block_size``: 3 blocks),
     ``global_blocks`` global blocks and ``random_blocks`` random key blocks per query block, drawn from
     ``seed`` (the same in training and evaluation)."""
 
-    block_size: int = 64
-    window: int | None = None
-    global_blocks: int = 2
-    random_blocks: int = 3
-    seed: int = 0
     pattern_cls = BigBird
     pattern_options = ("block_size", "window", "global_blocks", "random_blocks", "seed")
 
@@ -106,21 +139,21 @@ class BigBirdConfig(SparseConfig):
         object.__setattr__(self, "window", self.pattern().window)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SparseStridedConfig(SparseConfig):
     """``sparse_strided``: the previous ``stride`` positions and every ``stride``-th one (Sparse Transformer)."""
 
-    stride: int = 128
+    stride: int = option(128, help="the previous stride positions and every stride-th one")
     pattern_cls = Strided
     pattern_options = ("stride",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SparseFixedConfig(SparseConfig):
     """``sparse_fixed``: the query's block of ``stride`` positions and the last ``summary`` of every block."""
 
-    stride: int = 128
-    summary: int = 8
+    stride: int = option(128, help="block length")
+    summary: int = option(8, help="the last positions of every block that every later query sees")
     pattern_cls = Fixed
     pattern_options = ("stride", "summary")
 
