@@ -29,47 +29,58 @@ HELP = "convert a checkpoint's attention (MHA -> GQA/MQA, sliding window, Longfo
 
 
 def add_arguments(p):
-    from ..conversion.methods import METHODS
+    from ..patches.checkpoint import targets
 
     p.add_argument("src", metavar="SRC", help="source checkpoint directory (read only)")
     p.add_argument("dst", metavar="DST", help="output directory (must not exist unless --force)")
-    p.add_argument("--to", required=True, metavar="VARIANT",
-                   help="gqa, mqa, mha, sliding_window, longformer or bigbird")
-    p.add_argument("--groups", type=int, default=None, help="KV heads to keep (gqa)")
-    p.add_argument("--method", default=None,
-                   help="initialisation of the merged heads (gqa/mqa, default mean): "
-                        + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
-    s = p.add_argument_group("sparse patterns (--to sliding_window, longformer, bigbird)")
-    s.add_argument("--window", type=int, default=None,
-                   help="keys on each side of a query, its own not counted (causal: i-window .. i)")
-    s.add_argument("--global-tokens", type=_global_tokens, default=None, metavar="N|P,P,...",
-                   help="longformer: the first N tokens are global (default 1), or a comma list of positions")
-    s.add_argument("--global-projections", action="store_true",
-                   help="longformer: separate q/k/v projections for global tokens, initialised as copies")
-    s.add_argument("--max-positions", type=int, default=None,
-                   help="longformer/bigbird: extend the learned position table to this many tokens by copying")
-    s.add_argument("--block-size", type=int, default=None, help="bigbird: tokens per block (default 64)")
-    s.add_argument("--global-blocks", type=int, default=None, help="bigbird: global blocks (default 2)")
-    s.add_argument("--random-blocks", type=int, default=None, help="bigbird: random key blocks per query block "
-                                                                  "(default 3)")
-    s.add_argument("--seed", type=int, default=None, help="bigbird: seed of the random blocks (default 0)")
+    p.add_argument("--to", required=True, metavar="VARIANT", help=", ".join(targets()))
+    g = p.add_argument_group("variant options (from each variant's typed config; attnzoo list --json shows them)")
+    for specs, variants in _flags():
+        spec = specs[0]
+        text = f"{', '.join(variants)}: {spec.help}" + "".join(
+            f"; {v}: {s.help}" for s, v in zip(specs[1:], variants[1:]) if s.help != spec.help) + _defaults(specs,
+                                                                                                          variants)
+        if spec.type == "bool":
+            g.add_argument(spec.flag, dest=spec.name, action="store_true", default=None, help=text)
+        else:
+            g.add_argument(spec.flag, dest=spec.name, type=_parser(spec), default=None, metavar=spec.metavar,
+                           help=text)
     p.add_argument("--dtype", default="auto", help="output dtype: auto (as stored), float32, float16, bfloat16")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the savings; write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _global_tokens(text: str):
-    """``--global-tokens 1`` (the first token) or ``--global-tokens 0,511`` (positions)."""
-    try:
-        return int(text) if "," not in text else [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise ValueError(f"--global-tokens {text!r}: expected a count (e.g. 1) or comma-separated positions "
-                         "(e.g. 0,511)") from None
+def _flags():
+    """Every option of every convertible variant once (in the order the converters were registered), with each
+    variant's declaration of it: ``[(specs, variants)]``."""
+    from ..options import option_specs
+    from ..patches.converters import CONVERTERS
+
+    seen: dict[str, tuple[list, list]] = {}
+    for name, converter in CONVERTERS.items():
+        for spec in option_specs(converter.config_cls):
+            specs, variants = seen.setdefault(spec.name, ([], []))
+            specs.append(spec)
+            variants.append(name)
+    return list(seen.values())
 
 
-OPTIONS = ("groups", "method", "window", "global_tokens", "global_projections", "max_positions", "block_size",
-           "global_blocks", "random_blocks", "seed")
+def _defaults(specs, variants: list[str]) -> str:
+    found: dict[str, list[str]] = {}
+    for spec, v in zip(specs, variants):
+        found.setdefault("required" if spec.required else repr(spec.default), []).append(v)
+    if len(found) == 1:
+        (d, _), = found.items()
+        return f" (default: {d})" if d != "None" else ""
+    return " (default: " + "; ".join(f"{d} for {', '.join(vs)}" for d, vs in found.items()) + ")"
+
+
+def _parser(spec):
+    if spec.parse is not None:
+        return spec.parse
+    base = spec.type.split("|")[0].strip()
+    return {"int": int, "float": float, "str": str}.get(base, str)
 
 
 def _flag(name: str) -> str:
@@ -83,10 +94,11 @@ def run(args) -> int:
     from ..table import format_table
 
     converter = get_converter(args.to)
-    options = {k: getattr(args, k) for k in OPTIONS if getattr(args, k) is not None and getattr(args, k) is not False}
+    names = [specs[0].name for specs, _ in _flags()]
+    options = {k: getattr(args, k) for k in names if getattr(args, k) is not None and getattr(args, k) is not False}
     for k in options:
         if k not in converter.option_names:
-            valid = ", ".join(_flag(o) for o in converter.option_names if o in OPTIONS)
+            valid = ", ".join(_flag(o) for o in converter.option_names)
             raise ValueError(f"{_flag(k)} does not apply to --to {args.to}; its options: {valid or 'none'}")
     r = convert_checkpoint(args.src, args.dst, args.to, options, dtype=args.dtype, force=args.force,
                            dry_run=args.dry_run, progress=not args.no_progress)
