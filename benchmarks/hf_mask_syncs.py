@@ -2,14 +2,14 @@
 
 A 16-layer llama (hidden 256, bf16, random weights) patched with ``sliding_window`` (window 128) generates 64
 tokens after a 256-token prompt (batch 2, one left-padded); ``torch.cuda.set_sync_debug_mode("warn")`` counts the
-host syncs of one run; the timings are medians of five. "no memo" swaps :func:`attnzoo.patches.mask_memo.memoized`
+host syncs of one run; the timings are medians of five. "no memo" swaps :func:`attnzoo.patches.hf.mask_memo.memoized`
 for a plain call, as before the memo. GPU only: ``python benchmarks/hf_mask_syncs.py``.
 """
 import os, sys, time, warnings
 sys.path.insert(0, os.getcwd())
 import torch, transformers as tf
 import attnzoo
-from attnzoo.patches import mask_memo, pattern_call, wrapper
+from attnzoo.patches.hf import mask_memo, pattern_call, wrapper
 torch.manual_seed(0)
 cfg = tf.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=16, num_attention_heads=8,
                      num_key_value_heads=4, max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0)

@@ -1,4 +1,4 @@
-"""attnzoo.patches.mask_memo: Hugging Face's mask is read once per forward, not once per layer."""
+"""attnzoo.patches.hf.mask_memo: Hugging Face's mask is read once per forward, not once per layer."""
 import gc
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 from hf_tiny import TINY, run
 
 import attnzoo
-from attnzoo.patches import mask_memo, pattern_call, wrapper
+from attnzoo.patches.hf import mask_memo, pattern_call, wrapper
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from hf_tiny import TINY, run
 import attnzoo
 from attnzoo.errors import AttnzooError, NoMatchingModuleError, UnknownVariantError, UnsupportedArchitectureError
 from attnzoo.patches import HFDenseAttention, attention_sites
-from attnzoo.patches.converters import CONVERTERS, DenseConverter
+from attnzoo.patches.kv_heads import DenseConverter
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -155,14 +155,15 @@ def test_a_new_converter_plugs_in_without_touching_the_walker():
         def plan(self, site, opts):
             return {**super().plan(site, {**opts, "groups": site.heads}), "note": "custom"}
 
-    CONVERTERS["twice_test"] = Twice(TwiceConfig)
+    attnzoo.register("twice_test", attnzoo.variants.MHAConfig, converter=Twice(TwiceConfig))(
+        attnzoo.variants.DenseAttention)
     try:
         model, _ = TINY["gpt2"].make()
         report = attnzoo.patch(model, "twice_test")
         assert report.variant == "twice_test"
         assert all(p["note"] == "custom" for p in model.config.attnzoo["modules"].values())
     finally:
-        del CONVERTERS["twice_test"]
+        del attnzoo.registry._REGISTRY["twice_test"]
 
 
 def test_report_and_kv_cache_bytes_numbers():

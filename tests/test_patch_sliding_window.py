@@ -10,7 +10,8 @@ from hf_tiny import TINY, VOCAB, run
 
 import attnzoo
 from attnzoo.ops.sparse import SlidingWindow
-from attnzoo.patches import HFSparseAttention, attention_sites, pattern_call
+from attnzoo.patches import HFSparseAttention, attention_sites
+from attnzoo.patches.hf import pattern_call
 
 DECODERS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "phi3", "gpt_neox", "gpt2"]
 NATIVE = ["mistral", "qwen2", "qwen3", "gemma2", "phi3"]  # transformers has the window itself

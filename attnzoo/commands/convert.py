@@ -36,10 +36,10 @@ def add_arguments(p):
     p.add_argument("--to", required=True, metavar="VARIANT", help=", ".join(targets()))
     g = p.add_argument_group("variant options (from each variant's typed config; attnzoo list --json shows them)")
     for specs, variants in _flags():
-        spec = specs[0]
+        helps = [s.help for s in specs]
+        spec = specs[max(range(len(specs)), key=lambda i: helps.count(helps[i]))]  # the most common wording
         text = f"{', '.join(variants)}: {spec.help}" + "".join(
-            f"; {v}: {s.help}" for s, v in zip(specs[1:], variants[1:]) if s.help != spec.help) + _defaults(specs,
-                                                                                                          variants)
+            f"; {v}: {s.help}" for s, v in zip(specs, variants) if s.help != spec.help) + _defaults(specs, variants)
         if spec.type == "bool":
             g.add_argument(spec.flag, dest=spec.name, action="store_true", default=None, help=text)
         else:
@@ -52,13 +52,13 @@ def add_arguments(p):
 
 
 def _flags():
-    """Every option of every convertible variant once (in the order the converters were registered), with each
+    """Every option of every convertible variant once (variants by name), with each
     variant's declaration of it: ``[(specs, variants)]``."""
     from ..options import option_specs
-    from ..patches.converters import CONVERTERS
+    from ..patches.converters import converters
 
     seen: dict[str, tuple[list, list]] = {}
-    for name, converter in CONVERTERS.items():
+    for name, converter in converters().items():
         for spec in option_specs(converter.config_cls):
             specs, variants = seen.setdefault(spec.name, ([], []))
             specs.append(spec)

@@ -33,7 +33,7 @@ from ..conversion.streaming import run_stream_with_bar
 from ..errors import check_choice
 from ..kv import kv_layouts
 from .adapters import adapter_for
-from .converters import CONVERTERS, get_converter
+from .converters import converters, get_converter
 from ..record import get_record
 
 __all__ = ["convert_checkpoint", "parse_dtype", "targets"]
@@ -43,7 +43,7 @@ _DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 def targets() -> list[str]:
     """The variants ``attnzoo convert --to`` takes (every registered converter)."""
-    return sorted(CONVERTERS)
+    return sorted(converters())
 
 
 def parse_dtype(name) -> torch.dtype | None:

@@ -19,59 +19,56 @@ model, unless ``stream(...)`` returns a :class:`StreamJob`: a conversion of the 
 shard, without building the model. ``summary``, ``exact``, ``after_save``, ``native_field`` and
 ``lossy_note`` describe the result (the table at the end of ``attnzoo convert``, the model card).
 
-A later variant is one more subclass registered with :func:`register_converter`; the walker
-does not change. The sparse patterns (``sliding_window``, ``longformer``, ``bigbird``) are in
-:mod:`attnzoo.patches.pattern_converters`.
+A variant's converter is named by its registry entry (``attnzoo.register(..., converter=...)``); each method
+keeps its converter and typed config in its own folder (``kv_heads/``, ``sliding_window/``, ``longformer/``,
+``bigbird/``). The walker does not change when one is added.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from ..conversion.heads import AttnWeights, check_groups
-from ..conversion.methods import METHODS, check_method, convert_kv_heads
-from ..conversion.streaming import StreamPlan, StreamSpec, plan_stream
-from ..kv import KVLayout, attention_sizes
-from ..errors import UnknownVariantError, UnsupportedArchitectureError, check_choice, check_positive_int, suggest
+from .. import registry
+from ..conversion.heads import AttnWeights
+from ..conversion.streaming import StreamPlan, StreamSpec
+from ..errors import UnknownVariantError, UnsupportedArchitectureError, suggest
+from ..kv import KVLayout
 from ..variants.config import RopeConfig
-from ..options import option
-from ..variants.dense import DenseConfig, GQAOptions, KVHeadsOptions, MHAOptions, MQAOptions
+from ..variants.dense import DenseConfig
 from .adapters import Adapter, rope_spec_of, rope_theta_of
 from .config import PatchConfig
-from .kernel import use_attnzoo_kernel
-from .sites import Site, get_submodule, set_linear
-from .wrapper import HFDenseAttention
+from .hf import HFDenseAttention
+from .sites import Site
 
-__all__ = ["GQA", "MQA", "MHA", "Converter", "StreamJob", "DenseConverter", "CONVERTERS", "register_converter", "get_converter",
-           "build_wrapper", "stream_spec"]
-
-CONVERTERS: dict[str, Converter] = {}
+__all__ = ["Converter", "StreamJob", "converters", "get_converter", "build_wrapper", "stream_spec"]
 
 
-def register_converter(converter: Converter) -> Converter:
-    if converter.name in CONVERTERS:
-        raise ValueError(f"a converter for {converter.name!r} is already registered")
-    CONVERTERS[converter.name] = converter
-    return converter
+def converters() -> dict[str, Converter]:
+    """Every registered variant that ``patch``/``attnzoo convert`` can put into a model, with its converter
+    (the registry's entries; built-in and plugins), by name."""
+    return {e.name: e.converter for e in registry.entries() if e.converter_ref is not None}
 
 
 def get_converter(name: str) -> Converter:
+    """The converter of variant ``name`` (from its registry entry)."""
     if not isinstance(name, str):
         raise TypeError(f"name={name!r}: expected a variant name (str) such as 'gqa'")
-    if name not in CONVERTERS:
-        from ..registry import list_variants
-
-        known = list_variants()
-        if name in known:
-            raise UnsupportedArchitectureError(
-                f"variant {name!r} is registered but patch() has no converter for it yet; "
-                f"patch() converts to: {', '.join(sorted(CONVERTERS))}")
-        raise UnknownVariantError(f"unknown variant {name!r}.{suggest(name, sorted(CONVERTERS))} "
-                                  f"patch() converts to: {', '.join(sorted(CONVERTERS))}")
-    return CONVERTERS[name]
+    try:
+        entry = registry.get(name)
+    except UnknownVariantError:
+        known = sorted(converters())
+        raise UnknownVariantError(f"unknown variant {name!r}.{suggest(name, known)} "
+                                  f"patch() converts to: {', '.join(known)}") from None
+    conv = entry.converter
+    if conv is None:
+        raise UnsupportedArchitectureError(
+            f"variant {name!r} is registered but has no converter: patch() cannot put it into a Hugging Face model; "
+            f"patch() converts to: {', '.join(sorted(converters()))}")
+    if conv.name != name:
+        raise ValueError(f"the registry entry {name!r} names a converter for {conv.name!r}")
+    return conv
 
 
 @dataclass
@@ -167,7 +164,7 @@ def stream_spec(adapter: Adapter, config: dict) -> StreamSpec:
                       qkv=adapter.qkv, tied_embeddings=tied)
 
 
-# ---------------------------------------------------------------------------- dense family
+# ---------------------------------------------------------------------------- shared by the methods
 def _attn_dropout(adapter: Adapter, config) -> float:
     for name in adapter.attn_dropout:
         p = getattr(config, name, None)
@@ -199,169 +196,3 @@ def build_wrapper(site: Site, w: AttnWeights, kv_heads: int, config_cls=DenseCon
             sub.to(dtype=dtype)
     new.train(old.training)
     return new
-
-
-@dataclass(frozen=True, kw_only=True)
-class KVHeadsPatch(KVHeadsOptions, PatchConfig):
-    """Options of ``patch(model, "gqa" | "mqa" | "mha", ...)`` (``attnzoo.GQA``, ``attnzoo.MQA``, ``attnzoo.MHA``)."""
-
-    method: str = option("mean", help="how the merged K/V heads are initialised: "
-                         + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
-    kernel: str | None = option(None, help="native architectures: 'attnzoo' (attnzoo's fused kernels) or 'hf' "
-                                           "(transformers' attention); None: attnzoo where it can serve the model")
-
-    def validate(self):
-        check_positive_int("groups", self.groups, allow_none=True)
-        check_method(self.method)
-        if self.kernel is not None:
-            check_choice("kernel", self.kernel, ("attnzoo", "hf"))
-        self.kv_heads_for(None)  # the variant's rule on groups, as far as it needs no model
-
-
-@dataclass(frozen=True, kw_only=True)
-class MHA(MHAOptions, KVHeadsPatch):
-    """``attnzoo.MHA()``: one KV head per query head (expands grouped heads by copying; exact)."""
-
-    variant: ClassVar[str] = "mha"
-
-
-@dataclass(frozen=True, kw_only=True)
-class GQA(GQAOptions, KVHeadsPatch):
-    """``attnzoo.GQA(groups=8)``: ``groups`` KV heads per layer."""
-
-    variant: ClassVar[str] = "gqa"
-
-
-@dataclass(frozen=True, kw_only=True)
-class MQA(MQAOptions, KVHeadsPatch):
-    """``attnzoo.MQA()``: one KV head per layer."""
-
-    variant: ClassVar[str] = "mqa"
-
-
-class DenseConverter(Converter):
-    """``mha`` / ``gqa`` / ``mqa``: leave ``groups`` KV heads per layer.
-
-    Native checkpoints are converted by streaming (only the K/V projections and, for some methods, Q and O are
-    rewritten; ``num_key_value_heads`` in config.json).
-
-    Native architectures keep their HF modules (k/v projections resized, ``num_key_value_heads``
-    updated) and get attnzoo's kernel through ``transformers``' attention interface; the others
-    get :class:`~attnzoo.patches.wrapper.HFDenseAttention` modules.
-    """
-
-    native_field = "`num_key_value_heads`"
-    lossy_note = ("expect some quality loss until the model is uptrained (a few percent of the original "
-                  "pre-training compute in the GQA paper).")
-
-    def __init__(self, config_cls: type[KVHeadsPatch]):
-        self.name, self.config_cls = config_cls.variant, config_cls
-
-    def check(self, adapter, config, opts):
-        if opts["kernel"] == "hf" and not adapter.native:
-            raise ValueError(f"kernel='hf' keeps Hugging Face's attention, which only exists where the model "
-                             f"keeps its own modules ({adapter.name} modules are replaced by attnzoo's); "
-                             "omit kernel or pass kernel='attnzoo'")
-        if self.name == "mqa":
-            opts["groups"] = 1
-        return opts
-
-    def target(self, adapter: Adapter, config, opts: dict, heads: int, kv: int, where: str) -> int:
-        """The KV heads a layer of ``heads`` query and ``kv`` KV heads gets; every check of a site (live or in a
-        checkpoint's config) is here."""
-        why = adapter.unsupported(config)
-        if why:
-            raise UnsupportedArchitectureError(f"{where}: attnzoo cannot reproduce this {adapter.name} attention: "
-                                               f"{why}")
-        target = self.config_cls(groups=opts["groups"]).kv_heads_for(heads)
-        check_groups(target, heads, kv, where)
-        method = check_method(opts["method"])
-        if target < kv and method.linear_keys:
-            why = adapter.linear_keys(config)
-            if why:
-                raise ValueError(f"method={method.name!r} folds a per-head correction into the queries, which needs "
-                                 f"keys that reach the scores linearly, but {why}; use method='mean'")
-        return target
-
-    def plan(self, site, opts):
-        heads, kv, hd = site.heads, site.kv_heads, site.head_dim
-        target = self.target(site.adapter, site.config, opts, heads, kv, site.fqn)
-        return {"layer": site.layer, "heads": heads, "head_dim": hd, "kv_heads_before": kv, "kv_heads": target,
-                "mode": "native" if site.adapter.native else "swap"}
-
-    def stream(self, source, config, adapter, opts, dtype):
-        if not adapter.native:
-            return None
-        spec = stream_spec(adapter, source.config)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        target = self.target(adapter, text, opts, spec.heads, spec.kv_heads, str(source.path))
-        plan = plan_stream(source, spec, target, opts["method"], dtype)
-        out = copy.deepcopy(config)
-        (out.get_text_config() if hasattr(out, "get_text_config") else out).num_key_value_heads = target
-        return StreamJob(self, opts, plan, out)
-
-    def summary(self, opts, config, layouts_before, layouts_after):
-        heads = attention_sizes(config)["heads"]
-        before = ", ".join(map(str, sorted({lay.kv_heads for lay in layouts_before})))
-        after = ", ".join(map(str, sorted({lay.kv_heads for lay in layouts_after})))
-        return (f"{self.name}: {heads} query heads, KV heads {before} -> {after}, "
-                f"method={opts.get('method', 'mean')}")
-
-    def exact(self, opts, layouts_before, layouts_after):
-        return all(a.kv_heads >= b.kv_heads for a, b in zip(layouts_after, layouts_before))
-
-    def is_native(self, adapter, sites, selected, plans, opts):
-        if not adapter.native or len(selected) != len(sites):
-            return False
-        return len({p["kv_heads"] for p in plans.values()}) == 1
-
-    def apply(self, site, plan, opts, native):
-        w = site.read()
-        w2 = convert_kv_heads(w, plan["kv_heads"], opts["method"], site.rope(), where=site.fqn)
-        if site.adapter.native:
-            site.write_native(w2)
-            return
-        new = build_wrapper(site, w, plan["kv_heads"])
-        with torch.no_grad():
-            for name, wt, b in (("q_proj", w2.q, w2.q_bias), ("k_proj", w2.k, w2.k_bias), ("v_proj", w2.v, w2.v_bias)):
-                set_linear(new, name, wt, b)
-            if site.adapter.o_outside:
-                if w2.o is not w.o:
-                    get_submodule(site.root, site.o_path()).weight.copy_(w2.o)
-            else:
-                set_linear(new, "o_proj", w2.o, site.o_bias())
-        parent = get_submodule(site.root, site.parent_path)
-        setattr(parent, site.attr, new)
-
-    def restore(self, site, plan, opts):
-        if site.adapter.native:
-            site.resize_native(plan["kv_heads"])
-            return
-        new = build_wrapper(site, site.read(), plan["kv_heads"])
-        setattr(get_submodule(site.root, site.parent_path), site.attr, new)
-
-    def prepare(self, model, adapter, sites, opts, native):
-        opts = dict(opts)
-        if not adapter.native:
-            opts["kernel"] = "attnzoo"  # the replacement modules are attnzoo's
-            return opts
-        blocked = adapter.kernel_block(sites[0].config)
-        if opts.get("kernel") == "attnzoo" and blocked:
-            raise ValueError(f"kernel='attnzoo' cannot serve this model: {blocked}; use kernel='hf'")
-        if opts.get("kernel") is None:
-            opts["kernel"] = "hf" if blocked else "attnzoo"
-            opts["kernel_note"] = f"kept Hugging Face's attention: {blocked}" if blocked else None
-        return opts
-
-    def finish(self, model, adapter, sites, plans, opts, native):
-        if native:
-            kv = next(iter(plans.values()))["kv_heads"]
-            for cfg in {id(s.config): s.config for s in sites}.values():
-                cfg.num_key_value_heads = kv
-        if adapter.native and opts["kernel"] == "attnzoo":
-            use_attnzoo_kernel(model)
-        return {"kernel": opts["kernel"]}
-
-
-for _cls in (MHA, GQA, MQA):
-    register_converter(DenseConverter(_cls))

@@ -44,7 +44,7 @@ def patched_class(cls, record: dict):
 def _refresh_rope(model) -> None:
     """Recompute attnzoo modules' RoPE frequencies (non-persistent buffers a meta-device build leaves empty)."""
     from ..ops.rope import inv_frequencies
-    from .wrapper import HFDenseAttention
+    from .hf import HFDenseAttention
 
     for m in model.modules():
         if isinstance(m, HFDenseAttention) and m.inv_freq is not None:

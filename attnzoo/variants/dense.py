@@ -153,10 +153,14 @@ class MQAConfig(MQAOptions, DenseConfig):
 _EXAMPLE = {"dim": 64, "heads": 4}
 
 
-@register("mha", MHAConfig, example=_EXAMPLE, description="multi-head attention (one KV head per query head)")
-@register("gqa", GQAConfig, example={**_EXAMPLE, "groups": 2},
+_KV = "attnzoo.patches.kv_heads:"
+
+
+@register("mha", MHAConfig, converter=_KV + "mha", example=_EXAMPLE,
+          description="multi-head attention (one KV head per query head)")
+@register("gqa", GQAConfig, converter=_KV + "gqa", example={**_EXAMPLE, "groups": 2},
           description="grouped-query attention: `groups` KV heads shared across query heads")
-@register("mqa", MQAConfig, example=_EXAMPLE, description="multi-query attention: one KV head")
+@register("mqa", MQAConfig, converter=_KV + "mqa", example=_EXAMPLE, description="multi-query attention: one KV head")
 class DenseAttention(nn.Module):
     """Dense attention with grouped KV heads, optional RoPE, cross-attention and a KV cache.
 

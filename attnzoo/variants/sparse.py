@@ -161,11 +161,11 @@ class SparseFixedConfig(SparseConfig):
 _EX = {"dim": 64, "heads": 4}
 
 
-@register("sliding_window", SlidingWindowConfig, example={**_EX, "window": 3},
+@register("sliding_window", SlidingWindowConfig, converter="attnzoo.patches.sliding_window:sliding_window", example={**_EX, "window": 3},
           description="sliding-window attention: `window` keys on each side (rolling KV cache when causal)")
-@register("longformer", LongformerConfig, example={**_EX, "window": 1, "global_tokens": (0, 3)},
+@register("longformer", LongformerConfig, converter="attnzoo.patches.longformer:longformer", example={**_EX, "window": 1, "global_tokens": (0, 3)},
           description="Longformer: sliding window + global tokens (optionally their own projections)")
-@register("bigbird", BigBirdConfig, example={**_EX, "block_size": 1, "window": 1, "random_blocks": 1},
+@register("bigbird", BigBirdConfig, converter="attnzoo.patches.bigbird:bigbird", example={**_EX, "block_size": 1, "window": 1, "random_blocks": 1},
           description="BigBird: block window + global blocks + seeded random blocks")
 @register("sparse_strided", SparseStridedConfig, example={**_EX, "stride": 3},
           description="Sparse Transformer, strided: previous `stride` positions + every `stride`-th")

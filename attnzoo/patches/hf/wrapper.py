@@ -16,18 +16,18 @@ materialised (fused kernels), so ``attn_weights`` is None.
 
 :class:`HFSparseAttention` runs a sparse pattern (``sliding_window``, ``longformer``,
 ``bigbird``) on :func:`attnzoo.ops.sparse_attention`; Hugging Face's mask becomes the key-padding
-mask (see :mod:`attnzoo.patches.pattern_call`).
+mask (see :mod:`attnzoo.patches.hf.pattern_call`).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..hf_compat import layer_cache
-from ..ops.masks import causal_keep
-from ..variants.cache import Cache
-from ..variants.dense import DenseAttention, DenseConfig
-from ..variants.sparse import SparseAttention, SparseConfig
+from ...hf_compat import layer_cache
+from ...ops.masks import causal_keep
+from ...variants.cache import Cache
+from ...variants.dense import DenseAttention, DenseConfig
+from ...variants.sparse import SparseAttention, SparseConfig
 from .mask_memo import memoized
 from .pattern_call import plan_pattern_call, run_pattern_call
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import attention
-from ..ops.sparse import Pattern, SlidingWindow
+from ...ops import attention
+from ...ops.sparse import Pattern, SlidingWindow
 from .pattern_call import plan_pattern_call, run_pattern_call
 from .wrapper import hf_mask_to_keep
 

@@ -7,7 +7,7 @@ Both ways a pattern reaches a Hugging Face model go through here:
   modules: the pattern comes from ``transformers`` (``sliding_window=S`` on mistral/qwen2/...)
   or from the module (``module.attnzoo_pattern``, set by the patch where ``transformers`` has no
   window);
-* :class:`~attnzoo.patches.wrapper.HFSparseAttention`, which replaces the modules of the
+* :class:`~attnzoo.patches.hf.wrapper.HFSparseAttention`, which replaces the modules of the
   other architectures.
 
 Hugging Face hands the attention a mask it built: nothing, a 2-d padding mask, or a 4-d keep
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops import attention, sparse_attention
-from ..ops.masks import causal_keep
-from ..ops.sparse import BigBird, Dense, Longformer, Pattern, SlidingWindow
+from ...ops import attention, sparse_attention
+from ...ops.masks import causal_keep
+from ...ops.sparse import BigBird, Dense, Longformer, Pattern, SlidingWindow
 from .mask_memo import memoized
 
 __all__ = ["fit_pattern", "pattern_rows", "padding_of", "covers", "PatternCall", "plan_pattern_call",
