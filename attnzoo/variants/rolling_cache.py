@@ -88,6 +88,12 @@ class RollingKVCache(Cache):
             raise ValueError("RollingKVCache is empty: call update() first")
         return self._k[:, :, self._lo:self._hi], self._v[:, :, self._lo:self._hi]
 
+    def layout(self):
+        from ..kv import KVLayout
+
+        k = self._k
+        return KVLayout(window=self.window) if k is None else KVLayout(k.shape[1], k.shape[3], window=self.window)
+
     def nbytes(self) -> int:
         if self._k is None:
             return 0

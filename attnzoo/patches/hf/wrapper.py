@@ -82,6 +82,12 @@ class HFCacheView(Cache):
         layer = self.hf_cache.layers[self.layer_idx]
         return layer.keys, layer.values
 
+    def layout(self):
+        from ...kv import KVLayout
+
+        k, _ = self.get()
+        return KVLayout(kv_heads=k.shape[1], head_dim=k.shape[3])
+
     def nbytes(self) -> int:
         k, v = self.get()
         return k.numel() * k.element_size() + v.numel() * v.element_size()
