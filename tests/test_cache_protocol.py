@@ -55,7 +55,9 @@ def test_state_cache_linear_attention_decoding_and_constant_size():
     as the quadratic form; the state's bytes are the same at 1k and 8k tokens."""
     torch.manual_seed(0)
     b, h, d = 1, 2, 4
-    phi = (lambda x: torch.nn.functional.elu(x) + 1)
+
+    def phi(x):
+        return torch.nn.functional.elu(x) + 1
 
     def run(n):
         q, k, v = (torch.randn(b, h, n, d, dtype=torch.float64) for _ in range(3))
