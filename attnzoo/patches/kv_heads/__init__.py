@@ -83,13 +83,19 @@ class DenseConverter(Converter):
         self.name, self.config_cls = config_cls.variant, config_cls
 
     def check(self, adapter, config, opts):
-        if opts["kernel"] == "hf" and not adapter.native:
+        if opts.get("kernel") == "hf" and not adapter.native:
             raise ValueError(f"kernel='hf' keeps Hugging Face's attention, which only exists where the model "
                              f"keeps its own modules ({adapter.name} modules are replaced by attnzoo's); "
                              "omit kernel or pass kernel='attnzoo'")
         if self.name == "mqa":
             opts["groups"] = 1
+        opts.setdefault("kernel", None)
         return opts
+
+    def kv_heads(self, opts: dict, heads: int, kv: int, where: str) -> int:
+        """The KV heads the options ask of a layer of ``heads`` query and ``kv`` KV heads (the variant's rule;
+        a subclass with another rule overrides this)."""
+        return self.config_cls(groups=opts["groups"]).kv_heads_for(heads)
 
     def target(self, adapter: Adapter, config, opts: dict, heads: int, kv: int, where: str) -> int:
         """The KV heads a layer of ``heads`` query and ``kv`` KV heads gets; every check of a site (live or in a
@@ -98,7 +104,7 @@ class DenseConverter(Converter):
         if why:
             raise UnsupportedArchitectureError(f"{where}: attnzoo cannot reproduce this {adapter.name} attention: "
                                                f"{why}")
-        target = self.config_cls(groups=opts["groups"]).kv_heads_for(heads)
+        target = self.kv_heads(opts, heads, kv, where)
         check_groups(target, heads, kv, where)
         method = check_method(opts["method"])
         if target < kv and method.linear_keys:
