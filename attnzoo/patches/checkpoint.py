@@ -118,16 +118,28 @@ def _dtype_label(dtype, config) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
+def _source_dir(src) -> Path:
+    """SRC as a path; ``"builtin"`` is the packaged model, as for ``eval`` and ``uptrain``."""
+    from ..checkpoint_io import BUILTIN
+
+    if str(src) == BUILTIN:
+        from ..data.model import builtin_model_dir
+
+        return builtin_model_dir()
+    return Path(src)
+
+
 def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method: str | None = None,
                        dtype: str | None = None, force: bool = False, dry_run: bool = False,
                        progress: bool = True, options: dict[str, Any] | None = None) -> ConversionResult:
-    """Convert checkpoint directory ``src`` into ``dst``; see the module docstring.
+    """Convert checkpoint directory ``src`` (or ``"builtin"``, the packaged model) into ``dst``; see the
+    module docstring.
 
     ``groups``/``method`` apply to the KV-head targets, ``options`` (``window``, ``global_tokens``,
     ``global_projections``, ``max_positions``, ``block_size``, ``global_blocks``, ``random_blocks``,
     ``seed``) to the sparse patterns."""
     start = time.time()
-    src, dst = Path(src), Path(dst)
+    src, dst = _source_dir(src), Path(dst)
     check_choice("--to", variant, TARGETS)
     options = check_pattern_options(variant, options or {})
     if variant in PATTERN_TARGETS:
