@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..checkpoint_io import BUILTIN, hf_progress_bars
 from ..conversion.card import model_card
 from ..conversion.heads import check_groups
 from ..conversion.methods import check_method
@@ -120,8 +121,6 @@ def _dtype_label(dtype, config) -> str:
 
 def _source_dir(src) -> Path:
     """SRC as a path; ``"builtin"`` is the packaged model, as for ``eval`` and ``uptrain``."""
-    from ..checkpoint_io import BUILTIN
-
     if str(src) == BUILTIN:
         from ..data.model import builtin_model_dir
 
@@ -157,14 +156,15 @@ def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method
     if get_record(source.config):
         raise ValueError(f"{src} already holds an attnzoo patch ({source.config['attnzoo'].get('variant')!r}); "
                          "convert the original checkpoint instead")
-    if variant in PATTERN_TARGETS:
-        result = convert_pattern(source, dst, adapter, variant, options, torch_dtype,
-                                 _dtype_label(torch_dtype, source.config), force, dry_run, progress)
-    elif adapter.native:
-        result = _convert_streaming(source, dst, adapter, variant, groups, method, torch_dtype, force, dry_run,
-                                    progress)
-    else:
-        result = _convert_in_memory(source, dst, adapter, variant, groups, method, torch_dtype, force, dry_run)
+    with hf_progress_bars(progress):  # progress=False (--no-progress) silences transformers' bars too
+        if variant in PATTERN_TARGETS:
+            result = convert_pattern(source, dst, adapter, variant, options, torch_dtype,
+                                     _dtype_label(torch_dtype, source.config), force, dry_run, progress)
+        elif adapter.native:
+            result = _convert_streaming(source, dst, adapter, variant, groups, method, torch_dtype, force, dry_run,
+                                        progress)
+        else:
+            result = _convert_in_memory(source, dst, adapter, variant, groups, method, torch_dtype, force, dry_run)
     result.seconds = time.time() - start
     return result
 
