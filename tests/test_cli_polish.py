@@ -69,3 +69,25 @@ def test_uptrain_prints_final_ce_and_objective_labelled(tmp_path, capsys):
                     "final training objective (alpha*KL + (1-alpha)*CE)": f"{obj:.4f}"}
     rec = json.loads((tmp_path / "o" / "config.json").read_text())["attnzoo"]["uptrain"][-1]
     assert rec["final_ce"] == pytest.approx(ce, abs=1e-5) and rec["final_loss"] == pytest.approx(obj, abs=1e-5)
+
+
+def test_list_json_is_structured(capsys):
+    from attnzoo import create, list_variants
+
+    assert main(["list", "--json"]) == 0
+    items = json.loads(capsys.readouterr().out)
+    assert [i["name"] for i in items] == list_variants()
+    for item in items:
+        assert set(item) == {"name", "description", "options", "example", "kv_bytes_per_token_example",
+                             "kv_dtype_example"}
+        assert isinstance(item["example"], dict) and isinstance(item["kv_bytes_per_token_example"], int)
+        opts = {o["name"]: o for o in item["options"]}
+        assert {"dim", "heads", "groups", "causal", "rope"} <= set(opts)
+        assert opts["dim"]["required"] and opts["dim"]["type"] == "int" and "width" in opts["dim"]["doc"]
+        assert opts["causal"] == {"name": "causal", "type": "bool", "default": False, "required": False,
+                                  "doc": "causal self-attention."}
+        for o in item["options"]:
+            assert isinstance(o["type"], str) and o["doc"], (item["name"], o)  # every option documented
+        create(item["name"], **item["example"])  # the example round-trips through JSON
+    longformer = next(i for i in items if i["name"] == "longformer")
+    assert longformer["example"]["global_tokens"] == [0, 3]
