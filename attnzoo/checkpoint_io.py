@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 
 __all__ = ["BUILTIN", "resolve_model_dir", "load_causal_lm", "read_metadata", "update_metadata",
-           "check_new_output", "atomic_output_dir", "quiet_hf"]
+           "check_new_output", "atomic_output_dir", "quiet_hf", "hf_progress_bars"]
 
 BUILTIN = "builtin"  # the name that stands for the built-in model wherever a model directory is asked for
 
@@ -53,6 +53,31 @@ def quiet_hf() -> Iterator[None]:
         hf_logging.set_verbosity(level)
         if was:
             hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool = True) -> Iterator[None]:
+    """``enabled=False``: transformers' and huggingface_hub's own progress bars ("Loading weights",
+    "Writing model shards", downloads) are off inside the block, through their public switches, and
+    back as they were after it (what ``--no-progress`` means). ``enabled=True`` changes nothing."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_was, hub_was = hf_logging.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()  # also turns off huggingface_hub's
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hf_was:
+            hf_logging.enable_progress_bar()  # also turns on huggingface_hub's ...
+        if hub_was:
+            enable_progress_bars()
+        elif hf_was:
+            disable_progress_bars()  # ... which were off before
 
 
 def load_causal_lm(value: str | os.PathLike, option: str = "--model", dtype: torch.dtype | None = None):

@@ -31,7 +31,8 @@ HELP = "convert a checkpoint's attention (MHA -> GQA/MQA, sliding window, Longfo
 def add_arguments(p):
     from ..conversion.methods import METHODS
 
-    p.add_argument("src", metavar="SRC", help="source checkpoint directory (read only)")
+    p.add_argument("src", metavar="SRC", help="source checkpoint directory (read only), or 'builtin' for the "
+                   "packaged model")
     p.add_argument("dst", metavar="DST", help="output directory (must not exist unless --force)")
     p.add_argument("--to", required=True, metavar="VARIANT",
                    help="gqa, mqa, mha, sliding_window, longformer or bigbird")
@@ -73,7 +74,7 @@ PATTERN_OPTIONS = ("window", "global_tokens", "global_projections", "max_positio
 
 
 def run(args) -> int:
-    from ..conversion.card import format_bytes, kv_table
+    from ..conversion.card import format_bytes, kv_change, kv_table
     from ..patches.checkpoint import KV_TARGETS, convert_checkpoint
     from ..table import format_table
 
@@ -107,8 +108,7 @@ def run(args) -> int:
     print()
     if not kv_target:
         return 0
-    saved = 1 - r.per_token_after / r.per_token_before if r.per_token_before else 0.0
-    print(format_table(kv_table([(f"before: {r.kv_before} KV heads", r.per_token_before),
+    print(format_table(kv_table([(f"before: {r.kv_before} KV head{'s' if r.kv_before != 1 else ''}", r.per_token_before),
                                  (f"after: {r.groups} KV head{'s' if r.groups != 1 else ''}", r.per_token_after)]),
-                       title=f"KV cache, batch 1, {r.dtype} ({100 * saved:.1f}% saved)"))
+                       title=f"KV cache, batch 1, {r.dtype} ({kv_change(r.per_token_before, r.per_token_after)})"))
     return 0

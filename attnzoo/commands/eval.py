@@ -32,9 +32,21 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: %(default)s)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens timed for decode speed; 0 = skip "
                    "(default: %(default)s)")
+    p.add_argument("--decode-repeats", type=int, default=5, help="timed decode runs; the median is reported "
+                   "with the slowest and fastest (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads for the run (default: torch's choice; "
+                   "fix it to compare decode speeds)")
     p.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda when present, else cpu)")
     p.add_argument("--dtype", choices=_DTYPES, help="load the weights in this dtype (default: as stored)")
     p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON to FILE ('-' = stdout)")
+
+
+def _speed(result, repeats: int) -> str | None:
+    if result.decode_tokens_per_s is None:
+        return None
+    lo, hi = result.decode_range
+    return (f"{result.decode_tokens_per_s:.1f} (median of {repeats} runs: {lo:.1f} to {hi:.1f}; "
+            f"{result.decode_threads} thread{'s' if result.decode_threads != 1 else ''})")
 
 
 def run(args) -> int:
@@ -46,12 +58,16 @@ def run(args) -> int:
 
     check_positive_int("--num-seqs", args.num_seqs, minimum=0)
     check_positive_int("--seq-len", args.seq_len, minimum=2)
+    check_positive_int("--threads", args.threads, allow_none=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.num_seqs == 0 and (args.data == "builtin" or args.data.startswith("builtin:")):
         raise ValueError(f"--num-seqs=0 means 'all of a file', but --data={args.data!r} is endless; give a count")
     result = evaluate_dir(args.model, args.data, seq_len=args.seq_len, device=device,
                           dtype=getattr(torch, args.dtype) if args.dtype else None, num_sequences=args.num_seqs or None,
-                          batch_size=args.batch_size, decode_tokens=args.decode_tokens, progress=True)
+                          batch_size=args.batch_size, decode_tokens=args.decode_tokens,
+                          decode_repeats=args.decode_repeats, progress=True)
     d = result.as_dict()
     if args.json:
         text = json.dumps(d, indent=1)
@@ -65,7 +81,7 @@ def run(args) -> int:
             {"metric": "recall perplexity (answer tokens)", "value": result.recall_perplexity},
             {"metric": "recall accuracy (top-1)", "value": result.recall_accuracy},
             {"metric": f"KV-cache bytes/token ({result.kv_dtype})", "value": result.kv_bytes_per_token},
-            {"metric": f"decode tokens/s ({device}, batch 1)", "value": result.decode_tokens_per_s},
+            {"metric": f"decode tokens/s ({device}, batch 1)", "value": _speed(result, args.decode_repeats)},
             {"metric": "parameters", "value": result.parameters},
             {"metric": "scored", "value": f"{result.sequences} seqs, {result.tokens:,} tokens, "
                                            f"{result.answers} answers"}]

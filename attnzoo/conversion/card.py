@@ -6,7 +6,7 @@ from typing import Any
 
 from ..table import markdown_table
 
-__all__ = ["format_bytes", "kv_table", "CONTEXTS", "model_card", "pattern_model_card", "split_front_matter"]
+__all__ = ["format_bytes", "kv_change", "kv_table", "CONTEXTS", "model_card", "pattern_model_card", "split_front_matter"]
 
 CONTEXTS = (8192, 32768, 131072)
 
@@ -19,6 +19,16 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.3g} {unit}"
         n /= 1024
     return f"{n:.3g} TiB"
+
+
+def kv_change(before: float, after: float) -> str:
+    """How a KV cache changed: ``"50.0% saved"``, ``"no change"`` or, when it grew (a conversion back
+    to MHA), ``"4.0x larger, +300.0%"``: never a negative saving."""
+    if not before or after == before:
+        return "no change"
+    if after < before:
+        return f"{100 * (1 - after / before):.1f}% saved"
+    return f"{after / before:.1f}x larger, +{100 * (after / before - 1):.1f}%"
 
 
 def kv_table(layouts: Sequence[tuple[str, int]], contexts: Sequence[int] = CONTEXTS,
@@ -71,7 +81,6 @@ def model_card(*, name: str, source: str, model_type: str, variant: str, groups:
                native: bool, version: str, source_card: str | None = None) -> str:
     """The README.md of a converted checkpoint: what was done, the KV-cache savings, how to load it."""
     front, body = _front(source_card, variant)
-    saved = 1 - per_token_after / per_token_before if per_token_before else 0.0
     kv = markdown_table(kv_table([(f"before ({kv_before} KV heads)", per_token_before),
                                   (f"after ({groups} KV heads)", per_token_after)]))
     lines = [
@@ -89,7 +98,7 @@ def model_card(*, name: str, source: str, model_type: str, variant: str, groups:
         "",
         kv,
         "",
-        f"{100 * saved:.1f}% of the KV cache saved.",
+        f"KV cache: {kv_change(per_token_before, per_token_after)}.",
         "",
     ] + _loading(name, native, "`num_key_value_heads`")
     return _with_body(lines, body)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..checkpoint_io import BUILTIN, hf_progress_bars
 from ..conversion.card import model_card
 from ..conversion.heads import check_groups
 from ..conversion.methods import check_method
@@ -118,16 +119,26 @@ def _dtype_label(dtype, config) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
+def _source_dir(src) -> Path:
+    """SRC as a path; ``"builtin"`` is the packaged model, as for ``eval`` and ``uptrain``."""
+    if str(src) == BUILTIN:
+        from ..data.model import builtin_model_dir
+
+        return builtin_model_dir()
+    return Path(src)
+
+
 def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method: str | None = None,
                        dtype: str | None = None, force: bool = False, dry_run: bool = False,
                        progress: bool = True, options: dict[str, Any] | None = None) -> ConversionResult:
-    """Convert checkpoint directory ``src`` into ``dst``; see the module docstring.
+    """Convert checkpoint directory ``src`` (or ``"builtin"``, the packaged model) into ``dst``; see the
+    module docstring.
 
     ``groups``/``method`` apply to the KV-head targets, ``options`` (``window``, ``global_tokens``,
     ``global_projections``, ``max_positions``, ``block_size``, ``global_blocks``, ``random_blocks``,
     ``seed``) to the sparse patterns."""
     start = time.time()
-    src, dst = Path(src), Path(dst)
+    src, dst = _source_dir(src), Path(dst)
     check_choice("--to", variant, TARGETS)
     options = check_pattern_options(variant, options or {})
     if variant in PATTERN_TARGETS:
@@ -145,14 +156,15 @@ def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method
     if get_record(source.config):
         raise ValueError(f"{src} already holds an attnzoo patch ({source.config['attnzoo'].get('variant')!r}); "
                          "convert the original checkpoint instead")
-    if variant in PATTERN_TARGETS:
-        result = convert_pattern(source, dst, adapter, variant, options, torch_dtype,
-                                 _dtype_label(torch_dtype, source.config), force, dry_run, progress)
-    elif adapter.native:
-        result = _convert_streaming(source, dst, adapter, variant, groups, method, torch_dtype, force, dry_run,
-                                    progress)
-    else:
-        result = _convert_in_memory(source, dst, adapter, variant, groups, method, torch_dtype, force, dry_run)
+    with hf_progress_bars(progress):  # progress=False (--no-progress) silences transformers' bars too
+        if variant in PATTERN_TARGETS:
+            result = convert_pattern(source, dst, adapter, variant, options, torch_dtype,
+                                     _dtype_label(torch_dtype, source.config), force, dry_run, progress)
+        elif adapter.native:
+            result = _convert_streaming(source, dst, adapter, variant, groups, method, torch_dtype, force, dry_run,
+                                        progress)
+        else:
+            result = _convert_in_memory(source, dst, adapter, variant, groups, method, torch_dtype, force, dry_run)
     result.seconds = time.time() - start
     return result
 

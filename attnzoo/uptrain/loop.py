@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_io import atomic_output_dir, check_new_output, load_causal_lm, quiet_hf, read_metadata, \
-    resolve_model_dir, update_metadata
+from ..checkpoint_io import atomic_output_dir, check_new_output, hf_progress_bars, load_causal_lm, quiet_hf, \
+    read_metadata, resolve_model_dir, update_metadata
 from ..data.sources import TokenData, open_data
 from ..data.tokenizer import load_tokenizer
 from .curves import append_log, plot_losses, read_log, truncate_log
@@ -42,16 +42,21 @@ class UptrainResult:
     tokens: int  # training tokens seen (all processes)
     budget_tokens: int
     fraction_of_pretraining: float | None
-    final_loss: float
+    final_loss: float  # the training objective (with a teacher: alpha * KL + (1 - alpha) * CE), last 10 steps
     seconds: float
     trainable: TrainableSummary
     log: list[dict] = field(default_factory=list)
     stopped: bool = False
+    final_ce: float = float("nan")  # cross-entropy part, last 10 steps (what loss_curve.png plots)
+    distilled: bool = False
 
     def rows(self) -> list[dict]:
         frac = "-" if self.fraction_of_pretraining is None else f"{100 * self.fraction_of_pretraining:.2f}%"
+        losses = [("final cross-entropy (mean of last 10 steps, as plotted)", f"{self.final_ce:.4f}")]
+        if self.distilled:
+            losses.append(("final training objective (alpha*KL + (1-alpha)*CE)", f"{self.final_loss:.4f}"))
         rows = [("steps", f"{self.steps}/{self.total_steps}"), ("tokens", f"{self.tokens:,}"),
-                ("of pretraining tokens", frac), ("final loss (mean of last 10 steps)", f"{self.final_loss:.4f}"),
+                ("of pretraining tokens", frac), *losses,
                 ("wall time", f"{self.seconds:.1f} s"),
                 ("throughput", f"{self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s"),
                 ("trained", self.trainable.describe()),
@@ -148,7 +153,13 @@ def _indices(step: int, micro: int, opts: UptrainOptions, world: int, rank: int)
 
 
 def uptrain(opts: UptrainOptions) -> UptrainResult:
-    """Run one uptraining (or pretraining) job; see :class:`UptrainOptions`. Every process calls it."""
+    """Run one uptraining (or pretraining) job; see :class:`UptrainOptions`. Every process calls it.
+    ``progress=False`` also silences transformers' own progress bars for the run."""
+    with hf_progress_bars(opts.progress):
+        return _uptrain(opts)
+
+
+def _uptrain(opts: UptrainOptions) -> UptrainResult:
     opts.validate()
     model_dir = resolve_model_dir(opts.model, "--model")
     out = Path(opts.out)
@@ -250,9 +261,9 @@ def uptrain(opts: UptrainOptions) -> UptrainResult:
     bar.close()
     seconds = seconds_before + time.perf_counter() - t0
     log = read_log(log_path) if main else []
-    final_loss = sum(e["loss"] for e in log[-10:]) / max(1, len(log[-10:])) if log else float("nan")
-    result = UptrainResult(None, step, total_steps, step * tokens_per_step, budget, fraction, final_loss, seconds,
-                           summary, log, stopped)
+    result = UptrainResult(None, step, total_steps, step * tokens_per_step, budget, fraction, _tail_mean(log, "loss"),
+                           seconds, summary, log, stopped, final_ce=_tail_mean(log, "ce"),
+                           distilled=opts.teacher is not None)
     if stopped:
         accelerator.wait_for_everyone()
         return result
@@ -264,9 +275,15 @@ def uptrain(opts: UptrainOptions) -> UptrainResult:
     return result
 
 
+def _tail_mean(log: list[dict], key: str, n: int = 10) -> float:
+    """Mean of ``key`` over the last ``n`` logged steps (NaN without a log)."""
+    tail = [e.get(key, e["loss"]) for e in log[-n:]]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
 def _run_record(opts: UptrainOptions, result: UptrainResult) -> dict:
     rec = {"tokens": result.tokens, "steps": result.steps, "data": opts.data, "lr": opts.lr, "seed": opts.seed,
-           "final_loss": round(result.final_loss, 5)}
+           "final_loss": round(result.final_loss, 5), "final_ce": round(result.final_ce, 5)}
     if result.fraction_of_pretraining is not None:
         rec["fraction_of_pretraining"] = round(result.fraction_of_pretraining, 6)
     if opts.teacher is not None:

@@ -8,7 +8,47 @@ from typing import Any
 from ..errors import check_choice, check_positive_int, check_type, suggest
 from ..ops.rope import STYLES
 
-__all__ = ["VariantConfig", "RopeConfig"]
+__all__ = ["VariantConfig", "RopeConfig", "jsonable"]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: tuples become lists, configs dicts; anything else unknown its ``repr``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def _arg_docs(cls: type) -> dict[str, str]:
+    """``name -> text`` from the ``Args:`` sections (``name: text``, continued on indented lines) of
+    ``cls`` and its bases; the nearest class wins."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    for klass in cls.__mro__:
+        doc = inspect.cleandoc(klass.__dict__.get("__doc__") or "")
+        lines = doc.splitlines()
+        if "Args:" not in lines:
+            continue
+        current = None
+        for line in lines[lines.index("Args:") + 1:]:
+            if not line.strip():
+                break
+            if line.startswith("    ") and not line.startswith("     ") and ":" in line:
+                name, text = line.strip().split(":", 1)
+                current = name.strip() if name.strip().isidentifier() else None
+                if current is not None and current not in docs:
+                    docs[current] = text.strip()
+                elif current is not None:
+                    current = None  # a nearer class documented it already
+            elif current is not None and line.startswith("     "):
+                docs[current] += " " + line.strip()
+    return docs
 
 
 @dataclass(frozen=True)
@@ -25,6 +65,28 @@ class VariantConfig:
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def option_specs(cls) -> list[dict[str, Any]]:
+        """One dict per option: ``name``, ``type`` (as annotated), ``default`` (JSON-able; absent
+        when ``required``), ``required`` and ``doc`` (from the ``Args:`` sections of the class
+        docstrings along the MRO; None where there is none). ``attnzoo list --json`` prints them."""
+        docs = _arg_docs(cls)
+        specs = []
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            spec: dict[str, Any] = {"name": f.name, "type": f.type if isinstance(f.type, str)
+                                    else getattr(f.type, "__name__", str(f.type))}
+            if f.default is not dataclasses.MISSING:
+                spec.update(default=jsonable(f.default), required=False)
+            elif f.default_factory is not dataclasses.MISSING:
+                spec.update(default=jsonable(f.default_factory()), required=False)
+            else:
+                spec["required"] = True
+            spec["doc"] = docs.get(f.name)
+            specs.append(spec)
+        return specs
 
     @classmethod
     def from_options(cls, variant: str = "", **options: Any):
