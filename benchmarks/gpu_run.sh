@@ -7,7 +7,9 @@
 #   PEERS_BENCH     a copy of the shared bench/peers_bench.py (default .device/peers_bench.py; the run goes on
 #                   without the peers, and says so, when it is missing)
 #   BENCH_VARIANTS  groups to run (default dense,sparse; `attnzoo bench --help` lists them)
-#   BENCH_ARGS      more `attnzoo bench` arguments, e.g. "--sections sliding,bigbird"
+#   BENCH_ARGS      more `attnzoo bench` arguments, e.g. "--sections sliding,bigbird"; a group split over two calls:
+#                   OUT=.device/out in both (an ignored folder that stays while the machine is warm) and
+#                   "--sections scaling --merge" in the second
 #   GPU_TESTS=0     skip the GPU tests
 #   ATTNZOO_COMMIT  the commit the results name, where the tree has no .git
 set -uo pipefail

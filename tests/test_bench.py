@@ -131,6 +131,19 @@ def test_cli_runs_one_section_and_ends_with_a_table(tmp_path, capsys):
     assert {r["group"] for r in data["rows"]} == {"module"} and data["options"]["sections"] == ["module"]
 
 
+def test_merge_keeps_the_sections_not_run_now(tmp_path):
+    out = str(tmp_path)
+    assert main(["bench", "--variants", "dense", "--sections", "module", "--smoke", "--out", out, "--tag", "t"]) == 0
+    assert main(["bench", "--variants", "dense", "--sections", "dense-op", "--smoke", "--out", out, "--tag", "t",
+                 "--merge"]) == 0
+    data = json.loads((tmp_path / "dense-t.json").read_text())
+    assert [r["group"] for r in data["rows"]] == sorted((r["group"] for r in data["rows"]),
+                                                        key=["dense-op", "module"].index)  # in SECTIONS order
+    assert {r["group"] for r in data["rows"]} == {"dense-op", "module"}
+    assert data["environment"]["merged"].startswith("module from commit ")
+    assert "merged: module from commit" in (tmp_path / "dense-t.md").read_text()
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--variants", "dense,sparce"], "--variants='sparce': expected one of 'dense', 'sparse'"),
     (["--variants", "dense", "--sections", "slidng"], "--sections='slidng'"),

@@ -58,11 +58,34 @@ def _group_files(name: str, mod: ModuleType, env: dict, rows: list[Row], peers: 
                        extra_columns=tuple(getattr(mod, "EXTRA_COLUMNS", ())), title=mod.TITLE, options=options)
 
 
+def _merge(path: str, name: str, mod: ModuleType, env: dict, rows: list[Row], peers: list[Row],
+           sections: set[str] | None) -> tuple[dict, list[Row], list[Row]]:
+    """``rows`` plus the rows of the sections not run now from an earlier ``path`` of the same group (and its
+    peers when none ran now); the environment says which sections came from which commit and date."""
+    if not os.path.isfile(path):
+        return env, rows, peers
+    old_name, old_env, old_rows, old_peers, _ = read_group(path)
+    if old_name != name:
+        raise ValueError(f"--merge: {path} holds group {old_name!r}, not {name!r}")
+    ran = {r.group for r in rows} | (set(mod.SECTIONS) & sections if sections is not None else set(mod.SECTIONS))
+    kept = [r for r in old_rows if r.group not in ran]
+    if not kept:
+        return env, rows, peers or old_peers
+    order = {s: i for i, s in enumerate(mod.SECTIONS)}
+    merged = sorted(kept + rows, key=lambda r: order.get(r.group, len(order)))  # stable: case order kept
+    from_old = sorted({r.group for r in kept}, key=lambda s: order.get(s, len(order)))
+    env = dict(env, merged=f"{', '.join(from_old)} from commit {old_env.get('commit')}, {old_env.get('date')}")
+    return env, merged, peers or old_peers
+
+
 def run(groups: list[str], *, smoke: bool = False, sections: set[str] | None = None, peers: str | None = None,
         peer_groups: list[str] | None = None, out_dir: str = "benchmarks/results", tag: str | None = None,
-        cuda_graph: bool = True) -> list[Row]:
+        cuda_graph: bool = True, merge: bool = False) -> list[Row]:
     """Run the peers (if ``peers`` names peers_bench.py) and then each group; write each group's files into
-    ``out_dir`` as soon as it is done; print every row at the end. Returns all rows, the peers' last."""
+    ``out_dir`` as soon as it is done; print every row at the end. Returns all rows, the peers' last.
+
+    ``merge``: keep the rows of the sections not run now from the group's earlier file in ``out_dir`` (a long
+    group measured in several calls, e.g. ``--sections sliding,bigbird`` then ``--sections scaling``)."""
     import torch
 
     mods = {g: load_group(g) for g in groups}
@@ -90,7 +113,12 @@ def run(groups: list[str], *, smoke: bool = False, sections: set[str] | None = N
                 continue  # none of its sections picked
             group_rows = mod.run(options)
             rows += group_rows
-            written += _group_files(name, mod, env, group_rows, peer_rows, out_dir, f"{name}-{tag}",
+            stem = f"{name}-{tag}"
+            genv, grows, gpeers = env, group_rows, peer_rows
+            if merge:
+                genv, grows, gpeers = _merge(os.path.join(out_dir, stem + ".json"), name, mod, env, group_rows,
+                                             peer_rows, sections)
+            written += _group_files(name, mod, genv, grows, gpeers, out_dir, stem,
                                     {"smoke": smoke, "sections": sorted(sections) if sections else None})
     finally:
         torch.set_num_threads(threads)
@@ -106,6 +134,6 @@ def report(path: str) -> str:
         raise FileNotFoundError(f"--report {path!r}: no such file (a <group>-<tag>.json that attnzoo bench wrote)")
     name, env, rows, peers, options = read_group(path)
     mod = load_group(name)
-    out_dir, stem = os.path.dirname(path) or ".", os.path.basename(path)[: -len(".json")]
+    out_dir, stem = os.path.dirname(path) or ".", os.path.splitext(os.path.basename(path))[0]
     _, mpath = _group_files(name, mod, env, rows, peers, out_dir, stem, options)
     return mpath

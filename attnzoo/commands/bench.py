@@ -7,6 +7,7 @@ to the peer groups of the chosen variants (--peer-groups overrides).
 
 Example (GPU machine, repo root):
   attnzoo bench --variants dense,sparse --peers .device/peers_bench.py --out $OUT
+  attnzoo bench --variants sparse --sections scaling --merge --out DIR   # add one section to DIR's sparse file
   attnzoo bench --variants sparse --sections sliding --smoke      # seconds on a CPU: checks the harness
   attnzoo bench --report benchmarks/results/sparse-h200.json      # rebuild the markdown from the JSON
 """
@@ -50,6 +51,9 @@ def add_arguments(p):
                    help="peers_bench.py groups to run (default: those of the chosen variants, e.g. ceiling,dense)")
     p.add_argument("--out", default="benchmarks/results", help="directory for the results (default: %(default)s)")
     p.add_argument("--tag", help="file name tag after the group name (default: the device, e.g. h200, h100, cpu)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of the sections not run now from the group's file already in --out (a long "
+                   "group in several calls)")
     p.add_argument("--no-cuda-graph", action="store_true", help="skip the device-time (CUDA graph) measurement")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, runs on the CPU in seconds (checks the harness)")
     p.add_argument("--report", metavar="JSON", help="only rebuild the markdown (and charts) from a result JSON")
@@ -74,5 +78,5 @@ def run(args) -> int:
         raise ValueError("no CUDA GPU found; the timings are meant for a GPU (--smoke checks the harness on the CPU)")
     bench.run(groups, smoke=args.smoke, sections=set(_csv(args.sections)) if args.sections else None,
               peers=args.peers, peer_groups=_csv(args.peer_groups) if args.peer_groups else None, out_dir=args.out,
-              tag=args.tag, cuda_graph=not args.no_cuda_graph)
+              tag=args.tag, cuda_graph=not args.no_cuda_graph, merge=args.merge)
     return 0
