@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -89,32 +87,30 @@ def update_metadata(model_or_config: Any, **updates: Any) -> dict[str, Any]:
 
 
 def check_new_output(path: str | os.PathLike, force: bool, option: str = "--out") -> Path:
-    """Refuse an existing output path unless ``force``; the parent directory must exist."""
+    """Refuse an existing output path unless ``force``; the parent directory must exist and be writable."""
     path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"{option}={str(path)!r} already exists; pass --force to replace it")
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{option}={str(path)!r} exists and is not a directory")
     if not path.parent.exists():
         raise FileNotFoundError(f"{option}={str(path)!r}: the parent directory {str(path.parent)!r} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{option}={str(path)!r}: the parent directory {str(path.parent)!r} is not writable "
+                              "(permission denied)")
     return path
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | os.PathLike, force: bool = False, option: str = "--out") -> Iterator[Path]:
+def atomic_output_dir(path: str | os.PathLike, force: bool = False, option: str = "--out",
+                      notes: list[str] | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` by a rename.
 
-    On an exception the temporary directory is removed and ``path`` is left as it was.
+    On an exception (Ctrl-C and SIGTERM included) the temporary directory is removed and ``path``
+    is left as it was; see :func:`attnzoo.output_dir.staged_dir` (``notes``, permissions).
     """
+    from .output_dir import staged_dir
+
     path = check_new_output(path, force, option)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with staged_dir(path, option, notes) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)

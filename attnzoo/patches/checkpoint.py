@@ -199,7 +199,7 @@ def _convert_streaming(source, dst, adapter, variant, groups, method, dtype, for
                     "shape after": "x".join(map(str, k[2])), "dtype": k[3]} for k, n in groups_of.items()]
     if dry_run:
         return result
-    with staged_output(source.path, dst, force) as tmp:
+    with staged_output(source.path, dst, force, result.notes) as tmp:
         result.files = run_stream_with_bar(plan, tmp, progress)
         config = dict(source.config)
         text = _text_config(config)
@@ -251,7 +251,7 @@ def _convert_in_memory(source, dst, adapter, variant, groups, method, dtype, for
     if dry_run:
         result.bytes_after = report.params_after * elem_out
         return result
-    with staged_output(source.path, dst, force) as tmp:
+    with staged_output(source.path, dst, force, result.notes) as tmp:
         model.save_pretrained(tmp)
         result.files = sorted(p.name for p in tmp.iterdir())
         result.files += copy_side_files(source.path, tmp)
