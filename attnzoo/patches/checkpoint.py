@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..checkpoint_io import load_config
 from ..conversion.card import model_card
 from ..conversion.heads import check_groups
 from ..conversion.methods import check_method
@@ -139,6 +140,7 @@ def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method
         check_method(method)
     torch_dtype = parse_dtype(dtype)
     source = SourceCheckpoint(src)  # checks config and every shard before anything is written
+    load_config(src, "SRC")  # transformers can read the config (errors name the file)
     if not dry_run:
         check_destination(src, dst, force)
     adapter = adapter_for(source.config)
