@@ -58,6 +58,8 @@ def _hf_cached_tokens(cfg: Any, seq_len: int) -> list[int] | None:
         from transformers.cache_utils import get_layer_types_and_kwargs
         text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
         types, kwargs = get_layer_types_and_kwargs(text)
+        if isinstance(kwargs, dict):  # transformers < 5.19: one dict for every layer
+            kwargs = [kwargs] * len(types)
     except Exception:  # an older transformers, or a config it cannot read layer by layer
         return None
     kept = []

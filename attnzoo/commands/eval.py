@@ -13,6 +13,7 @@ tokenizer). Recall metrics need answer positions (built-in corpus format); elsew
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 NAME = "eval"
 HELP = "perplexity, recall accuracy, KV bytes/token and decode speed of a model"
@@ -49,6 +50,18 @@ def _speed(result, repeats: int) -> str | None:
             f"{result.decode_threads} thread{'s' if result.decode_threads != 1 else ''})")
 
 
+def _check_json_target(path: Path) -> None:
+    import os
+
+    if path.is_dir():
+        raise IsADirectoryError(f"--json={str(path)!r}: is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"--json={str(path)!r}: the directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PermissionError(f"--json={str(path)!r}: not writable (permission denied)")
+
+
 def run(args) -> int:
     import torch
 
@@ -62,6 +75,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.json and args.json != "-":  # before the evaluation, not after it
+        _check_json_target(Path(args.json))
     if args.num_seqs == 0 and (args.data == "builtin" or args.data.startswith("builtin:")):
         raise ValueError(f"--num-seqs=0 means 'all of a file', but --data={args.data!r} is endless; give a count")
     result = evaluate_dir(args.model, args.data, seq_len=args.seq_len, device=device,
@@ -74,9 +89,12 @@ def run(args) -> int:
         if args.json == "-":
             print(text)
             return 0
-        from pathlib import Path
-
-        Path(args.json).write_text(text + "\n")
+        try:
+            Path(args.json).write_text(text + "\n")
+        except OSError as e:
+            if e.filename is None:  # a full disk names no file
+                e.filename = args.json
+            raise
     rows = [{"metric": "perplexity (all tokens)", "value": result.perplexity},
             {"metric": "recall perplexity (answer tokens)", "value": result.recall_perplexity},
             {"metric": "recall accuracy (top-1)", "value": result.recall_accuracy},

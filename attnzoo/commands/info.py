@@ -41,11 +41,9 @@ def candidates(lay: dict, elem: int, kv_rank: int, rope_dim: int) -> list[tuple[
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     import torch
-    from transformers import AutoConfig
 
+    from ..checkpoint_io import load_config, resolve_model_dir
     from ..conversion.card import kv_table
     from ..errors import UnsupportedArchitectureError
     from ..kv import _elem, kv_bytes_per_token
@@ -53,10 +51,8 @@ def run(args) -> int:
     from ..patches.record import get_record
     from ..table import format_table
 
-    path = Path(args.model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json (not a checkpoint directory)")
-    config = AutoConfig.from_pretrained(path)
+    path = resolve_model_dir(args.model_dir, "MODEL_DIR")
+    config = load_config(path, "MODEL_DIR")
     dtype = args.dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.replace("torch.", ""), None) or torch.float16

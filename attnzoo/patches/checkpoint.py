@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..checkpoint_io import BUILTIN, hf_progress_bars
+from ..checkpoint_io import BUILTIN, hf_progress_bars, load_config
 from ..conversion.card import model_card
 from ..conversion.heads import check_groups
 from ..conversion.methods import check_method
@@ -150,6 +150,7 @@ def convert_checkpoint(src, dst, variant: str, groups: int | None = None, method
         check_method(method)
     torch_dtype = parse_dtype(dtype)
     source = SourceCheckpoint(src)  # checks config and every shard before anything is written
+    load_config(src, "SRC")  # transformers can read the config (errors name the file)
     if not dry_run:
         check_destination(src, dst, force)
     adapter = adapter_for(source.config)
@@ -211,7 +212,7 @@ def _convert_streaming(source, dst, adapter, variant, groups, method, dtype, for
                     "shape after": "x".join(map(str, k[2])), "dtype": k[3]} for k, n in groups_of.items()]
     if dry_run:
         return result
-    with staged_output(source.path, dst, force) as tmp:
+    with staged_output(source.path, dst, force, result.notes) as tmp:
         result.files = run_stream_with_bar(plan, tmp, progress)
         config = dict(source.config)
         text = _text_config(config)
@@ -263,7 +264,7 @@ def _convert_in_memory(source, dst, adapter, variant, groups, method, dtype, for
     if dry_run:
         result.bytes_after = report.params_after * elem_out
         return result
-    with staged_output(source.path, dst, force) as tmp:
+    with staged_output(source.path, dst, force, result.notes) as tmp:
         model.save_pretrained(tmp)
         result.files = sorted(p.name for p in tmp.iterdir())
         result.files += copy_side_files(source.path, tmp)

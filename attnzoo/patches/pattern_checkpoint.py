@@ -119,7 +119,7 @@ def _streamed_native_window(source, dst, adapter, config, text, style, options, 
         config.dtype = result.dtype
     if dry_run:
         return
-    with staged_output(source.path, dst, force) as tmp:
+    with staged_output(source.path, dst, force, result.notes) as tmp:
         result.files = run_stream_with_bar(plan, tmp, progress)
         config.save_pretrained(tmp)
         result.files += ["config.json"] + copy_side_files(source.path, tmp)
@@ -165,7 +165,7 @@ def _in_memory(source, dst, variant, options, dtype, force, dry_run, result) -> 
     if dry_run:
         result.bytes_after = report.params_after * elem_out
         return
-    with staged_output(source.path, dst, force) as tmp:
+    with staged_output(source.path, dst, force, result.notes) as tmp:
         model.save_pretrained(tmp)
         result.files = sorted(p.name for p in tmp.iterdir())
         result.files += copy_side_files(source.path, tmp)
