@@ -3,21 +3,66 @@
 Public API (see docs/ and DESIGN): :func:`list_variants`, :func:`create`, :func:`register`,
 :func:`kv_cache_bytes`, :func:`patch` (with :class:`PatchReport`), :func:`from_pretrained`,
 :func:`plot_pattern`, and the functional ops in :mod:`attnzoo.ops`.
+
+The names load on first use (PEP 562), so ``import attnzoo`` and the ``attnzoo`` command's start-up
+import no torch: the command sets ``OMP_WAIT_POLICY`` (see :mod:`attnzoo.cli`) before torch loads
+OpenMP. ``from attnzoo import patch`` and ``attnzoo.patch`` work as with eager imports.
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from . import ops
 from .errors import (AttnzooError, BackendUnavailableError, NoMatchingModuleError, UnknownVariantError,
                      UnsupportedArchitectureError)
-from .kv import kv_cache_bytes
-from .patches import (GQA, MHA, MQA, BigBird, Longformer, PatchConfig, PatchReport, SlidingWindow, from_pretrained,
-                      patch)
-from .plot import plot_pattern, plot_zoo
-from .registry import create, list_variants, register
+
+__version__ = "0.1.0"
+
+# public name -> (module, attribute in it; None: the module itself)
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "ops": (".ops", None),
+    "create": (".registry", "create"),
+    "list_variants": (".registry", "list_variants"),
+    "register": (".registry", "register"),
+    "kv_cache_bytes": (".kv", "kv_cache_bytes"),
+    "patch": (".patches", "patch"),
+    "PatchReport": (".patches", "PatchReport"),
+    "PatchConfig": (".patches", "PatchConfig"),
+    "GQA": (".patches", "GQA"),
+    "MQA": (".patches", "MQA"),
+    "MHA": (".patches", "MHA"),
+    "SlidingWindow": (".patches", "SlidingWindow"),
+    "Longformer": (".patches", "Longformer"),
+    "BigBird": (".patches", "BigBird"),
+    "from_pretrained": (".patches", "from_pretrained"),
+    "plot_pattern": (".plot", "plot_pattern"),
+    "plot_zoo": (".plot", "plot_zoo"),
+}
 
 __all__ = ["__version__", "ops", "create", "list_variants", "register", "kv_cache_bytes", "patch", "PatchReport",
            "PatchConfig", "GQA", "MQA", "MHA", "SlidingWindow", "Longformer", "BigBird",
            "from_pretrained", "plot_pattern", "plot_zoo", "AttnzooError",
            "BackendUnavailableError", "NoMatchingModuleError", "UnknownVariantError", "UnsupportedArchitectureError"]
+
+if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on first use
+    from . import ops
+    from .kv import kv_cache_bytes
+    from .patches import (GQA, MHA, MQA, BigBird, Longformer, PatchConfig, PatchReport, SlidingWindow,
+                          from_pretrained, patch)
+    from .plot import plot_pattern, plot_zoo
+    from .registry import create, list_variants, register
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    mod = importlib.import_module(module, __name__)
+    value = mod if attr is None else getattr(mod, attr)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

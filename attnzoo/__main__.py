@@ -1,11 +1,10 @@
-import os
+"""``python -m attnzoo`` (also ``accelerate launch -m attnzoo ...``): the ``attnzoo`` command.
+
+``import attnzoo`` loads no torch, so :func:`attnzoo.cli.main` still sets ``OMP_WAIT_POLICY`` (and
+its other process settings) before torch is imported.
+"""
 import sys
 
-# Before torch loads OpenMP: idle worker threads sleep instead of spinning. On a busy machine
-# (more runnable threads than cores) spinning made `attnzoo demo` burn 8x the CPU time
-# (measured: 10m27s vs 1m20s user time on 2 shared cores). Set OMP_WAIT_POLICY to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .cli import main  # noqa: E402
+from .cli import main
 
 sys.exit(main())

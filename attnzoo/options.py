@@ -48,12 +48,11 @@ class OptionSpec:
         return "--" + self.name.replace("_", "-")
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "required": self.required,
-                "default": None if self.required else _jsonable(self.default), "help": self.help}
-
-
-def _jsonable(v):
-    return list(v) if isinstance(v, tuple) else v
+        """``{name, type, default, required, doc}`` (no default when required), for ``attnzoo list --json``."""
+        out: dict[str, Any] = {"name": self.name, "type": self.type}
+        if not self.required:
+            out["default"] = list(self.default) if isinstance(self.default, tuple) else self.default
+        return {**out, "required": self.required, "doc": self.help}
 
 
 def option_specs(cls) -> list[OptionSpec]:

@@ -149,3 +149,23 @@ def test_dropout_is_applied_in_training_only_through_dropout_p():
     assert not torch.allclose(a, b)
     with pytest.raises(BackendUnavailableError, match="dropout"):
         attention(q, k, v, dropout_p=0.5, backend="flex")
+
+
+def test_explain_lists_every_backend_with_its_reason():
+    """README: explain says which backend runs a call and why not the others, every time (not only the
+    first call of a signature, which the memo would otherwise answer)."""
+    q, k, v = _inputs(dtype=torch.float32)
+    kpm = torch.ones(2, 7, dtype=torch.bool)
+    for _ in range(2):
+        d = explain(q, k, v, key_padding_mask=kpm)
+        assert d.backend == "sdpa_math" and d.order == attnzoo.ops.ORDER["cpu"]
+        text = str(d)
+        lines = text.splitlines()
+        assert lines[1].startswith("  1. sdpa_flash: cannot serve:") and "mask" in lines[1]
+        assert lines[2] == "  2. sdpa_math: runs this call"
+        assert lines[3].startswith("  3. eager: not tried: sdpa_math ranks ahead")
+        for name in attnzoo.ops.backend_names():  # every backend is accounted for, with a reason
+            assert name in text
+        assert "cuda" in d.skipped["sdpa_cudnn"]
+    d = explain(q, k, v, causal=True)
+    assert d.backend == "sdpa_flash" and set(d.skipped) == set(attnzoo.ops.backend_names()) - {"sdpa_flash"}

@@ -3,7 +3,6 @@ list, patch, convert, info and reload with nothing in attnzoo changed.
 
 The test makes the package visible as `pip install -e examples/plugin` does (its directory on the path and a
 dist-info holding its entry point) in a fresh interpreter, and runs the whole flow there."""
-import json
 import subprocess
 import sys
 import textwrap

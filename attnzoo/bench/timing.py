@@ -1,4 +1,4 @@
-"""Timing and memory measurement for the benchmark harness (device events, medians)."""
+"""Clocks of the benchmark harness: host-inclusive time, device time, peak memory, FLOP counts."""
 from __future__ import annotations
 
 import statistics
@@ -7,12 +7,12 @@ from typing import Callable
 
 import torch
 
-__all__ = ["time_ms", "peak_mb", "flops_attention"]
+__all__ = ["time_ms", "gpu_ms", "peak_mb", "flops_attention"]
 
 
 def time_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` (CUDA events, L2 flushed
-    between runs) on the GPU, a perf_counter loop on the CPU."""
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs; the
+    host's launch time counts where the GPU waits for it) on the GPU, a perf_counter loop on the CPU."""
     if torch.cuda.is_available():
         import triton.testing
 
@@ -25,6 +25,15 @@ def time_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 
         fn()
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def gpu_ms(fn: Callable[[], object], *, rep_ms: float = 100) -> float:
+    """Device time: median ms of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``), no host
+    launch cost between kernels: what the step costs when a larger model keeps the GPU busy. CUDA only; raises
+    where ``fn`` cannot be captured (a host sync inside, ...)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
 
 
 def peak_mb(fn: Callable[[], object]) -> float | None:

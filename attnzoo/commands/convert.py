@@ -31,7 +31,8 @@ HELP = "convert a checkpoint's attention (MHA -> GQA/MQA, sliding window, Longfo
 def add_arguments(p):
     from ..patches.checkpoint import targets
 
-    p.add_argument("src", metavar="SRC", help="source checkpoint directory (read only)")
+    p.add_argument("src", metavar="SRC", help="source checkpoint directory (read only), or 'builtin' for the "
+                   "packaged model")
     p.add_argument("dst", metavar="DST", help="output directory (must not exist unless --force)")
     p.add_argument("--to", required=True, metavar="VARIANT", help=", ".join(targets()))
     g = p.add_argument_group("variant options (from each variant's typed config; attnzoo list --json shows them)")

@@ -4,11 +4,11 @@
   2. convert it to GQA with 2 KV heads twice: mean-pooling and the SVD method,
   3. uptrain with 5% of its pretraining tokens: cross-entropy and distillation from the
      original (same budget), and distillation from the SVD conversion,
-  4. evaluate everything and print a table (perplexity, recall accuracy, KV bytes/token,
-     decode tokens/s, share of the perplexity gap recovered).
+  4. evaluate everything and print a table (perplexity, share of the perplexity gap recovered,
+     recall perplexity, KV bytes/token) with notes on what it leaves out and why.
 
-Writes demo_results.json, demo_table.md and demo.png (loss curves and quality bars) into
---out (default: the working directory). See docs/main-job.md.
+Writes demo_results.json (every metric), demo_table.md and demo.png (loss curves and perplexity
+bars) into --out (default: ./attnzoo-demo, created if missing). See docs/main-job.md.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ HELP = "convert the built-in model to GQA, uptrain it, and compare (offline, min
 def add_arguments(p):
     from ..demo.pipeline import DemoOptions as O
 
-    p.add_argument("--out", default=O.out, help="directory for the table, JSON and PNG (default: .)")
+    p.add_argument("--out", default=O.out, help="directory for the table, JSON and PNG, created if missing "
+                   "(default: %(default)s)")
     p.add_argument("--model", default=O.model, help="MHA model to start from (default: %(default)s)")
     p.add_argument("--groups", type=int, default=O.groups, help="KV heads after conversion (default: %(default)s)")
     p.add_argument("--fraction", type=float, default=O.fraction, help="uptraining budget as a fraction of the "

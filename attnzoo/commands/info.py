@@ -44,11 +44,9 @@ def candidates(lay: dict, kv_rank: int, rope_dim: int) -> list[tuple[str, list]]
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     import torch
-    from transformers import AutoConfig
 
+    from ..checkpoint_io import load_config, resolve_model_dir
     from ..conversion.card import kv_table
     from ..errors import UnsupportedArchitectureError
     from ..kv import kv_layouts
@@ -56,10 +54,8 @@ def run(args) -> int:
     from ..record import get_record
     from ..table import format_table
 
-    path = Path(args.model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json (not a checkpoint directory)")
-    config = AutoConfig.from_pretrained(path)
+    path = resolve_model_dir(args.model_dir, "MODEL_DIR")
+    config = load_config(path, "MODEL_DIR")
     dtype = args.dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float16
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.replace("torch.", ""), None) or torch.float16

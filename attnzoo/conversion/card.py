@@ -7,7 +7,7 @@ from typing import Any
 from ..kv import KVLayout, element_size
 from ..table import markdown_table
 
-__all__ = ["format_bytes", "kv_table", "CONTEXTS", "model_card", "split_front_matter"]
+__all__ = ["format_bytes", "kv_change", "kv_table", "CONTEXTS", "model_card", "split_front_matter"]
 
 CONTEXTS = (8192, 32768, 131072)
 
@@ -20,6 +20,16 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.3g} {unit}"
         n /= 1024
     return f"{n:.3g} TiB"
+
+
+def kv_change(before: float, after: float) -> str:
+    """How a KV cache changed: ``"50.0% saved"``, ``"no change"`` or, when it grew (a conversion back
+    to MHA), ``"4.0x larger, +300.0%"``: never a negative saving."""
+    if not before or after == before:
+        return "no change"
+    if after < before:
+        return f"{100 * (1 - after / before):.1f}% saved"
+    return f"{after / before:.1f}x larger, +{100 * (after / before - 1):.1f}%"
 
 
 def kv_table(models: Sequence[tuple[str, Sequence[KVLayout]]], dtype, contexts: Sequence[int] = CONTEXTS,

@@ -1,18 +1,21 @@
 """Writing a checkpoint directory safely: through a temporary directory renamed at the end.
 
 :func:`staged_output` refuses an existing DST unless ``force`` (and any DST that is SRC,
-inside SRC or contains SRC), writes into ``.DST.attnzoo-tmp-*`` next to DST, and renames it
-into place only when everything succeeded; on any error (or Ctrl-C) the temporary directory
-is removed and DST is as before. :func:`copy_side_files` copies tokenizer, generation and
-other small files from SRC (never weights).
+inside SRC or contains SRC, or whose parent is missing or not writable), writes into
+``.DST.attnzoo-tmp-*`` next to DST, and swaps it into place only when everything succeeded
+(:func:`attnzoo.output_dir.staged_dir`: on any error, Ctrl-C or SIGTERM the temporary
+directory is removed and DST is as before; once DST is in place the conversion stands).
+:func:`copy_side_files` copies tokenizer, generation and other small files from SRC (never weights).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import shutil
-import tempfile
 from pathlib import Path
 
+from ..output_dir import staged_dir
 from .source import WEIGHT_SUFFIXES
 
 __all__ = ["check_destination", "staged_output", "copy_side_files"]
@@ -29,6 +32,9 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
         raise ValueError(f"DST={dst} contains SRC; replacing it would delete the source checkpoint")
     if not dst.parent.is_dir():
         raise FileNotFoundError(f"{dst.parent}: DST's parent directory does not exist")
+    if not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "DST's parent directory is not writable (permission denied)",
+                              str(dst.parent))
     if dst.exists() and not force:
         raise FileExistsError(f"{dst} exists; pass --force to replace it")
     if dst.exists() and not dst.is_dir():
@@ -36,25 +42,15 @@ def check_destination(src: Path, dst: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(src: Path, dst: Path, force: bool):
-    """Yield a temporary directory; on success it becomes ``dst`` (replacing it when ``force``)."""
+def staged_output(src: Path, dst: Path, force: bool, notes: list[str] | None = None):
+    """Yield a temporary directory; on success it becomes ``dst`` (replacing it when ``force``).
+
+    ``notes`` (e.g. ``ConversionResult.notes``) receives what happened after DST was in place:
+    an interrupt that came too late to stop the conversion, an old copy left behind."""
     check_destination(src, dst, force)
     dst = Path(dst).resolve()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.attnzoo-tmp-", dir=dst.parent))
-    try:
+    with staged_dir(dst, "DST", notes, before_commit=lambda: check_destination(src, dst, force)) as tmp:
         yield tmp
-        check_destination(src, dst, force)  # nothing appeared meanwhile
-        old = None
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.attnzoo-old-", dir=dst.parent))
-            old.rmdir()
-            dst.rename(old)
-        tmp.rename(dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:

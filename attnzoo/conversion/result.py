@@ -51,10 +51,7 @@ class ConversionResult:
         return sum(lay.per_token for lay in layouts) * element_size(self.dtype)
 
     def kv_change(self) -> str:
-        """``"75.0% saved"``, ``"4.0x larger"`` or ``"unchanged"``, per token."""
-        before, after = self.per_token(False), self.per_token(True)
-        if not before or before == after:
-            return "unchanged"
-        if after < before:
-            return f"{100 * (1 - after / before):.1f}% saved"
-        return f"{after / before:.1f}x larger"
+        """``"75.0% saved"``, ``"no change"`` or ``"4.0x larger, +300.0%"``, per token."""
+        from .card import kv_change
+
+        return kv_change(self.per_token(False), self.per_token(True))

@@ -11,6 +11,7 @@ on the fly. Peak memory is one tensor, not one shard.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -126,10 +127,26 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, count: int, progress: Call
             progress(got)
 
 
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of ``t`` (contiguous, on CPU) without a second copy."""
     t = t.detach().to("cpu").contiguous()
     return memoryview(t.view(-1).view(torch.uint8).numpy())
+
+
+@contextlib.contextmanager
+def _naming(path: Path):
+    """An ``OSError`` from a bare ``os.write``/``copy_file_range`` (a full disk) names no file: name ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 class ShardWriter:
@@ -156,8 +173,14 @@ class ShardWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes, as safetensors does
         self.total = off
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.write(self.fd, struct.pack("<Q", len(blob)) + blob)
+        self.fd = None
+        with _naming(self.path):
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(self.fd, memoryview(struct.pack("<Q", len(blob)) + blob))
+            except BaseException:
+                self.close(check=False)
+                raise
         self.i = 0
 
     def _next(self, name):
@@ -170,20 +193,21 @@ class ShardWriter:
 
     def copy(self, name: str, src_fd: int, offset: int, progress=None) -> None:
         _, _, _, size = self._next(name)
-        copy_range(src_fd, self.fd, offset, size, progress)
+        with _naming(self.path):
+            copy_range(src_fd, self.fd, offset, size, progress)
 
     def copy_run(self, names: list[str], src_fd: int, offset: int, progress=None) -> None:
         """Copy several declared tensors that are contiguous in the source, in one kernel copy."""
         size = sum(self._next(n)[3] for n in names)
-        copy_range(src_fd, self.fd, offset, size, progress)
+        with _naming(self.path):
+            copy_range(src_fd, self.fd, offset, size, progress)
 
     def write(self, name: str, tensor: torch.Tensor, progress=None) -> None:
         _, dtype, shape, size = self._next(name)
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"{name}: got {tensor.dtype}{list(tensor.shape)}, declared {dtype}{list(shape)}")
-        view = tensor_bytes(tensor)
-        while view:
-            view = view[os.write(self.fd, view):]
+        with _naming(self.path):
+            _write_all(self.fd, tensor_bytes(tensor))
         if progress:
             progress(size)
 

@@ -4,7 +4,9 @@
 ``model.safetensors.index.json``, or pickled ``pytorch_model.bin`` / its index), checks
 every shard before anything is written (missing, unreadable, truncated), and reads one
 tensor at a time. Pickled files are only opened with ``torch.load(weights_only=True,
-mmap=True)``. Nothing here ever opens a source file for writing.
+mmap=True)``. Nothing here ever opens a source file for writing. :func:`read_config` reads
+``config.json`` with errors that name the file and the fault (``attnzoo info``, ``eval`` and
+``uptrain`` use it too).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 from .safetensors_io import TensorInfo, read_header
 
-__all__ = ["SourceCheckpoint", "Shard", "WEIGHT_SUFFIXES"]
+__all__ = ["SourceCheckpoint", "Shard", "WEIGHT_SUFFIXES", "check_checkpoint_dir", "read_config"]
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -32,20 +34,42 @@ class Shard:
     safetensors: bool
 
 
+def check_checkpoint_dir(path: Path, what: str = "") -> Path:
+    """``path/config.json``, after checking that ``path`` is a directory that holds one.
+
+    ``what`` prefixes the messages (e.g. ``"--model='x': "``)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what}{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{what}{path}: is a file, not a checkpoint directory (a directory with "
+                                 "config.json and the weights)")
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{what}{cfg}: missing (a Hugging Face checkpoint directory has a config.json)")
+    return cfg
+
+
+def read_config(path: Path, what: str = "") -> dict:
+    """The parsed ``config.json`` of checkpoint directory ``path``; errors name the file and the fault."""
+    cfg = check_checkpoint_dir(path, what)
+    try:
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what}{cfg}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{what}{cfg}: not a model config (expected a JSON object, found a {type(config).__name__})")
+    if not isinstance(config.get("model_type"), str):
+        raise ValueError(f"{what}{cfg}: not a Hugging Face model config (no 'model_type' key)")
+    return config
+
+
 class SourceCheckpoint:
     """Read-only view of a checkpoint directory."""
 
     def __init__(self, path):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"{self.path}: no such checkpoint directory")
-        cfg = self.path / "config.json"
-        if not cfg.is_file():
-            raise FileNotFoundError(f"{cfg}: missing (a Hugging Face checkpoint directory has a config.json)")
-        try:
-            self.config = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+        self.config = read_config(self.path)
         self.index_file: Path | None = None
         self._bin_cache: tuple[Path, dict] | None = None
         self.shards = self._open_shards()
@@ -57,8 +81,10 @@ class SourceCheckpoint:
             if idx.is_file():
                 self.index_file = idx
                 try:
-                    weight_map = json.loads(idx.read_text())["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    weight_map = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
+                    if not isinstance(weight_map, dict):
+                        raise TypeError(f"a {type(weight_map).__name__}")
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                     raise ValueError(f"{idx}: not a valid index (needs a 'weight_map': {e})") from None
                 files = []
                 for f in weight_map.values():

@@ -87,9 +87,13 @@ def _parse_builtin(spec: str, option: str) -> int:
 def _read_file(path: Path, option: str, spec: str, tokenizer):
     answers = None
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except SafetensorError as e:
+            raise ValueError(f"{option}={spec!r}: not a valid safetensors file ({e})") from None
         if "input_ids" not in tensors:
             raise ValueError(f"{option}={spec!r}: the safetensors file holds {sorted(tensors)}, "
                              "expected a tensor named 'input_ids'")
@@ -100,7 +104,11 @@ def _read_file(path: Path, option: str, spec: str, tokenizer):
                 raise ValueError(f"{option}={spec!r}: answer_mask has {answers.numel()} entries but input_ids "
                                  f"has {ids.numel()}")
         return ids, answers
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{option}={spec!r}: not a UTF-8 text file ({e}); token ids go in a .safetensors or .ids "
+                         "file") from None
     if path.suffix == ".ids":
         try:
             return torch.tensor([int(w) for w in text.split()], dtype=torch.long), None

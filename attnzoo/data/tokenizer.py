@@ -32,4 +32,11 @@ def load_tokenizer(path: str | Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except OSError:
+        raise  # names its file
+    except Exception as e:  # invalid tokenizer.json (json, tokenizers' own Exception), missing keys...
+        text = " ".join(str(e).split())[:300]
+        raise ValueError(f"{path}: its tokenizer files (tokenizer.json, tokenizer_config.json) cannot be loaded "
+                         f"({type(e).__name__}: {text})") from e

@@ -13,9 +13,10 @@ import torch
 from ..errors import check_positive_int
 from ..kv import kv_bytes_per_token, kv_cache_bytes
 from .metrics import Scores, score
-from .speed import decode_tokens_per_second
+from .speed import DecodeSpeed, decode_speed, decode_tokens_per_second
 
-__all__ = ["EvalResult", "evaluate", "evaluate_dir", "score", "decode_tokens_per_second", "DEFAULT_EVAL_DATA"]
+__all__ = ["EvalResult", "evaluate", "evaluate_dir", "score", "decode_speed", "decode_tokens_per_second", "DecodeSpeed",
+           "DEFAULT_EVAL_DATA"]
 
 DEFAULT_EVAL_DATA = "builtin:1"  # held out: the built-in model trained on builtin:0
 
@@ -34,9 +35,11 @@ class EvalResult:
     kv_cache_bytes: int
     kv_seq_len: int
     kv_dtype: str
-    decode_tokens_per_s: float | None
+    decode_tokens_per_s: float | None  # median of the timed runs
     parameters: int
     seconds: float
+    decode_range: tuple[float, float] | None = None  # slowest and fastest timed run, tokens/s
+    decode_threads: int | None = None  # torch intra-op threads while timing
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -48,11 +51,12 @@ class EvalResult:
 
 
 def evaluate(model, data, *, num_sequences: int | None = 128, batch_size: int = 16, decode_tokens: int = 64,
-             name: str = "model", progress: bool = False) -> EvalResult:
+             decode_repeats: int = 5, name: str = "model", progress: bool = False) -> EvalResult:
     """Every metric of ``model`` on ``data`` (a :class:`~attnzoo.data.sources.TokenData`).
 
     ``num_sequences``: how many sequences to score (None: all of a file; required for the
-    endless built-in corpus). ``decode_tokens=0`` skips the speed measurement.
+    endless built-in corpus). ``decode_tokens=0`` skips the speed measurement; otherwise it is the
+    median of ``decode_repeats`` timed runs (:func:`~attnzoo.evaluate.speed.decode_speed`).
     """
 
     n = num_sequences if data.num_sequences is None else min(num_sequences or data.num_sequences,
@@ -60,6 +64,7 @@ def evaluate(model, data, *, num_sequences: int | None = 128, batch_size: int = 
     check_positive_int("--num-seqs", n)
     check_positive_int("--batch-size", batch_size)
     check_positive_int("--decode-tokens", decode_tokens, minimum=0)
+    check_positive_int("--decode-repeats", decode_repeats)
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -67,8 +72,8 @@ def evaluate(model, data, *, num_sequences: int | None = 128, batch_size: int = 
         s: Scores = score(model, data, n, batch_size, progress=progress)
         speed = None
         if decode_tokens:
-            prompt = data.batch([0])[:, : max(1, min(32, data.seq_len // 2))]
-            speed = decode_tokens_per_second(model, prompt, decode_tokens)
+            prompt = data.batch([0])[:, : max(1, min(32, data.seq_len // 2))]  # the same prompt for every model
+            speed = decode_speed(model, prompt, decode_tokens, repeats=decode_repeats)
     finally:
         model.train(was_training)
     dtype = next(model.parameters()).dtype
@@ -76,7 +81,9 @@ def evaluate(model, data, *, num_sequences: int | None = 128, batch_size: int = 
                       s.answers, kv_bytes_per_token(model, dtype=dtype),
                       kv_cache_bytes(model, seq_len=data.seq_len, dtype=dtype), data.seq_len,
                       str(dtype).replace("torch.", ""),
-                      speed, sum(p.numel() for p in model.parameters()), time.perf_counter() - t0)
+                      speed.median if speed else None, sum(p.numel() for p in model.parameters()),
+                      time.perf_counter() - t0, (speed.low, speed.high) if speed else None,
+                      speed.threads if speed else None)
 
 
 def evaluate_dir(model_dir: str, data: str = DEFAULT_EVAL_DATA, *, seq_len: int = 256, device: str | None = None,

@@ -40,17 +40,31 @@ _local = threading.local()
 
 @dataclass(frozen=True)
 class Decision:
-    """Which backend ran a call, and why the ones ahead of it did not."""
+    """Which backend ran a call, and why the others did not.
+
+    ``rejected``: the backends tried ahead of it and why each could not serve. From :func:`explain`
+    also ``order`` (the priority list that was walked) and ``skipped``: every other backend, after
+    the chosen one or outside the device's order, with the reason it did not run.
+    """
 
     backend: str
     forced: bool
     rejected: dict[str, str] = field(default_factory=dict)
     cached: bool = False
+    order: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend}" + (" (forced)" if self.forced else "") +
                  (" (remembered for this call signature)" if self.cached else "")]
-        lines += [f"  skipped {name}: {why}" for name, why in self.rejected.items()]
+        if not self.order:
+            lines += [f"  skipped {name}: {why}" for name, why in self.rejected.items()]
+            return "\n".join(lines)
+        reasons = {**{n: f"cannot serve: {w}" for n, w in self.rejected.items()}, **self.skipped}
+        for i, name in enumerate(self.order, 1):
+            why = "runs this call" if name == self.backend else reasons.get(name, "not tried")
+            lines.append(f"  {i}. {name}: {why}")
+        lines += [f"  -- {name}: {why}" for name, why in reasons.items() if name not in self.order]
         return "\n".join(lines)
 
 
@@ -87,21 +101,26 @@ class Dispatcher:
         finally:
             self.forced.reset(token)
 
-    def run(self, call, backend) -> tuple[torch.Tensor, Decision]:
-        """Run ``call`` on the forced backend(s) or the first of the device's order that serves it."""
+    def order_for(self, call) -> tuple[str, ...]:
+        """The priority list for ``call``: by its ``order_key()`` if it has one, else its device type."""
+        key = call.order_key() if hasattr(call, "order_key") else call.q.device.type
+        return self.order.get(key) or self.order.get(call.q.device.type, self.default_order)
+
+    def run(self, call, backend, *, memo: bool = True) -> tuple[torch.Tensor, Decision]:
+        """Run ``call`` on the forced backend(s) or the first of the device's order that serves it.
+        ``memo=False`` probes the order afresh instead of reusing the remembered choice."""
         forced = self.check_names(backend) if backend is not None else self.forced.get()
         rejected: dict[str, str] = {}
         if forced is None:
             sig = call.signature()
-            name = self.chosen.get(sig)
+            name = self.chosen.get(sig) if memo else None
             if name is not None:
                 try:
                     return self.backends[name].run(call), Decision(name, False, {}, cached=True)
                 except BackendUnavailableError as e:  # e.g. a length this kernel does not take
                     rejected[name] = str(e)
                     self.chosen.pop(sig, None)
-            key = call.order_key() if hasattr(call, "order_key") else call.q.device.type
-            candidates = self.order.get(key) or self.order.get(call.q.device.type, self.default_order)
+            candidates = self.order_for(call)
         else:
             candidates = forced
         for name in candidates:
@@ -123,6 +142,28 @@ class Dispatcher:
             rejected[name] = why
         detail = "; ".join(f"{n}: {w}" for n, w in rejected.items())
         raise BackendUnavailableError(f"no {self.op} backend among {list(candidates)} can serve this call ({detail})")
+
+    def explain(self, call, backend) -> Decision:
+        """Run ``call`` (probing afresh) and give every backend's fate: the ones ahead of the chosen
+        one with why they could not serve, the ones after it and those outside the order with why
+        they did not run (and whether they could have)."""
+        _, d = self.run(call, backend, memo=False)
+        forced = d.forced
+        if forced:
+            order = self.check_names(backend) if backend is not None else self.forced.get()
+        else:
+            order = self.order_for(call)
+        after = order[order.index(d.backend) + 1:]
+        skipped: dict[str, str] = {}
+        for name in list(after) + [n for n in self.backends if n not in order]:
+            why = self.backends[name].check(call)
+            if name in after:
+                skipped[name] = (f"not tried: {d.backend} ranks ahead" +
+                                 (" (it could serve this call)" if why is None else f" (it could not anyway: {why})"))
+            else:
+                where = "not in the forced list" if forced else f"not in the {call.q.device.type} order"
+                skipped[name] = where + ("" if why is None else f": {why}")
+        return Decision(d.backend, forced, d.rejected, False, tuple(order), skipped)
 
 
 _DENSE = Dispatcher("attention", BACKENDS, ORDER, _DEFAULT_ORDER)
@@ -175,12 +216,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 
 def explain(q, k, v, **kwargs) -> Decision:
-    """Run ``attention(q, k, v, **kwargs)`` without grad and return the :class:`Decision`
-    (which backend served it and why the faster ones did not)."""
+    """Run ``attention(q, k, v, **kwargs)`` without grad and return the :class:`Decision`: which
+    backend served it, and every other backend in priority order with the reason it did not
+    (``print`` it for a readable list). The order is probed afresh, not taken from the memo."""
     call = AttentionCall.build(q, k, v, **{k_: v_ for k_, v_ in kwargs.items() if k_ != "backend"})
     with torch.no_grad():
-        _, decision = _dispatch(call, kwargs.get("backend"))
-    return decision
+        return _DENSE.explain(call, kwargs.get("backend"))
 
 
 def last_decision() -> Decision | None:

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .. import __version__
+from ..checkpoint_io import BUILTIN, hf_progress_bars, load_config
 from ..conversion.card import model_card
 from ..conversion.output import check_destination, copy_side_files, staged_output
 from ..conversion.result import ConversionResult
@@ -60,25 +61,38 @@ def _dtype_label(dtype, config) -> str:
     return str(got).replace("torch.", "")
 
 
+def _source_dir(src) -> Path:
+    """SRC as a path; ``"builtin"`` is the packaged model, as for ``eval`` and ``uptrain``."""
+    if str(src) == BUILTIN:
+        from ..data.model import builtin_model_dir
+
+        return builtin_model_dir()
+    return Path(src)
+
+
 def convert_checkpoint(src, dst, variant: str, options: dict[str, Any] | None = None, *, dtype: str | None = None,
                        force: bool = False, dry_run: bool = False, progress: bool = True) -> ConversionResult:
-    """Convert checkpoint directory ``src`` into ``dst`` with ``attnzoo.patch``'s ``variant`` and ``options``
-    (unset options, None, are dropped); see the module docstring."""
-    from transformers import AutoConfig
+    """Convert checkpoint directory ``src`` (or ``"builtin"``, the packaged model) into ``dst`` with
+    ``attnzoo.patch``'s ``variant`` and ``options`` (unset options, None, are dropped); see the module
+    docstring. ``progress=False`` also silences transformers' own progress bars."""
+    with hf_progress_bars(progress):
+        return _convert(src, dst, variant, options, dtype, force, dry_run, progress)
 
+
+def _convert(src, dst, variant, options, dtype, force, dry_run, progress) -> ConversionResult:
     start = time.time()
-    src, dst = Path(src), Path(dst)
+    src, dst = _source_dir(src), Path(dst)
     converter = get_converter(variant)
     options = {k: v for k, v in (options or {}).items() if v is not None}
     torch_dtype = parse_dtype(dtype)
     source = SourceCheckpoint(src)  # checks config and every shard before anything is written
+    config = load_config(src, "SRC")  # transformers can read the config (errors name the file)
     if not dry_run:
         check_destination(src, dst, force)
     adapter = adapter_for(source.config)
     if get_record(source.config):
         raise ValueError(f"{src} already holds an attnzoo patch ({source.config['attnzoo'].get('variant')!r}); "
                          "convert the original checkpoint instead")
-    config = AutoConfig.from_pretrained(source.path)
     archs = getattr(config, "architectures", None) or []
     result = ConversionResult(src=source.path, dst=dst, variant=variant, options=dict(options), native=False,
                               streamed=False, dtype=_dtype_label(torch_dtype, config), summary=variant,
@@ -142,7 +156,7 @@ def _streamed(job, source, dst, dtype, force, progress, result: ConversionResult
         job.config.dtype = result.dtype
     if result.dry_run:
         return
-    with staged_output(source.path, dst, force) as tmp:
+    with staged_output(source.path, dst, force, result.notes) as tmp:
         result.files = run_stream_with_bar(plan, tmp, progress)
         job.config.save_pretrained(tmp)
         result.files += ["config.json"] + copy_side_files(source.path, tmp)
@@ -187,7 +201,7 @@ def _in_memory(source, dst, variant, options, dtype, force, result: ConversionRe
         p = next(model.parameters())
         result.bytes_after = report.params_after * (elem or p.element_size())
         return
-    with staged_output(source.path, dst, force) as tmp:
+    with staged_output(source.path, dst, force, result.notes) as tmp:
         model.save_pretrained(tmp)
         result.files = sorted(p.name for p in tmp.iterdir())
         result.files += copy_side_files(source.path, tmp)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..conversion.card import kv_change
 from ..table import format_table
 
 __all__ = ["PatchReport"]
@@ -40,7 +41,7 @@ class PatchReport:
 
     @property
     def kv_saving(self) -> float:
-        """Fraction of the KV cache saved (0.75 = four times smaller)."""
+        """Fraction of the KV cache saved (0.75 = four times smaller; negative when it grew)."""
         b = self.kv_bytes_per_token_before
         return 0.0 if not b else 1.0 - self.kv_bytes_per_token_after / b
 
@@ -52,7 +53,7 @@ class PatchReport:
             {"": "patched modules", "value": f"{len(self.modules)}"},
             {"": "parameters", "value": f"{self.params_before:,} -> {self.params_after:,}"},
             {"": "KV cache B/token", "value": f"{self.kv_bytes_per_token_before:,} -> {self.kv_bytes_per_token_after:,}"
-                                              f" ({100 * self.kv_saving:.1f}% saved)"},
+                                              f" ({kv_change(self.kv_bytes_per_token_before, self.kv_bytes_per_token_after)})"},
             {"": "checkpoint", "value": "native transformers" if self.native
              else "needs attnzoo.from_pretrained (patch recorded in config.json)"},
         ] + [{"": "note", "value": n} for n in self.notes]

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint_io import atomic_output_dir, check_new_output, load_causal_lm, quiet_hf, read_metadata, \
-    resolve_model_dir, update_metadata
+from ..checkpoint_io import atomic_output_dir, check_new_output, hf_progress_bars, load_causal_lm, quiet_hf, \
+    read_metadata, resolve_model_dir, update_metadata
 from ..data.sources import TokenData, open_data
 from ..data.tokenizer import load_tokenizer
+from ..faults import add_note, interrupt_signal, is_safetensors_error, signal_name
+from ..output_dir import remove_tree
 from .curves import append_log, plot_losses, read_log, truncate_log
 from .lora import TrainableSummary, apply_lora, merge_lora, summarize_trainable
 from .losses import mixed_loss
@@ -42,20 +44,27 @@ class UptrainResult:
     tokens: int  # training tokens seen (all processes)
     budget_tokens: int
     fraction_of_pretraining: float | None
-    final_loss: float
+    final_loss: float  # the training objective (with a teacher: alpha * KL + (1 - alpha) * CE), last 10 steps
     seconds: float
     trainable: TrainableSummary
     log: list[dict] = field(default_factory=list)
     stopped: bool = False
+    final_ce: float = float("nan")  # cross-entropy part, last 10 steps (what loss_curve.png plots)
+    distilled: bool = False
+    notes: list[str] = field(default_factory=list)  # what happened after the output was in place
 
     def rows(self) -> list[dict]:
         frac = "-" if self.fraction_of_pretraining is None else f"{100 * self.fraction_of_pretraining:.2f}%"
+        losses = [("final cross-entropy (mean of last 10 steps, as plotted)", f"{self.final_ce:.4f}")]
+        if self.distilled:
+            losses.append(("final training objective (alpha*KL + (1-alpha)*CE)", f"{self.final_loss:.4f}"))
         rows = [("steps", f"{self.steps}/{self.total_steps}"), ("tokens", f"{self.tokens:,}"),
-                ("of pretraining tokens", frac), ("final loss (mean of last 10 steps)", f"{self.final_loss:.4f}"),
+                ("of pretraining tokens", frac), *losses,
                 ("wall time", f"{self.seconds:.1f} s"),
                 ("throughput", f"{self.tokens / max(self.seconds, 1e-9):,.0f} tokens/s"),
                 ("trained", self.trainable.describe()),
                 ("output", str(self.out) if self.out else "not saved (stopped early; continue with --resume)")]
+        rows += [("note", n) for n in self.notes]
         return [{"": k, "value": v} for k, v in rows]
 
 
@@ -142,13 +151,64 @@ def _check_same_options(opts: UptrainOptions, work: Path) -> None:
                              f"{saved.get(key)!r}; an exact resume needs the same options")
 
 
+def _load_checkpoint(path: Path, *args) -> dict:
+    """:func:`load_checkpoint`, with unreadable files (invalid JSON, a cut-off safetensors file) named."""
+    try:
+        return load_checkpoint(path, *args)
+    except Exception as e:
+        if not isinstance(e, (json.JSONDecodeError, UnicodeDecodeError, KeyError)) and not is_safetensors_error(e):
+            raise
+        raise ValueError(f"--resume: the checkpoint {str(path)!r} cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}); resume from an earlier one (--resume PATH) or start "
+                         "over with --force") from e
+
+
 def _indices(step: int, micro: int, opts: UptrainOptions, world: int, rank: int) -> range:
     start = ((step * opts.grad_accum + micro) * world + rank) * opts.batch_size
     return range(start, start + opts.batch_size)
 
 
 def uptrain(opts: UptrainOptions) -> UptrainResult:
-    """Run one uptraining (or pretraining) job; see :class:`UptrainOptions`. Every process calls it."""
+    """Run one uptraining (or pretraining) job; see :class:`UptrainOptions`. Every process calls it.
+
+    On an error, Ctrl-C or SIGTERM, ``--out`` is left as it was and ``OUT.partial/`` is kept only
+    when it holds a checkpoint to ``--resume`` from (the exception's notes say so), else removed.
+    Once ``--out`` is in place the run has succeeded, whatever interrupt comes after. ``progress=False``
+    also silences transformers' own progress bars for the run."""
+    owned: dict = {}  # "work": OUT.partial once this run writes it; "result": its result, .out set once saved
+    try:
+        with hf_progress_bars(opts.progress):
+            return _uptrain(opts, owned)
+    except BaseException as e:
+        result = owned.get("result")
+        if result is None or result.out is None:  # --out not written
+            if "work" in owned:
+                _leave_work(owned["work"], e)
+            raise
+        if not isinstance(e, KeyboardInterrupt):
+            raise
+        result.notes.append(f"{signal_name(interrupt_signal(e))} arrived after --out {result.out} was in place: "
+                            "it is complete")
+        return result
+
+
+def _leave_work(work: Path, e: BaseException) -> None:
+    """After a failed or interrupted run: keep OUT.partial when it holds a checkpoint to resume from, else
+    remove it; notes on ``e`` say which (or name what could not be removed)."""
+    for t in (work / "checkpoints").glob("*.tmp"):  # a checkpoint cut off while being written
+        remove_tree(t)
+    found = latest_checkpoint(work / "checkpoints")
+    if found is not None:
+        add_note(e, f"checkpoints kept in {work} (newest: {found.name}): continue with --resume, or start over "
+                    "with --force")
+        return
+    gone, stopped = remove_tree(work)
+    if not gone:
+        how = f"removal stopped by {signal_name(interrupt_signal(stopped))}" if stopped else "could not be removed"
+        add_note(e, f"{work} is left ({how}): delete it")
+
+
+def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     opts.validate()
     model_dir = resolve_model_dir(opts.model, "--model")
     out = Path(opts.out)
@@ -186,6 +246,7 @@ def uptrain(opts: UptrainOptions) -> UptrainResult:
         teacher.to(accelerator.device)
 
     if main:
+        owned["work"] = work  # from here on a failure removes it, or keeps it for --resume (uptrain())
         if resume_from is None:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
@@ -194,7 +255,7 @@ def uptrain(opts: UptrainOptions) -> UptrainResult:
     log_path = work / "loss_log.jsonl"
     step, seconds_before = 0, 0.0
     if resume_from is not None:
-        progress = load_checkpoint(resume_from, model, optimizer, scheduler, accelerator)
+        progress = _load_checkpoint(resume_from, model, optimizer, scheduler, accelerator)
         step, seconds_before = progress["step"], progress.get("seconds", 0.0)
         if main:
             truncate_log(log_path, step)
@@ -250,23 +311,30 @@ def uptrain(opts: UptrainOptions) -> UptrainResult:
     bar.close()
     seconds = seconds_before + time.perf_counter() - t0
     log = read_log(log_path) if main else []
-    final_loss = sum(e["loss"] for e in log[-10:]) / max(1, len(log[-10:])) if log else float("nan")
-    result = UptrainResult(None, step, total_steps, step * tokens_per_step, budget, fraction, final_loss, seconds,
-                           summary, log, stopped)
+    result = UptrainResult(None, step, total_steps, step * tokens_per_step, budget, fraction, _tail_mean(log, "loss"),
+                           seconds, summary, log, stopped, final_ce=_tail_mean(log, "ce"),
+                           distilled=opts.teacher is not None)
     if stopped:
         accelerator.wait_for_everyone()
         return result
 
     state = accelerator.get_state_dict(model)  # gathers shards under FSDP
     if main:
-        result.out = _save(opts, out, work, accelerator.unwrap_model(model), state, tokenizer, result, meta)
+        owned["result"] = result
+        _save(opts, out, work, accelerator.unwrap_model(model), state, tokenizer, result, meta)
     accelerator.wait_for_everyone()
     return result
 
 
+def _tail_mean(log: list[dict], key: str, n: int = 10) -> float:
+    """Mean of ``key`` over the last ``n`` logged steps (NaN without a log)."""
+    tail = [e.get(key, e["loss"]) for e in log[-n:]]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
 def _run_record(opts: UptrainOptions, result: UptrainResult) -> dict:
     rec = {"tokens": result.tokens, "steps": result.steps, "data": opts.data, "lr": opts.lr, "seed": opts.seed,
-           "final_loss": round(result.final_loss, 5)}
+           "final_loss": round(result.final_loss, 5), "final_ce": round(result.final_ce, 5)}
     if result.fraction_of_pretraining is not None:
         rec["fraction_of_pretraining"] = round(result.fraction_of_pretraining, 6)
     if opts.teacher is not None:
@@ -277,7 +345,8 @@ def _run_record(opts: UptrainOptions, result: UptrainResult) -> dict:
     return rec
 
 
-def _save(opts, out, work, model, state, tokenizer, result, meta) -> Path:
+def _save(opts, out, work, model, state, tokenizer, result, meta) -> None:
+    """Write --out (sets ``result.out`` once it is in place) and remove OUT.partial unless --keep-checkpoints."""
     model = merge_lora(model) if opts.lora_rank else model
     if opts.lora_rank:  # the merged weights, not the adapter-wrapped state
         state = None
@@ -287,13 +356,19 @@ def _save(opts, out, work, model, state, tokenizer, result, meta) -> Path:
                         pretraining=meta.get("pretraining", []) + [rec])
     else:
         update_metadata(model, uptrain=meta.get("uptrain", []) + [rec])
-    with atomic_output_dir(out, force=True) as tmp:
+    with atomic_output_dir(out, force=True, notes=result.notes) as tmp:
         with quiet_hf():
             model.save_pretrained(str(tmp), state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp))
         shutil.copy(work / "loss_log.jsonl", tmp / "loss_log.jsonl")
         plot_losses({opts.stage: result.log}, tmp / "loss_curve.png", title=f"{opts.stage}: {out.name}")
+    result.out = out  # in place: whatever happens from here on, the run succeeded
     if not opts.keep_checkpoints:
-        shutil.rmtree(work, ignore_errors=True)
-    return out
+        gone, stopped = remove_tree(work)
+        if stopped is not None:
+            result.notes.append(f"{signal_name(interrupt_signal(stopped))} arrived after --out {out} was in place: "
+                                "it is complete")
+        if not gone:
+            result.notes.append(f"{work} is left ({'removal interrupted' if stopped else 'could not be removed'}): "
+                                "delete it")

@@ -8,7 +8,20 @@ from typing import Any
 from ..errors import check_choice, check_positive_int, check_type, suggest
 from ..ops.rope import STYLES
 
-__all__ = ["VariantConfig", "RopeConfig"]
+__all__ = ["VariantConfig", "RopeConfig", "jsonable"]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as plain JSON data: tuples become lists, configs dicts; anything else unknown its ``repr``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
 
 
 @dataclass(frozen=True)

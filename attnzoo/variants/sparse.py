@@ -103,6 +103,11 @@ class LongformerConfig(LongformerOptions, SparseConfig):
     ``k_global_proj``, ``v_global_proj`` as in the paper (Hugging Face's ``query_global``,
     ``key_global``, ``value_global``): a global token's query and the keys/values it reads come
     from them; every other query reads the global tokens through the ordinary projections.
+
+    Args:
+        window: keys on each side of a query, its own position not counted.
+        global_tokens: an int N (the first N tokens are global) or a tuple of global positions.
+        global_projections: separate q/k/v projections for the global tokens.
     """
 
     pattern_cls = Longformer
@@ -129,7 +134,15 @@ class BigBirdOptions:
 class BigBirdConfig(BigBirdOptions, SparseConfig):
     """``bigbird``: blocks of ``block_size``; a ``window`` of whole blocks (default ``block_size``: 3 blocks),
     ``global_blocks`` global blocks and ``random_blocks`` random key blocks per query block, drawn from
-    ``seed`` (the same in training and evaluation)."""
+    ``seed`` (the same in training and evaluation).
+
+    Args:
+        block_size: tokens per block.
+        window: keys on each side of a query, in tokens, a multiple of ``block_size`` (None: ``block_size``).
+        global_blocks: global blocks (attend everywhere, attended by all).
+        random_blocks: random key blocks per query block.
+        seed: seed of the random blocks.
+    """
 
     pattern_cls = BigBird
     pattern_options = ("block_size", "window", "global_blocks", "random_blocks", "seed")
@@ -141,7 +154,11 @@ class BigBirdConfig(BigBirdOptions, SparseConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class SparseStridedConfig(SparseConfig):
-    """``sparse_strided``: the previous ``stride`` positions and every ``stride``-th one (Sparse Transformer)."""
+    """``sparse_strided``: the previous ``stride`` positions and every ``stride``-th one (Sparse Transformer).
+
+    Args:
+        stride: a query reads the keys with |i - j| < stride and every stride-th key (i - j a multiple of it).
+    """
 
     stride: int = option(128, help="the previous stride positions and every stride-th one")
     pattern_cls = Strided
@@ -150,7 +167,12 @@ class SparseStridedConfig(SparseConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class SparseFixedConfig(SparseConfig):
-    """``sparse_fixed``: the query's block of ``stride`` positions and the last ``summary`` of every block."""
+    """``sparse_fixed``: the query's block of ``stride`` positions and the last ``summary`` of every block.
+
+    Args:
+        stride: block length.
+        summary: positions at the end of every block that every query reads (causal: the earlier blocks').
+    """
 
     stride: int = option(128, help="block length")
     summary: int = option(8, help="the last positions of every block that every later query sees")

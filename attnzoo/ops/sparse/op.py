@@ -77,12 +77,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
 
 
 def explain_sparse(q, k, v, pattern, **kwargs) -> Decision:
-    """Run ``sparse_attention(q, k, v, pattern, **kwargs)`` without grad; return which backend served it."""
+    """Run ``sparse_attention(q, k, v, pattern, **kwargs)`` without grad; return which backend served it
+    and, for every other backend in priority order, why it did not (see :func:`attnzoo.ops.explain`)."""
     backend = kwargs.pop("backend", None)
     call = SparseCall.build(q, k, v, pattern, **kwargs)
     with torch.no_grad():
-        _, decision = _SPARSE.run(call, backend)
-    return decision
+        return _SPARSE.explain(call, backend)
 
 
 def last_sparse_decision() -> Decision | None:
