@@ -11,6 +11,7 @@ OpenMP. ``from attnzoo import patch`` and ``attnzoo.patch`` work as with eager i
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from .errors import (AttnzooError, BackendUnavailableError, NoMatchingModuleError, UnknownVariantError,
@@ -57,7 +58,9 @@ def __getattr__(name: str) -> Any:
     try:
         module, attr = _LAZY[name]
     except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        if importlib.util.find_spec(f"{__name__}.{name}") is None:  # attnzoo.registry, attnzoo.kv, ... load too
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        module, attr = f".{name}", None
     mod = importlib.import_module(module, __name__)
     value = mod if attr is None else getattr(mod, attr)
     globals()[name] = value  # later look-ups skip __getattr__

@@ -25,9 +25,9 @@ def test_convert_builtin_and_back_to_mha(tmp_path, capsys):
     assert json.loads((mqa / "config.json").read_text())["num_key_value_heads"] == 1
     assert main(["convert", str(mqa), str(back), "--to", "mha", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "4.0x larger, +300.0%" in out and "-300" not in out and "before: 1 KV head " in out
+    assert "4.0x larger, +300.0%" in out and "-300" not in out and "before: K/V 1 x 48 " in out
     card = (back / "README.md").read_text()
-    assert "KV cache: 4.0x larger, +300.0%." in card and "-300" not in card
+    assert "Per token: 4.0x larger, +300.0%." in card and "-300" not in card
 
 
 def _hf_bars_on() -> bool:

@@ -25,7 +25,7 @@ FLOW = textwrap.dedent('''
         assert main(["list", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(buf.getvalue())}
     assert "halve_kv" in rows, sorted(rows)
-    assert {o["name"]: o["default"] for o in rows["halve_kv"]["options"]}["factor"] == 2
+    assert {o["name"]: o.get("default") for o in rows["halve_kv"]["patch_options"]}["factor"] == 2
 
     cfg = tf.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=64)
