@@ -21,10 +21,13 @@ global q/k/v projections, initialised as copies of q/k/v.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError, check_positive_int
+from ..options import option
+from .config import PatchConfig
 from ..ops.sparse import Pattern, SlidingWindow
 from ..variants.sparse import SlidingWindowConfig
 from .converters import Converter, build_wrapper
@@ -32,9 +35,19 @@ from .hf import PATTERN_ATTR, HFSparseAttention, use_attnzoo_kernel
 from .position_table import extend_position_tables, position_tables
 from .sites import Site, get_submodule, set_linear
 
-__all__ = ["PatternConverter", "NATIVE", "KERNEL", "SWAP", "MAX_POSITIONS_HELP"]
+__all__ = ["PatternConverter", "PositionsPatch", "NATIVE", "KERNEL", "SWAP"]
 
-MAX_POSITIONS_HELP = "extend the learned position table to this many tokens by copying it (the Longformer recipe)"
+
+@dataclass(frozen=True, kw_only=True)
+class PositionsPatch(PatchConfig):
+    """The encoder recipes' conversion option (``longformer``, ``bigbird``): how far the learned position table
+    grows."""
+
+    max_positions: int | None = option(None, help="extend the learned position table to this many tokens by "
+                                                   "copying it (the Longformer recipe)")
+
+    def validate(self):
+        check_positive_int("max_positions", self.max_positions, allow_none=True)
 
 NATIVE, KERNEL, SWAP = "native", "kernel", "swap"
 

@@ -4,26 +4,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...errors import check_positive_int
 from ...ops.sparse import BigBird
-from ...options import option
 from ...variants.sparse import BigBirdConfig, BigBirdOptions
-from ..config import PatchConfig
-from ..patterns import MAX_POSITIONS_HELP, PatternConverter
+from ..patterns import PatternConverter, PositionsPatch
 from ..position_table import position_tables
 
 __all__ = ["BigBirdPatch", "BigBirdConverter", "bigbird"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class BigBirdPatch(BigBirdOptions, PatchConfig):
+class BigBirdPatch(BigBirdOptions, PositionsPatch):
     """``attnzoo.BigBird(block_size=64, window=None, global_blocks=2, random_blocks=3, seed=0, max_positions=None)``."""
 
     variant: ClassVar[str] = "bigbird"
-    max_positions: int | None = option(None, help=MAX_POSITIONS_HELP)
-
-    def validate(self):
-        check_positive_int("max_positions", self.max_positions, allow_none=True)
 
 
 class BigBirdConverter(PatternConverter):
