@@ -14,16 +14,16 @@ and reload what was saved.
 * :mod:`.reload`: :func:`from_pretrained` (the ``config.json`` record itself: :mod:`attnzoo.record`).
 """
 from .adapters import ADAPTERS, Adapter, Tower, adapter_for, supported_model_types
-from .bigbird import BigBirdPatch as BigBird
+from .bigbird import BigBird
 from .config import PatchConfig
 from .converters import Converter, converters, get_converter
 from .hf import HFDenseAttention, HFSparseAttention
 from .kv_heads import GQA, MHA, MQA
-from .longformer import LongformerPatch as Longformer
+from .longformer import Longformer
 from .patterns import PatternConverter
 from .reload import from_pretrained
 from .report import PatchReport
-from .sliding_window import SlidingWindowPatch as SlidingWindow
+from .sliding_window import SlidingWindow
 from .walker import attention_sites, patch
 
 __all__ = ["PatchConfig", "GQA", "MQA", "MHA", "SlidingWindow", "Longformer", "BigBird", "patch", "PatchReport", "from_pretrained", "ADAPTERS", "Adapter", "Tower", "adapter_for",

@@ -4,16 +4,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ...ops.sparse import BigBird
+from ...ops import sparse as patterns
 from ...variants.sparse import BigBirdConfig, BigBirdOptions
 from ..patterns import PatternConverter, PositionsPatch
 from ..position_table import position_tables
 
-__all__ = ["BigBirdPatch", "BigBirdConverter", "bigbird"]
+__all__ = ["BigBird", "BigBirdConverter", "bigbird"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class BigBirdPatch(BigBirdOptions, PositionsPatch):
+class BigBird(BigBirdOptions, PositionsPatch):
     """``attnzoo.BigBird(block_size=64, window=None, global_blocks=2, random_blocks=3, seed=0, max_positions=None)``."""
 
     variant: ClassVar[str] = "bigbird"
@@ -24,7 +24,7 @@ class BigBirdConverter(PatternConverter):
     max_positions=None)``."""
 
     name = "bigbird"
-    config_cls, module_config_cls, pattern_cls = BigBirdPatch, BigBirdConfig, BigBird
+    config_cls, module_config_cls, pattern_cls = BigBird, BigBirdConfig, patterns.BigBird
     bidirectional_only = True
 
     def check(self, adapter, config, opts):

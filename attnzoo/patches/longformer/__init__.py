@@ -6,15 +6,15 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...errors import check_type
-from ...ops.sparse import Longformer
+from ...ops import sparse as patterns
 from ...variants.sparse import LongformerConfig, LongformerOptions
 from ..patterns import PatternConverter, PositionsPatch
 
-__all__ = ["LongformerPatch", "LongformerConverter", "longformer"]
+__all__ = ["Longformer", "LongformerConverter", "longformer"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class LongformerPatch(LongformerOptions, PositionsPatch):
+class Longformer(LongformerOptions, PositionsPatch):
     """``attnzoo.Longformer(window=256, global_tokens=1, max_positions=None, global_projections=False)``."""
 
     variant: ClassVar[str] = "longformer"
@@ -28,7 +28,7 @@ class LongformerConverter(PatternConverter):
     """``patch(model, "longformer", window=W, global_tokens=1, max_positions=None, global_projections=False)``."""
 
     name = "longformer"
-    config_cls, module_config_cls, pattern_cls = LongformerPatch, LongformerConfig, Longformer
+    config_cls, module_config_cls, pattern_cls = Longformer, LongformerConfig, patterns.Longformer
     bidirectional_only = True
 
     def module_options(self, opts):

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 from ...conversion.streaming import plan_stream
 from ...errors import check_choice
-from ...ops.sparse import SlidingWindow
+from ...ops import sparse as patterns
 from ...options import option
 from ...variants.sparse import SlidingWindowConfig, SlidingWindowOptions
 from ..config import PatchConfig
@@ -18,13 +18,13 @@ from ..hf import hf_sliding_window, use_attnzoo_kernel
 from ..patterns import NATIVE, PatternConverter
 from ..sites import Site
 
-__all__ = ["SlidingWindowPatch", "SlidingWindowConverter", "set_native_window", "sliding_window"]
+__all__ = ["SlidingWindow", "SlidingWindowConverter", "set_native_window", "sliding_window"]
 
 _KERNEL_HELP = ("native architectures: 'attnzoo' (the window on attnzoo's sparse kernel) or 'hf' (transformers' "
                 "own attention, where it has the window); None: attnzoo")
 
 @dataclass(frozen=True, kw_only=True)
-class SlidingWindowPatch(SlidingWindowOptions, PatchConfig):
+class SlidingWindow(SlidingWindowOptions, PatchConfig):
     """``attnzoo.SlidingWindow(window=256)``: ``patch(model, "sliding_window", window=...)``."""
 
     variant: ClassVar[str] = "sliding_window"
@@ -59,7 +59,7 @@ class SlidingWindowConverter(PatternConverter):
     """``patch(model, "sliding_window", window=W)``: keys ``i - W .. i`` (causal) or ``|i - j| <= W``."""
 
     name = "sliding_window"
-    config_cls, module_config_cls, pattern_cls = SlidingWindowPatch, SlidingWindowConfig, SlidingWindow
+    config_cls, module_config_cls, pattern_cls = SlidingWindow, SlidingWindowConfig, patterns.SlidingWindow
 
     @staticmethod
     def _style(adapter, site: Site) -> str | None:
