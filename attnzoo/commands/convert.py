@@ -29,7 +29,7 @@ HELP = "convert a checkpoint's attention (MHA -> GQA/MQA, sliding window, Longfo
 
 
 def add_arguments(p):
-    from ..patches.checkpoint import targets
+    from ..conversion.pipeline import targets
 
     p.add_argument("src", metavar="SRC", help="source checkpoint directory (read only), or 'builtin' for the "
                    "packaged model")
@@ -90,7 +90,7 @@ def _flag(name: str) -> str:
 
 def run(args) -> int:
     from ..conversion.card import format_bytes, kv_table
-    from ..patches.checkpoint import convert_checkpoint
+    from ..conversion.pipeline import convert_checkpoint
     from ..patches.converters import get_converter
     from ..table import format_table
 

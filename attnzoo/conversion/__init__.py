@@ -1,5 +1,13 @@
-"""Checkpoint conversion: weight mathematics as pure tensor functions, streaming safetensors I/O,
-model cards. Used by :func:`attnzoo.patch` on live models and by ``attnzoo convert`` on checkpoints."""
+"""Checkpoint conversion, in two kinds of module:
+
+* the weight mathematics of each method as pure tensor functions (:mod:`.heads`, :mod:`.layouts`,
+  :mod:`.methods`, :mod:`.pooling`, :mod:`.svd`, :mod:`.positions`) and the streaming safetensors I/O
+  (:mod:`.source`, :mod:`.safetensors_io`, :mod:`.streaming`): they import nothing of ``attnzoo.patches``, which
+  uses them on live models;
+* the ``attnzoo convert`` pipeline (:mod:`.pipeline`: streamed or through ``attnzoo.patch``, one
+  :class:`~attnzoo.conversion.result.ConversionResult`, one staged output writer, one model card), which sits
+  above ``attnzoo.patches`` and calls it.
+"""
 from .heads import AttnWeights, RopeSpec, check_groups, valid_groups
 from .methods import METHODS, Method, check_method, convert_kv_heads
 from .pooling import mean_pool, pool_heads, repeat_heads, repeat_kv

@@ -10,7 +10,7 @@ by :func:`~attnzoo.conversion.methods.convert_kv_heads` (the function ``patch()`
 written and dropped. Memory stays around one layer's attention weights.
 
 The architecture facts come in a :class:`StreamSpec` built by the caller (from the
-adapter table in :mod:`attnzoo.patches.checkpoint`), so this module knows tensors, not models.
+adapter table: :func:`attnzoo.patches.converters.stream_spec`), so this module knows tensors, not models.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ The walker (:mod:`attnzoo.patches.walker`) knows nothing about variants. For
    ``restore(site, plan, opts)`` when :func:`attnzoo.from_pretrained` rebuilds the structure;
 6. ``finish(...)``: model-wide changes (config fields, the attention kernel).
 
-``attnzoo convert`` (:mod:`attnzoo.patches.checkpoint`) runs the same protocol through ``patch`` on a loaded
+``attnzoo convert`` (:mod:`attnzoo.conversion.pipeline`) runs the same protocol through ``patch`` on a loaded
 model, unless ``stream(...)`` returns a :class:`StreamJob`: a conversion of the checkpoint's tensors shard by
 shard, without building the model. ``summary``, ``exact``, ``after_save``, ``native_field`` and
 ``lossy_note`` describe the result (the table at the end of ``attnzoo convert``, the model card).

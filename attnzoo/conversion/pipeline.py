@@ -26,15 +26,15 @@ import torch
 
 from .. import __version__
 from ..checkpoint_io import BUILTIN, hf_progress_bars, load_config
-from ..conversion.card import model_card
-from ..conversion.output import check_destination, copy_side_files, staged_output
-from ..conversion.result import ConversionResult
-from ..conversion.source import SourceCheckpoint
-from ..conversion.streaming import run_stream_with_bar
+from .card import model_card
+from .output import check_destination, copy_side_files, staged_output
+from .result import ConversionResult
+from .source import SourceCheckpoint
+from .streaming import run_stream_with_bar
 from ..errors import check_choice
 from ..kv import kv_layouts
-from .adapters import adapter_for
-from .converters import converters, get_converter
+from ..patches.adapters import adapter_for
+from ..patches.converters import converters, get_converter
 from ..record import get_record
 
 __all__ = ["convert_checkpoint", "parse_dtype", "targets"]
@@ -166,8 +166,8 @@ def _streamed(job, source, dst, dtype, force, progress, result: ConversionResult
 def _in_memory(source, dst, variant, options, dtype, force, result: ConversionResult) -> None:
     from transformers import AutoConfig
 
-    from .reload import from_pretrained, model_class_for
-    from .walker import attention_sites, patch
+    from ..patches.reload import from_pretrained, model_class_for
+    from ..patches.walker import attention_sites, patch
 
     if result.dry_run:  # the plan on a model without storage
         config = AutoConfig.from_pretrained(source.path)
