@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import BackendUnavailableError
-from ..backends import Backend, _flex_fn, _short, flex_reason
-from ..dispatch import attention
-from ..reference import attention_reference
+from ..dense import attention, attention_reference
+from ..dispatch import Backend, short_error
+from ..flex import flex_function, flex_reason
 from .call import SparseCall
 
 __all__ = ["SparseBackend", "SPARSE_BACKENDS", "fill_global_rows", "set_flex_compile_mode"]
@@ -138,7 +138,6 @@ class GatherBackend(_KernelBackend):
 
 # ---------------------------------------------------------------------------- FlexAttention
 _flex_mode: str | None = None
-_flex_by_mode: dict = {}
 
 
 def set_flex_compile_mode(mode: str | None) -> None:
@@ -151,15 +150,7 @@ def set_flex_compile_mode(mode: str | None) -> None:
 
 
 def _flex_function(device_type: str):
-    if device_type != "cuda" or _flex_mode is None:
-        return _flex_fn(device_type)
-    fn = _flex_by_mode.get(_flex_mode)
-    if fn is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _flex_fn(device_type)  # raises dynamo's recompile limit once
-        fn = _flex_by_mode[_flex_mode] = torch.compile(flex_attention, dynamic=False, mode=_flex_mode)
-    return fn
+    return flex_function(device_type, _flex_mode)
 
 
 def _block_mask(layout):
@@ -217,7 +208,7 @@ class FlexBackend(_KernelBackend):
                           enable_gqa=d.groups > 1, **kw)
         except Exception as e:  # compile / lowering failures: this backend cannot serve, say why
             raise BackendUnavailableError(f"FlexAttention failed on this call ({type(e).__name__}: "
-                                          f"{_short(str(e))})") from e
+                                          f"{short_error(str(e))})") from e
 
 
 # ---------------------------------------------------------------------------- Triton

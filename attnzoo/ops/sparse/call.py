@@ -7,7 +7,7 @@ from functools import cached_property
 import torch
 
 from ...errors import check_positive_int, check_type
-from ..call import AttentionCall
+from ..dense.call import AttentionCall
 from .layout import DEFAULT_TILE, BlockLayout, compile_layout
 from .patterns import BoundPattern, Pattern
 
