@@ -1,18 +1,15 @@
 """Sparse attention backends. Each says whether it can serve a :class:`SparseCall` and runs it.
 
-* ``flex``: FlexAttention with a ``BlockMask`` built directly from the compiled layout
-  (``BlockMask.from_kv_blocks``: partial tiles evaluate the pattern's ``mask_mod``, full
-  tiles skip it), compiled once per shape with ``dynamic=False`` on CUDA; off CUDA the
-  eager (unfused) flex path, without autograd.
-* ``triton``: attnzoo's own block-sparse FlashAttention kernel over the same layout
-  (:mod:`.triton_kernel`; bit-packed pattern masks on partial tiles), forward and backward.
-* ``gather``: pure PyTorch that visits the same layout (gathers each query tile's KV tiles,
-  evaluates the pattern only on partial tiles): runs anywhere, with autograd and dropout,
-  memory ``O(n x visited keys)``. It is the layout's executable specification on CPU.
+* ``flex``: FlexAttention with a ``BlockMask`` built directly from the compiled layout (:mod:`.flex`),
+  compiled on CUDA; off CUDA the eager (unfused) flex path, without autograd.
+* ``triton``: attnzoo's own block-sparse FlashAttention kernels over the same layout
+  (:mod:`.triton_kernel`), forward and backward.
+* ``gather``: pure PyTorch that visits the same layout (:mod:`.gather`): runs anywhere, with
+  autograd and dropout, memory ``O(n x visited keys)``; the layout's executable specification.
 * ``masked``: the pattern's dense keep mask (rows of the queries asked for) through the dense
   op :func:`attnzoo.ops.attention` (cuDNN/efficient/... on GPU): any call, including decoding
   (``q_len < k_len``); memory ``O(q_len x k_len)``.
-* ``reference``: the dense keep mask through :func:`attnzoo.ops.attention_reference`; the
+* ``reference``: the dense keep mask through the dense reference (:mod:`.naive`); the
   oracle (float64 on CPU), any call.
 
 The kernel backends (``flex``, ``triton``, ``gather``) compute the layout's part of the pattern; the
@@ -22,20 +19,18 @@ make that tile visit every KV tile), unless the backend says it computed them it
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
-import torch.nn.functional as F
 
 from ...errors import BackendUnavailableError
-from ..dense import attention, attention_reference
+from ..dense import attention
 from ..dispatch import Backend, short_error
-from ..flex import flex_function, flex_reason
+from ..flex import flex_reason
 from .call import SparseCall
+from .flex import flex_sparse_attention
+from .gather import gather_attention
+from .naive import sparse_attention_reference
 
 __all__ = ["SparseBackend", "SPARSE_BACKENDS", "fill_global_rows", "set_flex_compile_mode"]
-
-_NEG_INF = float("-inf")
 
 
 class SparseBackend(Backend):
@@ -80,60 +75,13 @@ class _KernelBackend(SparseBackend):
 
 
 # ---------------------------------------------------------------------------- gather (pure PyTorch)
-def _visit_lists(layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[tiles, m]`` KV tile index, is-partial and is-real flags per query tile (full tiles first)."""
-    hit = layout._cache.get("visits")
-    if hit is None:
-        t = layout.num_tiles
-        cols = torch.arange(t, device=layout.full_count.device)
-        fsel = cols[None, :] < layout.full_count[:, None]
-        psel = cols[None, :] < layout.partial_count[:, None]
-        m = max(1, int((layout.full_count + layout.partial_count).max()))
-        idx = torch.cat([layout.full_index, layout.partial_index], 1).long()
-        real = torch.cat([fsel, psel], 1)
-        partial = torch.cat([torch.zeros_like(fsel), psel], 1)
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :m]  # real slots first
-        hit = (idx.gather(1, order) * real.gather(1, order), partial.gather(1, order), real.gather(1, order))
-        layout._cache["visits"] = hit
-    return hit
-
-
 class GatherBackend(_KernelBackend):
     name = "gather"
     description = "pure PyTorch over the block layout (gathered KV tiles); anywhere, autograd, dropout"
 
     def kernel(self, call):
-        layout, bound = call.layout, call.bound
         d = call.dense
-        q, k, v = call.q, call.k, call.v
-        n, b, t = layout.n, layout.tile, layout.num_tiles
-        bsz, hkv, g = d.batch, d.kv_heads, d.groups
-        pad = t * b - n
-        idx, partial, real = _visit_lists(layout)  # [t, m]
-        m = idx.shape[1]
-        qp = F.pad(q, (0, 0, 0, pad)).view(bsz, hkv, g, t, b, d.head_dim)
-        kp = F.pad(k, (0, 0, 0, pad)).view(bsz, hkv, t, b, d.head_dim)
-        vp = F.pad(v, (0, 0, 0, pad)).view(bsz, hkv, t, b, d.v_dim)
-        kg, vg = kp[:, :, idx], vp[:, :, idx]  # [B, Hkv, t, m, b, D]
-        scale = d.scale if d.scale is not None else d.head_dim ** -0.5
-        s = torch.einsum("zhgtqd,zhtmkd->zhgtqmk", qp, kg) * scale
-        dev = q.device
-        qpos = torch.arange(t, device=dev)[:, None] * b + torch.arange(b, device=dev)  # [t, b]
-        kpos = idx[:, :, None] * b + torch.arange(b, device=dev)  # [t, m, b]
-        inside = real[:, :, None] & (kpos < n)
-        pat = bound.kernel_keep(qpos.clamp(max=n - 1)[:, :, None, None], kpos.clamp(max=n - 1)[:, None])
-        keep = inside[:, None] & (~partial[:, None, :, None] | pat)  # [t, b, m, b]: full tiles skip the pattern
-        keep = keep[None, None, None]
-        if d.key_padding_mask is not None:
-            kpm = F.pad(d.key_padding_mask, (0, pad))[:, kpos]  # [B, t, m, b]
-            keep = keep & kpm[:, None, None, :, None]
-        s = s.masked_fill(~keep, _NEG_INF).flatten(-2)
-        p = torch.softmax(s, dim=-1)
-        p = p.masked_fill(~keep.flatten(-2).any(-1, keepdim=True), 0.0)  # rows with nothing to attend to
-        if d.dropout_p > 0:
-            p = F.dropout(p, p=d.dropout_p)
-        o = torch.einsum("zhgtqmk,zhtmkd->zhgtqd", p.unflatten(-1, (m, b)), vg)
-        return o.reshape(bsz, d.q_heads, t * b, d.v_dim)[:, :, :n]
+        return gather_attention(call.q, call.k, call.v, call.layout, d.key_padding_mask, d.scale, d.dropout_p)
 
 
 # ---------------------------------------------------------------------------- FlexAttention
@@ -147,26 +95,6 @@ def set_flex_compile_mode(mode: str | None) -> None:
     ``kernel_options`` worth fixing)."""
     global _flex_mode
     _flex_mode = mode
-
-
-def _flex_function(device_type: str):
-    return flex_function(device_type, _flex_mode)
-
-
-def _block_mask(layout):
-    """The layout as a FlexAttention BlockMask (built once per layout)."""
-    bm = layout._cache.get("flex")
-    if bm is None:
-        from torch.nn.attention.flex_attention import BlockMask
-
-        def rows(x):
-            return x[None, None].contiguous()
-
-        bm = BlockMask.from_kv_blocks(rows(layout.partial_count), rows(layout.partial_index),
-                                      rows(layout.full_count), rows(layout.full_index), BLOCK_SIZE=layout.tile,
-                                      mask_mod=layout.pattern.mask_mod(), seq_lengths=(layout.n, layout.n))
-        layout._cache["flex"] = bm
-    return bm
 
 
 class FlexBackend(_KernelBackend):
@@ -192,20 +120,9 @@ class FlexBackend(_KernelBackend):
 
     def kernel(self, call):
         d = call.dense
-        bm = _block_mask(call.layout)
-        score_mod = None
-        if d.key_padding_mask is not None:
-            kpm = d.key_padding_mask
-
-            def score_mod(score, b, h, q_idx, kv_idx):  # padding on every tile, full ones too
-                return torch.where(kpm[b, kv_idx], score, _NEG_INF)
-        fn = _flex_function(call.q.device.type)
-        kw = {"kernel_options": call.kernel_options} if call.kernel_options else {}
         try:
-            with warnings.catch_warnings():  # off CUDA the unfused path is the point (tests), not a mistake
-                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-                return fn(call.q, call.k, call.v, score_mod=score_mod, block_mask=bm, scale=d.scale,
-                          enable_gqa=d.groups > 1, **kw)
+            return flex_sparse_attention(call.q, call.k, call.v, call.layout, d.key_padding_mask, d.scale,
+                                         call.kernel_options, _flex_mode if call.q.device.type == "cuda" else None)
         except Exception as e:  # compile / lowering failures: this backend cannot serve, say why
             raise BackendUnavailableError(f"FlexAttention failed on this call ({type(e).__name__}: "
                                           f"{short_error(str(e))})") from e
@@ -268,13 +185,12 @@ class MaskedBackend(SparseBackend):
 
 class ReferenceBackend(SparseBackend):
     name = "reference"
-    description = "the pattern's keep mask through attention_reference (the oracle; float64 on CPU)"
+    description = "the pattern's keep mask through the dense reference (the oracle; float64 on CPU)"
 
     def run(self, call):
         d = call.dense
-        keep = call.keep_rows(call.query_positions())
-        return attention_reference(call.q, call.k, call.v, mask=keep[None, None], key_padding_mask=d.key_padding_mask,
-                                   scale=d.scale, dropout_p=d.dropout_p)
+        return sparse_attention_reference(call.q, call.k, call.v, call.bound, key_padding_mask=d.key_padding_mask,
+                                          scale=d.scale, dropout_p=d.dropout_p, global_rows=call.global_rows)
 
 
 SPARSE_BACKENDS: dict[str, SparseBackend] = {b.name: b for b in [FlexBackend(), TritonBackend(), GatherBackend(),

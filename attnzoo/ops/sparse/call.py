@@ -9,6 +9,7 @@ import torch
 from ...errors import check_positive_int, check_type
 from ..dense.call import AttentionCall
 from .layout import DEFAULT_TILE, BlockLayout, compile_layout
+from .naive import keep_rows
 from .patterns import BoundPattern, Pattern
 
 __all__ = ["SparseCall"]
@@ -73,10 +74,7 @@ class SparseCall:
     def keep_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Bool ``[len(rows), k_len]``: the pattern's keep mask for query positions ``rows`` (global rows
         keep nothing when ``global_rows=False``: the caller computes them)."""
-        b = self.bound
-        j = torch.arange(b.n, device=self.q.device)
-        fn = b.keep if self.global_rows else b.kernel_keep
-        return fn(rows[:, None], j[None, :]).expand(len(rows), b.n)
+        return keep_rows(self.bound, rows, self.global_rows)
 
     def query_positions(self) -> torch.Tensor:
         d = self.dense
