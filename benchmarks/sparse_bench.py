@@ -19,8 +19,7 @@ Groups (``--groups``, default all):
             (±256 + 1 global token), the full sliding_window module, FlexAttention with a plain mask_mod (built
             here as peers_bench does), the op and that FlexAttention on the attention alone (same leaf q, k, v),
             dense cuDNN (+qkv and alone), the projection alone; "ideal" = kept x dense attention (+ projection).
-            Where FlashAttention-4 (flash-attn-4) serves the band's backward, also the op with attnzoo's own
-            backward (ATTNZOO_SPARSE_FA4=0) and FlashAttention-4's own local attention.
+            Where FlashAttention-4 (flash-attn-4) imports, also its own local attention.
   bigbird   block 64, window 3 blocks, 2 global, 3 random; N = 4096, 8192, 16384 (dispatch, triton, flex on
             128-tiles); vs dense cuDNN.
   scaling   N = 4k ... 128k, sliding ±256 (what dispatch picks) vs dense cuDNN, time and peak memory.
@@ -36,7 +35,6 @@ without running anything (run it after peers_bench.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -303,28 +301,6 @@ def module_case(b: Bench, group, n, window):
     b.run(group, "attnzoo sliding_window module (q/k/v/o proj)", n, lambda: (lambda: m(x)), *band_counts(n, window))
 
 
-def _fa4_backward_note(n, window) -> str:
-    """Which backward the op's band kernels run here: "flash_attn.cute" or attnzoo's (and why)."""
-    from attnzoo.ops.sparse import SlidingWindow
-    from attnzoo.ops.sparse.fa4_backward import which_band_backward
-
-    q = torch.empty(1, NH, n, HD, device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
-    return which_band_backward(q, SlidingWindow(window=window))
-
-
-@contextlib.contextmanager
-def _env(name, value):
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def flash4_case(b: Bench, group, n, window, qkv, **run_kw):
     """FlashAttention-4's own local attention (``flash_attn.cute.flash_attn_func``, ``window_size=(w, w)``), forward
     and backward its own, on the same q, k, v (views in its [B, N, H, D] layout, no copies). Skipped unless it
@@ -349,29 +325,19 @@ def alone_cases(b: Bench, group, n, pattern, window):
     """attnzoo's op and FlashAttention with a plain mask_mod on the same q, k, v ``[1, 12, n, 64]`` (leaves, no
     projection): backward through the loss as the other rows, then given dO (the kernels alone: the op's forward
     and backward and nothing else, the reading the ">= 1.5x faster than FlexAttention" target is judged on, see
-    docs/sparse.md "Benchmark"; the loss rows add the same cast, sum and their backward to both sides). Where FlashAttention-4 serves the
-    band's backward, also the op with attnzoo's own backward (``ATTNZOO_SPARSE_FA4=0``) and FlashAttention-4's
-    own local attention (forward and backward)."""
+    docs/sparse.md "Benchmark"; the loss rows add the same cast, sum and their backward to both sides). Where
+    FlashAttention-4 imports, also its own local attention (forward and backward)."""
     from attnzoo.ops import sparse_attention
 
     q, k, v = (torch.randn(1, NH, n, HD, device=b.dev, dtype=b.dt, requires_grad=True) for _ in range(3))
     given = {"modes": ("fwd+bwd",), "grad_of": lambda: (q, k, v)}
-    bwd = _fa4_backward_note(n, window) if b.dev == "cuda" else None  # the triton backend's band backward
     flops, extra = band_counts(n, window)
-    if bwd:
-        b.log(f"  band backward: {bwd}")
-        extra = {**extra, "backward": bwd}
     for suffix, kw in (("attention alone", {}), ("kernels, dO given", given)):
         b.run(group, f"attnzoo sliding_window op, {suffix}", n,
               lambda: (lambda: sparse_attention(q, k, v, pattern)), flops, extra, **kw)
         if b.dev == "cuda":  # eager FlexAttention has no backward off CUDA
             flex_mask_mod_case(b, group, n, window, qkv=lambda: (q, k, v), name=f"flex plain mask_mod, {suffix}",
                                **kw)
-    if bwd == "flash_attn.cute":
-        with _env("ATTNZOO_SPARSE_FA4", "0"):
-            b.run(group, "attnzoo sliding_window op, kernels, dO given, attnzoo backward", n,
-                  lambda: (lambda: sparse_attention(q, k, v, pattern)), flops,
-                  {**extra, "backward": _fa4_backward_note(n, window)}, **given)
     if b.dev == "cuda":
         flash4_case(b, group, n, window, lambda: (q, k, v), **given)
 
@@ -405,9 +371,6 @@ def group_sliding(b: Bench):
     w = 16 if b.smoke else WINDOW
     pattern = SlidingWindow(window=w)
     op_case(b, "sliding", "attnzoo sliding_window op (+qkv)", n, pattern)  # what dispatch picks
-    if b.dev == "cuda" and _fa4_backward_note(n, w) == "flash_attn.cute":
-        with _env("ATTNZOO_SPARSE_FA4", "0"):
-            op_case(b, "sliding", "attnzoo sliding_window op, attnzoo backward (+qkv)", n, pattern)
     if b.dev == "cuda":
         for be in ("triton", "flex"):
             op_case(b, "sliding", f"attnzoo sliding_window op, {be} (+qkv)", n, pattern, backend=be)
@@ -436,20 +399,16 @@ def group_bigbird(b: Bench):
 def group_autotune(b: Bench):
     """Inductor's max-autotune over FlexAttention's kernel configurations for the sliding and bigbird
     cases at N=16384 (minutes of compiling; its AUTOTUNE tables on stderr name the winning configs)."""
-    from attnzoo.ops.sparse import BigBird, SlidingWindow
-    from attnzoo.ops.sparse.backends import set_flex_compile_mode
+    from attnzoo.ops.sparse import BigBird, SlidingWindow, use_sparse_kernel_options
 
     if b.dev != "cuda":
         b.log("autotune: CUDA only, skipped")
         return
-    set_flex_compile_mode("max-autotune-no-cudagraphs")
-    try:
+    with use_sparse_kernel_options(flex_compile_mode="max-autotune-no-cudagraphs"):
         op_case(b, "autotune", "attnzoo sliding_window op, flex max-autotune (+qkv)", 16384,
                 SlidingWindow(window=WINDOW), backend="flex")
         op_case(b, "autotune", "attnzoo bigbird op, flex max-autotune (+qkv)", 16384,
                 BigBird(block_size=64, window=64, global_blocks=2, random_blocks=3), backend="flex")
-    finally:
-        set_flex_compile_mode(None)
 
 
 def group_scaling(b: Bench):
@@ -592,10 +551,8 @@ def _targets(rows, peers) -> list[str]:
                           flex[key] / ours[key] >= 1.5,
                           f"{ours[key]:.3f} ms vs {flex[key]:.3f} ms: {flex[key] / ours[key]:.2f}x")
         kernels = pairs[-1][0]  # the op with what it picks, kernels alone (dO given)
-        for name, label in (("attnzoo sliding_window op, kernels, dO given, attnzoo backward",
-                             "the op with attnzoo's own backward (ATTNZOO_SPARSE_FA4=0)"),
-                            ("FlashAttention-4 local window, kernels, dO given",
-                             "FlashAttention-4's own local attention (its forward and backward)")):
+        for name, label in (("FlashAttention-4 local window, kernels, dO given",
+                             "FlashAttention-4's own local attention (its forward and backward)"),):
             other = _find(rows, "sliding", name, n, mode)
             if other and kernels and other.get("gpu_ms") and kernels.get("gpu_ms"):
                 fx = pairs[-1][1]

@@ -10,7 +10,7 @@ import torch
 
 import attnzoo
 from attnzoo.ops import explain_sparse, sparse_attention
-from attnzoo.ops.sparse import BigBird, Fixed, Longformer, SlidingWindow, Strided
+from attnzoo.ops.sparse import BigBird, Fixed, Longformer, SlidingWindow, Strided, use_sparse_kernel_options
 
 pytestmark = pytest.mark.gpu
 
@@ -107,12 +107,10 @@ def test_flex_declines_a_sequence_shorter_than_one_tile_and_dispatch_goes_on():
 
 
 @pytest.fixture
-def fixed_everywhere(monkeypatch):
+def fixed_everywhere():
     """The forward's fixed softmax reference for any band (the library keeps it to wide bands, long inputs)."""
-    from attnzoo.ops.sparse import triton_kernel as tk
-
-    monkeypatch.setattr(tk, "FIXED_MIN_WIDTH", 0)
-    monkeypatch.setattr(tk, "FIXED_MIN_ROWS", 0)
+    with use_sparse_kernel_options(fixed_min_width=0, fixed_min_rows=0) as options:
+        yield options
 
 
 @pytest.mark.parametrize("name", ["sliding", "longformer"])
@@ -145,25 +143,17 @@ def test_triton_band_fixed_reference_overflow_is_redone(monkeypatch, fixed_every
     assert all(bad[b, h, i] for b, h, i in rows) and int(bad.sum()) == len(rows)
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("fixed", [False, True], ids=["running-max", "fixed-reference"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_triton_band_forward_with_tma_and_pointer_loads(monkeypatch, tma, fixed, causal):
-    """The band forward reads K/V through TMA descriptors on Hopper (``TMA_LOADS``) or through pointers: both
-    against float64, forward and backward, on strided views of one projection at an odd length, with the running
-    max and with the fixed reference (and its redo launch)."""
-    from attnzoo.ops.sparse import triton_kernel as tk
-
-    monkeypatch.setattr(tk, "TMA_LOADS", tma)
-    if fixed:
-        monkeypatch.setattr(tk, "FIXED_MIN_WIDTH", 0)
-        monkeypatch.setattr(tk, "FIXED_MIN_ROWS", 0)
+def test_triton_band_on_strided_views_of_one_projection(fixed, causal):
+    """The band kernels on strided views of one projection at an odd length, against float64, forward and
+    backward, with the running max and with the fixed reference (and its redo launch)."""
+    opts = dict(fixed_min_width=0, fixed_min_rows=0) if fixed else dict(fixed_reference=False)
     torch.manual_seed(3)
     x = torch.randn(2, 1999, 3, 8, 64, device="cuda", dtype=torch.bfloat16)
     q, k, v = (t.requires_grad_() for t in x.permute(2, 0, 3, 1, 4).unbind(0))
-    hopper = torch.cuda.get_device_capability()[0] >= 9
-    assert (tk._tma_descriptors(k, v) is not None) == (tma and hopper)
-    _against_float64(q, k, v, SlidingWindow(window=200, causal=causal), "triton")
+    with use_sparse_kernel_options(**opts):
+        _against_float64(q, k, v, SlidingWindow(window=200, causal=causal), "triton")
 
 
 def test_triton_on_strided_qkv_from_one_projection():

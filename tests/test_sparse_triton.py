@@ -15,7 +15,8 @@ if not torch.cuda.is_available() and "attnzoo.ops.sparse.triton_kernel" not in s
 pytest.importorskip("triton")
 
 from attnzoo.ops import sparse_attention  # noqa: E402
-from attnzoo.ops.sparse import BigBird, Fixed, Longformer, SlidingWindow, Strided  # noqa: E402
+from attnzoo.ops.sparse import (BigBird, Fixed, Longformer, SlidingWindow, SparseKernelOptions, Strided,  # noqa: E402
+                                 use_sparse_kernel_options)
 from attnzoo.ops.sparse import triton_kernel  # noqa: E402
 
 from oracle import bigbird_keep, fixed_keep, longformer_keep, naive_attention, sliding_keep, strided_keep  # noqa: E402
@@ -118,26 +119,23 @@ def test_unavailable_reasons():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_bigbird_global_rows_in_the_kernel_and_split_kv_tiles(monkeypatch, causal):
+def test_bigbird_global_rows_in_the_kernel_and_split_kv_tiles(causal):
     """Tiles = blocks: the kernels compute the global rows themselves (no dense pass), and KV tiles with long
-    lists (the global blocks every query reads) are split over several dK/dV programs (SPLIT_MIN lowered so a
+    lists (the global blocks every query reads) are split over several dK/dV programs (split_min lowered so a
     short sequence splits too: lists of 5 in parts of 2 and 3), with padding, grouped heads and a length that is
     no multiple of the tile."""
     from attnzoo.ops.sparse import compile_layout
-    from attnzoo.ops.sparse.layout import clear_cache
 
-    monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 2)
-    monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
-    clear_cache()
     n = 150
     pattern = BigBird(block_size=32, window=32, random_blocks=1, causal=causal)
     layout = compile_layout(pattern, n, 32, "cpu")
     assert triton_kernel.rows_in_kernel(layout)
-    p = triton_kernel.plan(layout, rows=True)
-    assert p.rows and p.n_split > 0 and (p.items[:, 3] >= 0).any()
-    assert not triton_kernel.plan(layout).rows  # global_rows=False keeps them out of the kernel
-    _match_oracle(pattern, n, bigbird_keep(n, 32, 32, 2, 1, 0, causal), {1: slice(120, None)})
-    clear_cache()
+    assert triton_kernel.plan(layout, rows=True).n_split == 0  # the default thresholds: nothing to split here
+    with use_sparse_kernel_options(split_min=2, split_factor=0):
+        p = triton_kernel.plan(layout, rows=True)
+        assert p.rows and p.n_split > 0 and (p.items[:, 3] >= 0).any()
+        assert not triton_kernel.plan(layout).rows  # global_rows=False keeps them out of the kernel
+        _match_oracle(pattern, n, bigbird_keep(n, 32, 32, 2, 1, 0, causal), {1: slice(120, None)})
 
 
 def test_global_rows_stay_out_of_the_kernel_unless_they_fill_whole_exact_tiles():
@@ -165,10 +163,10 @@ def _match_unpadded(pattern, keep, q, k, v):
 
 
 @pytest.fixture
-def fixed_everywhere(monkeypatch):
+def fixed_everywhere():
     """The fixed softmax reference for any band size (the library keeps it to wide bands and long inputs)."""
-    monkeypatch.setattr(triton_kernel, "FIXED_MIN_WIDTH", 0)
-    monkeypatch.setattr(triton_kernel, "FIXED_MIN_ROWS", 0)
+    with use_sparse_kernel_options(fixed_min_width=0, fixed_min_rows=0) as options:
+        yield options
 
 
 @pytest.mark.parametrize("pattern, keep", BAND_CASES, ids=[_case_id(p) for p, _ in BAND_CASES])
@@ -178,7 +176,7 @@ def test_band_fixed_reference_matches_oracle(fixed_everywhere, pattern, keep):
     from attnzoo.ops.sparse import compile_layout
 
     p = triton_kernel.plan(compile_layout(pattern, N, 32, DEV))
-    assert triton_kernel._fixed_reference(p, False, torch.float32, 2 * 4 * N)
+    assert triton_kernel._fixed_reference(p, False, torch.float32, 2 * 4 * N, fixed_everywhere)
     q = torch.randn(2, 4, N, 16, device=DEV, requires_grad=True)
     k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
     _match_unpadded(pattern, keep(N), q, k, v)
@@ -187,19 +185,24 @@ def test_band_fixed_reference_matches_oracle(fixed_everywhere, pattern, keep):
 def test_fixed_reference_only_where_every_row_keeps_its_own_key_and_it_pays():
     from attnzoo.ops.sparse import compile_layout
 
-    rows = 12 * 16384
+    rows, opts = 12 * 16384, SparseKernelOptions()
+
+    def fixed(p, padding, dtype, rows, options=opts):
+        return triton_kernel._fixed_reference(p, padding, dtype, rows, options)
+
     band = triton_kernel.plan(compile_layout(SlidingWindow(window=256), 16384, 64, DEV))
-    assert triton_kernel._fixed_reference(band, False, torch.bfloat16, rows)
-    assert triton_kernel._fixed_reference(band, False, torch.float32, rows)
-    assert not triton_kernel._fixed_reference(band, True, torch.bfloat16, rows)  # padding may drop a row's own key
-    assert not triton_kernel._fixed_reference(band, False, torch.float16, rows)  # p would overflow float16's 2**16
-    assert not triton_kernel._fixed_reference(band, False, torch.bfloat16, 12 * 4096)  # too short to pay
+    assert fixed(band, False, torch.bfloat16, rows)
+    assert fixed(band, False, torch.float32, rows)
+    assert not fixed(band, False, torch.bfloat16, rows, SparseKernelOptions(fixed_reference=False))  # switched off
+    assert not fixed(band, True, torch.bfloat16, rows)  # padding may drop a row's own key
+    assert not fixed(band, False, torch.float16, rows)  # p would overflow float16's 2**16
+    assert not fixed(band, False, torch.bfloat16, 12 * 4096)  # too short to pay
     causal = triton_kernel.plan(compile_layout(SlidingWindow(window=256, causal=True), 16384, 64, DEV))
-    assert not triton_kernel._fixed_reference(causal, False, torch.bfloat16, rows)  # too narrow to pay
+    assert not fixed(causal, False, torch.bfloat16, rows)  # too narrow to pay
     wide_causal = triton_kernel.plan(compile_layout(SlidingWindow(window=512, causal=True), 16384, 64, DEV))
-    assert triton_kernel._fixed_reference(wide_causal, False, torch.bfloat16, rows)
+    assert fixed(wide_causal, False, torch.bfloat16, rows)
     listed = triton_kernel.plan(compile_layout(Strided(stride=12), N, 32, DEV))
-    assert not triton_kernel._fixed_reference(listed, False, torch.float32, 1 << 30)  # list mode: running max
+    assert not fixed(listed, False, torch.float32, 1 << 30)  # list mode: running max
 
 
 def _overflowing_inputs(n, rows):

@@ -1,8 +1,11 @@
 """FlexAttention, shared by the dense and the sparse op: the compiled function and what it cannot serve.
 
-On CUDA ``flex_attention`` runs compiled (``torch.compile(dynamic=False)``, one compile per shape; one compiled
-function per mode, e.g. Inductor's ``"max-autotune-no-cudagraphs"`` for the sparse op's tuning runs); elsewhere the
-eager (unfused) path, which has no backward.
+On CUDA ``flex_attention`` runs compiled (``torch.compile``; one compiled function per mode, e.g. Inductor's
+``"max-autotune-no-cudagraphs"`` for the sparse op's tuning runs); elsewhere the eager (unfused) path, which has no
+backward. attnzoo leaves Dynamo's settings as the process has them: the compiled function is specialised to the first
+length it sees and, when a second comes, recompiled once with a symbolic length (PyTorch's automatic dynamic shapes),
+so a model that sees many lengths stays within ``torch._dynamo.config.recompile_limit``. A process that wants one
+static kernel per length raises that limit itself and compiles its own function.
 """
 from __future__ import annotations
 
@@ -23,14 +26,8 @@ def flex_function(device_type: str, mode: str | None = None) -> Callable:
     fn = _compiled.get(mode)
     if fn is None:
         import torch
-        import torch._dynamo
 
-        # one compiled kernel per shape: raise dynamo's recompile limit so new lengths do not
-        # silently fall back to the unfused path after 8 shapes
-        for knob in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
-        fn = _compiled[mode] = torch.compile(flex_attention, dynamic=False, mode=mode)
+        fn = _compiled[mode] = torch.compile(flex_attention, mode=mode)
     return fn
 
 

@@ -29,8 +29,9 @@ from .call import SparseCall
 from .flex import flex_sparse_attention
 from .gather import gather_attention
 from .naive import sparse_attention_reference
+from .options import sparse_kernel_options
 
-__all__ = ["SparseBackend", "SPARSE_BACKENDS", "fill_global_rows", "set_flex_compile_mode"]
+__all__ = ["SparseBackend", "SPARSE_BACKENDS", "fill_global_rows"]
 
 
 class SparseBackend(Backend):
@@ -85,18 +86,6 @@ class GatherBackend(_KernelBackend):
 
 
 # ---------------------------------------------------------------------------- FlexAttention
-_flex_mode: str | None = None
-
-
-def set_flex_compile_mode(mode: str | None) -> None:
-    """Compile the sparse op's FlexAttention with ``torch.compile(mode=...)`` from now on (None: the
-    default compile shared with the dense op). ``"max-autotune-no-cudagraphs"`` lets Inductor time its
-    kernel configurations per shape (minutes of compiling; used by benchmarks/sparse_bench.py to find
-    ``kernel_options`` worth fixing)."""
-    global _flex_mode
-    _flex_mode = mode
-
-
 class FlexBackend(_KernelBackend):
     name = "flex"
     description = "FlexAttention (compiled Triton on CUDA) with a BlockMask made from the layout"
@@ -122,7 +111,7 @@ class FlexBackend(_KernelBackend):
         d = call.dense
         try:
             return flex_sparse_attention(call.q, call.k, call.v, call.layout, d.key_padding_mask, d.scale,
-                                         call.kernel_options, _flex_mode if call.q.device.type == "cuda" else None)
+                                         call.kernel_options, sparse_kernel_options().flex_compile_mode)
         except Exception as e:  # compile / lowering failures: this backend cannot serve, say why
             raise BackendUnavailableError(f"FlexAttention failed on this call ({type(e).__name__}: "
                                           f"{short_error(str(e))})") from e

@@ -19,10 +19,9 @@ Two ways to walk the keys, chosen per pattern (:func:`plan`):
 Three kernels per call, as FlashAttention-2: the forward (one program per block of queries and
 head: online softmax, output and log-sum-exp), dQ (which also writes ``rowsum(dO * O)``) and dK/dV
 (one program per block of keys and KV head, looping over its query heads: grouped KV heads without
-atomics). A pure band's backward goes to FlashAttention-4 instead where it is installed and faster
-(:mod:`.fa4_backward`: Hopper, float16/bfloat16, no padding, not deterministic mode; decided at the forward).
-Tile sizes and warps are autotuned once per head_dim and mode (``ATTNZOO_SPARSE_AUTOTUNE=0`` in the
-environment: the first configuration that fits, no tuning compiles, for tests and quick runs).
+atomics). Tile sizes and warps are tuned once per kernel variant (:func:`_config`; the
+``autotune`` field of :class:`~attnzoo.ops.sparse.options.SparseKernelOptions` off: the first configuration
+that fits, no tuning runs, for tests and quick runs); launches go through Triton's public ``kernel[grid](...)``.
 
 List mode schedules the work: query tiles run heaviest first (all heads of the longest lists
 before any short one), and a KV tile visited by many more query tiles than the others (a global
@@ -44,36 +43,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .fa4_backward import capability, fa4_backward_reason, fa4_band_backward
-from .launch import _tuned, launch as _launch  # noqa: F401  (_tuned: read by benchmarks/experiments)
+from .options import SparseKernelOptions, sparse_kernel_options
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the kernel is optional; attnzoo works without Triton
     triton = None
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # no Triton, or one without host tensor descriptors: the forward loads K/V through pointers
-    TensorDescriptor = None
 
 __all__ = ["available", "interpreted", "plan", "rows_in_kernel", "KernelPlan", "block_sparse_attention"]
 
 BAND, LIST = 0, 1
-_LN2 = math.log(2.0)
-#: A KV tile whose list is longer than ``max(SPLIT_MIN, SPLIT_FACTOR x the mean list)`` is split over several
-#: dK/dV programs of at most that many query tiles each (tests lower both to reach the split path on small inputs).
-SPLIT_MIN, SPLIT_FACTOR = 8, 2
 #: Query blocks per program of the forward's redo launch (stage 2 of :func:`_fwd_kernel`).
 REDO_CHUNK = 32
-#: The forward's fixed softmax reference (:func:`_fixed_reference`); False: always the running max (tests and
-#: benchmarks compare the two).
-FIXED_REFERENCE = True
-#: ... where the band is at least this many keys wide (``hi - lo``) and has this many query rows (batch x heads x N).
-FIXED_MIN_WIDTH, FIXED_MIN_ROWS = 448, 1 << 17
-#: The band forward reads K/V blocks through TMA tensor descriptors where it can (:func:`_tma_descriptors`);
-#: False: pointer loads everywhere (tests and benchmarks compare the two).
-TMA_LOADS = True
 
 
 def interpreted() -> bool:
@@ -225,11 +207,12 @@ def _with_global_rows(layout):
     return fc, fi, pc, pi
 
 
-def _items(tcount: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """dK/dV work items from the per-KV-tile list lengths: long lists split in parts, heaviest first."""
+def _items(tcount: torch.Tensor, split_min: int, split_factor: int) -> tuple[torch.Tensor, int]:
+    """dK/dV work items from the per-KV-tile list lengths: long lists (longer than ``max(split_min, split_factor x
+    the mean list)``) split in parts, heaviest first."""
     counts = tcount.tolist()
     busy = [c for c in counts if c]
-    chunk = max(SPLIT_MIN, SPLIT_FACTOR * -(-sum(busy) // max(1, len(busy))))
+    chunk = max(split_min, split_factor * -(-sum(busy) // max(1, len(busy))))
     items, n_split = [], 0
     for kt, c in enumerate(counts):
         if c <= chunk:
@@ -246,11 +229,13 @@ def _items(tcount: torch.Tensor) -> tuple[torch.Tensor, int]:
     return table.contiguous(), n_split
 
 
-def plan(layout, rows: bool = False) -> KernelPlan:
+def plan(layout, rows: bool = False, options: SparseKernelOptions | None = None) -> KernelPlan:
     """The :class:`KernelPlan` of ``layout`` (cached on it); ``rows``: the kernels also compute the global
-    rows (list mode, where :func:`rows_in_kernel` holds)."""
+    rows (list mode, where :func:`rows_in_kernel` holds); ``options``: the split thresholds (default: the options
+    in force, :func:`~attnzoo.ops.sparse.options.sparse_kernel_options`)."""
     rows = rows and rows_in_kernel(layout)
-    key = "triton+rows" if rows else "triton"
+    options = options or sparse_kernel_options()
+    key = ("triton", rows, options.split_min, options.split_factor)
     hit = layout._cache.get(key)
     if hit is not None:
         return hit
@@ -273,7 +258,7 @@ def plan(layout, rows: bool = False) -> KernelPlan:
         order = torch.argsort(-(fc + pc).long(), stable=True).to(torch.int32)
         fq = _transpose(fc, fi, None)
         pq = _transpose(pc, pi, ids)
-        items, n_split = _items(fq[0] + pq[0])
+        items, n_split = _items(fq[0] + pq[0], options.split_min, options.split_factor)
         hit = KernelPlan(LIST, pattern.causal, bits=bits, ids=ids, lists=lists, order=order, full_t=fq[:2],
                          partial_t=pq, items=items, n_split=n_split, rows=rows)
     layout._cache[key] = hit
@@ -281,36 +266,14 @@ def plan(layout, rows: bool = False) -> KernelPlan:
 
 
 # ---------------------------------------------------------------------------- kernels
-def _set_tma_blocks(nargs: dict) -> None:
-    """Pre-hook of the forward's configs (run by Triton's autotuner and by :func:`.launch.launch` before every
-    launch): the K/V descriptors' block is one ``[1, 1, BLOCK_N, HEAD_DIM]`` slab, known once the config is."""
-    for name in ("KD", "VD"):
-        d = nargs.get(name)
-        if TensorDescriptor is not None and isinstance(d, TensorDescriptor):
-            d.block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
-
-
-def _tma_descriptors(k: torch.Tensor, v: torch.Tensor):
-    """``(KD, VD)``: TMA tensor descriptors of ``[B, Hkv, N, D]`` K and V for the band forward, or None where the
-    forward loads them through pointers: ``TMA_LOADS`` off, no Hopper-class GPU (compute capability 9+), Triton's
-    interpreter, not 16-bit, or a stride or address off 16 bytes. Their block is set per config
-    (:func:`_set_tma_blocks`); rows outside ``[0, N)`` read as zeros, which the band's edge masks drop."""
-    if (not TMA_LOADS or TensorDescriptor is None or interpreted() or k.device.type != "cuda"
-            or k.dtype not in (torch.float16, torch.bfloat16) or capability(k.device)[0] < 9):
-        return None
-    for t in (k, v):
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
-            return None
-    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 64, t.shape[-1]]) for t in (k, v))
-
-
 if triton is not None:
     _LOG2E = tl.constexpr(1.4426950408889634)
     _REDO_CHUNK = tl.constexpr(REDO_CHUNK)
 
-    def _configs(kind):
+    def _configs(kind) -> list[dict]:
+        """Tile configurations to try per kernel kind, as launch keyword arguments (first: the default)."""
         if interpreted():
-            return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]  # no TMA here
+            return [dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)]
         shapes = {  # (BLOCK_M, BLOCK_N, warps, stages); the first ones won a 108-config sweep on an H200 (band, d=64)
             "fwd": [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4),
                     (128, 128, 8, 3)],
@@ -319,24 +282,9 @@ if triton is not None:
             "dq": [(64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 3),
                    (64, 64, 4, 4)],
         }[kind]
-        hook = _set_tma_blocks if kind == "fwd" else None
-        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=hook)
-                for m, n, w, s in shapes]
+        return [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
-    def _pruner(kind):
-        def prune(configs, named_args, **kw):
-            args = {**named_args, **kw}
-            if args["MODE"] == BAND:
-                return configs
-            tile = args["TILE"]
-            if kind == "dkdv":  # one program per key tile
-                ok = [c for c in configs if c.kwargs["BLOCK_N"] == tile and tile % c.kwargs["BLOCK_M"] == 0]
-                fb = {"BLOCK_M": min(32, tile), "BLOCK_N": tile}
-            else:  # one program per query tile
-                ok = [c for c in configs if c.kwargs["BLOCK_M"] == tile and tile % c.kwargs["BLOCK_N"] == 0]
-                fb = {"BLOCK_M": tile, "BLOCK_N": min(32, tile)}
-            return ok or [triton.Config(fb, num_warps=4, num_stages=1 if interpreted() else 3)]
-        return prune
+    _CONFIGS = {kind: _configs(kind) for kind in ("fwd", "dq", "dkdv")}
 
     @triton.jit
     def _bits_keep(bits_ptr, mid, rows, cols, TILE: tl.constexpr):
@@ -438,22 +386,14 @@ if triton is not None:
 
     @triton.jit
     def _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, end, N, LO, HI, skn, svn, qk_scale,
-                   kd, vd, b, hk, MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FIXED_M: tl.constexpr,
-                   TMA: tl.constexpr):
-        """Keys ``start..end`` of a band, one BLOCK_N block at a time. ``TMA``: K/V blocks through the tensor
-        descriptors ``kd``/``vd`` (``[B, Hkv, N, D]``; rows outside ``[0, N)`` read as zeros and are masked)."""
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PREC: tl.constexpr, FIXED_M: tl.constexpr):
+        """Keys ``start..end`` of a band, one BLOCK_N block at a time."""
         for start_n in tl.range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            if TMA:
-                k = tl.trans(kd.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM))
-                v = vd.load([b, hk, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-                acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, k, v, kpm_base, kpm_base, 0, offs_m, offs_n, offs_m,
-                                          offs_n, N, LO, HI, qk_scale, MASK, CAUSAL, HAS_KPM, 32, PREC, FIXED_M)
-            else:
-                acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, kpm_base, 0, offs_m, offs_n,
-                                           offs_m, offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32,
-                                           HEAD_DIM, PREC, FIXED_M)
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, q, k_base, v_base, kpm_base, kpm_base, 0, offs_m, offs_n,
+                                       offs_m, offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32,
+                                       HEAD_DIM, PREC, FIXED_M)
         return acc, m_i, l_i
 
     @triton.jit
@@ -480,14 +420,13 @@ if triton is not None:
         return pid_m, bh, bh // H, h, h // GROUPS
 
     @triton.jit
-    def _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, KD, VD, pid_m, bh,
+    def _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                   H, N, T_TILES, G, LO, HI, sm_scale,
                   GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
                   CAUSAL: tl.constexpr, PREC: tl.constexpr,
                   HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  LSE_LN: tl.constexpr, FIXED_M: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  FIXED_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward of query block ``pid_m`` of batch x head ``bh``: output and log-sum-exp. ``FIXED_M`` (band
         mode, every row keeps its own key): each row's softmax reference is its self-score instead of a running
         max; the block's flag in ``FLAGS`` says whether that overflowed (see :func:`_fwd_kernel`)."""
@@ -512,14 +451,11 @@ if triton is not None:
                 m_i = tl.sum(q.to(tl.float32) * kd.to(tl.float32), 1) * qk_scale
             start, a, bb, end = _band_stages(q0, tl.minimum(q0 + BLOCK_M, N) - 1, N, LO, HI, BLOCK_N)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, start, a, N, LO, HI,
-                                       skn, svn, qk_scale, KD, VD, b, hk, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM,
-                                       PREC, FIXED_M, TMA)
+                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, a, bb, N, LO, HI,
-                                       skn, svn, qk_scale, KD, VD, b, hk, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM,
-                                       PREC, FIXED_M, TMA)
+                                       skn, svn, qk_scale, 0, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M)
             acc, m_i, l_i = _fwd_range(acc, m_i, l_i, q, k_base, v_base, kpm_base, offs_m, bb, end, N, LO, HI,
-                                       skn, svn, qk_scale, KD, VD, b, hk, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM,
-                                       PREC, FIXED_M, TMA)
+                                       skn, svn, qk_scale, 1, CAUSAL, HAS_KPM, BLOCK_N, HEAD_DIM, PREC, FIXED_M)
             if HAS_GLOBAL:
                 for g0 in range(0, G, BLOCK_N):
                     offs_g = g0 + tl.arange(0, BLOCK_N)
@@ -548,8 +484,6 @@ if triton is not None:
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))  # log2 domain; inf: empty
-        if LSE_LN:  # natural log, for FlashAttention-4's backward
-            lse = lse * 0.6931471805599453
         tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(OUT.dtype.element_ty),
                  mask=(offs_m < N)[:, None])
         tl.store(LSE + bh * N + offs_m, lse, mask=offs_m < N)
@@ -558,17 +492,14 @@ if triton is not None:
             tl.store(FLAGS + bh * tl.cdiv(N, BLOCK_M) + pid_m,
                      tl.max(tl.where(bad & (offs_m < N)[:, None], 1, 0)).to(tl.int8))
 
-    @triton.autotune(configs=_configs("fwd"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL", "STAGE", "TMA"],
-                     prune_configs_by={"early_config_prune": _pruner("fwd")})
     @triton.jit
-    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, ORDER, FLAGS, KD, VD,
+    def _fwd_kernel(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, ORDER, FLAGS,
                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                     H, N, T_TILES, G, LO, HI, sm_scale, BH,
                     GROUPS: tl.constexpr, MODE: tl.constexpr, FMASK: tl.constexpr, PMASK: tl.constexpr,
                     CAUSAL: tl.constexpr, PREC: tl.constexpr,
                     HAS_KPM: tl.constexpr, HAS_GLOBAL: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    LSE_LN: tl.constexpr, STAGE: tl.constexpr, TMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                    STAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The forward. ``STAGE`` 0: the online softmax with a running max, one program per query block and head.
         1 (band mode where every row keeps its own key, see :func:`_fixed_reference`): each row's self-score as a
         fixed softmax reference, which saves the running max and the rescales, ~7% of the forward; a block whose
@@ -582,17 +513,17 @@ if triton is not None:
             if tl.max(tl.load(FLAGS + offs, mask=offs < total, other=0).to(tl.int32)) > 0:
                 for i in range(c0, tl.minimum(c0 + _REDO_CHUNK, total)):
                     if tl.load(FLAGS + i) != 0:
-                        _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, KD, VD,
+                        _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS,
                                   i % tl.cdiv(N, BLOCK_M), i // tl.cdiv(N, BLOCK_M),
                                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                                   H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
-                                  HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, False, TMA, BLOCK_M, BLOCK_N)
+                                  HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, False, BLOCK_M, BLOCK_N)
         else:
             pid_m, bh, _, _, _ = _query_program(ORDER, H, GROUPS, MODE)
-            _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, KD, VD, pid_m, bh,
+            _fwd_tile(Q, K, V, OUT, LSE, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, FLAGS, pid_m, bh,
                       sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                       H, N, T_TILES, G, LO, HI, sm_scale, GROUPS, MODE, FMASK, PMASK, CAUSAL, PREC,
-                      HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, LSE_LN, STAGE, TMA, BLOCK_M, BLOCK_N)
+                      HAS_KPM, HAS_GLOBAL, TILE, HEAD_DIM, STAGE, BLOCK_M, BLOCK_N)
 
     # -- dK/dV: one program per block of keys and KV head -------------------------------------
     @triton.jit
@@ -629,8 +560,6 @@ if triton is not None:
                                  HEAD_DIM, PREC)
         return dk, dv
 
-    @triton.autotune(configs=_configs("dkdv"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL"],
-                     prune_configs_by={"early_config_prune": _pruner("dkdv")}, reset_to_zero=["SCR", "CNT"])
     @triton.jit
     def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KPM, BITS, FCT, FIT, PCT, PIT, IDST, ITEMS, SCR, CNT,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
@@ -753,8 +682,6 @@ if triton is not None:
                            offs_n, N, LO, HI, skn, svn, qk_scale, MASK, CAUSAL, HAS_KPM, 32, HEAD_DIM, PREC)
         return dq
 
-    @triton.autotune(configs=_configs("dq"), key=["HEAD_DIM", "MODE", "TILE", "GROUPS", "CAUSAL"],
-                     prune_configs_by={"early_config_prune": _pruner("dq")})
     @triton.jit
     def _dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, KPM, GPOS, BITS, FC, FI, PC, PI, IDS, ORDER,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
@@ -859,13 +786,74 @@ def _dummy(device, dtype=torch.int32) -> torch.Tensor:
     return t
 
 
+# ---------------------------------------------------------------------------- configs and launches
+_tuned: dict = {}  # (kernel kind, constexprs, dtype, device, autotune) -> launch keyword arguments
+
+
+def _fitting(kind: str, constexprs: dict) -> list[dict]:
+    """The configurations of ``kind`` that fit the call: list mode needs blocks that tile its tiles (the forward and
+    dQ: one program per query tile, dK/dV: one per KV tile); band mode takes any."""
+    configs = _CONFIGS[kind]
+    if constexprs["MODE"] == BAND:
+        return configs
+    tile = constexprs["TILE"]
+    if kind == "dkdv":
+        ok = [c for c in configs if c["BLOCK_N"] == tile and tile % c["BLOCK_M"] == 0]
+        fallback = dict(BLOCK_M=min(32, tile), BLOCK_N=tile)
+    else:
+        ok = [c for c in configs if c["BLOCK_M"] == tile and tile % c["BLOCK_N"] == 0]
+        fallback = dict(BLOCK_M=tile, BLOCK_N=min(32, tile))
+    return ok or [dict(fallback, num_warps=4, num_stages=1 if interpreted() else 3)]
+
+
+def _config(kind: str, kernel, grid, args: tuple, constexprs: dict, reset=None) -> dict:
+    """The launch configuration of this kernel variant: tuned on its first call (each fitting configuration timed
+    with ``triton.testing.do_bench``, the fastest kept) unless ``autotune`` is off or only one fits, then the first
+    that fits. ``reset()`` runs before each timed launch (buffers a launch must find zeroed)."""
+    autotune = sparse_kernel_options().autotune
+    key = (kind, tuple(constexprs.items()), args[0].dtype, args[0].device, autotune)
+    cfg = _tuned.get(key)
+    if cfg is not None:
+        return cfg
+    fits = _fitting(kind, constexprs)
+    cfg = fits[0]
+    if autotune and len(fits) > 1 and not interpreted():
+        from triton.testing import do_bench
+
+        def timed(c):
+            def run():
+                if reset is not None:
+                    reset()
+                kernel[grid(c)](*args, **constexprs, **c)
+            try:
+                return do_bench(run, warmup=25, rep=100, return_mode="median")
+            except Exception:  # noqa: BLE001 - a configuration that does not compile here (resources): not a candidate
+                return float("inf")
+        times = [timed(c) for c in fits]
+        cfg = fits[min(range(len(fits)), key=times.__getitem__)]
+        if reset is not None:
+            reset()
+    _tuned[key] = cfg
+    return cfg
+
+
+def _launch(kind: str, kernel, grid, args: tuple, constexprs: dict, cfg: dict | None = None, reset=None) -> dict:
+    """Launch ``kernel`` (a ``triton.jit`` function) with its configuration (:func:`_config`, or ``cfg``) on
+    ``grid(cfg)``; returns the configuration it ran."""
+    if cfg is None:
+        cfg = _config(kind, kernel, grid, args, constexprs, reset)
+    kernel[grid(cfg)](*args, **constexprs, **cfg)
+    return cfg
+
+
 def _redo_overflowed(args, constexprs: dict, cfg: dict, blocks: int) -> None:
     """Stage 2 of the forward: redo the query blocks whose fixed reference overflowed (their flags), with the
     running max and the same tiles as stage 1 (``cfg``). One launch of ``blocks / REDO_CHUNK`` programs."""
-    _launch(_fwd_kernel, (triton.cdiv(blocks, REDO_CHUNK),), args, {**constexprs, "STAGE": 2}, cfg=cfg)
+    grid = (triton.cdiv(blocks, REDO_CHUNK),)
+    _launch("fwd", _fwd_kernel, lambda c: grid, args, {**constexprs, "STAGE": 2}, cfg=cfg)
 
 
-def _fixed_reference(p: KernelPlan, has_padding: bool, dtype, rows: int) -> bool:
+def _fixed_reference(p: KernelPlan, has_padding: bool, dtype, rows: int, options: SparseKernelOptions) -> bool:
     """Whether the forward takes each row's self-score as its fixed softmax reference (stage 1 of
     :func:`_fwd_kernel`) instead of a running max.
 
@@ -877,11 +865,11 @@ def _fixed_reference(p: KernelPlan, has_padding: bool, dtype, rows: int) -> bool
     * Only where it pays (H200, bf16, head_dim 64, round 8 of ``benchmarks/results/sparse-band-experiments-h200.md``):
       it saves ~4% of a wide band's loop but costs a per-block self-score and the redo launch (~1.5 µs). Measured:
       ±256 at N=16384 and 65536, -4% of the forward; causal ±256 (5 key blocks per query block) and N=4096 x 12
-      heads, +1 µs. Hence a band at least ``FIXED_MIN_WIDTH`` keys wide and at least ``FIXED_MIN_ROWS`` query rows
-      (batch x heads x N).
+      heads, +1 µs. Hence a band at least ``options.fixed_min_width`` keys wide and at least
+      ``options.fixed_min_rows`` query rows (batch x heads x N).
     """
-    return (FIXED_REFERENCE and p.mode == BAND and not has_padding and p.lo <= 0 <= p.hi and dtype != torch.float16
-            and p.hi - p.lo >= FIXED_MIN_WIDTH and rows >= FIXED_MIN_ROWS)
+    return (options.fixed_reference and p.mode == BAND and not has_padding and p.lo <= 0 <= p.hi
+            and dtype != torch.float16 and p.hi - p.lo >= options.fixed_min_width and rows >= options.fixed_min_rows)
 
 
 def _precision(dtype) -> str:
@@ -911,7 +899,8 @@ class _BlockSparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, layout, kpm, scale, rows):
         b, h, n, d = q.shape
         hk = k.shape[1]
-        p = plan(layout, rows)
+        options = sparse_kernel_options()
+        p = plan(layout, rows, options)
         o = torch.empty(b, h, n, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
         dummy = _dummy(q.device)
@@ -920,38 +909,27 @@ class _BlockSparseAttention(torch.autograd.Function):
         kw = dict(GROUPS=h // hk, MODE=p.mode, FMASK=0 if n % layout.tile == 0 else 5,
                   PMASK=3 if p.bits is not None else 2 if p.causal else 5,
                   CAUSAL=p.causal, HAS_KPM=kpm is not None, TILE=layout.tile, HEAD_DIM=d, PREC=_precision(q.dtype))
-        # where FlashAttention-4 will take the backward, the forward writes the log-sum-exp it reads (natural log)
-        fa4 = any(ctx.needs_input_grad[:3]) and fa4_backward_reason(
-            q, band=p.mode == BAND, n_global=p.n_global, lo=p.lo, hi=p.hi, has_padding=kpm is not None) is None
-        fixed = _fixed_reference(p, kpm is not None, q.dtype, b * h * n)
+        fixed = _fixed_reference(p, kpm is not None, q.dtype, b * h * n, options)
         flags = torch.empty(b * h * triton.cdiv(n, 16), device=q.device, dtype=torch.int8) if fixed else dummy
-        descs = _tma_descriptors(k, v) if p.mode == BAND else None  # band: K/V blocks by TMA on Hopper
-        args = (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy), flags, *(descs or (dummy, dummy)),
+        args = (q, k, v, o, lse, kpm_t, gpos, *_list_args(p, dummy), flags,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                 h, n, layout.num_tiles, p.n_global, p.lo, p.hi, scale, b * h)
-        cex = dict(HAS_GLOBAL=p.n_global > 0, LSE_LN=fa4, STAGE=1 if fixed else 0, TMA=descs is not None, **kw)
-        cfg = _launch(_fwd_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"), args, cex)
+        cex = dict(HAS_GLOBAL=p.n_global > 0, STAGE=1 if fixed else 0, **kw)
+        cfg = _launch("fwd", _fwd_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"), args, cex)
         if fixed:
             _redo_overflowed(args, cex, cfg, b * h * triton.cdiv(n, cfg["BLOCK_M"]))
         ctx.save_for_backward(q, k, v, o, lse, kpm_t)
-        ctx.layout, ctx.scale, ctx.has_kpm, ctx.kw, ctx.rows = layout, scale, kpm is not None, kw, rows
-        ctx.lse_ln = fa4
+        ctx.layout, ctx.scale, ctx.has_kpm, ctx.kw, ctx.rows, ctx.plan = layout, scale, kpm is not None, kw, rows, p
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, kpm_t = ctx.saved_tensors
-        layout, scale, kw = ctx.layout, ctx.scale, ctx.kw
-        p = plan(layout, ctx.rows)
+        layout, scale, kw, p = ctx.layout, ctx.scale, ctx.kw, ctx.plan
         b, h, n, d = q.shape
         hk = k.shape[1]
         if do.stride(-1) != 1:
             do = do.contiguous()
-        if ctx.lse_ln:  # the forward chose FlashAttention-4 for this backward (and wrote its natural-log LSE)
-            grads = fa4_band_backward(q, k, v, o, do, lse, scale, p.lo, p.hi)
-            if grads is not None:
-                return (*grads, None, None, None, None)
-            lse = lse * (1.0 / _LN2)  # it declined: back to the kernels' base 2
         dummy = _dummy(q.device)
         delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
         dq = torch.empty(b, h, n, d, device=q.device, dtype=q.dtype)
@@ -959,21 +937,21 @@ class _BlockSparseAttention(torch.autograd.Function):
         dv = torch.empty(b, hk, n, d, device=q.device, dtype=v.dtype)
         gpos = p.gpos if p.n_global else dummy
         # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads
-        _launch(_dq_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"),
+        _launch("dq", _dq_kernel, _grid(p, n, layout.num_tiles, b * h, "BLOCK_M"),
                 (q, k, v, o, do, lse, delta, dq, kpm_t, gpos, *_list_args(p, dummy),
                  *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(do), h, n, layout.num_tiles,
                  p.n_global, p.lo, p.hi, scale), dict(HAS_GLOBAL=p.n_global > 0, **kw))
-        t_args, scr, cnt, units = (dummy,) * 7, _dummy(q.device, torch.float32), dummy, 0
+        t_args, scr, cnt, units, reset = (dummy,) * 7, _dummy(q.device, torch.float32), dummy, 0, None
         if p.mode == LIST:
             t_args, units = (p.bits if p.bits is not None else dummy, *p.full_t, *p.partial_t, p.items), len(p.items)
             if p.n_split:  # float32 dK/dV parts of the split tiles, and their arrival counters: one zeroed buffer
                 size = p.n_split * b * hk * 2 * layout.tile * d
                 buf = torch.zeros(size + p.n_split * b * hk, device=q.device, dtype=torch.int32)
-                scr, cnt = buf[:size].view(torch.float32), buf[size:]
-        _launch(_dkdv_kernel, _grid(p, n, units, b * hk, "BLOCK_N"),
+                scr, cnt, reset = buf[:size].view(torch.float32), buf[size:], buf.zero_
+        _launch("dkdv", _dkdv_kernel, _grid(p, n, units, b * hk, "BLOCK_N"),
                 (q, k, v, do, lse, delta, dk, dv, kpm_t, *t_args, scr, cnt,
                  *_strides(q), *_strides(k), *_strides(v), *_strides(do), hk, h, n, layout.num_tiles, p.lo, p.hi,
-                 scale), kw)
+                 scale), kw, reset=reset)
         if p.n_global:
             _global_dkdv(q, k, v, do, lse, delta, p, kpm_t.bool() if ctx.has_kpm else None, scale, dk, dv)
         return dq, dk, dv, None, None, None, None
