@@ -77,7 +77,7 @@ def test_bigbird_with_tiles_inside_its_blocks_runs_without_mask_tables():
     pattern = BigBird(block_size=32, window=32, random_blocks=1)
     from attnzoo.ops.sparse import compile_layout
 
-    assert triton_kernel.plan(compile_layout(pattern, n, 32)).bits is None
+    assert triton_kernel.make_plan(compile_layout(pattern, n, 32)).bits is None
     q, k, v = (torch.randn(1, 2, n, 16, device=DEV, requires_grad=True) for _ in range(3))
     out = sparse_attention(q, k, v, pattern, tile=32, backend="triton")
     ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=bigbird_keep(n, 32, 32, 2, 1, 0, False))
@@ -91,13 +91,13 @@ def test_bigbird_with_tiles_inside_its_blocks_runs_without_mask_tables():
 def test_plans_band_list_and_bit_packed_masks():
     from attnzoo.ops.sparse import compile_layout
 
-    p = triton_kernel.plan(compile_layout(SlidingWindow(window=20, causal=True), N, 32))
-    assert (p.mode, p.lo, p.hi, p.n_global) == (triton_kernel.BAND, -20, 0, 0)
-    p = triton_kernel.plan(compile_layout(Longformer(window=9, global_tokens=(0, 50, -1)), N, 32))
-    assert (p.mode, p.lo, p.hi, p.gpos.tolist()) == (triton_kernel.BAND, -9, 9, [0, 50, N - 1])
+    p = triton_kernel.make_plan(compile_layout(SlidingWindow(window=20, causal=True), N, 32))
+    assert (p.mode, p.lo, p.hi, p.n_global) == (triton_kernel.Mode.BAND, -20, 0, 0)
+    p = triton_kernel.make_plan(compile_layout(Longformer(window=9, global_tokens=(0, 50, -1)), N, 32))
+    assert (p.mode, p.lo, p.hi, p.gpos.tolist()) == (triton_kernel.Mode.BAND, -9, 9, [0, 50, N - 1])
     layout = compile_layout(Strided(stride=12), N, 32)
-    p = triton_kernel.plan(layout)
-    assert p.mode == triton_kernel.LIST and p.bits.shape == (int(layout.partial_count.sum()), 32, 1)
+    p = triton_kernel.make_plan(layout)
+    assert p.mode == triton_kernel.Mode.LIST and p.bits.shape == (int(layout.partial_count.sum()), 32, 1)
     # query tile 0 visits its partial tiles in ascending order; check one tile's bits against the pattern
     kt = int(layout.partial_index[0, 1])
     words = p.bits[int(p.ids[0, 1]), :, 0].to(torch.int64) % 2 ** 32
@@ -130,11 +130,11 @@ def test_bigbird_global_rows_in_the_kernel_and_split_kv_tiles(causal):
     pattern = BigBird(block_size=32, window=32, random_blocks=1, causal=causal)
     layout = compile_layout(pattern, n, 32, "cpu")
     assert triton_kernel.rows_in_kernel(layout)
-    assert triton_kernel.plan(layout, rows=True).n_split == 0  # the default thresholds: nothing to split here
+    assert triton_kernel.make_plan(layout, rows=True).n_split == 0  # the default thresholds: nothing to split here
     with use_sparse_kernel_options(split_min=2, split_factor=0):
-        p = triton_kernel.plan(layout, rows=True)
+        p = triton_kernel.make_plan(layout, rows=True)
         assert p.rows and p.n_split > 0 and (p.items[:, 3] >= 0).any()
-        assert not triton_kernel.plan(layout).rows  # global_rows=False keeps them out of the kernel
+        assert not triton_kernel.make_plan(layout).rows  # global_rows=False keeps them out of the kernel
         _match_oracle(pattern, n, bigbird_keep(n, 32, 32, 2, 1, 0, causal), {1: slice(120, None)})
 
 
@@ -175,8 +175,8 @@ def test_band_fixed_reference_matches_oracle(fixed_everywhere, pattern, keep):
     a running max; forward and backward against float64, grouped heads, a length no multiple of the blocks."""
     from attnzoo.ops.sparse import compile_layout
 
-    p = triton_kernel.plan(compile_layout(pattern, N, 32, DEV))
-    assert triton_kernel._fixed_reference(p, False, torch.float32, 2 * 4 * N, fixed_everywhere)
+    p = triton_kernel.make_plan(compile_layout(pattern, N, 32, DEV))
+    assert triton_kernel.autograd._fixed_reference(p, False, torch.float32, 2 * 4 * N, fixed_everywhere)
     q = torch.randn(2, 4, N, 16, device=DEV, requires_grad=True)
     k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
     _match_unpadded(pattern, keep(N), q, k, v)
@@ -188,20 +188,20 @@ def test_fixed_reference_only_where_every_row_keeps_its_own_key_and_it_pays():
     rows, opts = 12 * 16384, SparseKernelOptions()
 
     def fixed(p, padding, dtype, rows, options=opts):
-        return triton_kernel._fixed_reference(p, padding, dtype, rows, options)
+        return triton_kernel.autograd._fixed_reference(p, padding, dtype, rows, options)
 
-    band = triton_kernel.plan(compile_layout(SlidingWindow(window=256), 16384, 64, DEV))
+    band = triton_kernel.make_plan(compile_layout(SlidingWindow(window=256), 16384, 64, DEV))
     assert fixed(band, False, torch.bfloat16, rows)
     assert fixed(band, False, torch.float32, rows)
     assert not fixed(band, False, torch.bfloat16, rows, SparseKernelOptions(fixed_reference=False))  # switched off
     assert not fixed(band, True, torch.bfloat16, rows)  # padding may drop a row's own key
     assert not fixed(band, False, torch.float16, rows)  # p would overflow float16's 2**16
     assert not fixed(band, False, torch.bfloat16, 12 * 4096)  # too short to pay
-    causal = triton_kernel.plan(compile_layout(SlidingWindow(window=256, causal=True), 16384, 64, DEV))
+    causal = triton_kernel.make_plan(compile_layout(SlidingWindow(window=256, causal=True), 16384, 64, DEV))
     assert not fixed(causal, False, torch.bfloat16, rows)  # too narrow to pay
-    wide_causal = triton_kernel.plan(compile_layout(SlidingWindow(window=512, causal=True), 16384, 64, DEV))
+    wide_causal = triton_kernel.make_plan(compile_layout(SlidingWindow(window=512, causal=True), 16384, 64, DEV))
     assert fixed(wide_causal, False, torch.bfloat16, rows)
-    listed = triton_kernel.plan(compile_layout(Strided(stride=12), N, 32, DEV))
+    listed = triton_kernel.make_plan(compile_layout(Strided(stride=12), N, 32, DEV))
     assert not fixed(listed, False, torch.float32, 1 << 30)  # list mode: running max
 
 
@@ -229,7 +229,7 @@ def test_fixed_reference_overflow_is_redone(monkeypatch, fixed_everywhere, patte
     rows = [(0, 0, 5), (0, 3, 40), (1, 1, 70), (1, 2, N - 1)]
     q, k, v = _overflowing_inputs(N, rows)
     _match_unpadded(pattern, keep(N), q, k, v)
-    monkeypatch.setattr(triton_kernel, "_redo_overflowed", lambda *a: None)
+    monkeypatch.setattr(triton_kernel.autograd, "_redo_overflowed", lambda *a: None)
     out = sparse_attention(q, k, v, pattern, tile=32, backend="triton")
     bad = ~torch.isfinite(out).all(-1)
     assert all(bad[b, h, i] for b, h, i in rows)
