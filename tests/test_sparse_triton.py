@@ -234,3 +234,47 @@ def test_fixed_reference_overflow_is_redone(monkeypatch, fixed_everywhere, patte
     bad = ~torch.isfinite(out).all(-1)
     assert all(bad[b, h, i] for b, h, i in rows)
     assert int(bad.sum()) <= len(rows)  # only the overflowing rows
+
+
+@pytest.mark.parametrize("pattern, loops", [CASES[0], CASES[4], CASES[6], CASES[7]],
+                         ids=["sliding", "longformer", "bigbird-causal", "strided-causal"])
+def test_the_custom_ops_launch_what_the_autograd_function_launches(pattern, loops):
+    """The route ``torch.compile`` traces (the ``attnzoo::block_sparse_fwd``/``_bwd`` custom ops, autograd through
+    ``torch.library.register_autograd``), called eagerly: the same kernels on the same plan give the same bits as the
+    autograd function, forward and backward, with padding, grouped heads and global rows."""
+    from attnzoo.ops.sparse import compile_layout
+    from attnzoo.ops.sparse.triton_kernel import block_sparse_attention
+
+    layout = compile_layout(pattern, N, 32, DEV)
+    rows = triton_kernel.rows_in_kernel(layout)
+    q = torch.randn(2, 4, N, 16, device=DEV, requires_grad=True)
+    k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
+    kpm = torch.ones(2, N, dtype=torch.bool, device=DEV)
+    kpm[1, 80:] = False
+    go = torch.randn(2, 4, N, 16, device=DEV)
+    outs = []
+    for compiled in (False, True):
+        out = block_sparse_attention(q, k, v, layout, kpm, None, rows, compiled=compiled)
+        outs.append((out, *torch.autograd.grad(out, (q, k, v), go)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_a_remembered_triton_choice_turns_down_inputs_it_cannot_read(monkeypatch):
+    """Dispatch remembers its choice per call signature, which does not hold strides: a later call whose q has a
+    strided last dimension is turned down at run time by the Triton backend and served by the next backend."""
+    from attnzoo.ops import last_sparse_decision
+    from attnzoo.ops.sparse import op
+
+    monkeypatch.setitem(op.SPARSE_ORDER, DEV, ("triton", "gather", "masked"))
+    monkeypatch.setattr(op._SPARSE, "chosen", {})
+    pattern = SlidingWindow(window=20)
+    q, k, v = (torch.randn(1, 2, N, 16, device=DEV) for _ in range(3))
+    sparse_attention(q, k, v, pattern, tile=32)
+    assert last_sparse_decision().backend == "triton"
+    q2 = torch.randn(1, 2, N, 32, device=DEV)[..., ::2]
+    out = sparse_attention(q2, k, v, pattern, tile=32)
+    d = last_sparse_decision()
+    assert d.backend == "gather" and "contiguous last dimension" in d.rejected["triton"], str(d)
+    ref = naive_attention(q2.cpu(), k.cpu(), v.cpu(), mask=sliding_keep(N, 20))
+    torch.testing.assert_close(out.cpu().double(), ref, **FWD_TOL)

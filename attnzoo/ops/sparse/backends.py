@@ -19,6 +19,8 @@ make that tile visit every KV tile), unless the backend says it computed them it
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ...errors import BackendUnavailableError
@@ -118,6 +120,14 @@ class FlexBackend(_KernelBackend):
 
 
 # ---------------------------------------------------------------------------- Triton
+@functools.cache
+def _triton_kernel():
+    """:mod:`.triton_kernel`, imported on first use (it imports Triton)."""
+    from . import triton_kernel
+
+    return triton_kernel
+
+
 class TritonBackend(_KernelBackend):
     name = "triton"
     description = "attnzoo's block-sparse FlashAttention kernel in Triton (bit-packed masks on partial tiles)"
@@ -126,10 +136,8 @@ class TritonBackend(_KernelBackend):
         why = super().check(call)
         if why:
             return why
-        from . import triton_kernel
-
         d = call.dense
-        why = triton_kernel.available(call.q.device.type)
+        why = _triton_kernel().available(call.q.device.type)
         if why:
             return why
         if d.dropout_p > 0:
@@ -148,16 +156,15 @@ class TritonBackend(_KernelBackend):
         return None
 
     def computes_global_rows(self, call):
-        from .triton_kernel import rows_in_kernel
-
-        return call.global_rows and rows_in_kernel(call.layout)  # whole tiles of a tile-exact pattern
+        return call.global_rows and _triton_kernel().rows_in_kernel(call.layout)  # whole tiles, tile-exact
 
     def kernel(self, call):
-        from .triton_kernel import block_sparse_attention
-
+        q, k, v = call.q, call.k, call.v
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # a remembered choice meets other strides
+            raise BackendUnavailableError("needs q, k, v with a contiguous last dimension")
         d = call.dense
-        return block_sparse_attention(call.q, call.k, call.v, call.layout, d.key_padding_mask, d.scale,
-                                      rows=call.global_rows)
+        return _triton_kernel().block_sparse_attention(q, k, v, call.layout, d.key_padding_mask, d.scale,
+                                                       rows=call.global_rows)
 
 
 # ---------------------------------------------------------------------------- dense masks

@@ -87,7 +87,9 @@ class SparseCall:
         return f"{dev}:band" if dev == "cuda" and self.pattern.band() is not None else dev
 
     def signature(self) -> tuple:
+        """What the choice of backend may depend on (not the lengths; read straight from the tensors: it is
+        built on every call)."""
         d = self.dense
-        return (d.q.device.type, d.q.device.index, d.q.dtype, d.q_heads, d.kv_heads, d.head_dim, d.v_dim,
-                self.pattern, self.tile, self.self_attention, d.key_padding_mask is not None, d.dropout_p > 0,
-                d.needs_grad)
+        q, k = d.q, d.k
+        return (q.device, q.dtype, q.shape[1], k.shape[1], q.shape[3], d.v.shape[3], self.pattern, self.tile,
+                q.shape[2] == k.shape[2], d.key_padding_mask is not None, d.dropout_p > 0, d.needs_grad)

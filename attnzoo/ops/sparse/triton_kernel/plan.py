@@ -28,7 +28,7 @@ class KernelPlan:
     tiles heaviest first, the transposed lists for dK/dV with their work ``items`` (int32
     ``[items, ITEM_FIELDS]``: KV tile, first and last slot, split id or -1, parts of that tile) and
     ``n_split`` split KV tiles; for patterns that are not exact on their tiles the bit-packed
-    partial masks ``bits`` with ``ids``.
+    partial masks ``bits``, whose index per (query tile, slot) is ``ids`` (zeros for tile-exact patterns).
     """
 
     mode: int
@@ -177,6 +177,8 @@ def make_plan(layout, rows: bool = False, options: SparseKernelOptions | None = 
                 raise ValueError(f"tile={layout.tile}: the Triton kernel packs partial-tile masks of "
                                  f"{pattern.describe()} in 32-bit words; expected a multiple of 32")
             bits, ids = _partial_bits(layout)
+        else:  # tile-exact: no bit masks, but the kernels still read an id per partial slot
+            ids = torch.zeros(layout.num_tiles, layout.num_tiles, dtype=torch.int32, device=layout.full_count.device)
         lists = _with_global_rows(layout) if rows else (layout.full_count, layout.full_index,
                                                         layout.partial_count, layout.partial_index)
         fc, fi, pc, pi = lists

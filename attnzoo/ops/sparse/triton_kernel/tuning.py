@@ -2,8 +2,8 @@
 
 A kernel variant (its kind, constexprs, dtype and device) is tuned on its first call: every configuration that fits
 is timed with ``triton.testing.do_bench`` and the fastest is kept for the process (with
-``SparseKernelOptions(autotune=False)``, or under Triton's interpreter, the first that fits, untimed). Launches go
-through Triton's public ``kernel[grid](*args, **constexprs, **config)``.
+``SparseKernelOptions(autotune=False)``, or under Triton's interpreter, the first that fits, untimed). Launches (in
+:mod:`.autograd`) go through Triton's public ``kernel[grid](*args, **constexprs, **config)``.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ..options import sparse_kernel_options
 from .codes import Mode
 from .kernels import interpreted
 
-__all__ = ["configs_of", "fitting", "choose_config", "launch"]
+__all__ = ["configs_of", "fitting", "choose_config", "tuned_or_first"]
 
 #: (BLOCK_M, BLOCK_N, warps, stages) per kernel kind; the first ones won a 108-config sweep on an H200 (band, d=64)
 _SHAPES = {
@@ -56,7 +56,7 @@ def choose_config(kind: str, kernel, grid, args: tuple, constexprs: dict, reset=
     with ``triton.testing.do_bench``, the fastest kept) unless ``autotune`` is off or only one fits, then the first
     that fits. ``reset()`` runs before each timed launch (buffers a launch must find zeroed)."""
     autotune = sparse_kernel_options().autotune
-    key = (kind, tuple(constexprs.items()), args[0].dtype, args[0].device, autotune)
+    key = _key(kind, constexprs, args[0].dtype, args[0].device, autotune)
     cfg = _tuned.get(key)
     if cfg is not None:
         return cfg
@@ -82,10 +82,12 @@ def choose_config(kind: str, kernel, grid, args: tuple, constexprs: dict, reset=
     return cfg
 
 
-def launch(kind: str, kernel, grid, args: tuple, constexprs: dict, cfg: dict | None = None, reset=None) -> dict:
-    """Launch ``kernel`` (a ``triton.jit`` function) with its configuration (:func:`choose_config`, or ``cfg``) on
-    ``grid(cfg)``; returns the configuration it ran."""
-    if cfg is None:
-        cfg = choose_config(kind, kernel, grid, args, constexprs, reset)
-    kernel[grid(cfg)](*args, **constexprs, **cfg)
-    return cfg
+def _key(kind: str, constexprs: dict, dtype, device, autotune: bool) -> tuple:
+    return kind, tuple(constexprs.items()), dtype, device, autotune
+
+
+def tuned_or_first(kind: str, constexprs: dict, dtype, device) -> dict:
+    """The configuration this kernel variant was tuned to in this process (by an eager call), else the first that
+    fits; never times anything (for code traced by ``torch.compile``)."""
+    cfg = _tuned.get(_key(kind, constexprs, dtype, device, sparse_kernel_options().autotune))
+    return cfg if cfg is not None else fitting(kind, constexprs)[0]
