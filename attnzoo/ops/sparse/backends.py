@@ -104,6 +104,9 @@ class FlexBackend(_KernelBackend):
             return (f"tile={call.tile}: on CUDA the flex backend serves 128-tiles only (compiled FlexAttention "
                     "needs sparse blocks divisible by its own 128-row kernel tiles: Inductor refused 64-tiles on an "
                     "H200); pass tile=128 to force it")
+        if call.q.device.type == "cuda" and call.per_call:
+            return ("a rule computed per call: its mask_mod is a new function at every call, so compiled "
+                    "FlexAttention would recompile every time (use 'triton')")
         if call.q.device.type == "cuda" and call.dense.k_len < call.tile:
             return (f"sequence of {call.dense.k_len} tokens is shorter than one tile ({call.tile}): compiled "
                     "FlexAttention finds no kernel configuration for it (use 'triton' or a smaller tile)")
