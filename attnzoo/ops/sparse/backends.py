@@ -4,6 +4,8 @@
   compiled on CUDA; off CUDA the eager (unfused) flex path, without autograd.
 * ``triton``: attnzoo's own block-sparse FlashAttention kernels over the same layout
   (:mod:`.triton_kernel`), forward and backward.
+* ``flash_attn_cute``: band patterns through FlashAttention-4's public ``flash_attn.cute.flash_attn_func``
+  with ``window_size`` (:mod:`.flash_attn_cute`), where it is installed.
 * ``gather``: pure PyTorch that visits the same layout (:mod:`.gather`): runs anywhere, with
   autograd and dropout, memory ``O(n x visited keys)``; the layout's executable specification.
 * ``masked``: the pattern's dense keep mask (rows of the queries asked for) through the dense
@@ -28,6 +30,7 @@ from ..dense import attention
 from ..dispatch import Backend, short_error
 from ..flex import flex_reason
 from .call import SparseCall
+from .flash_attn_cute import band_reason, flash_attn_cute_band
 from .flex import flex_sparse_attention
 from .gather import gather_attention
 from .naive import sparse_attention_reference
@@ -170,6 +173,26 @@ class TritonBackend(_KernelBackend):
                                                        rows=call.global_rows)
 
 
+# ---------------------------------------------------------------------------- FlashAttention-4 (public API)
+class FlashAttnCuteBackend(_KernelBackend):
+    name = "flash_attn_cute"
+    description = "band patterns through flash_attn.cute.flash_attn_func(window_size=...), if installed"
+
+    def check(self, call):
+        return super().check(call) or band_reason(call)
+
+    def kernel(self, call):
+        if torch.are_deterministic_algorithms_enabled():  # a remembered choice meets deterministic mode
+            raise BackendUnavailableError("torch.use_deterministic_algorithms is on (its backward adds dQ with "
+                                          "float32 atomics)")
+        lo, hi = call.pattern.band()
+        try:
+            return flash_attn_cute_band(call.q, call.k, call.v, lo, hi, call.dense.scale)
+        except Exception as e:  # its own checks (shapes, architectures it has no kernel for): say why
+            raise BackendUnavailableError(f"flash_attn.cute failed on this call ({type(e).__name__}: "
+                                          f"{short_error(str(e))})") from e
+
+
 # ---------------------------------------------------------------------------- dense masks
 class MaskedBackend(SparseBackend):
     name = "masked"
@@ -192,5 +215,5 @@ class ReferenceBackend(SparseBackend):
                                           scale=d.scale, dropout_p=d.dropout_p, global_rows=call.global_rows)
 
 
-SPARSE_BACKENDS: dict[str, SparseBackend] = {b.name: b for b in [FlexBackend(), TritonBackend(), GatherBackend(),
-                                                                 MaskedBackend(), ReferenceBackend()]}
+SPARSE_BACKENDS: dict[str, SparseBackend] = {b.name: b for b in [
+    FlexBackend(), TritonBackend(), FlashAttnCuteBackend(), GatherBackend(), MaskedBackend(), ReferenceBackend()]}

@@ -26,9 +26,11 @@ __all__ = ["sparse_attention", "explain_sparse", "use_sparse_backend", "last_spa
 #: Measured on an H200 (benchmarks/results/sparse-h200.md, N=16384, +-256, device time fwd+bwd with the
 #: projection): the Triton kernel 0.91 ms, flex over the layout 1.13 ms. Other patterns try flex first, which on
 #: CUDA serves 128-tiles only: BigBird's default tile is its block (64), so BigBird runs on the Triton kernel
-#: (N=16384: 1.33 ms; flex on 128-tiles 19 ms). Decoding (q_len < k_len) goes to ``masked``; on the CPU ``gather``.
+#: (N=16384: 1.33 ms; flex on 128-tiles 19 ms). ``flash_attn_cute`` (FlashAttention-4's public local attention, if
+#: installed) comes after ``triton`` for bands: it serves the band calls the Triton kernels turn down (see
+#: :mod:`.flash_attn_cute`). Decoding (q_len < k_len) goes to ``masked``; on the CPU ``gather``.
 SPARSE_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda:band": ("triton", "flex", "gather", "masked"),
+    "cuda:band": ("triton", "flash_attn_cute", "flex", "gather", "masked"),
     "cuda": ("flex", "triton", "gather", "masked"),
     "cpu": ("gather", "masked"),
 }
