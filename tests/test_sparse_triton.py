@@ -278,3 +278,16 @@ def test_a_remembered_triton_choice_turns_down_inputs_it_cannot_read(monkeypatch
     assert d.backend == "gather" and "contiguous last dimension" in d.rejected["triton"], str(d)
     ref = naive_attention(q2.cpu(), k.cpu(), v.cpu(), mask=sliding_keep(N, 20))
     torch.testing.assert_close(out.cpu().double(), ref, **FWD_TOL)
+
+
+def test_a_strided_key_padding_mask_is_read_as_its_values():
+    """The kernels read the key-padding mask as a contiguous [B, N] table: a strided view of a larger mask gives the
+    result of its values."""
+    pattern = SlidingWindow(window=20)
+    q, k, v = (torch.randn(2, 2, N, 16, device=DEV) for _ in range(3))
+    wide = torch.rand(2, 2 * N, device=DEV) > 0.3
+    kpm = wide[:, ::2]
+    assert not kpm.is_contiguous()
+    out = sparse_attention(q, k, v, pattern, key_padding_mask=kpm, tile=32, backend="triton")
+    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=sliding_keep(N, 20), key_padding_mask=kpm.cpu())
+    torch.testing.assert_close(out.cpu().double(), ref, **FWD_TOL)

@@ -196,7 +196,7 @@ def _forward(L: _Launches, q, k, v, kpm_t, gpos, list_args: tuple, scale: float,
 
 
 def _backward(L: _Launches, q, k, v, o, lse, do, kpm_t, gpos, list_args: tuple, t_args: tuple, n_split: int,
-              scale: float, dummy):
+              scale: float, dummy, dummy_f32):
     """The backward launches: ``(dq, dk, dv, delta)`` for the kernels' part, ``delta = rowsum(dO * O)`` (the
     global key columns' dK/dV: the caller, :func:`_global_dkdv`)."""
     b, h, hk, n, d = L.b, L.h, L.hk, L.n, L.d
@@ -210,7 +210,7 @@ def _backward(L: _Launches, q, k, v, o, lse, do, kpm_t, gpos, list_args: tuple, 
     # dQ first: it also writes delta = rowsum(dO * O), which the dK/dV kernel reads
     L.launch("dq", (q, k, v, o, do, lse, delta, dq, kpm_t, gpos, *list_args, *qs, *ks, *vs, *L.o_strides, *dos,
                     *L.dq_scalars, scale))
-    scr, cnt, reset = dummy, dummy, None
+    scr, cnt, reset = dummy_f32, dummy, None  # read only by split tiles
     if n_split:  # float32 dK/dV parts of the split tiles, and their arrival counters: one zeroed buffer
         size = n_split * b * hk * 2 * L.tile * d
         buf = torch.zeros(size + n_split * b * hk, device=q.device, dtype=torch.int32)
@@ -260,7 +260,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout, kpm, scale, rows):
         P = _prepared(layout, rows, q, k, kpm is not None)
-        kpm_t = kpm.to(torch.int8) if kpm is not None else P.dummy
+        kpm_t = kpm.to(torch.int8).contiguous() if kpm is not None else P.dummy
         o, lse = _forward(P.launches, q, k, v, kpm_t, P.gpos, P.list_args, scale, P.dummy)
         ctx.save_for_backward(q, k, v, o, lse, kpm_t)
         ctx.prepared, ctx.scale, ctx.has_kpm = P, scale, kpm is not None
@@ -272,7 +272,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         P, scale = ctx.prepared, ctx.scale
         p = P.plan
         dq, dk, dv, delta = _backward(P.launches, q, k, v, o, lse, do, kpm_t, P.gpos, P.list_args, P.t_args,
-                                      p.n_split, scale, P.dummy)
+                                      p.n_split, scale, P.dummy, _dummy(q.device, torch.float32))
         if p.n_global:
             _global_dkdv(q, k, v, do, lse, delta, p.gpos, p.lo, p.hi, p.causal,
                          kpm_t.bool() if ctx.has_kpm else None, scale, dk, dv)
@@ -299,7 +299,7 @@ def _fwd_op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.T
                   n_tiles=n_tiles, has_bits=bits is not None, units=0 if items is None else items.shape[0], b=b, h=h,
                   hk=k.shape[1], n=n, d=d, dtype=q.dtype, device=q.device, has_kpm=kpm is not None, fixed=fixed,
                   traced=True)
-    kpm_t = dummy if kpm is None else kpm.to(torch.int8)
+    kpm_t = dummy if kpm is None else kpm.to(torch.int8).contiguous()
     list_args = tuple(_opt(t, dummy) for t in (bits, fc, fi, pc, pi, ids, order))
     return _forward(L, q, k, v, kpm_t, _opt(gpos, dummy), list_args, scale, dummy)
 
@@ -319,11 +319,11 @@ def _bwd_op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Ten
                   n_tiles=n_tiles, has_bits=bits is not None, units=0 if items is None else items.shape[0], b=b, h=h,
                   hk=k.shape[1], n=n, d=d, dtype=q.dtype, device=q.device, has_kpm=kpm is not None, fixed=False,
                   traced=True)
-    kpm_t = dummy if kpm is None else kpm.to(torch.int8)
+    kpm_t = dummy if kpm is None else kpm.to(torch.int8).contiguous()
     list_args = tuple(_opt(t, dummy) for t in (bits, fc, fi, pc, pi, ids, order))
     t_args = tuple(_opt(t, dummy) for t in (bits, fct, fit, pct, pit, idst, items))
     dq, dk, dv, delta = _backward(L, q, k, v, o, lse, do, kpm_t, _opt(gpos, dummy), list_args, t_args, n_split,
-                                  scale, dummy)
+                                  scale, dummy, torch.zeros(1, device=q.device, dtype=torch.float32))
     if gpos is not None:
         _global_dkdv(q, k, v, do, lse, delta, gpos, lo, hi, causal, kpm, scale, dk, dv)
     return dq, dk, dv
