@@ -8,8 +8,8 @@ import types
 
 import torch
 
-from attnzoo.ops.backends import BACKENDS
-from attnzoo.ops.call import AttentionCall
+from attnzoo.ops.dense.backends import BACKENDS
+from attnzoo.ops.dense.call import AttentionCall
 from oracle import naive_attention
 
 

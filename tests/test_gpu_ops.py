@@ -8,8 +8,8 @@ import torch
 import attnzoo
 from attnzoo.errors import BackendUnavailableError
 from attnzoo.ops import attention, attention_reference
-from attnzoo.ops.backends import BACKENDS
-from attnzoo.ops.call import AttentionCall
+from attnzoo.ops.dense.backends import BACKENDS
+from attnzoo.ops.dense.call import AttentionCall
 
 pytestmark = pytest.mark.gpu
 

@@ -5,7 +5,8 @@ import torch
 import attnzoo
 from attnzoo.errors import BackendUnavailableError
 from attnzoo.ops import attention, explain, use_backend
-from attnzoo.ops.backends import BACKENDS
+from attnzoo.ops.dense.backends import BACKENDS
+from attnzoo.ops.dense.call import AttentionCall
 
 from oracle import naive_attention
 
@@ -43,7 +44,7 @@ def test_backend_matches_oracle(backend, causal, masks, heads, lens):
     q, k, v = _inputs(hq=hq, hkv=hkv, nq=nq, nk=nk)
     kw = _masks(masks, 2, hq, nq, nk)
     qkv = (q.detach(), k.detach(), v.detach()) if backend == "flex" else (q, k, v)
-    reason = BACKENDS[backend].check(attnzoo.ops.call.AttentionCall.build(*qkv, causal=causal, **kw))
+    reason = BACKENDS[backend].check(AttentionCall.build(*qkv, causal=causal, **kw))
     if reason is not None:
         assert backend in ("sdpa_flash",) and masks != "none", reason  # only these may be turned down on CPU
         with pytest.raises(BackendUnavailableError, match=backend):
@@ -91,7 +92,7 @@ def test_scale_and_float32_inputs():
 def test_sdpa_fold_of_groups_is_exact():
     """The path used when a kernel lacks enable_gqa: groups folded into the query length."""
     q, k, v = _inputs(hq=6, hkv=2, nq=5, nk=9)
-    call = attnzoo.ops.call.AttentionCall.build(q, k, v)
+    call = AttentionCall.build(q, k, v)
     out = BACKENDS["sdpa_math"]._call(q, k, v, None, False, call, fold=True)
     torch.testing.assert_close(out, naive_attention(q, k, v), rtol=1e-9, atol=1e-9)
 

@@ -1,7 +1,10 @@
-"""GPU: the block-sparse paths (FlexAttention over the layout, the Triton kernel, the gather twin) in bf16/fp16 against
-the float64 reference, forward and backward; the sparse modules on CUDA; dispatch picks flex.
+"""GPU: every kernel path of the sparse op in bf16/fp16 against the float64 reference, forward and backward:
+FlexAttention over the layout, the Triton kernels (band and list modes, fixed softmax reference and its redo, split
+dK/dV tiles, global rows in the kernel, per-call layouts) eagerly, through their custom ops and under
+``torch.compile``, FlashAttention-4's local attention where flash-attn-4 is installed, the gather twin; CUDA-graph
+capture and no host syncs once warm; the sparse modules on CUDA; what dispatch picks.
 
-Run on a GPU machine: ``python -m pytest -m gpu -q tests/test_sparse_gpu.py``. Skipped without CUDA.
+Run on a GPU machine: ``python -m pytest -m gpu -q -rs tests/test_sparse_gpu.py``. Skipped without CUDA.
 FlexAttention compiles once per (pattern, length, masks) shape and the Triton kernel autotunes per shape,
 so the matrix is kept lean.
 """
@@ -10,7 +13,7 @@ import torch
 
 import attnzoo
 from attnzoo.ops import explain_sparse, sparse_attention
-from attnzoo.ops.sparse import BigBird, Fixed, Longformer, SlidingWindow, Strided
+from attnzoo.ops.sparse import BigBird, Fixed, Longformer, SlidingWindow, Strided, use_sparse_kernel_options
 
 pytestmark = pytest.mark.gpu
 
@@ -107,12 +110,10 @@ def test_flex_declines_a_sequence_shorter_than_one_tile_and_dispatch_goes_on():
 
 
 @pytest.fixture
-def fixed_everywhere(monkeypatch):
+def fixed_everywhere():
     """The forward's fixed softmax reference for any band (the library keeps it to wide bands, long inputs)."""
-    from attnzoo.ops.sparse import triton_kernel as tk
-
-    monkeypatch.setattr(tk, "FIXED_MIN_WIDTH", 0)
-    monkeypatch.setattr(tk, "FIXED_MIN_ROWS", 0)
+    with use_sparse_kernel_options(fixed_min_width=0, fixed_min_rows=0) as options:
+        yield options
 
 
 @pytest.mark.parametrize("name", ["sliding", "longformer"])
@@ -140,30 +141,22 @@ def test_triton_band_fixed_reference_overflow_is_redone(monkeypatch, fixed_every
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     pattern = SlidingWindow(window=256, causal=causal)
     _against_float64(q, k, v, pattern, "triton")
-    monkeypatch.setattr(tk, "_redo_overflowed", lambda *a: None)
+    monkeypatch.setattr(tk.autograd, "_redo_overflowed", lambda *a: None)
     bad = ~torch.isfinite(sparse_attention(q, k, v, pattern, backend="triton")).all(-1)
     assert all(bad[b, h, i] for b, h, i in rows) and int(bad.sum()) == len(rows)
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("fixed", [False, True], ids=["running-max", "fixed-reference"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_triton_band_forward_with_tma_and_pointer_loads(monkeypatch, tma, fixed, causal):
-    """The band forward reads K/V through TMA descriptors on Hopper (``TMA_LOADS``) or through pointers: both
-    against float64, forward and backward, on strided views of one projection at an odd length, with the running
-    max and with the fixed reference (and its redo launch)."""
-    from attnzoo.ops.sparse import triton_kernel as tk
-
-    monkeypatch.setattr(tk, "TMA_LOADS", tma)
-    if fixed:
-        monkeypatch.setattr(tk, "FIXED_MIN_WIDTH", 0)
-        monkeypatch.setattr(tk, "FIXED_MIN_ROWS", 0)
+def test_triton_band_on_strided_views_of_one_projection(fixed, causal):
+    """The band kernels on strided views of one projection at an odd length, against float64, forward and
+    backward, with the running max and with the fixed reference (and its redo launch)."""
+    opts = dict(fixed_min_width=0, fixed_min_rows=0) if fixed else dict(fixed_reference=False)
     torch.manual_seed(3)
     x = torch.randn(2, 1999, 3, 8, 64, device="cuda", dtype=torch.bfloat16)
     q, k, v = (t.requires_grad_() for t in x.permute(2, 0, 3, 1, 4).unbind(0))
-    hopper = torch.cuda.get_device_capability()[0] >= 9
-    assert (tk._tma_descriptors(k, v) is not None) == (tma and hopper)
-    _against_float64(q, k, v, SlidingWindow(window=200, causal=causal), "triton")
+    with use_sparse_kernel_options(**opts):
+        _against_float64(q, k, v, SlidingWindow(window=200, causal=causal), "triton")
 
 
 def test_triton_on_strided_qkv_from_one_projection():
@@ -187,7 +180,7 @@ def test_triton_bigbird_long_enough_to_split_its_global_kv_tiles(causal):
 
     n = 4131
     pattern = BigBird(block_size=64, window=64, global_blocks=2, random_blocks=3, causal=causal)
-    p = tk.plan(compile_layout(pattern, n, 64, "cuda"), rows=True)
+    p = tk.make_plan(compile_layout(pattern, n, 64, "cuda"), rows=True)
     assert p.rows and p.n_split >= 1, p.items[:4]
     q, k, v = _inputs(torch.bfloat16, b=1, hq=4, hkv=2, n=n)
     kpm = torch.ones(1, n, dtype=torch.bool, device="cuda")
@@ -245,3 +238,140 @@ def test_rolling_cache_decoding_on_cuda():
         outs = [m(x[:, :100], cache=cache)] + [m(x[:, i:i + 1], cache=cache) for i in range(100, 300)]
     assert _rel(torch.cat(outs, 1), full) < 1e-4
     assert cache.nbytes() == 2 * 2 * 64 * 256 * 4  # k and v, 2 * window slots, float32
+
+
+# ---------------------------------------------------------------------------- the compiled route (custom ops)
+COMPILED_CASES = {
+    "sliding": lambda: SlidingWindow(window=100),
+    "sliding-causal": lambda: SlidingWindow(window=100, causal=True),
+    "longformer": lambda: Longformer(window=64, global_tokens=(0, 5, 300, 998)),  # global columns' dK/dV in the op
+    "bigbird": lambda: BigBird(block_size=64, window=64, global_blocks=2, random_blocks=3),  # rows in the kernel
+    "strided": lambda: Strided(stride=48, causal=True),  # bit masks
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILED_CASES))
+def test_custom_ops_give_the_autograd_functions_bits(name):
+    """``attnzoo::block_sparse_fwd``/``_bwd`` called eagerly launch the same kernels with the same configurations
+    as the autograd function: the same bits, forward and backward."""
+    from attnzoo.ops.sparse import compile_layout
+    from attnzoo.ops.sparse.triton_kernel import block_sparse_attention, rows_in_kernel
+
+    pattern = COMPILED_CASES[name]()
+    q, k, v = _inputs(torch.bfloat16)
+    layout = compile_layout(pattern, q.shape[2], pattern.default_tile(), "cuda")
+    kpm = _padding("padding", 2, q.shape[2])
+    go = torch.randn_like(q)
+    results = []
+    for compiled in (False, True):
+        out = block_sparse_attention(q, k, v, layout, kpm, None, rows_in_kernel(layout), compiled=compiled)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), go)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", list(COMPILED_CASES))
+def test_torch_compile_matches_float64(name):
+    """Under ``torch.compile`` the op's Triton kernels are the custom ops (Inductor sees the kernels): forward and
+    backward against float64, with padding and grouped heads."""
+    torch._dynamo.reset()
+    pattern = COMPILED_CASES[name]()
+    q, k, v = _inputs(torch.bfloat16)
+    kpm = _padding("padding", 2, q.shape[2])
+
+    @torch.compile
+    def f(q, k, v):
+        return sparse_attention(q, k, v, pattern, key_padding_mask=kpm, backend="triton")
+
+    out = f(q, k, v)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = sparse_attention(q64, k64, v64, pattern, key_padding_mask=kpm, backend="reference")
+    assert _rel(out, ref) < TOL, f"forward rel err {_rel(out, ref):.2e}"
+    go = torch.randn_like(ref)
+    for nm, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), go.to(q.dtype)),
+                        torch.autograd.grad(ref, (q64, k64, v64), go)):
+        assert _rel(a, b) < TOL, f"d{nm} rel err {_rel(a, b):.2e}"
+
+
+def test_custom_op_opcheck():
+    """torch.library.opcheck on the forward op (schema, fake tensors, autograd registration, AOT dispatch)."""
+    from attnzoo.ops.sparse import compile_layout
+    from attnzoo.ops.sparse.triton_kernel import make_plan
+
+    n = 999
+    layout = compile_layout(SlidingWindow(window=100), n, 128, "cuda")
+    p = make_plan(layout)
+    q, k, v = _inputs(torch.bfloat16, n=n)
+    args = (q, k, v, None, None, None, None, None, None, None, None, None, None, None, None, None, None, None,
+            p.mode, p.causal, p.lo, p.hi, layout.tile, layout.num_tiles, 0, 0.125, False)
+    torch.library.opcheck(torch.ops.attnzoo.block_sparse_fwd.default, args)
+
+
+# ---------------------------------------------------------------------------- host behaviour of the eager route
+def test_eager_route_has_no_host_syncs_once_warm_and_replays_from_a_cuda_graph():
+    """After the first call of a signature (plan, tuning), a forward and backward of the default route neither
+    syncs with the GPU nor allocates on the host side in a way a CUDA graph cannot capture: captured and replayed,
+    it gives the eager result."""
+    x = torch.randn(1, 2048, 3, 8, 64, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.detach().requires_grad_() for t in x.permute(2, 0, 3, 1, 4).unbind(0))
+    pattern = SlidingWindow(window=256)
+    go = torch.randn(1, 8, 2048, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        out = sparse_attention(q, k, v, pattern)
+        return (out, *torch.autograd.grad(out, (q, k, v), go))
+
+    want = step()  # first call: layout, plan, tuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # warm up on the side stream, as torch.cuda.graphs asks
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = step()
+    g.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- per-call layouts, FlashAttention-4
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_per_call_layout_matches_float64(causal):
+    """A layout built from this call's inputs (LSH-style buckets of 64-token blocks plus a local window) through
+    the Triton kernels (list mode, bit masks), forward and backward against float64."""
+    from attnzoo.ops.sparse import BlockLayout
+
+    n = 999
+    bucket = torch.randint(0, 4, (n,), device="cuda")
+    layout = BlockLayout.from_rule(lambda i, j: (bucket[i] == bucket[j]) | ((i - j).abs() <= 32), n, 64,
+                                   causal=causal, device="cuda")
+    q, k, v = _inputs(torch.bfloat16, n=n)
+    _against_float64(q, k, v, layout, "triton", kpm=_padding("padding", 2, n))
+
+
+def _fa4_installed() -> bool:
+    from attnzoo.ops.sparse.flash_attn_cute import band_reason  # noqa: F401
+
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception:  # noqa: BLE001 - not installed or not importable here
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name, causal, n, dtype", [
+    ("sliding", False, 999, torch.bfloat16), ("sliding", True, 1500, torch.bfloat16),
+    ("sliding", False, 1024, torch.float16)])
+def test_flash_attn_cute_band_matches_float64(name, causal, n, dtype):
+    if not _fa4_installed():
+        pytest.skip("flash-attn-4 (flash_attn.cute) is not installed")
+    q, k, v = _inputs(dtype, n=n, hkv=8)
+    _against_float64(q, k, v, PATTERNS[name](causal), "flash_attn_cute")

@@ -15,7 +15,8 @@ if not torch.cuda.is_available() and "attnzoo.ops.sparse.triton_kernel" not in s
 pytest.importorskip("triton")
 
 from attnzoo.ops import sparse_attention  # noqa: E402
-from attnzoo.ops.sparse import BigBird, Fixed, Longformer, SlidingWindow, Strided  # noqa: E402
+from attnzoo.ops.sparse import (BigBird, Fixed, Longformer, SlidingWindow, SparseKernelOptions, Strided,  # noqa: E402
+                                 use_sparse_kernel_options)
 from attnzoo.ops.sparse import triton_kernel  # noqa: E402
 
 from oracle import bigbird_keep, fixed_keep, longformer_keep, naive_attention, sliding_keep, strided_keep  # noqa: E402
@@ -76,7 +77,7 @@ def test_bigbird_with_tiles_inside_its_blocks_runs_without_mask_tables():
     pattern = BigBird(block_size=32, window=32, random_blocks=1)
     from attnzoo.ops.sparse import compile_layout
 
-    assert triton_kernel.plan(compile_layout(pattern, n, 32)).bits is None
+    assert triton_kernel.make_plan(compile_layout(pattern, n, 32)).bits is None
     q, k, v = (torch.randn(1, 2, n, 16, device=DEV, requires_grad=True) for _ in range(3))
     out = sparse_attention(q, k, v, pattern, tile=32, backend="triton")
     ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=bigbird_keep(n, 32, 32, 2, 1, 0, False))
@@ -90,13 +91,13 @@ def test_bigbird_with_tiles_inside_its_blocks_runs_without_mask_tables():
 def test_plans_band_list_and_bit_packed_masks():
     from attnzoo.ops.sparse import compile_layout
 
-    p = triton_kernel.plan(compile_layout(SlidingWindow(window=20, causal=True), N, 32))
-    assert (p.mode, p.lo, p.hi, p.n_global) == (triton_kernel.BAND, -20, 0, 0)
-    p = triton_kernel.plan(compile_layout(Longformer(window=9, global_tokens=(0, 50, -1)), N, 32))
-    assert (p.mode, p.lo, p.hi, p.gpos.tolist()) == (triton_kernel.BAND, -9, 9, [0, 50, N - 1])
+    p = triton_kernel.make_plan(compile_layout(SlidingWindow(window=20, causal=True), N, 32))
+    assert (p.mode, p.lo, p.hi, p.n_global) == (triton_kernel.Mode.BAND, -20, 0, 0)
+    p = triton_kernel.make_plan(compile_layout(Longformer(window=9, global_tokens=(0, 50, -1)), N, 32))
+    assert (p.mode, p.lo, p.hi, p.gpos.tolist()) == (triton_kernel.Mode.BAND, -9, 9, [0, 50, N - 1])
     layout = compile_layout(Strided(stride=12), N, 32)
-    p = triton_kernel.plan(layout)
-    assert p.mode == triton_kernel.LIST and p.bits.shape == (int(layout.partial_count.sum()), 32, 1)
+    p = triton_kernel.make_plan(layout)
+    assert p.mode == triton_kernel.Mode.LIST and p.bits.shape == (int(layout.partial_count.sum()), 32, 1)
     # query tile 0 visits its partial tiles in ascending order; check one tile's bits against the pattern
     kt = int(layout.partial_index[0, 1])
     words = p.bits[int(p.ids[0, 1]), :, 0].to(torch.int64) % 2 ** 32
@@ -118,26 +119,23 @@ def test_unavailable_reasons():
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-def test_bigbird_global_rows_in_the_kernel_and_split_kv_tiles(monkeypatch, causal):
+def test_bigbird_global_rows_in_the_kernel_and_split_kv_tiles(causal):
     """Tiles = blocks: the kernels compute the global rows themselves (no dense pass), and KV tiles with long
-    lists (the global blocks every query reads) are split over several dK/dV programs (SPLIT_MIN lowered so a
+    lists (the global blocks every query reads) are split over several dK/dV programs (split_min lowered so a
     short sequence splits too: lists of 5 in parts of 2 and 3), with padding, grouped heads and a length that is
     no multiple of the tile."""
     from attnzoo.ops.sparse import compile_layout
-    from attnzoo.ops.sparse.layout import clear_cache
 
-    monkeypatch.setattr(triton_kernel, "SPLIT_MIN", 2)
-    monkeypatch.setattr(triton_kernel, "SPLIT_FACTOR", 0)
-    clear_cache()
     n = 150
     pattern = BigBird(block_size=32, window=32, random_blocks=1, causal=causal)
     layout = compile_layout(pattern, n, 32, "cpu")
     assert triton_kernel.rows_in_kernel(layout)
-    p = triton_kernel.plan(layout, rows=True)
-    assert p.rows and p.n_split > 0 and (p.items[:, 3] >= 0).any()
-    assert not triton_kernel.plan(layout).rows  # global_rows=False keeps them out of the kernel
-    _match_oracle(pattern, n, bigbird_keep(n, 32, 32, 2, 1, 0, causal), {1: slice(120, None)})
-    clear_cache()
+    assert triton_kernel.make_plan(layout, rows=True).n_split == 0  # the default thresholds: nothing to split here
+    with use_sparse_kernel_options(split_min=2, split_factor=0):
+        p = triton_kernel.make_plan(layout, rows=True)
+        assert p.rows and p.n_split > 0 and (p.items[:, 3] >= 0).any()
+        assert not triton_kernel.make_plan(layout).rows  # global_rows=False keeps them out of the kernel
+        _match_oracle(pattern, n, bigbird_keep(n, 32, 32, 2, 1, 0, causal), {1: slice(120, None)})
 
 
 def test_global_rows_stay_out_of_the_kernel_unless_they_fill_whole_exact_tiles():
@@ -165,10 +163,10 @@ def _match_unpadded(pattern, keep, q, k, v):
 
 
 @pytest.fixture
-def fixed_everywhere(monkeypatch):
+def fixed_everywhere():
     """The fixed softmax reference for any band size (the library keeps it to wide bands and long inputs)."""
-    monkeypatch.setattr(triton_kernel, "FIXED_MIN_WIDTH", 0)
-    monkeypatch.setattr(triton_kernel, "FIXED_MIN_ROWS", 0)
+    with use_sparse_kernel_options(fixed_min_width=0, fixed_min_rows=0) as options:
+        yield options
 
 
 @pytest.mark.parametrize("pattern, keep", BAND_CASES, ids=[_case_id(p) for p, _ in BAND_CASES])
@@ -177,8 +175,8 @@ def test_band_fixed_reference_matches_oracle(fixed_everywhere, pattern, keep):
     a running max; forward and backward against float64, grouped heads, a length no multiple of the blocks."""
     from attnzoo.ops.sparse import compile_layout
 
-    p = triton_kernel.plan(compile_layout(pattern, N, 32, DEV))
-    assert triton_kernel._fixed_reference(p, False, torch.float32, 2 * 4 * N)
+    p = triton_kernel.make_plan(compile_layout(pattern, N, 32, DEV))
+    assert triton_kernel.autograd._fixed_reference(p, False, torch.float32, 2 * 4 * N, fixed_everywhere)
     q = torch.randn(2, 4, N, 16, device=DEV, requires_grad=True)
     k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
     _match_unpadded(pattern, keep(N), q, k, v)
@@ -187,19 +185,24 @@ def test_band_fixed_reference_matches_oracle(fixed_everywhere, pattern, keep):
 def test_fixed_reference_only_where_every_row_keeps_its_own_key_and_it_pays():
     from attnzoo.ops.sparse import compile_layout
 
-    rows = 12 * 16384
-    band = triton_kernel.plan(compile_layout(SlidingWindow(window=256), 16384, 64, DEV))
-    assert triton_kernel._fixed_reference(band, False, torch.bfloat16, rows)
-    assert triton_kernel._fixed_reference(band, False, torch.float32, rows)
-    assert not triton_kernel._fixed_reference(band, True, torch.bfloat16, rows)  # padding may drop a row's own key
-    assert not triton_kernel._fixed_reference(band, False, torch.float16, rows)  # p would overflow float16's 2**16
-    assert not triton_kernel._fixed_reference(band, False, torch.bfloat16, 12 * 4096)  # too short to pay
-    causal = triton_kernel.plan(compile_layout(SlidingWindow(window=256, causal=True), 16384, 64, DEV))
-    assert not triton_kernel._fixed_reference(causal, False, torch.bfloat16, rows)  # too narrow to pay
-    wide_causal = triton_kernel.plan(compile_layout(SlidingWindow(window=512, causal=True), 16384, 64, DEV))
-    assert triton_kernel._fixed_reference(wide_causal, False, torch.bfloat16, rows)
-    listed = triton_kernel.plan(compile_layout(Strided(stride=12), N, 32, DEV))
-    assert not triton_kernel._fixed_reference(listed, False, torch.float32, 1 << 30)  # list mode: running max
+    rows, opts = 12 * 16384, SparseKernelOptions()
+
+    def fixed(p, padding, dtype, rows, options=opts):
+        return triton_kernel.autograd._fixed_reference(p, padding, dtype, rows, options)
+
+    band = triton_kernel.make_plan(compile_layout(SlidingWindow(window=256), 16384, 64, DEV))
+    assert fixed(band, False, torch.bfloat16, rows)
+    assert fixed(band, False, torch.float32, rows)
+    assert not fixed(band, False, torch.bfloat16, rows, SparseKernelOptions(fixed_reference=False))  # switched off
+    assert not fixed(band, True, torch.bfloat16, rows)  # padding may drop a row's own key
+    assert not fixed(band, False, torch.float16, rows)  # p would overflow float16's 2**16
+    assert not fixed(band, False, torch.bfloat16, 12 * 4096)  # too short to pay
+    causal = triton_kernel.make_plan(compile_layout(SlidingWindow(window=256, causal=True), 16384, 64, DEV))
+    assert not fixed(causal, False, torch.bfloat16, rows)  # too narrow to pay
+    wide_causal = triton_kernel.make_plan(compile_layout(SlidingWindow(window=512, causal=True), 16384, 64, DEV))
+    assert fixed(wide_causal, False, torch.bfloat16, rows)
+    listed = triton_kernel.make_plan(compile_layout(Strided(stride=12), N, 32, DEV))
+    assert not fixed(listed, False, torch.float32, 1 << 30)  # list mode: running max
 
 
 def _overflowing_inputs(n, rows):
@@ -226,8 +229,65 @@ def test_fixed_reference_overflow_is_redone(monkeypatch, fixed_everywhere, patte
     rows = [(0, 0, 5), (0, 3, 40), (1, 1, 70), (1, 2, N - 1)]
     q, k, v = _overflowing_inputs(N, rows)
     _match_unpadded(pattern, keep(N), q, k, v)
-    monkeypatch.setattr(triton_kernel, "_redo_overflowed", lambda *a: None)
+    monkeypatch.setattr(triton_kernel.autograd, "_redo_overflowed", lambda *a: None)
     out = sparse_attention(q, k, v, pattern, tile=32, backend="triton")
     bad = ~torch.isfinite(out).all(-1)
     assert all(bad[b, h, i] for b, h, i in rows)
     assert int(bad.sum()) <= len(rows)  # only the overflowing rows
+
+
+@pytest.mark.parametrize("pattern, loops", [CASES[0], CASES[4], CASES[6], CASES[7]],
+                         ids=["sliding", "longformer", "bigbird-causal", "strided-causal"])
+def test_the_custom_ops_launch_what_the_autograd_function_launches(pattern, loops):
+    """The route ``torch.compile`` traces (the ``attnzoo::block_sparse_fwd``/``_bwd`` custom ops, autograd through
+    ``torch.library.register_autograd``), called eagerly: the same kernels on the same plan give the same bits as the
+    autograd function, forward and backward, with padding, grouped heads and global rows."""
+    from attnzoo.ops.sparse import compile_layout
+    from attnzoo.ops.sparse.triton_kernel import block_sparse_attention
+
+    layout = compile_layout(pattern, N, 32, DEV)
+    rows = triton_kernel.rows_in_kernel(layout)
+    q = torch.randn(2, 4, N, 16, device=DEV, requires_grad=True)
+    k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
+    kpm = torch.ones(2, N, dtype=torch.bool, device=DEV)
+    kpm[1, 80:] = False
+    go = torch.randn(2, 4, N, 16, device=DEV)
+    outs = []
+    for compiled in (False, True):
+        out = block_sparse_attention(q, k, v, layout, kpm, None, rows, compiled=compiled)
+        outs.append((out, *torch.autograd.grad(out, (q, k, v), go)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_a_remembered_triton_choice_turns_down_inputs_it_cannot_read(monkeypatch):
+    """Dispatch remembers its choice per call signature, which does not hold strides: a later call whose q has a
+    strided last dimension is turned down at run time by the Triton backend and served by the next backend."""
+    from attnzoo.ops import last_sparse_decision
+    from attnzoo.ops.sparse import op
+
+    monkeypatch.setitem(op.SPARSE_ORDER, DEV, ("triton", "gather", "masked"))
+    monkeypatch.setattr(op._SPARSE, "chosen", {})
+    pattern = SlidingWindow(window=20)
+    q, k, v = (torch.randn(1, 2, N, 16, device=DEV) for _ in range(3))
+    sparse_attention(q, k, v, pattern, tile=32)
+    assert last_sparse_decision().backend == "triton"
+    q2 = torch.randn(1, 2, N, 32, device=DEV)[..., ::2]
+    out = sparse_attention(q2, k, v, pattern, tile=32)
+    d = last_sparse_decision()
+    assert d.backend == "gather" and "contiguous last dimension" in d.rejected["triton"], str(d)
+    ref = naive_attention(q2.cpu(), k.cpu(), v.cpu(), mask=sliding_keep(N, 20))
+    torch.testing.assert_close(out.cpu().double(), ref, **FWD_TOL)
+
+
+def test_a_strided_key_padding_mask_is_read_as_its_values():
+    """The kernels read the key-padding mask as a contiguous [B, N] table: a strided view of a larger mask gives the
+    result of its values."""
+    pattern = SlidingWindow(window=20)
+    q, k, v = (torch.randn(2, 2, N, 16, device=DEV) for _ in range(3))
+    wide = torch.rand(2, 2 * N, device=DEV) > 0.3
+    kpm = wide[:, ::2]
+    assert not kpm.is_contiguous()
+    out = sparse_attention(q, k, v, pattern, key_padding_mask=kpm, tile=32, backend="triton")
+    ref = naive_attention(q.cpu(), k.cpu(), v.cpu(), mask=sliding_keep(N, 20), key_padding_mask=kpm.cpu())
+    torch.testing.assert_close(out.cpu().double(), ref, **FWD_TOL)

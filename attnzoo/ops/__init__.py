@@ -1,12 +1,16 @@
-"""Functional attention ops: eager references, fused backends, dispatch.
+"""Functional attention ops: an eager reference beside each fused implementation, and dispatch.
 
-``ops`` knows tensors, not modules. Conventions (layouts, masks, causal alignment)
-are documented once, in :mod:`attnzoo.ops.masks`.
+``ops`` knows tensors, not modules. One package per op, each with a ``naive.py`` reference:
+
+* :mod:`attnzoo.ops.dense`: ``attention(q, k, v, ...)`` (SDPA kernels, ``flash_attn``, FlexAttention);
+* :mod:`attnzoo.ops.sparse`: ``sparse_attention(q, k, v, pattern, ...)`` (block layouts, Triton kernels, ...).
+
+Shared here: :mod:`.masks` (the conventions: layouts, masks, causal alignment, documented once), :mod:`.rope`,
+:mod:`.dispatch` (backend choice) and :mod:`.flex` (compiled FlexAttention).
 """
-from .backends import BACKENDS
-from .dispatch import ORDER, Decision, attention, backend_names, explain, last_decision, use_backend
+from .dense import (BACKENDS, ORDER, Decision, attention, attention_reference, backend_names, explain, last_decision,
+                    use_backend)
 from .masks import causal_keep, combine_masks
-from .reference import attention_reference
 from .rope import apply_rope, inv_frequencies, rope_cos_sin
 from .sparse import (compile_layout, explain_sparse, last_sparse_decision, make_pattern, sparse_attention,
                      use_sparse_backend)

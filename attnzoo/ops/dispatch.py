@@ -1,41 +1,45 @@
-"""Choose the backend for a dense attention call, run it, and say which ran and why.
+"""Backend choice shared by the ops: the :class:`Backend` contract, :class:`Decision` and :class:`Dispatcher`.
 
-The order below is the ranking measured by ``attnzoo bench`` on an H200
-(benchmarks/results/): the first backend that can serve a call runs it. The
-choice is remembered per call signature (device, dtype, heads, head_dim, masks,
-causal, ...; not the lengths), so the probing cost is paid once.
-
-Forcing: ``with attnzoo.ops.use_backend("eager"): ...`` or ``attention(..., backend="sdpa_cudnn")``.
-A forced backend that cannot serve raises :class:`~attnzoo.errors.BackendUnavailableError`
-with the reason; it never silently falls back. Several names form a priority list.
+Each op (the dense op in :mod:`attnzoo.ops.dense`, the sparse op in :mod:`attnzoo.ops.sparse`) owns one
+:class:`Dispatcher` with its own backend names and priority lists. The first backend of the device's list that can
+serve a call runs it; the choice is remembered per call signature (what the choice may depend on: device, dtype,
+heads, masks, ...; not the lengths), so the probing cost is paid once. A forced backend that cannot serve raises
+:class:`~attnzoo.errors.BackendUnavailableError` with the reason; it never silently falls back.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import logging
-import threading
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import BackendUnavailableError, check_choice
-from .backends import BACKENDS
-from .call import AttentionCall
 
-__all__ = ["attention", "explain", "use_backend", "last_decision", "Decision", "Dispatcher", "backend_names", "ORDER"]
+__all__ = ["Backend", "Decision", "Dispatcher", "short_error"]
 
 log = logging.getLogger("attnzoo.ops")
 
-#: Priority per device type (fastest first).
-ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("sdpa_cudnn", "flash_attn_cute", "sdpa_flash", "flash_attn", "sdpa_efficient", "flex", "sdpa_math",
-             "eager"),
-    "cpu": ("sdpa_flash", "sdpa_math", "eager"),
-}
-_DEFAULT_ORDER = ("sdpa_math", "eager")
 
-_local = threading.local()
+class Backend:
+    """One implementation of an op. :meth:`check` answers from the call's facts alone (device, dtype, masks, ...);
+    :meth:`run` may still raise :class:`~attnzoo.errors.BackendUnavailableError` when the library underneath turns
+    the call down at run time. Both give a reason that ``explain`` reports."""
+
+    name = "?"
+    description = ""
+
+    def check(self, call) -> str | None:
+        """None if this backend may serve ``call``, else the reason it cannot."""
+        return None
+
+    def run(self, call) -> torch.Tensor:
+        raise NotImplementedError  # every concrete backend overrides this
+
+    def available(self) -> str | None:
+        """None if usable in this process at all, else why not (missing package, no GPU)."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -71,17 +75,16 @@ class Decision:
 class Dispatcher:
     """Backend choice for one op: its backends, their priority per device type, forcing, a memo.
 
-    A call object has ``q`` (its device picks the order) and ``signature()`` (what the choice
-    may depend on). Backends have ``check(call) -> reason | None`` and ``run(call)``, which may
-    raise :class:`BackendUnavailableError`. The dense op and the sparse op
-    (:mod:`attnzoo.ops.sparse`) each own one, with their own backend names.
+    A call object has ``q`` (its device picks the order), ``signature()`` (what the choice may depend on) and,
+    optionally, ``order_key()`` (which priority list applies, default the device type). Backends follow
+    :class:`Backend`.
     """
 
     def __init__(self, op: str, backends: dict, order: dict[str, tuple[str, ...]], default_order: tuple[str, ...]):
         self.op, self.backends, self.order, self.default_order = op, backends, order, default_order
         self.forced: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
             f"attnzoo_{op}_backend", default=None)
-        self.chosen: dict[tuple, str] = {}
+        self.chosen: dict[tuple, tuple] = {}  # signature -> (backend, the Decision a remembered call returns)
 
     def check_names(self, names) -> tuple[str, ...]:
         if isinstance(names, str):
@@ -113,12 +116,13 @@ class Dispatcher:
         rejected: dict[str, str] = {}
         if forced is None:
             sig = call.signature()
-            name = self.chosen.get(sig) if memo else None
-            if name is not None:
+            hit = self.chosen.get(sig) if memo else None
+            if hit is not None:  # the common case: one dict lookup, the backend, a shared Decision
+                be, decision = hit
                 try:
-                    return self.backends[name].run(call), Decision(name, False, {}, cached=True)
+                    return be.run(call), decision
                 except BackendUnavailableError as e:  # e.g. a length this kernel does not take
-                    rejected[name] = str(e)
+                    rejected[be.name] = str(e)
                     self.chosen.pop(sig, None)
             candidates = self.order_for(call)
         else:
@@ -136,7 +140,7 @@ class Dispatcher:
                 else:
                     decision = Decision(name, forced is not None, rejected)
                     if forced is None:
-                        self.chosen[call.signature()] = name
+                        self.chosen[call.signature()] = (be, Decision(name, False, {}, cached=True))
                         log.debug("attnzoo.ops.%s -> %s\n%s", self.op, name, decision)
                     return out, decision
             rejected[name] = why
@@ -166,64 +170,7 @@ class Dispatcher:
         return Decision(d.backend, forced, d.rejected, False, tuple(order), skipped)
 
 
-_DENSE = Dispatcher("attention", BACKENDS, ORDER, _DEFAULT_ORDER)
-
-
-def backend_names() -> list[str]:
-    """All backend names, fastest first on CUDA."""
-    return list(BACKENDS)
-
-
-def use_backend(*names: str):
-    """Force dense attention inside the block onto ``names`` (tried in order; none may fall back).
-
-    >>> with attnzoo.ops.use_backend("eager"):
-    ...     y = model(x)
-    """
-    return _DENSE.use(*names)
-
-
-def _dispatch(call: AttentionCall, backend) -> tuple[torch.Tensor, Decision]:
-    return _DENSE.run(call, backend)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              mask: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
-              scale: float | None = None, dropout_p: float = 0.0, backend: str | tuple[str, ...] | None = None
-              ) -> torch.Tensor:
-    """Dense scaled dot-product attention on the fastest backend that can serve the call.
-
-    Args:
-        q: ``[batch, q_heads, q_len, head_dim]``.
-        k: ``[batch, kv_heads, k_len, head_dim]``; ``q_heads % kv_heads == 0`` (grouped
-            heads are read in place, never repeated in memory by the fused backends).
-        v: ``[batch, kv_heads, k_len, v_dim]``.
-        causal: bottom-right-aligned causal mask (see :mod:`attnzoo.ops.masks`).
-        mask: bool keep mask broadcastable to ``[batch, q_heads, q_len, k_len]``.
-        key_padding_mask: bool ``[batch, k_len]``, True for real tokens.
-        scale: softmax scale, default ``1/sqrt(head_dim)``.
-        dropout_p: attention-probability dropout (pass 0 in eval).
-        backend: force one backend name (or a priority tuple); see :func:`backend_names`.
-
-    Returns:
-        ``[batch, q_heads, q_len, v_dim]`` in the inputs' dtype.
-    """
-    call = AttentionCall.build(q, k, v, causal=causal, mask=mask, key_padding_mask=key_padding_mask, scale=scale,
-                               dropout_p=dropout_p)
-    out, decision = _dispatch(call, backend)
-    _local.last = decision
-    return out
-
-
-def explain(q, k, v, **kwargs) -> Decision:
-    """Run ``attention(q, k, v, **kwargs)`` without grad and return the :class:`Decision`: which
-    backend served it, and every other backend in priority order with the reason it did not
-    (``print`` it for a readable list). The order is probed afresh, not taken from the memo."""
-    call = AttentionCall.build(q, k, v, **{k_: v_ for k_, v_ in kwargs.items() if k_ != "backend"})
-    with torch.no_grad():
-        return _DENSE.explain(call, kwargs.get("backend"))
-
-
-def last_decision() -> Decision | None:
-    """The :class:`Decision` of the last :func:`attention` call on this thread."""
-    return getattr(_local, "last", None)
+def short_error(msg: str) -> str:
+    """The first two non-empty lines of an error message, at most 300 characters (for ``explain``)."""
+    first = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    return "; ".join(first[:2])[:300]

@@ -1,18 +1,17 @@
 """Sparse attention backends. Each says whether it can serve a :class:`SparseCall` and runs it.
 
-* ``flex``: FlexAttention with a ``BlockMask`` built directly from the compiled layout
-  (``BlockMask.from_kv_blocks``: partial tiles evaluate the pattern's ``mask_mod``, full
-  tiles skip it), compiled once per shape with ``dynamic=False`` on CUDA; off CUDA the
-  eager (unfused) flex path, without autograd.
-* ``triton``: attnzoo's own block-sparse FlashAttention kernel over the same layout
-  (:mod:`.triton_kernel`; bit-packed pattern masks on partial tiles), forward and backward.
-* ``gather``: pure PyTorch that visits the same layout (gathers each query tile's KV tiles,
-  evaluates the pattern only on partial tiles): runs anywhere, with autograd and dropout,
-  memory ``O(n x visited keys)``. It is the layout's executable specification on CPU.
+* ``flex``: FlexAttention with a ``BlockMask`` built directly from the compiled layout (:mod:`.flex`),
+  compiled on CUDA; off CUDA the eager (unfused) flex path, without autograd.
+* ``triton``: attnzoo's own block-sparse FlashAttention kernels over the same layout
+  (:mod:`.triton_kernel`), forward and backward.
+* ``flash_attn_cute``: band patterns through FlashAttention-4's public ``flash_attn.cute.flash_attn_func``
+  with ``window_size`` (:mod:`.flash_attn_cute`), where it is installed.
+* ``gather``: pure PyTorch that visits the same layout (:mod:`.gather`): runs anywhere, with
+  autograd and dropout, memory ``O(n x visited keys)``; the layout's executable specification.
 * ``masked``: the pattern's dense keep mask (rows of the queries asked for) through the dense
   op :func:`attnzoo.ops.attention` (cuDNN/efficient/... on GPU): any call, including decoding
   (``q_len < k_len``); memory ``O(q_len x k_len)``.
-* ``reference``: the dense keep mask through :func:`attnzoo.ops.attention_reference`; the
+* ``reference``: the dense keep mask through the dense reference (:mod:`.naive`); the
   oracle (float64 on CPU), any call.
 
 The kernel backends (``flex``, ``triton``, ``gather``) compute the layout's part of the pattern; the
@@ -22,20 +21,22 @@ make that tile visit every KV tile), unless the backend says it computed them it
 """
 from __future__ import annotations
 
-import warnings
+import functools
 
 import torch
-import torch.nn.functional as F
 
 from ...errors import BackendUnavailableError
-from ..backends import Backend, _flex_fn, _short, flex_reason
-from ..dispatch import attention
-from ..reference import attention_reference
+from ..dense import attention
+from ..dispatch import Backend, short_error
+from ..flex import flex_reason
 from .call import SparseCall
+from .flash_attn_cute import band_reason, flash_attn_cute_band
+from .flex import flex_sparse_attention
+from .gather import gather_attention
+from .naive import sparse_attention_reference
+from .options import sparse_kernel_options
 
-__all__ = ["SparseBackend", "SPARSE_BACKENDS", "fill_global_rows", "set_flex_compile_mode"]
-
-_NEG_INF = float("-inf")
+__all__ = ["SparseBackend", "SPARSE_BACKENDS", "fill_global_rows"]
 
 
 class SparseBackend(Backend):
@@ -80,104 +81,16 @@ class _KernelBackend(SparseBackend):
 
 
 # ---------------------------------------------------------------------------- gather (pure PyTorch)
-def _visit_lists(layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``[tiles, m]`` KV tile index, is-partial and is-real flags per query tile (full tiles first)."""
-    hit = layout._cache.get("visits")
-    if hit is None:
-        t = layout.num_tiles
-        cols = torch.arange(t, device=layout.full_count.device)
-        fsel = cols[None, :] < layout.full_count[:, None]
-        psel = cols[None, :] < layout.partial_count[:, None]
-        m = max(1, int((layout.full_count + layout.partial_count).max()))
-        idx = torch.cat([layout.full_index, layout.partial_index], 1).long()
-        real = torch.cat([fsel, psel], 1)
-        partial = torch.cat([torch.zeros_like(fsel), psel], 1)
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)[:, :m]  # real slots first
-        hit = (idx.gather(1, order) * real.gather(1, order), partial.gather(1, order), real.gather(1, order))
-        layout._cache["visits"] = hit
-    return hit
-
-
 class GatherBackend(_KernelBackend):
     name = "gather"
     description = "pure PyTorch over the block layout (gathered KV tiles); anywhere, autograd, dropout"
 
     def kernel(self, call):
-        layout, bound = call.layout, call.bound
         d = call.dense
-        q, k, v = call.q, call.k, call.v
-        n, b, t = layout.n, layout.tile, layout.num_tiles
-        bsz, hkv, g = d.batch, d.kv_heads, d.groups
-        pad = t * b - n
-        idx, partial, real = _visit_lists(layout)  # [t, m]
-        m = idx.shape[1]
-        qp = F.pad(q, (0, 0, 0, pad)).view(bsz, hkv, g, t, b, d.head_dim)
-        kp = F.pad(k, (0, 0, 0, pad)).view(bsz, hkv, t, b, d.head_dim)
-        vp = F.pad(v, (0, 0, 0, pad)).view(bsz, hkv, t, b, d.v_dim)
-        kg, vg = kp[:, :, idx], vp[:, :, idx]  # [B, Hkv, t, m, b, D]
-        scale = d.scale if d.scale is not None else d.head_dim ** -0.5
-        s = torch.einsum("zhgtqd,zhtmkd->zhgtqmk", qp, kg) * scale
-        dev = q.device
-        qpos = torch.arange(t, device=dev)[:, None] * b + torch.arange(b, device=dev)  # [t, b]
-        kpos = idx[:, :, None] * b + torch.arange(b, device=dev)  # [t, m, b]
-        inside = real[:, :, None] & (kpos < n)
-        pat = bound.kernel_keep(qpos.clamp(max=n - 1)[:, :, None, None], kpos.clamp(max=n - 1)[:, None])
-        keep = inside[:, None] & (~partial[:, None, :, None] | pat)  # [t, b, m, b]: full tiles skip the pattern
-        keep = keep[None, None, None]
-        if d.key_padding_mask is not None:
-            kpm = F.pad(d.key_padding_mask, (0, pad))[:, kpos]  # [B, t, m, b]
-            keep = keep & kpm[:, None, None, :, None]
-        s = s.masked_fill(~keep, _NEG_INF).flatten(-2)
-        p = torch.softmax(s, dim=-1)
-        p = p.masked_fill(~keep.flatten(-2).any(-1, keepdim=True), 0.0)  # rows with nothing to attend to
-        if d.dropout_p > 0:
-            p = F.dropout(p, p=d.dropout_p)
-        o = torch.einsum("zhgtqmk,zhtmkd->zhgtqd", p.unflatten(-1, (m, b)), vg)
-        return o.reshape(bsz, d.q_heads, t * b, d.v_dim)[:, :, :n]
+        return gather_attention(call.q, call.k, call.v, call.layout, d.key_padding_mask, d.scale, d.dropout_p)
 
 
 # ---------------------------------------------------------------------------- FlexAttention
-_flex_mode: str | None = None
-_flex_by_mode: dict = {}
-
-
-def set_flex_compile_mode(mode: str | None) -> None:
-    """Compile the sparse op's FlexAttention with ``torch.compile(mode=...)`` from now on (None: the
-    default compile shared with the dense op). ``"max-autotune-no-cudagraphs"`` lets Inductor time its
-    kernel configurations per shape (minutes of compiling; used by benchmarks/sparse_bench.py to find
-    ``kernel_options`` worth fixing)."""
-    global _flex_mode
-    _flex_mode = mode
-
-
-def _flex_function(device_type: str):
-    if device_type != "cuda" or _flex_mode is None:
-        return _flex_fn(device_type)
-    fn = _flex_by_mode.get(_flex_mode)
-    if fn is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _flex_fn(device_type)  # raises dynamo's recompile limit once
-        fn = _flex_by_mode[_flex_mode] = torch.compile(flex_attention, dynamic=False, mode=_flex_mode)
-    return fn
-
-
-def _block_mask(layout):
-    """The layout as a FlexAttention BlockMask (built once per layout)."""
-    bm = layout._cache.get("flex")
-    if bm is None:
-        from torch.nn.attention.flex_attention import BlockMask
-
-        def rows(x):
-            return x[None, None].contiguous()
-
-        bm = BlockMask.from_kv_blocks(rows(layout.partial_count), rows(layout.partial_index),
-                                      rows(layout.full_count), rows(layout.full_index), BLOCK_SIZE=layout.tile,
-                                      mask_mod=layout.pattern.mask_mod(), seq_lengths=(layout.n, layout.n))
-        layout._cache["flex"] = bm
-    return bm
-
-
 class FlexBackend(_KernelBackend):
     name = "flex"
     description = "FlexAttention (compiled Triton on CUDA) with a BlockMask made from the layout"
@@ -194,6 +107,9 @@ class FlexBackend(_KernelBackend):
             return (f"tile={call.tile}: on CUDA the flex backend serves 128-tiles only (compiled FlexAttention "
                     "needs sparse blocks divisible by its own 128-row kernel tiles: Inductor refused 64-tiles on an "
                     "H200); pass tile=128 to force it")
+        if call.q.device.type == "cuda" and call.per_call:
+            return ("a rule computed per call: its mask_mod is a new function at every call, so compiled "
+                    "FlexAttention would recompile every time (use 'triton')")
         if call.q.device.type == "cuda" and call.dense.k_len < call.tile:
             return (f"sequence of {call.dense.k_len} tokens is shorter than one tile ({call.tile}): compiled "
                     "FlexAttention finds no kernel configuration for it (use 'triton' or a smaller tile)")
@@ -201,26 +117,23 @@ class FlexBackend(_KernelBackend):
 
     def kernel(self, call):
         d = call.dense
-        bm = _block_mask(call.layout)
-        score_mod = None
-        if d.key_padding_mask is not None:
-            kpm = d.key_padding_mask
-
-            def score_mod(score, b, h, q_idx, kv_idx):  # padding on every tile, full ones too
-                return torch.where(kpm[b, kv_idx], score, _NEG_INF)
-        fn = _flex_function(call.q.device.type)
-        kw = {"kernel_options": call.kernel_options} if call.kernel_options else {}
         try:
-            with warnings.catch_warnings():  # off CUDA the unfused path is the point (tests), not a mistake
-                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-                return fn(call.q, call.k, call.v, score_mod=score_mod, block_mask=bm, scale=d.scale,
-                          enable_gqa=d.groups > 1, **kw)
+            return flex_sparse_attention(call.q, call.k, call.v, call.layout, d.key_padding_mask, d.scale,
+                                         call.kernel_options, sparse_kernel_options().flex_compile_mode)
         except Exception as e:  # compile / lowering failures: this backend cannot serve, say why
             raise BackendUnavailableError(f"FlexAttention failed on this call ({type(e).__name__}: "
-                                          f"{_short(str(e))})") from e
+                                          f"{short_error(str(e))})") from e
 
 
 # ---------------------------------------------------------------------------- Triton
+@functools.cache
+def _triton_kernel():
+    """:mod:`.triton_kernel`, imported on first use (it imports Triton)."""
+    from . import triton_kernel
+
+    return triton_kernel
+
+
 class TritonBackend(_KernelBackend):
     name = "triton"
     description = "attnzoo's block-sparse FlashAttention kernel in Triton (bit-packed masks on partial tiles)"
@@ -229,10 +142,8 @@ class TritonBackend(_KernelBackend):
         why = super().check(call)
         if why:
             return why
-        from . import triton_kernel
-
         d = call.dense
-        why = triton_kernel.available(call.q.device.type)
+        why = _triton_kernel().available(call.q.device.type)
         if why:
             return why
         if d.dropout_p > 0:
@@ -251,16 +162,35 @@ class TritonBackend(_KernelBackend):
         return None
 
     def computes_global_rows(self, call):
-        from .triton_kernel import rows_in_kernel
-
-        return call.global_rows and rows_in_kernel(call.layout)  # whole tiles of a tile-exact pattern
+        return call.global_rows and _triton_kernel().rows_in_kernel(call.layout)  # whole tiles, tile-exact
 
     def kernel(self, call):
-        from .triton_kernel import block_sparse_attention
-
+        q, k, v = call.q, call.k, call.v
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:  # a remembered choice meets other strides
+            raise BackendUnavailableError("needs q, k, v with a contiguous last dimension")
         d = call.dense
-        return block_sparse_attention(call.q, call.k, call.v, call.layout, d.key_padding_mask, d.scale,
-                                      rows=call.global_rows)
+        return _triton_kernel().block_sparse_attention(q, k, v, call.layout, d.key_padding_mask, d.scale,
+                                                       rows=call.global_rows)
+
+
+# ---------------------------------------------------------------------------- FlashAttention-4 (public API)
+class FlashAttnCuteBackend(_KernelBackend):
+    name = "flash_attn_cute"
+    description = "band patterns through flash_attn.cute.flash_attn_func(window_size=...), if installed"
+
+    def check(self, call):
+        return super().check(call) or band_reason(call)
+
+    def kernel(self, call):
+        if torch.are_deterministic_algorithms_enabled():  # a remembered choice meets deterministic mode
+            raise BackendUnavailableError("torch.use_deterministic_algorithms is on (its backward adds dQ with "
+                                          "float32 atomics)")
+        lo, hi = call.pattern.band()
+        try:
+            return flash_attn_cute_band(call.q, call.k, call.v, lo, hi, call.dense.scale)
+        except Exception as e:  # its own checks (shapes, architectures it has no kernel for): say why
+            raise BackendUnavailableError(f"flash_attn.cute failed on this call ({type(e).__name__}: "
+                                          f"{short_error(str(e))})") from e
 
 
 # ---------------------------------------------------------------------------- dense masks
@@ -277,14 +207,13 @@ class MaskedBackend(SparseBackend):
 
 class ReferenceBackend(SparseBackend):
     name = "reference"
-    description = "the pattern's keep mask through attention_reference (the oracle; float64 on CPU)"
+    description = "the pattern's keep mask through the dense reference (the oracle; float64 on CPU)"
 
     def run(self, call):
         d = call.dense
-        keep = call.keep_rows(call.query_positions())
-        return attention_reference(call.q, call.k, call.v, mask=keep[None, None], key_padding_mask=d.key_padding_mask,
-                                   scale=d.scale, dropout_p=d.dropout_p)
+        return sparse_attention_reference(call.q, call.k, call.v, call.bound, key_padding_mask=d.key_padding_mask,
+                                          scale=d.scale, dropout_p=d.dropout_p, global_rows=call.global_rows)
 
 
-SPARSE_BACKENDS: dict[str, SparseBackend] = {b.name: b for b in [FlexBackend(), TritonBackend(), GatherBackend(),
-                                                                 MaskedBackend(), ReferenceBackend()]}
+SPARSE_BACKENDS: dict[str, SparseBackend] = {b.name: b for b in [
+    FlexBackend(), TritonBackend(), FlashAttnCuteBackend(), GatherBackend(), MaskedBackend(), ReferenceBackend()]}

@@ -17,6 +17,13 @@ the tests read the same tensors.
 The layout is computed from the pattern's own ``kernel_keep(i, j)`` evaluated chunk by
 chunk on the target device (never the whole ``n x n`` mask at once) and cached per
 (pattern, length, tile, device): built once per shape, reused by every call.
+
+**Per-call layouts.** A layout that depends on the inputs (LSH buckets, tokens selected by a
+score) cannot be cached by shape. :meth:`BlockLayout.from_rule` builds one from a keep rule
+computed in the call (:class:`~attnzoo.ops.sparse.patterns.Rule`) by the same compiler, uncached;
+:func:`attnzoo.ops.sparse_attention` takes it in place of a pattern and every backend reads it as
+it reads a cached one. It costs its compile at every call (a few small kernels and host syncs),
+and the Triton backend's plan of it too.
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ...errors import check_positive_int
-from .patterns import BoundPattern, Pattern
+from .patterns import BoundPattern, Pattern, Rule
 
 __all__ = ["BlockLayout", "compile_layout", "DEFAULT_TILE", "clear_cache"]
 
@@ -77,6 +84,27 @@ class BlockLayout:
     @property
     def tiles_full(self) -> int:
         return int(self.full_count.sum())
+
+    @property
+    def per_call(self) -> bool:
+        """True for a layout built from one call's inputs (:meth:`from_rule`), which nothing caches."""
+        return isinstance(self.pattern.pattern, Rule)
+
+    @classmethod
+    def from_rule(cls, keep, n: int, tile: int = DEFAULT_TILE, *, causal: bool = False, device=None,
+                  label: str = "rule") -> "BlockLayout":
+        """The layout of a keep rule computed from this call's inputs, built now and not cached.
+
+        ``keep(i, j)``: broadcastable integer position tensors (values in ``[0, n)``) -> bool, e.g.
+        ``lambda i, j: bucket[i] == bucket[j]`` for LSH buckets ``bucket`` (``[n]``) or
+        ``lambda i, j: ((i - j).abs() <= w) | chosen[j]`` for a window plus selected tokens. ``causal`` adds
+        ``j <= i``. One rule serves every batch row and head. Pass the layout to
+        :func:`attnzoo.ops.sparse_attention` as its ``pattern``.
+        """
+        check_positive_int("n", n)
+        check_positive_int("tile", tile)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        return _compile(Rule(keep=keep, causal=causal, label=label).bind(n, device), tile)
 
     def tile_density(self) -> float:
         """Fraction of the score matrix inside visited tiles: what a kernel computes."""
@@ -141,11 +169,14 @@ def _compile(bound: BoundPattern, tile: int) -> BlockLayout:
 
 
 def compile_layout(pattern: Pattern, n: int, tile: int = DEFAULT_TILE, device=None) -> BlockLayout:
-    """The (cached) :class:`BlockLayout` of ``pattern`` at length ``n`` with square tiles of ``tile``."""
+    """The (cached) :class:`BlockLayout` of ``pattern`` at length ``n`` with square tiles of ``tile`` (a
+    :class:`~attnzoo.ops.sparse.patterns.Rule`'s is built anew: it belongs to one call)."""
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern={pattern!r}: expected an attnzoo.ops.sparse Pattern (see make_pattern)")
     check_positive_int("tile", tile)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if isinstance(pattern, Rule):  # computed from one call's inputs: built for it, never cached
+        return _compile(pattern.bind(n, device), tile)
     key = (pattern, n, tile, device.type, device.index)
     hit = _cache.get(key)
     if hit is not None:

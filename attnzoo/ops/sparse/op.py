@@ -16,6 +16,7 @@ import torch
 from ..dispatch import Decision, Dispatcher
 from .backends import SPARSE_BACKENDS
 from .call import SparseCall
+from .layout import BlockLayout
 from .patterns import Pattern
 
 __all__ = ["sparse_attention", "explain_sparse", "use_sparse_backend", "last_sparse_decision", "SPARSE_ORDER"]
@@ -25,9 +26,11 @@ __all__ = ["sparse_attention", "explain_sparse", "use_sparse_backend", "last_spa
 #: Measured on an H200 (benchmarks/results/sparse-h200.md, N=16384, +-256, device time fwd+bwd with the
 #: projection): the Triton kernel 0.91 ms, flex over the layout 1.13 ms. Other patterns try flex first, which on
 #: CUDA serves 128-tiles only: BigBird's default tile is its block (64), so BigBird runs on the Triton kernel
-#: (N=16384: 1.33 ms; flex on 128-tiles 19 ms). Decoding (q_len < k_len) goes to ``masked``; on the CPU ``gather``.
+#: (N=16384: 1.33 ms; flex on 128-tiles 19 ms). ``flash_attn_cute`` (FlashAttention-4's public local attention, if
+#: installed) comes after ``triton`` for bands: it serves the band calls the Triton kernels turn down (see
+#: :mod:`.flash_attn_cute`). Decoding (q_len < k_len) goes to ``masked``; on the CPU ``gather``.
 SPARSE_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda:band": ("triton", "flex", "gather", "masked"),
+    "cuda:band": ("triton", "flash_attn_cute", "flex", "gather", "masked"),
     "cuda": ("flex", "triton", "gather", "masked"),
     "cpu": ("gather", "masked"),
 }
@@ -44,7 +47,7 @@ def use_sparse_backend(*names: str):
     return _SPARSE.use(*names)
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, *,
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | BlockLayout, *,
                      key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
                      dropout_p: float = 0.0, tile: int | None = None, global_rows: bool = True,
                      kernel_options: dict | None = None, backend: str | tuple[str, ...] | None = None
@@ -55,7 +58,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         q: ``[batch, q_heads, q_len, head_dim]``: the *last* ``q_len`` positions of the sequence
             (``q_len == k_len`` for a whole sequence; fewer when decoding with a cache).
         k, v: ``[batch, kv_heads, k_len, head_dim]`` (grouped heads as in :func:`attnzoo.ops.attention`).
-        pattern: an :class:`~attnzoo.ops.sparse.Pattern` (its ``causal`` flag included).
+        pattern: an :class:`~attnzoo.ops.sparse.Pattern` (its ``causal`` flag included), or a
+            :class:`~attnzoo.ops.sparse.BlockLayout` of length ``k_len`` (e.g. one built for this call from the
+            inputs: :meth:`~attnzoo.ops.sparse.BlockLayout.from_rule`), which every backend reads as it reads a
+            cached one.
         key_padding_mask: bool ``[batch, k_len]``, True = real token.
         scale: softmax scale (default ``1/sqrt(head_dim)``).
         dropout_p: attention dropout (``gather``/``masked``/``reference`` only).

@@ -36,7 +36,7 @@ import torch
 
 from ...errors import check_positive_int, check_type
 
-__all__ = ["Pattern", "BoundPattern", "SlidingWindow", "Longformer", "BigBird", "Strided", "Fixed", "Dense",
+__all__ = ["Pattern", "BoundPattern", "SlidingWindow", "Longformer", "BigBird", "Strided", "Fixed", "Dense", "Rule",
            "PATTERNS", "make_pattern"]
 
 LocalFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -383,6 +383,30 @@ class Fixed(Pattern):
     def local_fn(self, n, device):
         s, c = self.stride, self.summary
         return lambda i, j: (i // s == j // s) | (j % s >= s - c)
+
+
+@dataclass(frozen=True, eq=False)
+class Rule(Pattern):
+    """A keep rule computed from one call's inputs (LSH buckets, selected tokens, ...): ``keep(i, j)`` takes
+    broadcastable integer position tensors and returns a bool tensor (FlexAttention's ``mask_mod`` without batch
+    and head). Compared by identity and never cached by length: its layout is built per call
+    (:meth:`~attnzoo.ops.sparse.layout.BlockLayout.from_rule`), not by :func:`make_pattern`. One rule serves
+    every batch row and head."""
+
+    keep: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    label: str = "rule"
+    name: ClassVar[str] = "rule"
+
+    def validate(self):
+        if not callable(self.keep):
+            raise TypeError(f"keep={self.keep!r}: expected a function (i, j) -> bool tensor of positions")
+        check_type("label", self.label, str, "a string")
+
+    def local_fn(self, n, device):
+        return self.keep
+
+    def describe(self) -> str:
+        return f"{self.label}(per call, {'causal' if self.causal else 'bidirectional'})"
 
 
 PATTERNS: dict[str, type[Pattern]] = {p.name: p for p in (Dense, SlidingWindow, Longformer, BigBird, Strided, Fixed)}

@@ -10,34 +10,18 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import BackendUnavailableError
-from .call import AttentionCall
-from .reference import attention_reference
+from ...errors import BackendUnavailableError
+from ..dispatch import Backend, short_error
+from ..flex import flex_function, flex_reason
+from .naive import attention_reference
 
 __all__ = ["Backend", "BACKENDS"]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-class Backend:
-    name = "?"
-    description = ""
-
-    def check(self, call: AttentionCall) -> str | None:
-        """None if this backend may serve ``call``, else the reason it cannot."""
-        return None
-
-    def run(self, call: AttentionCall) -> torch.Tensor:
-        raise NotImplementedError  # every concrete backend overrides this
-
-    def available(self) -> str | None:
-        """None if usable in this process at all, else why not (missing package, no GPU)."""
-        return None
 
 
 def _empty_rows(keep: torch.Tensor | None) -> torch.Tensor | None:
@@ -147,7 +131,7 @@ class SDPABackend(Backend):
                     f"(enable_gqa) for this call, and folding the groups is only exact without causal or "
                     f"boolean masks") from None
             raise BackendUnavailableError(f"PyTorch's {self.kernel} kernel turned this call down "
-                                          f"({_short(msg)})") from None
+                                          f"({short_error(msg)})") from None
         if fold:
             out = out.reshape(b, hq, nq, out.shape[-1])
         return out
@@ -162,11 +146,6 @@ def _sdp_choice(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> 
         return int(choose(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa))
     except (RuntimeError, TypeError):
         return -1
-
-
-def _short(msg: str) -> str:
-    first = [ln.strip() for ln in msg.splitlines() if ln.strip()]
-    return "; ".join(first[:2])[:300]
 
 
 # ---------------------------------------------------------------------------- flash_attn package
@@ -242,38 +221,7 @@ class FlashAttnBackend(Backend):
 
 
 # ---------------------------------------------------------------------------- FlexAttention
-_flex_compiled: Callable | None = None
 _causal_block_masks: dict = {}
-
-
-def _flex_fn(device_type: str):
-    """Compiled flex_attention on CUDA; the eager (math) path elsewhere."""
-    global _flex_compiled
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if device_type != "cuda":
-        return flex_attention
-    if _flex_compiled is None:
-        # one compiled kernel per shape: raise dynamo's recompile limit so new lengths do not
-        # silently fall back to the unfused path after 8 shapes
-        import torch._dynamo
-
-        for knob in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, knob):
-                setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 256))
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
-    return _flex_compiled
-
-
-def flex_reason(q, k, v, dropout_p: float, head_dim: int) -> str | None:
-    """Why FlexAttention cannot serve these inputs, or None (shared by the dense and sparse ops)."""
-    if dropout_p > 0:
-        return "FlexAttention has no dropout"
-    if q.device.type != "cuda" and any(t.requires_grad for t in (q, k, v)):
-        return "FlexAttention has no backward off CUDA (pass inputs that do not require grad)"
-    if q.device.type == "cuda" and head_dim < 16:
-        return f"compiled FlexAttention needs head_dim >= 16, got {head_dim}"
-    return None
 
 
 class FlexBackend(Backend):
@@ -320,14 +268,14 @@ class FlexBackend(Backend):
 
     def run(self, call):
         bm = self.block_mask(call)
-        fn = _flex_fn(call.q.device.type)
+        fn = flex_function(call.q.device.type)
         try:
             with warnings.catch_warnings():  # off CUDA the unfused path is the point (tests), not a mistake
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
                 out = fn(call.q, call.k, call.v, block_mask=bm, scale=call.scale, enable_gqa=call.groups > 1)
         except Exception as e:  # compile / lowering failures: this backend cannot serve, say why
             raise BackendUnavailableError(f"FlexAttention failed on this call ({type(e).__name__}: "
-                                          f"{_short(str(e))})") from e
+                                          f"{short_error(str(e))})") from e
         if call.has_masks:  # flex already returns 0 for fully masked rows; keep grads clean too
             out = _zero_empty_rows(out, _empty_rows(call.keep))
         return out

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .masks import combine_masks
+from ..masks import combine_masks
 
 __all__ = ["attention_reference"]
 

@@ -6,7 +6,7 @@ from functools import cached_property
 
 import torch
 
-from .masks import combine_masks, normalize_key_padding_mask, normalize_mask
+from ..masks import combine_masks, normalize_key_padding_mask, normalize_mask
 
 __all__ = ["AttentionCall"]
 
