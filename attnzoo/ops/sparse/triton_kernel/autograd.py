@@ -12,10 +12,12 @@ configurations from :mod:`.tuning`, the kernels from :mod:`.kernels`.
   the first call of a signature and kept on the layout (:class:`_Launches`), so a later call allocates its outputs,
   reads its inputs' strides and launches: no plan lookups, no dictionaries merged, no host syncs.
 * Compiled: inside ``torch.compile`` the same launches are the custom ops ``attnzoo::block_sparse_fwd`` and
-  ``attnzoo::block_sparse_bwd`` (``torch.library.triton_op`` with ``wrap_triton``, their autograd registered with
-  ``torch.library.register_autograd``), which Inductor sees through and CUDA graphs capture. In eager they would
-  cost more host time than the ``autograd.Function`` (a custom op goes through the dispatcher), so eager code does
-  not call them.
+  ``attnzoo::block_sparse_bwd`` (``torch.library.custom_op`` with fake implementations, their autograd registered
+  with ``torch.library.register_autograd``): opaque to Inductor, so the graph does not break around them, and
+  captured by CUDA graphs (``mode="reduce-overhead"``). They are not ``triton_op``: Inductor could not recompile
+  these kernels (their nested ``triton.jit`` calls failed to compile in Inductor's wrapper on the H200, torch 2.11,
+  Triton 3.6). In eager they would cost more host time than the ``autograd.Function`` (a custom op goes through
+  the dispatcher), so eager code does not call them.
 """
 from __future__ import annotations
 
@@ -106,8 +108,9 @@ def _precision(dtype) -> str:
 class _Launches:
     """The launches of one call signature (plan, shapes, dtype, padding, options), minus the tensors.
 
-    ``traced``: built inside ``torch.compile`` (the custom ops): kernels go through ``wrap_triton`` with the tuned
-    configuration of their variant (or the first that fits: no timing runs while tracing), and nothing is cached.
+    ``traced``: built inside the custom ops (what ``torch.compile`` calls): kernels take the tuned configuration of
+    their variant (or the first that fits: no timing runs, which a CUDA-graph capture could not hold), and nothing
+    is cached.
     Otherwise the first launch of each kernel chooses (and may tune) its configuration, and later ones reuse the
     keyword arguments and grid kept here.
     """
@@ -148,10 +151,8 @@ class _Launches:
             return kw
         kernel, cex = self._kernel(kind), self.cex[kind]
         if self.traced:
-            from torch.library import wrap_triton
-
             cfg = tuned_or_first(kind, cex, self.dtype, self.device)
-            wrap_triton(kernel)[self._grid(kind, cfg)](*args, **cex, **cfg)
+            kernel[self._grid(kind, cfg)](*args, **cex, **cfg)
             return {**cex, **cfg}
         cfg = choose_config(kind, kernel, lambda c: self._grid(kind, c), args, cex, reset)
         grid, kw = self._grid(kind, cfg), {**cex, **cfg}
@@ -167,18 +168,13 @@ class _Launches:
                     {**fwd_kw, "STAGE": Stage.REDO})
             if not self.traced:
                 self.kept["redo"] = kept
-        _redo_overflowed(args, *kept, self.traced)
+        _redo_overflowed(args, *kept)
 
 
-def _redo_overflowed(args: tuple, grid: tuple, kw: dict, traced: bool = False) -> None:
+def _redo_overflowed(args: tuple, grid: tuple, kw: dict) -> None:
     """Stage 2 of the forward: redo the query blocks whose fixed reference overflowed (their flags), with the
     running max and the same tiles as stage 1. One launch of one program per ``REDO_CHUNK`` query blocks."""
-    if traced:
-        from torch.library import wrap_triton
-
-        wrap_triton(_fwd_kernel)[grid](*args, **kw)
-    else:
-        _fwd_kernel[grid](*args, **kw)
+    _fwd_kernel[grid](*args, **kw)
 
 
 def _forward(L: _Launches, q, k, v, kpm_t, gpos, list_args: tuple, scale: float, dummy):
@@ -348,12 +344,23 @@ def _op_backward(ctx, do, dlse):
 _ops: dict = {}
 
 
+def _fwd_fake(q, k, v, *args):
+    b, h, n, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+def _bwd_fake(q, k, v, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 def _register_ops() -> None:
     """Register ``attnzoo::block_sparse_fwd`` / ``_bwd`` (at import; not where this torch or Triton cannot)."""
-    if triton is None or not hasattr(torch.library, "triton_op"):
+    if triton is None or not hasattr(torch.library, "custom_op"):
         return
-    _ops["fwd"] = torch.library.triton_op("attnzoo::block_sparse_fwd", _fwd_op_impl, mutates_args=())
-    _ops["bwd"] = torch.library.triton_op("attnzoo::block_sparse_bwd", _bwd_op_impl, mutates_args=())
+    _ops["fwd"] = torch.library.custom_op("attnzoo::block_sparse_fwd", _fwd_op_impl, mutates_args=())
+    _ops["bwd"] = torch.library.custom_op("attnzoo::block_sparse_bwd", _bwd_op_impl, mutates_args=())
+    _ops["fwd"].register_fake(_fwd_fake)
+    _ops["bwd"].register_fake(_bwd_fake)
     torch.library.register_autograd("attnzoo::block_sparse_fwd", _op_backward, setup_context=_setup_context)
 
 
