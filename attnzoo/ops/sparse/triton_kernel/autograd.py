@@ -280,6 +280,19 @@ def _opt(t, dummy):
     return dummy if t is None else t
 
 
+def _op_launches(q, k, kpm, gpos, bits, lists: tuple, items, mode, causal, lo, hi, tile, n_tiles, fixed):
+    """What both custom ops build first: the launches (not cached), a stand-in for absent tensors, the padding
+    as int8 and the list arguments."""
+    b, h, n, d = q.shape
+    dummy = torch.zeros(1, device=q.device, dtype=torch.int32)
+    L = _Launches(mode=mode, causal=causal, lo=lo, hi=hi, n_global=0 if gpos is None else gpos.shape[0], tile=tile,
+                  n_tiles=n_tiles, has_bits=bits is not None, units=0 if items is None else items.shape[0], b=b, h=h,
+                  hk=k.shape[1], n=n, d=d, dtype=q.dtype, device=q.device, has_kpm=kpm is not None, fixed=fixed,
+                  traced=True)
+    kpm_t = dummy if kpm is None else kpm.to(torch.int8).contiguous()
+    return L, dummy, kpm_t, tuple(_opt(t, dummy) for t in (bits, *lists))
+
+
 def _fwd_op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None,
                  gpos: torch.Tensor | None, bits: torch.Tensor | None, fc: torch.Tensor | None,
                  fi: torch.Tensor | None, pc: torch.Tensor | None, pi: torch.Tensor | None, ids: torch.Tensor | None,
@@ -289,14 +302,8 @@ def _fwd_op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.T
                  n_split: int, scale: float, fixed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``attnzoo::block_sparse_fwd``: ``(o, lse)``. The plan's tensors as arguments (None where the mode reads
     none; the transposed lists ``fct .. items`` are only kept for the backward)."""
-    b, h, n, d = q.shape
-    dummy = torch.zeros(1, device=q.device, dtype=torch.int32)
-    L = _Launches(mode=mode, causal=causal, lo=lo, hi=hi, n_global=0 if gpos is None else gpos.shape[0], tile=tile,
-                  n_tiles=n_tiles, has_bits=bits is not None, units=0 if items is None else items.shape[0], b=b, h=h,
-                  hk=k.shape[1], n=n, d=d, dtype=q.dtype, device=q.device, has_kpm=kpm is not None, fixed=fixed,
-                  traced=True)
-    kpm_t = dummy if kpm is None else kpm.to(torch.int8).contiguous()
-    list_args = tuple(_opt(t, dummy) for t in (bits, fc, fi, pc, pi, ids, order))
+    L, dummy, kpm_t, list_args = _op_launches(q, k, kpm, gpos, bits, (fc, fi, pc, pi, ids, order), items, mode,
+                                              causal, lo, hi, tile, n_tiles, fixed)
     return _forward(L, q, k, v, kpm_t, _opt(gpos, dummy), list_args, scale, dummy)
 
 
@@ -309,14 +316,8 @@ def _bwd_op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Ten
                  tile: int, n_tiles: int, n_split: int, scale: float
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``attnzoo::block_sparse_bwd``: ``(dq, dk, dv)``, the global key columns' dK/dV included."""
-    b, h, n, d = q.shape
-    dummy = torch.zeros(1, device=q.device, dtype=torch.int32)
-    L = _Launches(mode=mode, causal=causal, lo=lo, hi=hi, n_global=0 if gpos is None else gpos.shape[0], tile=tile,
-                  n_tiles=n_tiles, has_bits=bits is not None, units=0 if items is None else items.shape[0], b=b, h=h,
-                  hk=k.shape[1], n=n, d=d, dtype=q.dtype, device=q.device, has_kpm=kpm is not None, fixed=False,
-                  traced=True)
-    kpm_t = dummy if kpm is None else kpm.to(torch.int8).contiguous()
-    list_args = tuple(_opt(t, dummy) for t in (bits, fc, fi, pc, pi, ids, order))
+    L, dummy, kpm_t, list_args = _op_launches(q, k, kpm, gpos, bits, (fc, fi, pc, pi, ids, order), items, mode,
+                                              causal, lo, hi, tile, n_tiles, False)
     t_args = tuple(_opt(t, dummy) for t in (bits, fct, fit, pct, pit, idst, items))
     dq, dk, dv, delta = _backward(L, q, k, v, o, lse, do, kpm_t, _opt(gpos, dummy), list_args, t_args, n_split,
                                   scale, dummy, torch.zeros(1, device=q.device, dtype=torch.float32))
