@@ -260,6 +260,38 @@ def test_the_custom_ops_launch_what_the_autograd_function_launches(pattern, loop
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("pattern, loops, backend", [(*CASES[0], "inductor"), (*CASES[5], "aot_eager")],
+                         ids=["sliding-inductor", "longformer-causal-aot_eager"])
+def test_under_torch_compile_the_custom_ops_match_float64(pattern, loops, backend):
+    """``torch.compile`` of a function calling the op takes the custom ops (fake implementations for tracing, the
+    kernels run as they are): forward and backward against float64, with padding and grouped heads."""
+    from attnzoo.ops.sparse import compile_layout
+    from attnzoo.ops.sparse.triton_kernel import block_sparse_attention
+
+    torch._dynamo.reset()
+    layout = compile_layout(pattern, N, 32, DEV)
+    rows = triton_kernel.rows_in_kernel(layout)
+    q = torch.randn(2, 4, N, 16, device=DEV, requires_grad=True)
+    k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
+    kpm = torch.ones(2, N, dtype=torch.bool, device=DEV)
+    kpm[1, 80:] = False
+
+    @torch.compile(backend=backend)  # the options ContextVar breaks the graph before the op: not fullgraph
+    def f(q, k, v):
+        return block_sparse_attention(q, k, v, layout, kpm, None, rows, compiled=True) * 2
+
+    out = f(q, k, v)
+    keep = loops()[None, None] & kpm[:, None, None, :].cpu()
+    want = 2 * naive_attention(q.detach().cpu(), k.detach().cpu(), v.detach().cpu(), mask=keep)
+    torch.testing.assert_close(out.detach().cpu().double(), want, **FWD_TOL)
+    go = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), go)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref = 2 * naive_attention(q64, k64, v64, mask=keep)
+    for a, b in zip(got, torch.autograd.grad(ref, (q64, k64, v64), go.cpu().double())):
+        torch.testing.assert_close(a.cpu().double(), b, **BWD_TOL)
+
+
 def test_a_remembered_triton_choice_turns_down_inputs_it_cannot_read(monkeypatch):
     """Dispatch remembers its choice per call signature, which does not hold strides: a later call whose q has a
     strided last dimension is turned down at run time by the Triton backend and served by the next backend."""
