@@ -13,8 +13,9 @@ configurations from :mod:`.tuning`, the kernels from :mod:`.kernels`.
   reads its inputs' strides and launches: no plan lookups, no dictionaries merged, no host syncs.
 * Compiled: inside ``torch.compile`` the same launches are the custom ops ``attnzoo::block_sparse_fwd`` and
   ``attnzoo::block_sparse_bwd`` (``torch.library.custom_op`` with fake implementations, their autograd registered
-  with ``torch.library.register_autograd``): opaque to Inductor, so the graph does not break around them, and
-  captured by CUDA graphs (``mode="reduce-overhead"``). They are not ``triton_op``: Inductor could not recompile
+  with ``torch.library.register_autograd``): opaque to Inductor, so the graph does not break around them, for
+  CUDA graphs to capture (``mode="reduce-overhead"``; tested on the CPU under Triton's interpreter, not yet
+  measured on a GPU). They are not ``triton_op``: Inductor could not recompile
   these kernels (their nested ``triton.jit`` calls failed to compile in Inductor's wrapper on the H200, torch 2.11,
   Triton 3.6). In eager they would cost more host time than the ``autograd.Function`` (a custom op goes through
   the dispatcher), so eager code does not call them.
