@@ -30,6 +30,17 @@ from tinylm import save_init
 from attnzoo.cli import main
 
 SIGNALS = [pytest.param(signal.SIGINT, 130, id="SIGINT"), pytest.param(signal.SIGTERM, 143, id="SIGTERM")]
+
+
+@pytest.fixture(autouse=True)
+def _sigint_raises_keyboardinterrupt():
+    """A process started with SIGINT ignored (a background job of a shell without job control, as a CI runner
+    may start the suite) never gets Python's KeyboardInterrupt handler; these tests deliver SIGINT in-process,
+    so each runs with Python's default handler and gives back what it found."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 TO_MQA = ["--to", "mqa", "--no-progress"]
 UPTRAIN = ["--tokens", "64", "--batch-size", "2", "--seq-len", "32", "--no-progress", "--cpu"]
 
