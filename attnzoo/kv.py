@@ -24,7 +24,8 @@ import torch
 from .errors import check_positive_int
 from .record import get_record
 
-__all__ = ["KVLayout", "kv_cache_bytes", "kv_bytes_per_token", "kv_layouts", "attention_sizes", "element_size"]
+__all__ = ["KVLayout", "kv_cache_bytes", "kv_bytes_per_token", "kv_layouts", "describe_layouts", "attention_sizes",
+           "element_size"]
 
 
 def element_size(dtype) -> int:
@@ -91,6 +92,13 @@ class KVLayout:
                 return cls(**{k: (None if v is None else int(v)) for k, v in obj.items()})
         raise ValueError(f"kv_layout entry {obj!r}: expected {{'kv_heads': H, 'head_dim': D, 'latent': L, "
                          "'state': S, 'window': W}} (any subset) or an older [kv_heads, head_dim] pair")
+
+
+def describe_layouts(layouts) -> str:
+    """The layers' layouts in a few words: ``"K/V 2 x 64"`` when every layer caches the same, else
+    ``"mixed: ..."`` with each kind once."""
+    kinds = sorted({lay.describe() for lay in layouts})
+    return kinds[0] if len(kinds) == 1 else "mixed: " + "; ".join(kinds)
 
 
 def attention_sizes(config: Any) -> dict[str, int]:

@@ -91,6 +91,7 @@ def _flag(name: str) -> str:
 def run(args) -> int:
     from ..conversion.card import format_bytes, kv_table
     from ..conversion.pipeline import convert_checkpoint
+    from ..kv import describe_layouts
     from ..patches.converters import get_converter
     from ..table import format_table
 
@@ -119,12 +120,7 @@ def run(args) -> int:
         print()
     print(format_table(rows, ["", "value"], title="attnzoo convert"))
     print()
-    table = kv_table([("before: " + _layouts(r.layouts_before), r.layouts_before),
-                      ("after: " + _layouts(r.layouts_after), r.layouts_after)], r.dtype)
+    table = kv_table([("before: " + describe_layouts(r.layouts_before), r.layouts_before),
+                      ("after: " + describe_layouts(r.layouts_after), r.layouts_after)], r.dtype)
     print(format_table(table, title=f"KV cache, batch 1, {r.dtype} (per token: {r.kv_change()})"))
     return 0
-
-
-def _layouts(layouts) -> str:
-    kinds = sorted({lay.describe() for lay in layouts})
-    return kinds[0] if len(kinds) == 1 else "mixed: " + "; ".join(kinds)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..kv import KVLayout, element_size
+from ..kv import KVLayout, describe_layouts, element_size
 from ..table import markdown_table
 
 __all__ = ["format_bytes", "kv_change", "kv_table", "CONTEXTS", "model_card", "split_front_matter"]
@@ -81,8 +81,7 @@ def _with_body(lines: list[str], body: str) -> str:
 
 
 def _layouts_label(layouts) -> str:
-    kinds = sorted({lay.describe() for lay in layouts})
-    return f"{len(layouts)} layers, " + (kinds[0] if len(kinds) == 1 else "mixed: " + "; ".join(kinds))
+    return f"{len(layouts)} layers, {describe_layouts(layouts)}"
 
 
 def model_card(result, *, version: str, source_card: str | None = None) -> str:
