@@ -144,11 +144,11 @@ def get(name: str) -> VariantEntry:
     return _REGISTRY[name]
 
 
-def entries(sort: bool = True) -> list[VariantEntry]:
-    """Every entry (built-in and plugins), sorted by name or in registration order."""
+def entries() -> list[VariantEntry]:
+    """Every entry (built-in and plugins), sorted by name."""
     _builtin()
     _load_entry_points()
-    return [_REGISTRY[n] for n in (sorted(_REGISTRY) if sort else _REGISTRY)]
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
 
 
 def list_variants(pattern: str = "*") -> list[str]:
