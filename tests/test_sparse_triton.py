@@ -236,14 +236,10 @@ def test_fixed_reference_overflow_is_redone(monkeypatch, fixed_everywhere, patte
     assert int(bad.sum()) <= len(rows)  # only the overflowing rows
 
 
-@pytest.mark.parametrize("pattern, loops", [CASES[0], CASES[4], CASES[6], CASES[7]],
-                         ids=["sliding", "longformer", "bigbird-causal", "strided-causal"])
-def test_the_custom_ops_launch_what_the_autograd_function_launches(pattern, loops):
-    """The route ``torch.compile`` traces (the ``attnzoo::block_sparse_fwd``/``_bwd`` custom ops, autograd through
-    ``torch.library.register_autograd``), called eagerly: the same kernels on the same plan give the same bits as the
-    autograd function, forward and backward, with padding, grouped heads and global rows."""
+def _custom_op_case(pattern):
+    """The layout, whether global rows are in the kernel, q [2, 4 heads] and k, v [2, 2 heads] (grouped), and a
+    key-padding mask with padding on the second row."""
     from attnzoo.ops.sparse import compile_layout
-    from attnzoo.ops.sparse.triton_kernel import block_sparse_attention
 
     layout = compile_layout(pattern, N, 32, DEV)
     rows = triton_kernel.rows_in_kernel(layout)
@@ -251,6 +247,18 @@ def test_the_custom_ops_launch_what_the_autograd_function_launches(pattern, loop
     k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
     kpm = torch.ones(2, N, dtype=torch.bool, device=DEV)
     kpm[1, 80:] = False
+    return layout, rows, q, k, v, kpm
+
+
+@pytest.mark.parametrize("pattern, loops", [CASES[0], CASES[4], CASES[6], CASES[7]],
+                         ids=["sliding", "longformer", "bigbird-causal", "strided-causal"])
+def test_the_custom_ops_launch_what_the_autograd_function_launches(pattern, loops):
+    """The route ``torch.compile`` traces (the ``attnzoo::block_sparse_fwd``/``_bwd`` custom ops, autograd through
+    ``torch.library.register_autograd``), called eagerly: the same kernels on the same plan give the same bits as the
+    autograd function, forward and backward, with padding, grouped heads and global rows."""
+    from attnzoo.ops.sparse.triton_kernel import block_sparse_attention
+
+    layout, rows, q, k, v, kpm = _custom_op_case(pattern)
     go = torch.randn(2, 4, N, 16, device=DEV)
     outs = []
     for compiled in (False, True):
@@ -265,16 +273,10 @@ def test_the_custom_ops_launch_what_the_autograd_function_launches(pattern, loop
 def test_under_torch_compile_the_custom_ops_match_float64(pattern, loops, backend):
     """``torch.compile`` of a function calling the op takes the custom ops (fake implementations for tracing, the
     kernels run as they are): forward and backward against float64, with padding and grouped heads."""
-    from attnzoo.ops.sparse import compile_layout
     from attnzoo.ops.sparse.triton_kernel import block_sparse_attention
 
     torch._dynamo.reset()
-    layout = compile_layout(pattern, N, 32, DEV)
-    rows = triton_kernel.rows_in_kernel(layout)
-    q = torch.randn(2, 4, N, 16, device=DEV, requires_grad=True)
-    k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
-    kpm = torch.ones(2, N, dtype=torch.bool, device=DEV)
-    kpm[1, 80:] = False
+    layout, rows, q, k, v, kpm = _custom_op_case(pattern)
 
     @torch.compile(backend=backend)  # the options ContextVar breaks the graph before the op: not fullgraph
     def f(q, k, v):
