@@ -17,9 +17,9 @@ step under ``torch.compile`` (the op's kernels as custom ops), and, where flash-
 
 Run on a GPU machine from the repo root (nothing to install beyond torch + triton):
 
-    python tests/gpu_sparse_host_check.py                  # ~2-4 minutes on an H100 (tuning, compiles)
-    python tests/gpu_sparse_host_check.py --profile        # + where the default path's host time goes (cProfile)
-    python tests/gpu_sparse_host_check.py --n 4096 --rounds 3 --json $OUT/host_check.json
+    python benchmarks/sparse_host_check.py                  # ~2-4 minutes on an H100 (tuning, compiles)
+    python benchmarks/sparse_host_check.py --profile        # + where the default path's host time goes (cProfile)
+    python benchmarks/sparse_host_check.py --n 4096 --rounds 3 --json $OUT/host_check.json
 
 It checks, too, that the default path chose ``triton`` and matches the forced path bit for bit.
 """
