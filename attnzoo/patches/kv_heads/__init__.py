@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from ...conversion.calibration import CalibrationOptions, calibrate
 from ...conversion.heads import check_groups
 from ...conversion.methods import METHODS, check_method, convert_kv_heads
 from ...conversion.streaming import plan_stream
@@ -27,7 +28,7 @@ __all__ = ["KVHeadsPatch", "GQA", "MQA", "MHA", "DenseConverter", "mha", "gqa", 
 
 
 @dataclass(frozen=True, kw_only=True)
-class KVHeadsPatch(KVHeadsOptions, PatchConfig):
+class KVHeadsPatch(KVHeadsOptions, CalibrationOptions, PatchConfig):
     """Options of ``patch(model, "gqa" | "mqa" | "mha", ...)`` (``attnzoo.GQA``, ``attnzoo.MQA``, ``attnzoo.MHA``)."""
 
     method: str = option("mean", help="how the merged K/V heads are initialised: "
@@ -38,6 +39,7 @@ class KVHeadsPatch(KVHeadsOptions, PatchConfig):
     def validate(self):
         check_positive_int("groups", self.groups, allow_none=True)
         check_method(self.method)
+        CalibrationOptions.validate(self)
         if self.kernel is not None:
             check_choice("kernel", self.kernel, ("attnzoo", "hf"))
         self.kv_heads_for(None)  # the variant's rule on groups, as far as it needs no model
@@ -121,8 +123,8 @@ class DenseConverter(Converter):
                 "mode": "native" if site.adapter.native else "swap"}
 
     def stream(self, source, config, adapter, opts, dtype):
-        if not adapter.native:
-            return None
+        if not adapter.native or check_method(opts["method"]).calibrated:
+            return None  # a calibrated method needs the live model
         spec = stream_spec(adapter, source.config)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         target = self.target(adapter, text, opts, spec.heads, spec.kv_heads, str(source.path))
@@ -148,7 +150,9 @@ class DenseConverter(Converter):
 
     def apply(self, site, plan, opts, native):
         w = site.read()
-        w2 = convert_kv_heads(w, plan["kv_heads"], opts["method"], site.rope(), where=site.fqn)
+        cal = opts.get("_calibration")
+        stats = cal.of(site.fqn) if cal is not None and plan["kv_heads"] < plan["kv_heads_before"] else None
+        w2 = convert_kv_heads(w, plan["kv_heads"], opts["method"], site.rope(), where=site.fqn, stats=stats)
         if site.adapter.native:
             site.write_native(w2)
             return
@@ -173,6 +177,11 @@ class DenseConverter(Converter):
 
     def prepare(self, model, adapter, sites, opts, native):
         opts = dict(opts)
+        reducing = [s for s in sites if self.target(adapter, s.config, opts, s.heads, s.kv_heads, s.fqn) < s.kv_heads]
+        if check_method(opts["method"]).calibrated and reducing:
+            # one pass over the unconverted model; handed to apply() and dropped in finish() (never recorded)
+            opts["_calibration"] = calibrate(model, reducing, opts["calib"], opts["calib_sequences"],
+                                             opts["calib_seq_len"])
         if not adapter.native:
             opts["kernel"] = "attnzoo"  # the replacement modules are attnzoo's
             return opts
@@ -185,6 +194,7 @@ class DenseConverter(Converter):
         return opts
 
     def finish(self, model, adapter, sites, plans, opts, native):
+        opts.pop("_calibration", None)
         if native:
             kv = next(iter(plans.values()))["kv_heads"]
             for cfg in {id(s.config): s.config for s in sites}.values():
