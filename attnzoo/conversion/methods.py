@@ -25,7 +25,8 @@ class Method:
     ``needs_o``: reads and rewrites ``o_proj``; ``changes_q``: rewrites ``q_proj``;
     ``linear_keys``: needs keys that reach the scores linearly (no per-head k_norm / clipping);
     ``calibrated``: needs the layer's :class:`~attnzoo.conversion.calibration.LayerStatistics` (``stats``; the
-    others get None), so a live model (``attnzoo convert`` loads it instead of streaming)."""
+    others get None), so a live model (``attnzoo convert`` loads it instead of streaming); ``mixed_values``: its
+    calibration also gathers the attention-mixed value moments (``gather_statistics(..., mixed_values=True)``)."""
 
     name: str
     fn: Callable[[AttnWeights, int, RopeSpec, LayerStatistics | None], AttnWeights]
@@ -34,6 +35,7 @@ class Method:
     changes_q: bool = False
     linear_keys: bool = False
     calibrated: bool = False
+    mixed_values: bool = False
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -46,7 +48,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "calibrated: per-frequency PCA of the measured keys (RoPE-commuting, weighted by the queries' energy) "
            "and PCA of the values (weighted by o_proj), corrections folded into q_proj and o_proj, similar heads "
            "grouped together; needs calibration data (calib)", needs_o=True, changes_q=True, linear_keys=True,
-           calibrated=True),
+           calibrated=True, mixed_values=True),
 ]}
 
 

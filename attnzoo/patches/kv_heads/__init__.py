@@ -31,14 +31,16 @@ __all__ = ["KVHeadsPatch", "GQA", "MQA", "MHA", "DenseConverter", "mha", "gqa", 
 class KVHeadsPatch(KVHeadsOptions, CalibrationOptions, PatchConfig):
     """Options of ``patch(model, "gqa" | "mqa" | "mha", ...)`` (``attnzoo.GQA``, ``attnzoo.MQA``, ``attnzoo.MHA``)."""
 
-    method: str = option("mean", help="how the merged K/V heads are initialised: "
-                         + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
+    method: str | None = option(None, help="how the merged K/V heads are initialised (None: 'pca' when calib is "
+                                "given, else 'mean'): " + "; ".join(f"{m.name}: {m.description}"
+                                                                      for m in METHODS.values()))
     kernel: str | None = option(None, help="native architectures: 'attnzoo' (attnzoo's fused kernels) or 'hf' "
                                            "(transformers' attention); None: attnzoo where it can serve the model")
 
     def validate(self):
         check_positive_int("groups", self.groups, allow_none=True)
-        check_method(self.method)
+        if self.method is not None:
+            check_method(self.method)
         CalibrationOptions.validate(self)
         if self.kernel is not None:
             check_choice("kernel", self.kernel, ("attnzoo", "hf"))
@@ -91,6 +93,8 @@ class DenseConverter(Converter):
                              "omit kernel or pass kernel='attnzoo'")
         if self.name == "mqa":
             opts["groups"] = 1
+        if opts.get("method") is None:  # the best measured method where there is data for it (docs/surgery.md)
+            opts["method"] = "pca" if opts.get("calib") is not None else "mean"
         opts.setdefault("kernel", None)
         return opts
 
@@ -178,10 +182,11 @@ class DenseConverter(Converter):
     def prepare(self, model, adapter, sites, opts, native):
         opts = dict(opts)
         reducing = [s for s in sites if self.target(adapter, s.config, opts, s.heads, s.kv_heads, s.fqn) < s.kv_heads]
-        if check_method(opts["method"]).calibrated and reducing:
+        method = check_method(opts["method"])
+        if method.calibrated and reducing:
             # one pass over the unconverted model; handed to apply() and dropped in finish() (never recorded)
             opts["_calibration"] = calibrate(model, reducing, opts["calib"], opts["calib_sequences"],
-                                             opts["calib_seq_len"])
+                                             opts["calib_seq_len"], mixed_values=method.mixed_values)
         if not adapter.native:
             opts["kernel"] = "attnzoo"  # the replacement modules are attnzoo's
             return opts
