@@ -97,7 +97,7 @@ def test_patch_with_calibration_is_independent_of_batch_order(name, tmp_path):
     b.load_state_dict(model.state_dict())
     ra = attnzoo.patch(a, attnzoo.MQA(method="pca", calib=_ids_file(tmp_path / "a.ids", rows), calib_seq_len=12))
     attnzoo.patch(b, "mqa", method="pca", calib=_ids_file(tmp_path / "b.ids", rows.flip(0)), calib_seq_len=12)
-    assert ra.options["calib"].endswith("a.ids") and "_calibration" not in ra.options
+    assert ra.options["calib"].endswith("a.ids") and "_converted" not in ra.options
     assert a.config.num_key_value_heads == 1
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)

@@ -180,12 +180,19 @@ class Calibration:
 
     layers: dict[str, LayerStatistics]
     source: str
-    sequences: int
-    seq_len: int
+    ids: torch.Tensor  # [sequences, seq_len]: the token ids of the pass (a second pass over the same data reuses them)
     tokens: int = field(init=False)
 
     def __post_init__(self):
-        self.tokens = self.sequences * self.seq_len
+        self.tokens = self.ids.numel()
+
+    @property
+    def sequences(self) -> int:
+        return self.ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.ids.shape[1]
 
     def of(self, site: str) -> LayerStatistics:
         """The statistics of the attention module named ``site`` (its qualified name)."""
@@ -252,18 +259,18 @@ class _Accumulator:
         pe = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
         self.rope_tables = pe if isinstance(pe, tuple) else None
 
-    def _mixed_values(self, q, k, v, shape):
-        """Σ over tokens and the query heads of each KV head of ``ṽ ṽᵀ`` (see the module docstring)."""
+    def _probabilities(self, w, q, k, shape):
+        """Attention probabilities ``[b, heads, t, t]`` of layer ``w`` from its pre-RoPE ``q``, ``k``."""
         from ..ops.rope import apply_rope
 
-        w, hd = self.w, self.w.head_dim
+        hd = w.head_dim
         b, t = shape
         q = q.reshape(b, t, w.heads, hd).transpose(1, 2)
         k = k.reshape(b, t, w.kv_heads, hd).transpose(1, 2)
         if self.rope.rotary_dim:
             if self.rope_tables is None:
-                raise ValueError(f"{self.site.fqn}: mixed_values needs the RoPE tables, but the attention module was "
-                                 "not called with position_embeddings; gather with mixed_values=False")
+                raise ValueError(f"{self.site.fqn}: recomputing attention needs the RoPE tables, but the attention "
+                                 "module was not called with position_embeddings; gather with mixed_values=False")
             cos, sin = (c[..., : self.rope.rotary_dim] for c in self.rope_tables)
             q, k = apply_rope(q, cos, sin, self.rope.style), apply_rope(k, cos, sin, self.rope.style)
         qpk = w.heads // w.kv_heads
@@ -271,7 +278,14 @@ class _Accumulator:
         s = (q.float() @ k.float().repeat_interleave(qpk, 1).transpose(-1, -2)) * scale  # [b, heads, t, t]
         if self.site.causal:
             s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-        mixed = s.softmax(-1) @ v.reshape(b, 1, t, -1).float()  # [b, heads, t, kv*hd]
+        return s.softmax(-1)
+
+    def _mixed_values(self, q, k, v, shape):
+        """Σ over tokens and the query heads of each KV head of ``ṽ ṽᵀ`` (see the module docstring)."""
+        w = self.w
+        b, t = shape
+        qpk = w.heads // w.kv_heads
+        mixed = self._probabilities(w, q, k, shape) @ v.reshape(b, 1, t, -1).float()  # [b, heads, t, kv*hd]
         mixed = mixed.reshape(b, w.kv_heads, qpk, t, -1).transpose(0, 1).reshape(w.kv_heads, -1, mixed.shape[-1])
         mixed = mixed.double()
         return mixed.transpose(1, 2) @ mixed
@@ -309,30 +323,76 @@ class _Accumulator:
             h.remove()
 
 
+class _OutputPairs(_Accumulator):
+    """Attention outputs of the original layer and of converted weights ``new`` on the same inputs: sums of
+    ``a_old a_newᵀ`` and ``a_new a_newᵀ`` (``[heads*hd]²`` each), for a least-squares refit of ``o_proj``."""
+
+    def __init__(self, site, new):
+        super().__init__(site, False, True)
+        self.new, self.cross, self.gram = new, None, None
+
+    def _outputs(self, w, x, shape):
+        b, t = shape
+        q = torch.nn.functional.linear(x, w.q, w.q_bias)
+        k = torch.nn.functional.linear(x, w.k, w.k_bias)
+        v = torch.nn.functional.linear(x, w.v, w.v_bias).reshape(b, t, w.kv_heads, w.head_dim).transpose(1, 2)
+        v = v.float().repeat_interleave(w.heads // w.kv_heads, 1)
+        out = self._probabilities(w, q, k, shape) @ v  # [b, heads, t, hd]
+        return out.transpose(1, 2).reshape(b * t, -1).double()
+
+    def _on_input(self, module, args):
+        x = args[0].detach()
+        shape = x.shape[:2]
+        x = x.reshape(-1, x.shape[-1]).to(self.w.q.dtype)
+        with torch.no_grad():
+            old, new = self._outputs(self.w, x, shape), self._outputs(self.new, x.to(self.new.q.dtype), shape)
+            self.cross = old.T @ new if self.cross is None else self.cross.add_(old.T @ new)
+            self.gram = new.T @ new if self.gram is None else self.gram.add_(new.T @ new)
+
+    def _on_output(self, module, args):
+        pass
+
+
+def gather_output_moments(model, sites, ids: torch.Tensor, new: dict, *, batch_size: int = 4,
+                          progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For each site, ``(Σ a_old a_newᵀ, Σ a_new a_newᵀ)``: the attention outputs (the o_proj inputs, ``[heads*hd]``)
+    of the unconverted layer and of its converted weights ``new[site.fqn]``
+    (:class:`~attnzoo.conversion.heads.AttnWeights`), both on the inputs the unconverted model gives the layer
+    (the attention recomputed as for ``mixed_values``). What :func:`attnzoo.conversion.kv_pca.refit_output`
+    reads."""
+    return {fqn: (acc.cross, acc.gram) for fqn, acc in
+            _run(model, [_OutputPairs(s, new[s.fqn]) for s in sites], ids, batch_size, progress,
+                 "output refit").items()}
+
+
+def _run(model, accs, ids, batch_size, progress, desc):
+    from tqdm.auto import tqdm
+
+    check_positive_int("batch_size", batch_size)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, ids.shape[0], batch_size), desc=desc, unit="batch", disable=not progress,
+                              leave=False):
+                model(input_ids=ids[start:start + batch_size].to(device), **extra)
+    finally:
+        for acc in accs:
+            acc.remove()
+        model.train(was_training)
+    return {acc.site.fqn: acc for acc in accs}
+
+
 def gather_statistics(model, sites, ids: torch.Tensor, *, batch_size: int = 4, inputs: bool = False,
                       mixed_values: bool = False, progress: bool = True) -> dict[str, LayerStatistics]:
     """Run ``model`` on ``ids`` ``[n, seq_len]`` (``batch_size`` rows at a time, no gradients, hooks removed
     afterwards even on error) and return the :class:`LayerStatistics` of every site in ``sites``
     (:func:`attnzoo.patches.walker.attention_sites`), by qualified name. ``inputs``: also the input moments;
     ``mixed_values``: also the attention-mixed value moments (``v_mix``)."""
-    from tqdm.auto import tqdm
-
-    check_positive_int("batch_size", batch_size)
-    device = next(model.parameters()).device
     accs = [_Accumulator(s, inputs, mixed_values) for s in sites]
-    was_training = model.training
-    model.eval()
-    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, ids.shape[0], batch_size), desc="calibration", unit="batch",
-                              disable=not progress, leave=False):
-                model(input_ids=ids[start:start + batch_size].to(device), **extra)
-    finally:
-        for acc in accs:
-            acc.remove()
-        model.train(was_training)
-    return {acc.site.fqn: acc.stats for acc in accs}
+    return {fqn: acc.stats for fqn, acc in _run(model, accs, ids, batch_size, progress, "calibration").items()}
 
 
 def calibrate(model, sites, spec: str | None = None, sequences: int = DEFAULT_SEQUENCES,
@@ -346,4 +406,4 @@ def calibrate(model, sites, spec: str | None = None, sequences: int = DEFAULT_SE
     ids = calibration_ids(spec, sequences, seq_len, tokenizer=tokenizer, vocab_size=vocab)
     layers = gather_statistics(model, sites, ids, batch_size=batch_size, inputs=inputs, mixed_values=mixed_values,
                                progress=progress)
-    return Calibration(layers, "builtin" if spec is None else str(spec), ids.shape[0], ids.shape[1])
+    return Calibration(layers, "builtin" if spec is None else str(spec), ids)

@@ -45,7 +45,7 @@ from .calibration import LayerStatistics
 from .heads import AttnWeights, RopeSpec
 from .svd import _sqrt_psd
 
-__all__ = ["pca_pool", "similarity_groups", "group_residual"]
+__all__ = ["pca_pool", "similarity_groups", "group_residual", "refit_output"]
 
 
 def _aug(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -234,3 +234,14 @@ def pca_pool(w: AttnWeights, groups: int, rope: RopeSpec | None, stats: LayerSta
     v_w, v_b = split(v_new, w.v_bias)
     return w.replace(q=q_w, k=k_w, v=v_w, o=o_new.reshape(w.o.shape).to(w.o.dtype).contiguous(),
                      q_bias=q_b, k_bias=k_b, v_bias=v_b)
+
+
+def refit_output(w_new: AttnWeights, w_old: AttnWeights, cross: torch.Tensor, gram: torch.Tensor) -> AttnWeights:
+    """``o_proj`` refitted by least squares so that ``O' a_new ≈ O a_old`` on calibration inputs:
+    ``O' = O · Σ a_old a_newᵀ · (Σ a_new a_newᵀ)⁻¹`` (sums from
+    :func:`~attnzoo.conversion.calibration.gather_output_moments`). It repairs what the converted keys and values
+    still change in each layer's output (the attention pattern as well as the values), layer by layer."""
+    f = torch.float64
+    ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-300) * torch.eye(gram.shape[0], dtype=f, device=gram.device)
+    o = w_old.o.to(f) @ torch.linalg.solve(gram + ridge, cross.T).T
+    return w_new.replace(o=o.to(w_new.o.dtype).contiguous())

@@ -26,7 +26,9 @@ class Method:
     ``linear_keys``: needs keys that reach the scores linearly (no per-head k_norm / clipping);
     ``calibrated``: needs the layer's :class:`~attnzoo.conversion.calibration.LayerStatistics` (``stats``; the
     others get None), so a live model (``attnzoo convert`` loads it instead of streaming); ``mixed_values``: its
-    calibration also gathers the attention-mixed value moments (``gather_statistics(..., mixed_values=True)``)."""
+    calibration also gathers the attention-mixed value moments (``gather_statistics(..., mixed_values=True)``);
+    ``refit_output``: after converting, a second pass over the same calibration data refits ``o_proj`` by least
+    squares (:func:`~attnzoo.conversion.kv_pca.refit_output`)."""
 
     name: str
     fn: Callable[[AttnWeights, int, RopeSpec, LayerStatistics | None], AttnWeights]
@@ -36,6 +38,7 @@ class Method:
     linear_keys: bool = False
     calibrated: bool = False
     mixed_values: bool = False
+    refit_output: bool = False
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -48,7 +51,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            "calibrated: per-frequency PCA of the measured keys (RoPE-commuting, weighted by the queries' energy) "
            "and PCA of the values (weighted by o_proj), corrections folded into q_proj and o_proj, similar heads "
            "grouped together; needs calibration data (calib)", needs_o=True, changes_q=True, linear_keys=True,
-           calibrated=True, mixed_values=True),
+           calibrated=True, mixed_values=True, refit_output=True),
 ]}
 
 

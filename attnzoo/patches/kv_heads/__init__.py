@@ -10,7 +10,8 @@ from typing import ClassVar
 
 import torch
 
-from ...conversion.calibration import CalibrationOptions, calibrate
+from ...conversion.calibration import CalibrationOptions, calibrate, gather_output_moments
+from ...conversion.kv_pca import refit_output
 from ...conversion.heads import check_groups
 from ...conversion.methods import METHODS, check_method, convert_kv_heads
 from ...conversion.streaming import plan_stream
@@ -154,9 +155,9 @@ class DenseConverter(Converter):
 
     def apply(self, site, plan, opts, native):
         w = site.read()
-        cal = opts.get("_calibration")
-        stats = cal.of(site.fqn) if cal is not None and plan["kv_heads"] < plan["kv_heads_before"] else None
-        w2 = convert_kv_heads(w, plan["kv_heads"], opts["method"], site.rope(), where=site.fqn, stats=stats)
+        w2 = opts.get("_converted", {}).get(site.fqn)  # calibrated methods convert in prepare()
+        if w2 is None:
+            w2 = convert_kv_heads(w, plan["kv_heads"], opts["method"], site.rope(), where=site.fqn)
         if site.adapter.native:
             site.write_native(w2)
             return
@@ -184,9 +185,17 @@ class DenseConverter(Converter):
         reducing = [s for s in sites if self.target(adapter, s.config, opts, s.heads, s.kv_heads, s.fqn) < s.kv_heads]
         method = check_method(opts["method"])
         if method.calibrated and reducing:
-            # one pass over the unconverted model; handed to apply() and dropped in finish() (never recorded)
-            opts["_calibration"] = calibrate(model, reducing, opts["calib"], opts["calib_sequences"],
-                                             opts["calib_seq_len"], mixed_values=method.mixed_values)
+            # passes over the unconverted model, then every site's weights; handed to apply() and dropped in
+            # finish() (never recorded)
+            cal = calibrate(model, reducing, opts["calib"], opts["calib_sequences"], opts["calib_seq_len"],
+                            mixed_values=method.mixed_values)
+            opts["_converted"] = {s.fqn: convert_kv_heads(s.read(), self.plan(s, opts)["kv_heads"], method.name,
+                                                          s.rope(), where=s.fqn, stats=cal.of(s.fqn))
+                                  for s in reducing}
+            if method.refit_output:  # second pass, same data, every layer fed by the unconverted model
+                moments = gather_output_moments(model, reducing, cal.ids, opts["_converted"])
+                opts["_converted"] = {s.fqn: refit_output(opts["_converted"][s.fqn], s.read(), *moments[s.fqn])
+                                      for s in reducing}
         if not adapter.native:
             opts["kernel"] = "attnzoo"  # the replacement modules are attnzoo's
             return opts
@@ -199,7 +208,7 @@ class DenseConverter(Converter):
         return opts
 
     def finish(self, model, adapter, sites, plans, opts, native):
-        opts.pop("_calibration", None)
+        opts.pop("_converted", None)
         if native:
             kv = next(iter(plans.values()))["kv_heads"]
             for cfg in {id(s.config): s.config for s in sites}.values():
