@@ -136,3 +136,20 @@ def test_mixed_values_equal_eager_attention(name):
         qpk = st.heads // st.kv_heads
         mixed = mixed.reshape(2, st.kv_heads, qpk, 10, -1).transpose(0, 1).reshape(st.kv_heads, -1, mixed.shape[-1])
         torch.testing.assert_close(st.v_mix, mixed.transpose(1, 2) @ mixed, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_statistics_on_gpu_equal_cpu():
+    """The pass runs where the model is (float64 accumulators on the GPU) and gives the CPU's statistics."""
+    torch.manual_seed(4)
+    model, _ = TINY["llama"].make()
+    _, sites = attention_sites(model)
+    ids = torch.randint(3, 97, (4, 16))
+    cpu = gather_statistics(model, sites, ids, mixed_values=True, progress=False)
+    model.cuda()
+    _, sites = attention_sites(model)
+    gpu = gather_statistics(model, sites, ids, mixed_values=True, progress=False)
+    for s in sites:
+        for field in ("q", "k", "v", "o_in", "v_mix"):
+            torch.testing.assert_close(getattr(gpu[s.fqn], field).cpu(), getattr(cpu[s.fqn], field), rtol=1e-4,
+                                       atol=1e-5)

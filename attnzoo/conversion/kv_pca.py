@@ -236,12 +236,16 @@ def pca_pool(w: AttnWeights, groups: int, rope: RopeSpec | None, stats: LayerSta
                      q_bias=q_b, k_bias=k_b, v_bias=v_b)
 
 
-def refit_output(w_new: AttnWeights, w_old: AttnWeights, cross: torch.Tensor, gram: torch.Tensor) -> AttnWeights:
-    """``o_proj`` refitted by least squares so that ``O' a_new ≈ O a_old`` on calibration inputs:
-    ``O' = O · Σ a_old a_newᵀ · (Σ a_new a_newᵀ)⁻¹`` (sums from
+def refit_output(w_new: AttnWeights, w_old: AttnWeights, cross: torch.Tensor, gram: torch.Tensor,
+                 ridge: float = 1.0) -> AttnWeights:
+    """``o_proj`` refitted by least squares so that ``O' a_new ≈ O a_old`` on calibration inputs, regularised
+    towards the converted ``O_new``: ``O' = (O · Σ a_old a_newᵀ + λ O_new) (Σ a_new a_newᵀ + λ I)⁻¹`` with
+    ``λ = ridge`` times the mean diagonal of ``Σ a_new a_newᵀ`` (sums from
     :func:`~attnzoo.conversion.calibration.gather_output_moments`). It repairs what the converted keys and values
     still change in each layer's output (the attention pattern as well as the values), layer by layer."""
     f = torch.float64
-    ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-300) * torch.eye(gram.shape[0], dtype=f, device=gram.device)
-    o = w_old.o.to(f) @ torch.linalg.solve(gram + ridge, cross.T).T
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-300)
+    eye = torch.eye(gram.shape[0], dtype=f, device=gram.device)
+    rhs = w_old.o.to(f) @ cross + lam * w_new.o.to(f)
+    o = torch.linalg.solve(gram + lam * eye, rhs.T).T
     return w_new.replace(o=o.to(w_new.o.dtype).contiguous())

@@ -46,9 +46,9 @@ CONTEXT = 4096
 # label -> (variant, options); "calib" is filled in with the calibration file
 ROWS = {
     "original (GQA-3)": None,
-    "MQA, mean": ("mqa", {"method": "mean"}),
-    "MQA, svd": ("mqa", {"method": "svd"}),
-    "MQA, pca (calibrated)": ("mqa", {"method": "pca", "calib": True}),
+    "MQA mean": ("mqa", {"method": "mean"}),
+    "MQA svd": ("mqa", {"method": "svd"}),
+    "MQA pca (calibrated)": ("mqa", {"method": "pca", "calib": True}),
     "sliding window 127": ("sliding_window", {"window": 127}),
 }
 
@@ -64,7 +64,7 @@ def commands(work: Path, calib_sequences: int) -> str:
         f"--seq-len {SEQ_LEN} --tokens 20000000 --mixed-precision bf16 --out {w}/mqa-pca-up20M",
         f"attnzoo uptrain --model {w}/sw127 --teacher {w}/smollm2-135m --data {w}/train.safetensors "
         f"--seq-len {SEQ_LEN} --tokens 20000000 --mixed-precision bf16 --out {w}/sw127-up20M",
-        f"python benchmarks/quality/run.py --work {w} --uptrained 'MQA, pca + uptrain 20M tokens={w}/mqa-pca-up20M' "
+        f"python benchmarks/quality/run.py --work {w} --uptrained 'MQA pca + uptrain 20M tokens={w}/mqa-pca-up20M' "
         f"--uptrained 'sliding window 127 + uptrain 20M tokens={w}/sw127-up20M'",
     ])
 
@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
     ap.add_argument("--eval-sequences", type=int, default=24)
     ap.add_argument("--calib-sequences", type=int, default=64)
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated labels of the training-free rows to run")
+    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated labels of the training-free rows to run "
+                    "(the others are kept from the last run's .json; '' rebuilds the table and plot from it)")
     ap.add_argument("--uptrained", action="append", default=[], metavar="LABEL=DIR",
                     help="also evaluate an uptrained checkpoint (repeatable)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "quality_smollm2.md")
@@ -139,9 +140,12 @@ def main(argv=None) -> int:
     rows, base_ppl = [], None
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     saved = args.out.with_suffix(".json")
-    previous = {r["model"]: r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
-    if "original (GQA-3)" not in wanted and "original (GQA-3)" in previous:
-        base_ppl = previous["original (GQA-3)"]["perplexity"]  # rows not re-run are kept from the last run
+
+    def previous() -> dict:  # rows not re-run are kept from the last run (read when needed: runs may overlap)
+        return {r["model"]: r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
+
+    if "original (GQA-3)" not in wanted and "original (GQA-3)" in previous():
+        base_ppl = previous()["original (GQA-3)"]["perplexity"]
     for label in wanted:
         if label not in ROWS:
             raise SystemExit(f"--rows: unknown row {label!r}; rows: {', '.join(ROWS)}")
@@ -157,12 +161,17 @@ def main(argv=None) -> int:
         base_ppl = base_ppl or row["perplexity"]
         rows.append(row)
         del model
-    measured = {r["model"]: r for r in rows}
-    rows = [measured.get(label) or previous[label] for label in ROWS if label in measured or label in previous]
+    measured, kept = {r["model"]: r for r in rows}, previous()
+    rows = [measured.get(label) or kept[label] for label in ROWS if label in measured or label in kept]
+    again = {item.partition("=")[0] for item in args.uptrained}
+    rows += [r for label, r in kept.items() if label not in ROWS and label not in again]  # uptrained, kept
     for item in args.uptrained:
         label, _, path = item.partition("=")
         model = attnzoo.from_pretrained(path, dtype=torch.float32).eval()
         rows.append(measure(label, model, data, args.eval_sequences, prompt, base_ppl, 0.0))
+    original = next((r for r in rows if r["model"] == "original (GQA-3)"), None)
+    for r in rows if original else []:
+        r["x original"] = round(r["perplexity"] / original["perplexity"], 2)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.node()} ({platform.machine()}, {torch.get_num_threads()} thread, torch {torch.__version__})"
     manifest = json.loads((args.work / "sources.json").read_text())
