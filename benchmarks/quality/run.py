@@ -53,10 +53,14 @@ ROWS = {
 }
 
 
+UPTRAINED = ("MQA pca + uptrain 20M tokens", "sliding window 127 + uptrain 20M tokens")  # slots, GPU-made
+
+
 def commands(work: Path, calib_sequences: int) -> str:
     """The commands that make the uptrained rows (conversion on the CPU, uptraining on one GPU, evaluation)."""
-    w = str(work)
+    w = "$W"
     return "\n".join([
+        f"W={work}  # set-up's work directory (copy it to the GPU machine: the model and the token files)",
         f"attnzoo convert {w}/smollm2-135m {w}/mqa-pca --to mqa --method pca --calib {w}/calib.safetensors "
         f"--calib-sequences {calib_sequences}",
         f"attnzoo convert {w}/smollm2-135m {w}/sw127 --to sliding_window --window 127",
@@ -64,8 +68,8 @@ def commands(work: Path, calib_sequences: int) -> str:
         f"--seq-len {SEQ_LEN} --tokens 20000000 --mixed-precision bf16 --out {w}/mqa-pca-up20M",
         f"attnzoo uptrain --model {w}/sw127 --teacher {w}/smollm2-135m --data {w}/train.safetensors "
         f"--seq-len {SEQ_LEN} --tokens 20000000 --mixed-precision bf16 --out {w}/sw127-up20M",
-        f"python benchmarks/quality/run.py --work {w} --uptrained 'MQA pca + uptrain 20M tokens={w}/mqa-pca-up20M' "
-        f"--uptrained 'sliding window 127 + uptrain 20M tokens={w}/sw127-up20M'",
+        f"python benchmarks/quality/run.py --work {w} --rows '' --uptrained \"{UPTRAINED[0]}={w}/mqa-pca-up20M\" "
+        f"--uptrained \"{UPTRAINED[1]}={w}/sw127-up20M\"",
     ])
 
 
@@ -169,9 +173,12 @@ def main(argv=None) -> int:
         label, _, path = item.partition("=")
         model = attnzoo.from_pretrained(path, dtype=torch.float32).eval()
         rows.append(measure(label, model, data, args.eval_sequences, prompt, base_ppl, 0.0))
+    rows += [{"model": label, "perplexity": "pending (GPU)"} for label in UPTRAINED
+             if not any(r["model"] == label for r in rows)]
     original = next((r for r in rows if r["model"] == "original (GQA-3)"), None)
     for r in rows if original else []:
-        r["x original"] = round(r["perplexity"] / original["perplexity"], 2)
+        if isinstance(r["perplexity"], float):
+            r["x original"] = round(r["perplexity"] / original["perplexity"], 2)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = f"{platform.node()} ({platform.machine()}, {torch.get_num_threads()} thread, torch {torch.__version__})"
     manifest = json.loads((args.work / "sources.json").read_text())
@@ -193,8 +200,10 @@ def main(argv=None) -> int:
         commands(args.work, args.calib_sequences), "```", ""])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
-    saved.write_text(json.dumps({"commit": _commit(), "date": stamp, "machine": machine, "rows": rows}, indent=1))
-    plot(rows, args.out.with_suffix(".png"), title)
+    measured_rows = [r for r in rows if isinstance(r["perplexity"], float)]
+    saved.write_text(json.dumps({"commit": _commit(), "date": stamp, "machine": machine, "rows": measured_rows},
+                                indent=1))
+    plot([r for r in rows if isinstance(r["perplexity"], float)], args.out.with_suffix(".png"), title)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
