@@ -120,3 +120,20 @@ def test_convert_cli_with_pca(tmp_path):
     assert back.config.num_key_value_heads == 2
     with pytest.raises(ValueError, match="calib_sequences"):
         attnzoo.GQA(groups=2, method="pca", calib_sequences=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "phi3", "gpt_neox"])
+def test_pca_on_other_layouts(name, tmp_path):
+    """Swapped (GPT-2, BERT), fused (phi3) and interleaved partial-rotary (GPT-NeoX) layouts calibrate and convert."""
+    model, inputs = TINY[name].make()
+    calib = _ids_file(tmp_path / "c.ids", torch.randint(3, 97, (3, 16)))
+    report = attnzoo.patch(model, "mqa", calib=calib, calib_seq_len=16)
+    assert report.options["method"] == "pca"  # the default where calib is given
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_pca_needs_a_model_that_runs_on_token_ids(tmp_path):
+    model, _ = TINY["clip"].make()
+    with pytest.raises(ValueError, match="token ids alone.*method='mean'"):
+        attnzoo.patch(model, "mqa", calib=_ids_file(tmp_path / "c.ids", torch.randint(3, 97, (2, 8))), calib_seq_len=8)

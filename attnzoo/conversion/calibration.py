@@ -377,7 +377,13 @@ def _run(model, accs, ids, batch_size, progress, desc):
         with torch.no_grad():
             for start in tqdm(range(0, ids.shape[0], batch_size), desc=desc, unit="batch", disable=not progress,
                               leave=False):
-                model(input_ids=ids[start:start + batch_size].to(device), **extra)
+                try:
+                    model(input_ids=ids[start:start + batch_size].to(device), **extra)
+                except (TypeError, ValueError, AttributeError) as e:
+                    raise ValueError(f"calibration runs model(input_ids=...) on token ids alone, and "
+                                     f"{type(model).__name__} failed on it ({type(e).__name__}: {e}); a calibrated "
+                                     "method needs a model that runs on token ids alone: use method='mean' or "
+                                     "'svd'") from e
     finally:
         for acc in accs:
             acc.remove()
