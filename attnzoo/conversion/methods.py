@@ -50,7 +50,8 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("pca", pca_pool,
            "calibrated: per-frequency PCA of the measured keys (RoPE-commuting, weighted by the queries' energy) "
            "and PCA of the values (weighted by o_proj), corrections folded into q_proj and o_proj, similar heads "
-           "grouped together; needs calibration data (calib)", needs_o=True, changes_q=True, linear_keys=True,
+           "grouped together, then o_proj refitted by least squares on a second pass; needs calibration data "
+           "(calib)", needs_o=True, changes_q=True, linear_keys=True,
            calibrated=True, mixed_values=True, refit_output=True),
 ]}
 
