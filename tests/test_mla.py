@@ -92,3 +92,18 @@ def test_decoding_from_the_latent_cache_equals_the_full_forward(opts):
     assert cache.seq_len == 10 and cache.layout() == m.config.kv_layout()
     c, r = cache.get()
     assert c.shape == (2, 10, 8) and r.shape == (2, 10, m.config.rope_heads * 4)
+
+
+def test_dense_op_serves_a_value_head_dim_unlike_the_query_one():
+    """MLA's prefill: q/k head dim nope + rope, v head dim v_dim. Every CPU backend that serves it is right, the
+    flash kernel says why it does not, and its refusal is not taken for a grouped-heads one."""
+    from attnzoo.ops import attention, attention_reference, explain
+    from attnzoo.ops.dense.backends import SDPABackend
+
+    q, k, v = torch.randn(2, 4, 5, 24), torch.randn(2, 2, 7, 24), torch.randn(2, 2, 7, 16)
+    want = attention_reference(q.double(), k.double(), v.double(), causal=True)
+    for name in ("sdpa_math", "eager", "flex"):
+        torch.testing.assert_close(attention(q, k, v, causal=True, backend=name).double(), want, rtol=1e-5, atol=1e-5)
+    d = explain(q, k, v, causal=True)
+    assert "value head_dim" in d.rejected["sdpa_flash"]
+    assert SDPABackend._gqa_cache.get(("sdpa_flash", "cpu"), True)

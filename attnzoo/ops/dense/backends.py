@@ -50,9 +50,10 @@ class EagerBackend(Backend):
 class SDPABackend(Backend):
     """``F.scaled_dot_product_attention`` restricted to one of PyTorch's kernels."""
 
-    def __init__(self, name, kernel: str, description, devices=("cuda",), dtypes=None, masks=True):
+    def __init__(self, name, kernel: str, description, devices=("cuda",), dtypes=None, masks=True, same_v_dim=False):
         self.name, self.kernel, self.description = name, kernel, description
         self.devices, self.dtypes, self.masks = devices, dtypes, masks
+        self.same_v_dim = same_v_dim  # the kernel needs the value head_dim equal to the query/key one
 
     def _sdp_backend(self):
         from torch.nn.attention import SDPBackend
@@ -67,6 +68,8 @@ class SDPABackend(Backend):
             return f"takes {', '.join(str(d) for d in self.dtypes)} on CUDA, inputs are {call.q.dtype}"
         if not self.masks and call.has_masks:
             return "takes no key-padding or boolean masks (only causal)"
+        if self.same_v_dim and call.v_dim != call.head_dim:
+            return f"needs the value head_dim equal to the query/key head_dim, got {call.v_dim} and {call.head_dim}"
         return None
 
     def run(self, call):
@@ -121,7 +124,8 @@ class SDPABackend(Backend):
             if "No available kernel" not in msg and "not supported" not in msg.lower():
                 raise
             key = (self.name, call.q.device.type)
-            if call.groups > 1 and not fold and self._gqa_cache.get(key, True):
+            # a kernel turning down a value head_dim unlike the query's says nothing about grouped heads
+            if call.groups > 1 and not fold and call.v_dim == call.head_dim and self._gqa_cache.get(key, True):
                 # retry without enable_gqa: fold the groups when that is exact, else give up
                 self._gqa_cache[key] = False
                 if attn_mask is None and not is_causal:
@@ -286,7 +290,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in [
                 dtypes=_HALF),
     FlashAttnBackend(cute=True),
     SDPABackend("sdpa_flash", "FLASH_ATTENTION", "SDPA, FlashAttention-2 kernel (CUDA; also PyTorch's CPU flash)",
-                devices=("cuda", "cpu"), dtypes=_HALF, masks=False),
+                devices=("cuda", "cpu"), dtypes=_HALF, masks=False, same_v_dim=True),
     FlashAttnBackend(cute=False),
     SDPABackend("sdpa_efficient", "EFFICIENT_ATTENTION", "SDPA, memory-efficient (xFormers) kernel, takes masks",
                 dtypes=_HALF + (torch.float32,)),
