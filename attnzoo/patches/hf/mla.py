@@ -1,0 +1,147 @@
+"""MLA behind a Hugging Face decoder layer: :class:`HFMLAAttention`, the latent cache inside ``transformers``' cache
+objects (:class:`HFLatentCacheView`), and :func:`absorb_deepseek_attention`, which gives native DeepSeek-V3
+checkpoints attnzoo's absorbed decode.
+
+**Where the latent lives in ``generate()``.** A ``transformers`` cache layer holds a keys and a values tensor per
+layer, concatenated along the sequence (dim -2). :class:`HFLatentCacheView` stores the latent ``c`` as the keys
+``[batch, 1, seq, kv_rank]`` and the rope keys as the values ``[batch, 1, seq, rope_keys * rope_dim]``: the layout
+``DeepseekV3Attention`` itself uses (transformers >= 5.15), so a cache filled by either module is read by the
+other, and the cache holds ``kv_rank + rope_keys * rope_dim`` numbers per token and layer, nothing more.
+
+**RoPE.** A DeepSeek-V3 layer passes ``position_embeddings`` (cos/sin of ``rope_dim`` columns, YaRN's attention
+factor included): with ``layer_rope=True`` the module uses them as they come. In any other decoder layer (a
+converted Llama, Mistral, Qwen... whose tables have the source's ``head_dim`` columns) the module rotates its rope
+dims by its own frequencies (``rope_inv_freq`` / ``rope_theta`` of its config) at the layer's ``position_ids``.
+
+**Masks.** The layer's ``attention_mask`` (additive float or boolean 4-d, or a 2-d padding mask) becomes attnzoo
+keep masks (:func:`~attnzoo.patches.hf.wrapper.hf_mask_to_keep`); a decode step's ``[batch, 1, 1, k_len]`` mask is
+key padding for the split-KV kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+from ...hf_compat import layer_cache
+from ...kv import KVLayout
+from ...variants.cache import Cache
+from ...variants.mla import MLAAttention, MLAConfig
+from .wrapper import hf_mask_to_keep
+
+__all__ = ["HFLatentCacheView", "HFMLAAttention", "mla_config_of_deepseek", "absorb_deepseek_attention"]
+
+
+class HFLatentCacheView(Cache):
+    """One layer of a ``transformers`` ``Cache`` seen as a :class:`~attnzoo.variants.cache.LatentCache`:
+    ``update(latent [B, n, R], rope_key [B, n, Rh*Dr]) -> (latents [B, S, R], rope_keys [B, S, Rh*Dr])``."""
+
+    def __init__(self, hf_cache, layer_idx: int):
+        self.hf_cache = getattr(hf_cache, "self_attention_cache", hf_cache)
+        self.layer_idx = layer_idx
+        self.seq_len = int(self.hf_cache.get_seq_length(layer_idx))
+
+    def update(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, r = self.hf_cache.update(latent.unsqueeze(1), rope_key.unsqueeze(1), self.layer_idx)
+        if c.shape[-2] != self.seq_len + latent.shape[1]:
+            raise ValueError(f"layer {self.layer_idx}: the transformers cache returned {c.shape[-2]} positions for "
+                             f"{self.seq_len} past and {latent.shape[1]} new tokens (a static or sliding-window "
+                             "cache?); MLA decodes with transformers' dynamic cache (generate()'s default)")
+        self.seq_len = c.shape[-2]
+        return c.squeeze(1), r.squeeze(1)
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.hf_cache.layers[self.layer_idx]
+        return layer.keys.squeeze(1), layer.values.squeeze(1)
+
+    def layout(self) -> KVLayout:
+        c, r = self.get()
+        return KVLayout(latent=c.shape[-1] + r.shape[-1])
+
+    def nbytes(self) -> int:
+        c, r = self.get()
+        return c.numel() * c.element_size() + r.numel() * r.element_size()
+
+    def reset(self) -> None:
+        raise ValueError("reset the transformers cache itself")
+
+
+class HFMLAAttention(MLAAttention):
+    """:class:`~attnzoo.variants.mla.MLAAttention` in place of a Hugging Face attention module (any decoder layer
+    that calls ``self_attn(hidden_states=..., attention_mask=..., position_ids=..., cache=...,
+    position_embeddings=...)`` and takes ``(attn_output, attn_weights)`` back).
+
+    Args:
+        config: the MLA config (``causal=True`` for a decoder).
+        layer_idx: the layer's index in the ``transformers`` cache.
+        hf_config: the HF (sub-)config of the replaced module (kept for the walker and ``save_pretrained``).
+        layer_rope: use the layer's ``position_embeddings`` (DeepSeek-V3's, ``rope_dim`` wide) instead of the
+            module's own frequencies.
+    """
+
+    def __init__(self, config: MLAConfig, *, layer_idx: int, hf_config=None, layer_rope: bool = False):
+        super().__init__(config)
+        self.layer_idx = layer_idx
+        self.hf_config = hf_config
+        self.layer_rope = layer_rope
+        self.is_causal = config.causal
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, layer_rope={self.layer_rope}, " + super().extra_repr()
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        if kwargs.get("encoder_hidden_states") is not None:
+            raise ValueError("HFMLAAttention replaces self-attention; encoder_hidden_states is not accepted")
+        hf_cache = layer_cache(kwargs)
+        cache = HFLatentCacheView(hf_cache, self.layer_idx) if hf_cache is not None else None
+        n = hidden_states.shape[1]
+        k_len = n + (cache.seq_len if cache is not None else 0)
+        attn_mask, kpm = hf_mask_to_keep(attention_mask, k_len)
+        rope = position_embeddings if self.layer_rope else None
+        if rope is not None and rope[0].shape[-1] != self.rope_dim:
+            raise ValueError(f"layer_rope=True: the layer's position_embeddings have {rope[0].shape[-1]} columns, "
+                             f"this module rotates rope_dim={self.rope_dim}")
+        position_ids = None if rope is not None else kwargs.get("position_ids")
+        out = MLAAttention.forward(self, hidden_states, key_padding_mask=kpm, attn_mask=attn_mask,
+                                   position_ids=position_ids, cache=cache, position_embeddings=rope)
+        return out, None
+
+
+def mla_config_of_deepseek(hf_config, module=None) -> MLAConfig:
+    """The :class:`MLAConfig` of a ``transformers`` DeepSeek-V3 attention (its config, and the module for the
+    softmax scale it computed: YaRN's mscale included)."""
+    c = hf_config
+    scale = getattr(module, "scaling", None)
+    rope = getattr(c, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))
+    norm = getattr(module, "kv_a_layernorm", None)
+    eps = getattr(norm, "variance_epsilon", getattr(c, "rms_norm_eps", 1e-6))
+    return MLAConfig(dim=c.hidden_size, heads=c.num_attention_heads, kv_rank=c.kv_lora_rank,
+                     rope_dim=c.qk_rope_head_dim, q_rank=c.q_lora_rank, nope_dim=c.qk_nope_head_dim,
+                     v_dim=c.v_head_dim, bias=bool(getattr(c, "attention_bias", False)), causal=True,
+                     dropout=float(getattr(c, "attention_dropout", 0.0) or 0.0),
+                     scale=float(scale) if scale is not None else None, norm_eps=float(eps), rope_theta=float(theta),
+                     rope_interleave=bool(getattr(c, "rope_interleave", False)))
+
+
+def _is_deepseek_attention(module) -> bool:
+    return (type(module).__name__ in ("DeepseekV3Attention",) and hasattr(module, "kv_b_proj")
+            and hasattr(module, "kv_a_proj_with_mqa"))
+
+
+def absorb_deepseek_attention(model) -> list[str]:
+    """Replace every ``DeepseekV3Attention`` of ``model`` by an :class:`HFMLAAttention` with the same weights
+    (the state dict is unchanged, names one to one): same prefill, and decoding absorbed over the latent cache
+    instead of ``transformers``' re-expansion of the whole cache through ``kv_b_proj`` at every step. Returns the
+    names of the modules replaced (none: ``ValueError``)."""
+    found = [(name, m) for name, m in model.named_modules() if _is_deepseek_attention(m)]
+    if not found:
+        raise ValueError(f"{type(model).__name__} holds no DeepseekV3Attention module to give absorbed MLA decode")
+    for name, old in found:
+        cfg = mla_config_of_deepseek(old.config, old)
+        new = HFMLAAttention(cfg, layer_idx=old.layer_idx, hf_config=old.config, layer_rope=True)
+        p = next(old.parameters())
+        new.to(device=p.device, dtype=p.dtype)
+        new.load_state_dict(old.state_dict(), strict=True)
+        new.train(old.training)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return [name for name, _ in found]

@@ -1,0 +1,101 @@
+"""MLA inside Hugging Face ``generate()``: the latent cache in transformers' cache objects, absorbed decode for native
+DeepSeek-V3 models (:func:`attnzoo.patches.hf.mla.absorb_deepseek_attention`), and :class:`HFMLAAttention` in a
+Llama decoder layer (the wrapper converted models use)."""
+import copy
+
+import pytest
+import torch
+import transformers as tf
+
+import attnzoo
+from attnzoo.patches.hf.mla import HFMLAAttention, absorb_deepseek_attention
+from attnzoo.variants.mla import MLAConfig
+
+from test_mla import _deepseek_config
+
+STEPS = 32
+
+
+def _deepseek(q_rank=None):
+    torch.manual_seed(0)
+    model = tf.DeepseekV3ForCausalLM(_deepseek_config(q_rank, layers=2)).eval()
+    for name, p in model.named_parameters():  # larger attention weights than the init: a sharper test
+        if "self_attn" in name and name.endswith("weight") and "norm" not in name:
+            torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def _prompt():
+    ids = torch.randint(3, 97, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    return ids, mask
+
+
+def _greedy(model, ids, mask, use_cache):
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                          do_sample=False, use_cache=use_cache, pad_token_id=0)
+
+
+@pytest.mark.parametrize("q_rank", [None, 12])
+def test_deepseek_v3_gets_absorbed_decode_with_the_same_logits(q_rank):
+    hf = _deepseek(q_rank)
+    ours = copy.deepcopy(hf)
+    names = absorb_deepseek_attention(ours)
+    assert len(names) == 2 and all(isinstance(ours.get_submodule(n), HFMLAAttention) for n in names)
+    assert ours.state_dict().keys() == hf.state_dict().keys()  # a plain deepseek_v3 checkpoint, as before
+    ids, mask = _prompt()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits[1, 2:],
+                                   hf(input_ids=ids, attention_mask=mask).logits[1, 2:], rtol=1e-5, atol=1e-5)
+        want = _greedy(hf, ids, mask, use_cache=False)  # full recomputation, transformers' own attention
+        calls = []
+        hook = ours.model.layers[0].self_attn.kv_b_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+        got = _greedy(ours, ids, mask, use_cache=True)
+        hook.remove()
+    assert torch.equal(got, want)
+    assert len(calls) == 1 and calls[0][1] == 7  # kv_b_proj ran once, on the prompt: decode never expands the cache
+
+
+def test_the_cache_holds_exactly_the_latent_and_the_rope_key():
+    model = _deepseek()
+    absorb_deepseek_attention(model)
+    ids, mask = _prompt()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        cache = attnzoo.hf_compat.output_cache(out)
+        for _ in range(3):  # three decode steps through the same cache
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+            out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **{
+                attnzoo.hf_compat.model_cache_kwarg(model): cache})
+    seq, layers, elem = 7 + 3, 2, 4
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    assert sum(t.numel() * t.element_size() for t in tensors) == layers * (8 + 4) * elem * 2 * seq
+    assert [tuple(t.shape) for t in tensors[:2]] == [(2, 1, seq, 8), (2, 1, seq, 4)]
+    cfg = model.config
+    assert attnzoo.kv_cache_bytes(MLAConfig(dim=32, heads=4, kv_rank=cfg.kv_lora_rank, rope_dim=4, nope_dim=6,
+                                            v_dim=5), seq_len=seq, batch=2, dtype=torch.float32) * layers == \
+        sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_hf_mla_attention_in_a_llama_layer_generates_as_full_recomputation():
+    """The wrapper converted models use: MLA modules (own RoPE frequencies, per-KV-head rope keys) in a Llama
+    decoder; generate() with the latent cache = without any cache, 32 greedy tokens in float32."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    for i, layer in enumerate(model.model.layers):
+        mcfg = MLAConfig(dim=32, heads=4, kv_rank=8, rope_dim=4, nope_dim=8, v_dim=8, causal=True,
+                         rope_keys="per_head", kv_heads=2, latent_norm=False, rope_inv_freq=(1.0, 0.01))
+        layer.self_attn = HFMLAAttention(mcfg, layer_idx=i, hf_config=cfg)
+        for p in layer.self_attn.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    ids, mask = _prompt()
+    with torch.no_grad():
+        want = _greedy(model, ids, mask, use_cache=False)
+        got = _greedy(model, ids, mask, use_cache=True)
+    assert torch.equal(got, want)
+    assert want.shape == (2, 7 + STEPS)
