@@ -99,3 +99,23 @@ def test_hf_mla_attention_in_a_llama_layer_generates_as_full_recomputation():
         got = _greedy(model, ids, mask, use_cache=True)
     assert torch.equal(got, want)
     assert want.shape == (2, 7 + STEPS)
+
+
+def test_rope_pairs_take_the_layers_own_table_columns():
+    """rope_pairs=[0, 2] of a Llama layer (head_dim 8, theta 10000) turns the rope dims as the module's own
+    frequencies 10000^(-2i/8), i = 0, 2 do."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    a = tf.LlamaForCausalLM(cfg).eval()
+    mcfg = dict(dim=32, heads=4, kv_rank=8, rope_dim=4, nope_dim=8, v_dim=8, causal=True)
+    a.model.layers[0].self_attn = HFMLAAttention(MLAConfig(**mcfg), layer_idx=0, rope_pairs=[0, 2])
+    b = copy.deepcopy(a)
+    b.model.layers[0].self_attn = HFMLAAttention(MLAConfig(**mcfg, rope_inv_freq=(1.0, 10000 ** -0.5)), layer_idx=0)
+    b.model.layers[0].self_attn.load_state_dict(a.model.layers[0].self_attn.state_dict())
+    ids, mask = _prompt()
+    with torch.no_grad():
+        torch.testing.assert_close(a(input_ids=ids, attention_mask=mask).logits[1, 2:],
+                                   b(input_ids=ids, attention_mask=mask).logits[1, 2:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rope_pairs"):
+        HFMLAAttention(MLAConfig(**mcfg), layer_idx=0, rope_pairs=[0])

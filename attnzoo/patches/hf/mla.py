@@ -8,10 +8,15 @@ layer, concatenated along the sequence (dim -2). :class:`HFLatentCacheView` stor
 ``DeepseekV3Attention`` itself uses (transformers >= 5.15), so a cache filled by either module is read by the
 other, and the cache holds ``kv_rank + rope_keys * rope_dim`` numbers per token and layer, nothing more.
 
-**RoPE.** A DeepSeek-V3 layer passes ``position_embeddings`` (cos/sin of ``rope_dim`` columns, YaRN's attention
-factor included): with ``layer_rope=True`` the module uses them as they come. In any other decoder layer (a
-converted Llama, Mistral, Qwen... whose tables have the source's ``head_dim`` columns) the module rotates its rope
-dims by its own frequencies (``rope_inv_freq`` / ``rope_theta`` of its config) at the layer's ``position_ids``.
+**RoPE**, three ways:
+
+* ``layer_rope=True`` (a DeepSeek-V3 layer): the layer's ``position_embeddings`` (cos/sin of ``rope_dim`` columns,
+  YaRN's attention factor included) as they come;
+* ``rope_pairs=[i, ...]`` (a converted Llama, Mistral, Qwen... whose rope dims are a subset of the source's
+  rotary pairs): those pairs' columns of the layer's rotate-half tables (``i`` and ``i + rotary_dim/2``), so the
+  converted model turns its rope keys exactly as the source did, whatever the source's RoPE scaling;
+* neither: the module's own frequencies (``rope_inv_freq`` / ``rope_theta`` of its config) at the layer's
+  ``position_ids``.
 
 **Masks.** The layer's ``attention_mask`` (additive float or boolean 4-d, or a 2-d padding mask) becomes attnzoo
 keep masks (:func:`~attnzoo.patches.hf.wrapper.hf_mask_to_keep`); a decode step's ``[batch, 1, 1, k_len]`` mask is
@@ -23,6 +28,7 @@ import torch
 
 from ...hf_compat import layer_cache
 from ...kv import KVLayout
+from ...ops.masks import causal_keep
 from ...variants.cache import Cache
 from ...variants.mla import MLAAttention, MLAConfig
 from .wrapper import hf_mask_to_keep
@@ -73,19 +79,53 @@ class HFMLAAttention(MLAAttention):
         config: the MLA config (``causal=True`` for a decoder).
         layer_idx: the layer's index in the ``transformers`` cache.
         hf_config: the HF (sub-)config of the replaced module (kept for the walker and ``save_pretrained``).
-        layer_rope: use the layer's ``position_embeddings`` (DeepSeek-V3's, ``rope_dim`` wide) instead of the
-            module's own frequencies.
+        layer_rope: use the layer's ``position_embeddings`` (DeepSeek-V3's, ``rope_dim`` wide) as they come.
+        rope_pairs: the ``rope_dim/2`` rotary pairs of the layer's tables the rope dims use (see the module
+            docstring); None: ``layer_rope`` or the module's own frequencies.
     """
 
-    def __init__(self, config: MLAConfig, *, layer_idx: int, hf_config=None, layer_rope: bool = False):
+    def __init__(self, config: MLAConfig, *, layer_idx: int, hf_config=None, layer_rope: bool = False,
+                 rope_pairs: list[int] | tuple[int, ...] | None = None):
         super().__init__(config)
+        if rope_pairs is not None and len(rope_pairs) != config.rope_dim // 2:
+            raise ValueError(f"rope_pairs: expected rope_dim/2 = {config.rope_dim // 2} pair indices, got "
+                             f"{len(rope_pairs)}")
+        if rope_pairs is not None and layer_rope:
+            raise ValueError("pass layer_rope=True (the layer's tables as they come) or rope_pairs (some of their "
+                             "columns), not both")
         self.layer_idx = layer_idx
         self.hf_config = hf_config
         self.layer_rope = layer_rope
+        self.rope_pairs = None if rope_pairs is None else [int(i) for i in rope_pairs]
         self.is_causal = config.causal
+        self._pair_columns: dict = {}
 
     def extra_repr(self) -> str:
-        return f"layer_idx={self.layer_idx}, layer_rope={self.layer_rope}, " + super().extra_repr()
+        rope = "layer" if self.layer_rope else ("pairs" if self.rope_pairs is not None else "own")
+        return f"layer_idx={self.layer_idx}, rope={rope}, " + super().extra_repr()
+
+    def _tables(self, position_embeddings):
+        """The ``(cos, sin)`` this layer's rope dims use, or None (the module's own frequencies)."""
+        if not self.layer_rope and self.rope_pairs is None:
+            return None
+        if position_embeddings is None:
+            raise ValueError(f"layer {self.layer_idx}: this MLA module rotates by its decoder layer's RoPE tables, "
+                             "but the layer passed no position_embeddings")
+        cos, sin = position_embeddings
+        if self.rope_pairs is None:
+            if cos.shape[-1] != self.rope_dim:
+                raise ValueError(f"layer_rope=True: the layer's position_embeddings have {cos.shape[-1]} columns, "
+                                 f"this module rotates rope_dim={self.rope_dim}")
+            return cos, sin
+        half = cos.shape[-1] // 2
+        key = (str(cos.device), half)
+        if key not in self._pair_columns:
+            if max(self.rope_pairs) >= half:
+                raise ValueError(f"rope_pairs {self.rope_pairs}: the layer's tables have {half} pairs")
+            self._pair_columns[key] = torch.tensor(self.rope_pairs + [half + p for p in self.rope_pairs],
+                                                   device=cos.device)
+        idx = self._pair_columns[key]
+        return cos.index_select(-1, idx), sin.index_select(-1, idx)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         if kwargs.get("encoder_hidden_states") is not None:
@@ -95,10 +135,10 @@ class HFMLAAttention(MLAAttention):
         n = hidden_states.shape[1]
         k_len = n + (cache.seq_len if cache is not None else 0)
         attn_mask, kpm = hf_mask_to_keep(attention_mask, k_len)
-        rope = position_embeddings if self.layer_rope else None
-        if rope is not None and rope[0].shape[-1] != self.rope_dim:
-            raise ValueError(f"layer_rope=True: the layer's position_embeddings have {rope[0].shape[-1]} columns, "
-                             f"this module rotates rope_dim={self.rope_dim}")
+        if kwargs.get("is_causal") and not self.config.causal and n > 1:
+            keep = causal_keep(n, k_len, device=hidden_states.device)[None, None]
+            attn_mask = keep if attn_mask is None else attn_mask & keep
+        rope = self._tables(position_embeddings)
         position_ids = None if rope is not None else kwargs.get("position_ids")
         out = MLAAttention.forward(self, hidden_states, key_padding_mask=kpm, attn_mask=attn_mask,
                                    position_ids=position_ids, cache=cache, position_embeddings=rope)
