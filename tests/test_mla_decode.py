@@ -117,3 +117,11 @@ def test_module_decodes_on_the_kernel_as_the_full_forward():
         with use_latent_backend("triton"):
             outs += [m(x[:, i:i + 1], cache=cache) for i in range(5, 9)]
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_tuner_keeps_head_tiles_within_the_group():
+    from attnzoo.ops.mla import triton_decode as td
+
+    kept = td._prune(td.TUNE_CONFIGS, {}, GROUP=8)
+    assert kept and all(c.kwargs["BLOCK_H"] == 16 for c in kept)
+    assert len(td._prune(td.TUNE_CONFIGS, {}, GROUP=128)) == len(td.TUNE_CONFIGS)

@@ -11,7 +11,9 @@ kernel writes the output itself.
 The head tiles of one piece are launched next to each other, so the cache tile they all read is fetched from
 memory once and served from L2 to the others. ``splits`` is chosen to fill the GPU's SMs in whole waves while
 keeping the float32 partial outputs (``heads · splits · R`` per sequence) small against the cache itself
-(:func:`choose_config`); :class:`DecodeConfig` overrides any of it.
+(:func:`choose_config`). On CUDA the tile sizes, warps and pipeline stages are tuned on the first call of a shape
+(``triton.autotune`` over :data:`TUNE_CONFIGS`, keyed by heads, widths, dtype and split count); a
+:class:`DecodeConfig` with any tile field set runs that configuration as given (the tests, the interpreter).
 
 Float32 inputs take IEEE float32 dots unless torch allows TF32 (``torch.backends.cuda.matmul.allow_tf32``).
 Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors (tests/test_mla_decode.py).
@@ -117,16 +119,17 @@ if triton is not None:
                       s_qlb, s_qlh, s_qrb, s_qrh, s_cb, s_cn, s_kb, s_kn, s_kg, s_mb, s_ob, s_oh,
                       k_len, split_len, scale_log2,
                       HEADS: tl.constexpr, GROUP: tl.constexpr, ROPE_HEADS: tl.constexpr, R: tl.constexpr,
-                      DR: tl.constexpr, TILES: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, HAS_KPM: tl.constexpr,
-                      PREC: tl.constexpr, UPCAST: tl.constexpr):
+                      DR: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
+                      HAS_KPM: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+        TILES = (GROUP + BLOCK_H - 1) // BLOCK_H
         pid = tl.program_id(0)
         t = pid % TILES  # head tiles of one piece run side by side (they read the same cache tiles)
         rest = pid // TILES
         sp = rest % SPLITS
         rest = rest // SPLITS
         g = rest % ROPE_HEADS
-        b = rest // ROPE_HEADS
+        b = (rest // ROPE_HEADS).to(tl.int64)  # batch offsets of a long cache pass 2**31 elements
         hh = t * BLOCK_H + tl.arange(0, BLOCK_H)  # head within the group
         h_ok = hh < GROUP
         heads = g * GROUP + hh
@@ -181,6 +184,21 @@ if triton is not None:
             tl.store(PO + row[:, None] * R + rr[None, :], out, mask=h_ok[:, None] & (rr[None, :] < R))
             tl.store(PL + row, lse, mask=h_ok)
 
+    def _prune(configs, named_args, **kwargs):
+        """Head tiles no wider than the group (at least 16, tl.dot's minimum); at least one config left."""
+        group = kwargs.get("GROUP", named_args.get("GROUP", 1))  # a keyword argument of the launch
+        widest = max(16, 1 << (max(int(group), 1) - 1).bit_length())
+        kept = [c for c in configs if c.kwargs["BLOCK_H"] <= widest]
+        return kept or configs[:1]
+
+    #: the configurations the tuner times on the first call of a shape (heads, widths, dtype, split count)
+    TUNE_CONFIGS = [triton.Config({"BLOCK_H": bh, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                    for bh, bn, w, st in ((64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2),
+                                          (32, 64, 4, 2), (32, 32, 4, 3), (32, 32, 8, 3), (16, 64, 4, 2),
+                                          (16, 32, 4, 3))]
+    _split_kernel_tuned = triton.autotune(TUNE_CONFIGS, key=["HEADS", "GROUP", "R", "DR", "SPLITS", "HAS_KPM", "PREC"],
+                                          prune_configs_by={"early_config_prune": _prune})(_split_kernel)
+
     @triton.jit
     def _combine_kernel(PO, PL, O, s_ob, s_oh, HEADS: tl.constexpr, R: tl.constexpr, SPLITS: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -225,11 +243,14 @@ def latent_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, c: torch.Tensor, k_
     c = c if c.stride(-1) == 1 else c.contiguous()
     k_rope = k_rope if k_rope.stride(-1) == 1 else k_rope.contiguous()
     cfg = choose_config(b, heads, rh, k_len, r, dr, c.element_size(), c.device, config)
+    fixed = config is not None and any(v is not None for v in (config.block_h, config.block_n, config.num_warps,
+                                                                 config.num_stages))
+    tune = c.is_cuda and not interpreted() and not fixed
     group = heads // rh
-    tiles = -(-group // cfg.block_h)
-    splits = max(1, min(cfg.splits, -(-k_len // cfg.block_n))) if k_len else 1
+    step = 64 if tune else cfg.block_n  # pieces in whole key tiles of any tuned size
+    splits = max(1, min(cfg.splits, -(-k_len // step))) if k_len else 1
     split_len = -(-max(k_len, 1) // splits)
-    split_len = -(-split_len // cfg.block_n) * cfg.block_n
+    split_len = -(-split_len // step) * step
     splits = max(1, -(-max(k_len, 1) // split_len))
     out = torch.empty(b, heads, 1, r, device=c.device, dtype=c.dtype)
     if splits > 1:
@@ -239,14 +260,21 @@ def latent_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, c: torch.Tensor, k_
         po = pl = out  # unused
     kpm = keep.to(torch.uint8) if keep is not None else c  # c: a placeholder pointer, never read
     block_r, block_dr = _pow2(r), _pow2(dr)
-    _split_kernel[(b * rh * splits * tiles,)](
-        q_lat, q_rope, c, k_rope, kpm, po, pl, out,
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), c.stride(0), c.stride(1),
-        k_rope.stride(0), k_rope.stride(1), k_rope.stride(2), kpm.stride(0) if keep is not None else 0,
-        out.stride(0), out.stride(1), k_len, split_len, float(scale) * math.log2(math.e),
-        HEADS=heads, GROUP=group, ROPE_HEADS=rh, R=r, DR=dr, TILES=tiles, SPLITS=splits, BLOCK_H=cfg.block_h,
-        BLOCK_N=cfg.block_n, BLOCK_R=block_r, BLOCK_DR=block_dr, HAS_KPM=keep is not None,
-        PREC=_precision(c.dtype), UPCAST=interpreted() and c.dtype == torch.bfloat16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (q_lat, q_rope, c, k_rope, kpm, po, pl, out,
+            q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), c.stride(0), c.stride(1),
+            k_rope.stride(0), k_rope.stride(1), k_rope.stride(2), kpm.stride(0) if keep is not None else 0,
+            out.stride(0), out.stride(1), k_len, split_len, float(scale) * math.log2(math.e))
+    meta = dict(HEADS=heads, GROUP=group, ROPE_HEADS=rh, R=r, DR=dr, SPLITS=splits, BLOCK_R=block_r,
+                BLOCK_DR=block_dr, HAS_KPM=keep is not None, PREC=_precision(c.dtype),
+                UPCAST=interpreted() and c.dtype == torch.bfloat16)
+    if tune:
+        def grid(kw):
+            return (b * rh * splits * -(-group // kw["BLOCK_H"]),)
+        _split_kernel_tuned[grid](*args, **meta)
+    else:
+        _split_kernel[(b * rh * splits * -(-group // cfg.block_h),)](
+            *args, **meta, BLOCK_H=cfg.block_h, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
     if splits > 1:
         _combine_kernel[(b * heads,)](po, pl, out, out.stride(0), out.stride(1), HEADS=heads, R=r, SPLITS=splits,
                                       BLOCK_S=_pow2(splits, 2), BLOCK_R=block_r, num_warps=4)
