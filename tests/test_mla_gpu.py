@@ -22,7 +22,7 @@ def _rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-6)).item()
 
 
-@pytest.mark.parametrize("backend", [None, "sdpa_cudnn", "sdpa_efficient", "flex"])
+@pytest.mark.parametrize("backend", [None, "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("padded", [False, True])
 def test_prefill_qk192_v128_fwd_bwd_against_float64(backend, dtype, padded):

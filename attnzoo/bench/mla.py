@@ -132,7 +132,7 @@ def decode_cases(o: Options) -> list[Row]:
 def prefill_cases(o: Options) -> list[Row]:
     rows: list[Row] = []
     h, dqk, dv, dd = (4, 48, 32, 40) if o.smoke else (16, 192, 128, 160)
-    backends = ("sdpa_cudnn", "sdpa_efficient", "flex") if o.cuda else ("sdpa_math",)
+    backends = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex") if o.cuda else ("sdpa_flash", "sdpa_math")
     for n in [256] if o.smoke else [4096, 8192]:
         b = 1 if o.smoke else max(1, 16384 // n)
         tag = f"B{b}H{h}"
