@@ -28,9 +28,11 @@ TITLE = "MLA absorbed decode (split-KV Triton) vs GQA-8 decode: GB/s of cache re
 SECTIONS = {
     "decode": "decode step at 8k/16k/32k, batch 32/64: MLA 512+64, 128 heads vs GQA-8x128 (SDPA kernels), + copy",
     "prefill": "MLA expanded prefill fwd+bwd (qk 192 / v 128, causal) vs dense attention at equal FLOPs (d 160)",
+    "generate": "one decode step of a 4-layer DeepSeek-V3 model at 16k: transformers' (re-expands the cache) vs "
+                "absorb_deepseek_attention (absorbed), tokens/s",
 }
 PEERS = ("ceiling",)
-EXTRA_COLUMNS = ("cache_gb", "pct_of_copy", "speedup_vs_gqa", "vs_dense")
+EXTRA_COLUMNS = ("cache_gb", "pct_of_copy", "speedup_vs_gqa", "vs_dense", "tokens_per_s", "speedup_vs_hf")
 
 __all__ = ["run", "summary", "TITLE", "SECTIONS", "PEERS"]
 
@@ -167,9 +169,60 @@ def prefill_cases(o: Options) -> list[Row]:
     return rows
 
 
+def _deepseek_model(o: Options):
+    """A random 4-layer DeepSeek-V3 (dense MLP layers; attention at DeepSeek-V3's per-head shapes, 16 heads)."""
+    import transformers as tf
+
+    small = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, kv_lora_rank=32, qk_rope_head_dim=8,
+                 qk_nope_head_dim=16, v_head_dim=16, vocab_size=128, num_hidden_layers=2)
+    full = dict(hidden_size=2048, intermediate_size=4096, num_attention_heads=16, kv_lora_rank=512,
+                qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, vocab_size=32000, num_hidden_layers=4)
+    shape = small if o.smoke else full
+    cfg = tf.DeepseekV3Config(**shape, num_key_value_heads=shape["num_attention_heads"], q_lora_rank=None,
+                              first_k_dense_replace=shape["num_hidden_layers"], n_routed_experts=1, n_group=1,
+                              topk_group=1, num_experts_per_tok=1, moe_intermediate_size=64,
+                              max_position_embeddings=32768, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return tf.DeepseekV3ForCausalLM(cfg).to(o.device, o.dtype).eval()
+
+
+def generate_cases(o: Options) -> list[Row]:
+    """Per-token decode time with a prefilled cache of ``n`` tokens (the cache is cropped back after each step,
+    so every step decodes at the same length; transformers grows a cache layer by concatenation, in both)."""
+    from attnzoo.hf_compat import model_cache_kwarg, output_cache
+    from attnzoo.patches.hf import absorb_deepseek_attention
+
+    b, n = (2, 64) if o.smoke else (8, 16384)
+    rows: list[Row] = []
+    cases = []
+    for label, absorbed in (("hf-deepseek-v3", False), ("attnzoo-mla-absorbed", True)):
+        def make(absorbed=absorbed):
+            model = _deepseek_model(o)
+            if absorbed:
+                absorb_deepseek_attention(model)
+            ids = torch.randint(3, model.config.vocab_size, (b, n), device=o.device)
+            with torch.no_grad():
+                cache = output_cache(model(input_ids=ids, use_cache=True))
+            tok = ids[:, -1:]
+            key = model_cache_kwarg(model)
+
+            def step():
+                out = model(input_ids=tok, use_cache=True, **{key: cache}).logits
+                for layer in cache.layers:  # back to n positions (views; the next step concatenates anyway)
+                    layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+                return out
+            return step
+        cases.append(Case(f"{label}:B{b}-S{n}", make, backend="triton" if absorbed and o.cuda else ""))
+    for row in measure(o, "generate", n, cases, modes=("fwd",), rounds=ROUNDS):
+        if row.ok:
+            row.extra["tokens_per_s"] = round(b / row.ms * 1e3, 1)
+        rows.append(row)
+    return rows
+
+
 def run(o: Options) -> list[Row]:
     rows: list[Row] = []
-    for section, fn in (("decode", decode_cases), ("prefill", prefill_cases)):
+    for section, fn in (("decode", decode_cases), ("prefill", prefill_cases), ("generate", generate_cases)):
         if o.wants(section):
             o.log(f"== mla: {section}")
             rows += fn(o)
@@ -202,6 +255,10 @@ def annotate(rows: list[Row]) -> None:
             r.note = f"{gqa[key].ms / r.ms:.2f}x {gqa[key].name.split(':')[0]}"
         if r.group == "prefill" and not r.name.startswith("dense-") and key in dense:
             r.extra["vs_dense"] = round(dense[key].ms / r.ms, 3)
+        if r.name.startswith("attnzoo-mla-absorbed:"):
+            hf = next((x for x in rows if x.ok and x.name == "hf-deepseek-v3:" + key[1] and x.mode == r.mode), None)
+            if hf is not None:
+                r.extra["speedup_vs_hf"] = round(hf.ms / r.ms, 2)
 
 
 def summary(rows: list[Row], peers: list[Row], out_dir: str | None = None, stem: str = "") -> list[str]:
@@ -234,4 +291,9 @@ def summary(rows: list[Row], peers: list[Row], out_dir: str | None = None, stem:
         lines += ["## MLA prefill against dense attention at equal FLOPs", "",
                   "`vs dense`: ms of dense attention of head dim (qk + v) / 2 over MLA's ms (goal >= 0.83, i.e. within "
                   "1.2x).", "", markdown_table(table)]
+    gen = [r for r in rows if "speedup_vs_hf" in r.extra]
+    if gen:
+        lines += ["", "## DeepSeek-V3 decode: transformers vs absorbed", "",
+                  "; ".join(f"{r.name.split(':')[1]}: {r.extra['tokens_per_s']} tokens/s, "
+                            f"{r.extra['speedup_vs_hf']}x transformers' DeepseekV3Attention" for r in gen)]
     return lines
