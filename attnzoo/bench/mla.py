@@ -5,7 +5,8 @@
   (the same 128 x 128 query width) on each SDPA kernel and on ``attnzoo.ops.attention``. ``gbps``: bytes of
   cache read per second (MLA ``576 * 2`` bytes a token, GQA ``2 * 8 * 128 * 2``); a plain device-to-device copy
   measured in the same run is the card's ceiling (``copy`` row: bytes read + written per second). Goals: MLA at
-  >= 80% of the copy's GB/s, >= 2.5x faster than the fastest GQA kernel.
+  >= 80% of the copy's GB/s, >= 2.5x faster than the fastest GQA kernel. DeepSeek's FlashMLA runs beside it where
+  the ``flash_mla`` package is installed (it is not a dependency: no wheel for every CUDA and torch).
 * ``prefill``: forward + backward of MLA's expanded attention (q/k head dim 192, v head dim 128, causal) on every
   dense backend that serves it, against dense attention of head dim 160 (the same matmul FLOPs: 192 + 128 =
   2 x 160). Goal: within 1.2x of dense.
@@ -68,6 +69,29 @@ def _dense_backend() -> str:
     return d.backend if d is not None else ""
 
 
+def _flash_mla():
+    """DeepSeek's FlashMLA package where it is installed (it has no wheel for every CUDA/torch; absent: no row)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("flash_mla")
+    except (ImportError, ValueError):
+        return None
+
+
+def _flash_mla_step(o: Options, b: int, n: int, h: int, r: int, dr: int, scale: float):
+    """FlashMLA's decode (its documented API: a paged cache of 64-token blocks, ``[c; k_rope]`` in one tensor)."""
+    from flash_mla import flash_mla_with_kvcache, get_mla_metadata
+
+    blocks = -(-n // 64)
+    q = torch.randn(b, 1, h, r + dr, device=o.device, dtype=o.dtype)
+    kv = torch.randn(b * blocks, 64, 1, r + dr, device=o.device, dtype=o.dtype)
+    table = torch.arange(b * blocks, device=o.device, dtype=torch.int32).view(b, blocks)
+    lens = torch.full((b,), n, device=o.device, dtype=torch.int32)
+    meta, splits = get_mla_metadata(lens, h, 1)
+    return lambda: flash_mla_with_kvcache(q, kv, table, lens, r, meta, splits, softmax_scale=scale, causal=True)[0]
+
+
 def copy_case(o: Options, nbytes: int) -> list[Row]:
     """The card's practical bandwidth: one device-to-device copy (GB/s = bytes read + written per second)."""
     def make():
@@ -102,6 +126,9 @@ def decode_cases(o: Options) -> list[Row]:
 
             cases = [Case(f"attnzoo-mla:{tag}", make_mla, backend=_latent_backend,
                           extra={"cache_gb": round(mla_bytes / 1e9, 3)})]
+            if o.cuda and _flash_mla() is not None:
+                cases.append(Case(f"flashmla:{tag}", lambda b=b, n=n: _flash_mla_step(o, b, n, h, r, dr, scale),
+                                  backend="flash_mla", extra={"cache_gb": round(mla_bytes / 1e9, 3)}))
 
             def gqa_inputs(b=b, n=n):
                 q = torch.randn(b, h, 1, d, device=o.device, dtype=o.dtype)
@@ -122,7 +149,7 @@ def decode_cases(o: Options) -> list[Row]:
                               extra={"cache_gb": round(gqa_bytes / 1e9, 3)}))
             for row in measure(o, "decode", n, cases, modes=("fwd",), rounds=ROUNDS):
                 if row.ok:
-                    nbytes = mla_bytes if row.name.startswith("attnzoo-mla") else gqa_bytes
+                    nbytes = gqa_bytes if row.name.startswith("gqa-") else mla_bytes
                     row.gbps = round(nbytes / row.ms / 1e6, 1)
                     row.extra["batch"] = b
                 rows.append(row)
