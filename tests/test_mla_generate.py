@@ -119,3 +119,19 @@ def test_rope_pairs_take_the_layers_own_table_columns():
                                    b(input_ids=ids, attention_mask=mask).logits[1, 2:], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rope_pairs"):
         HFMLAAttention(MLAConfig(**mcfg), layer_idx=0, rope_pairs=[0])
+
+
+def test_yarn_deepseek_keeps_its_rope_tables_and_softmax_scale():
+    """A YaRN DeepSeek-V3 (mscale in the softmax scale and in the cos/sin tables): same logits after the swap."""
+    cfg = _deepseek_config()
+    cfg.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                           "rope_theta": 10000.0, "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32,
+                           "beta_slow": 1}
+    torch.manual_seed(0)
+    hf = tf.DeepseekV3ForCausalLM(cfg).eval()
+    ours = copy.deepcopy(hf)
+    absorb_deepseek_attention(ours)
+    assert ours.model.layers[0].self_attn.config.scale == pytest.approx(hf.model.layers[0].self_attn.scaling)
+    ids = torch.randint(3, 97, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
