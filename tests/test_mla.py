@@ -115,3 +115,10 @@ def test_dense_op_serves_a_value_head_dim_unlike_the_query_one():
     torch.testing.assert_close(attention(q, k, v, causal=True, backend="flex").double(), want, rtol=1e-5, atol=1e-5)
     assert explain(q, k, v, causal=True).backend == "sdpa_flash"
     assert SDPABackend._gqa_cache.get(("sdpa_flash", "cpu"), True)
+
+
+def test_a_deepseek_config_is_counted_as_its_latent_cache():
+    """kv_cache_bytes of a native DeepSeek-V3 config: kv_lora_rank + qk_rope_head_dim per token and layer (what
+    transformers' cache holds), not num_key_value_heads x head_dim."""
+    cfg = _deepseek_config(layers=3)
+    assert attnzoo.kv_cache_bytes(cfg, seq_len=10, batch=2, dtype=torch.bfloat16) == 3 * (8 + 4) * 2 * 10 * 2
