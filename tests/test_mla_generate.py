@@ -135,3 +135,35 @@ def test_yarn_deepseek_keeps_its_rope_tables_and_softmax_scale():
     ids = torch.randint(3, 97, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_patch_mla_on_a_deepseek_model_takes_the_native_path(monkeypatch):
+    """attnzoo.patch(deepseek_v3_model, "mla"): the walker lets the converter take over a model that already is MLA
+    (Converter.patch_own); here a converter that does only that, as the mla converter's patch_own does."""
+    import dataclasses
+
+    from attnzoo import registry
+    from attnzoo.patches.converters import Converter
+    from attnzoo.patches.hf.mla import patch_deepseek
+
+    class Own(Converter):
+        name = "mla"
+
+        def patch_own(self, model, options, **selection):
+            return patch_deepseek(model, options, **selection)
+
+    monkeypatch.setitem(registry._REGISTRY, "mla", dataclasses.replace(registry.get("mla"), converter_ref=Own()))
+    hf = _deepseek()
+    ours = copy.deepcopy(hf)
+    report = attnzoo.patch(ours, "mla")
+    assert report.native and report.architecture == "deepseek_v3" and len(report.modules) == 2
+    assert report.kv_bytes_per_token_before == report.kv_bytes_per_token_after == 2 * (8 + 4) * 4
+    ids, mask = _prompt()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits[1, 2:],
+                                   hf(input_ids=ids, attention_mask=mask).logits[1, 2:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kv_rank=16: this deepseek_v3 model already is MLA with kv_rank=8"):
+        attnzoo.patch(copy.deepcopy(hf), "mla", kv_rank=16)
+    one = copy.deepcopy(hf)
+    assert attnzoo.patch(one, "mla", layers=[1]).modules == ["model.layers.1.self_attn"]
+    assert not isinstance(one.model.layers[0].self_attn, HFMLAAttention)

@@ -1,6 +1,7 @@
 """MLA behind a Hugging Face decoder layer: :class:`HFMLAAttention`, the latent cache inside ``transformers``' cache
 objects (:class:`HFLatentCacheView`), and :func:`absorb_deepseek_attention`, which gives native DeepSeek-V3
-checkpoints attnzoo's absorbed decode.
+checkpoints attnzoo's absorbed decode (:func:`patch_deepseek`: the same as ``attnzoo.patch(model, "mla")``, through
+the converter's ``patch_own``).
 
 **Where the latent lives in ``generate()``.** A ``transformers`` cache layer holds a keys and a values tensor per
 layer, concatenated along the sequence (dim -2). :class:`HFLatentCacheView` stores the latent ``c`` as the keys
@@ -33,7 +34,8 @@ from ...variants.cache import Cache
 from ...variants.mla import MLAAttention, MLAConfig
 from .wrapper import hf_mask_to_keep
 
-__all__ = ["HFLatentCacheView", "HFMLAAttention", "mla_config_of_deepseek", "absorb_deepseek_attention"]
+__all__ = ["HFLatentCacheView", "HFMLAAttention", "mla_config_of_deepseek", "absorb_deepseek_attention",
+           "patch_deepseek"]
 
 
 class HFLatentCacheView(Cache):
@@ -167,7 +169,41 @@ def _is_deepseek_attention(module) -> bool:
             and hasattr(module, "kv_a_proj_with_mqa"))
 
 
-def absorb_deepseek_attention(model) -> list[str]:
+#: the MLA options a native DeepSeek-V3 model fixes, and the config fields that hold them
+_DEEPSEEK_SHAPES = {"kv_rank": "kv_lora_rank", "rope_dim": "qk_rope_head_dim", "q_rank": "q_lora_rank",
+                    "nope_dim": "qk_nope_head_dim", "v_dim": "v_head_dim"}
+
+
+def patch_deepseek(model, options=None, *, layers=None, filter_fn=None):
+    """``attnzoo.patch(model, "mla")`` on a model that already is MLA (DeepSeek-V3): its attention modules become
+    :class:`HFMLAAttention` with the same weights (:func:`absorb_deepseek_attention`), nothing is converted.
+    Returns the :class:`~attnzoo.patches.report.PatchReport`, or None when ``model`` holds no DeepSeek-V3
+    attention (the converter then converts it). Shape options given as keywords (``kv_rank``, ``rope_dim``,
+    ``q_rank``, ``nope_dim``, ``v_dim``) must be the model's own: a native MLA model keeps its shapes."""
+    from ...kv import kv_bytes_per_token
+    from ..report import PatchReport
+
+    if not any(_is_deepseek_attention(m) for m in model.modules()):
+        return None
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    given = options if isinstance(options, dict) else {}
+    for opt, field in _DEEPSEEK_SHAPES.items():
+        if given.get(opt) is not None and given[opt] != getattr(text, field, None):
+            raise ValueError(f"{opt}={given[opt]}: this {text.model_type} model already is MLA with {opt}="
+                             f"{getattr(text, field, None)} ({field}); patch(model, 'mla') gives it absorbed decode "
+                             "and keeps its shapes (omit the shape options)")
+    before = kv_bytes_per_token(model)
+    params = sum(p.numel() for p in model.parameters())
+    modules = absorb_deepseek_attention(model, layers=layers, filter_fn=filter_fn)
+    shown = {opt: getattr(text, field, None) for opt, field in _DEEPSEEK_SHAPES.items()}
+    return PatchReport(variant="mla", architecture=text.model_type, options=shown, modules=modules,
+                       params_before=params, params_after=sum(p.numel() for p in model.parameters()),
+                       kv_bytes_per_token_before=before, kv_bytes_per_token_after=kv_bytes_per_token(model),
+                       native=True, notes=["already MLA: same weights and cache; decoding now absorbed (the cache is "
+                                           "never expanded through kv_b_proj)"])
+
+
+def absorb_deepseek_attention(model, *, layers=None, filter_fn=None) -> list[str]:
     """Replace every ``DeepseekV3Attention`` of ``model`` by an :class:`HFMLAAttention` with the same weights
     (the state dict is unchanged, names one to one): same prefill, and decoding absorbed over the latent cache
     instead of ``transformers``' re-expansion of the whole cache through ``kv_b_proj`` at every step. Returns the
@@ -175,6 +211,19 @@ def absorb_deepseek_attention(model) -> list[str]:
     found = [(name, m) for name, m in model.named_modules() if _is_deepseek_attention(m)]
     if not found:
         raise ValueError(f"{type(model).__name__} holds no DeepseekV3Attention module to give absorbed MLA decode")
+    if layers is not None:
+        wanted = {layers} if isinstance(layers, int) else set(layers)
+        missing = sorted(wanted - {m.layer_idx for _, m in found})
+        if missing:
+            raise ValueError(f"layers={sorted(wanted)}: no attention layer with index {missing}; valid indices: "
+                             f"0..{len(found) - 1}")
+        found = [(name, m) for name, m in found if m.layer_idx in wanted]
+    if filter_fn is not None:
+        found = [(name, m) for name, m in found if filter_fn(m, name)]
+    if not found:
+        from ...errors import NoMatchingModuleError
+
+        raise NoMatchingModuleError(f"no DeepseekV3Attention matched (layers={layers!r}, filter_fn={filter_fn!r})")
     for name, old in found:
         cfg = mla_config_of_deepseek(old.config, old)
         new = HFMLAAttention(cfg, layer_idx=old.layer_idx, hf_config=old.config, layer_rope=True)
