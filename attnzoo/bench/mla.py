@@ -229,12 +229,12 @@ def generate_cases(o: Options) -> list[Row]:
                 absorb_deepseek_attention(model)
             ids = torch.randint(3, model.config.vocab_size, (b, n), device=o.device)
             with torch.no_grad():
-                cache = output_cache(model(input_ids=ids, use_cache=True))
+                cache = output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
             tok = ids[:, -1:]
             key = model_cache_kwarg(model)
 
             def step():
-                out = model(input_ids=tok, use_cache=True, **{key: cache}).logits
+                out = model(input_ids=tok, use_cache=True, logits_to_keep=1, **{key: cache}).logits
                 for layer in cache.layers:  # back to n positions (views; the next step concatenates anyway)
                     layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
                 return out
