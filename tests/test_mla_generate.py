@@ -167,3 +167,25 @@ def test_patch_mla_on_a_deepseek_model_takes_the_native_path(monkeypatch):
     one = copy.deepcopy(hf)
     assert attnzoo.patch(one, "mla", layers=[1]).modules == ["model.layers.1.self_attn"]
     assert not isinstance(one.model.layers[0].self_attn, HFMLAAttention)
+
+
+def test_a_sliding_window_cache_keeps_its_window_of_latents():
+    """MLA modules in a Mistral decoder with sliding_window=6 (transformers keeps the last 5 positions per layer):
+    generate() with the cache = without, past the window."""
+    torch.manual_seed(0)
+    cfg = tf.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           sliding_window=6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = tf.MistralForCausalLM(cfg).eval()
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn = HFMLAAttention(MLAConfig(dim=32, heads=4, kv_rank=8, rope_dim=4, nope_dim=8, v_dim=8,
+                                                   causal=True), layer_idx=i, hf_config=cfg, rope_pairs=[0, 1])
+        for p in layer.self_attn.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    ids = torch.randint(3, 97, (2, 7))
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=False)
+        got = model.generate(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=True)
+        cache = attnzoo.hf_compat.output_cache(model(input_ids=ids, use_cache=True))
+    assert torch.equal(got, want)
+    assert tuple(cache.layers[0].keys.shape) == (2, 1, 5, 8)  # the window of latents, nothing more

@@ -7,7 +7,9 @@ the converter's ``patch_own``).
 layer, concatenated along the sequence (dim -2). :class:`HFLatentCacheView` stores the latent ``c`` as the keys
 ``[batch, 1, seq, kv_rank]`` and the rope keys as the values ``[batch, 1, seq, rope_keys * rope_dim]``: the layout
 ``DeepseekV3Attention`` itself uses (transformers >= 5.15), so a cache filled by either module is read by the
-other, and the cache holds ``kv_rank + rope_keys * rope_dim`` numbers per token and layer, nothing more.
+other, and the cache holds ``kv_rank + rope_keys * rope_dim`` numbers per token and layer, nothing more. A
+sliding-window cache layer (a converted Mistral's) keeps its window of latents, as it would keep keys and values;
+its mask says which of them a query sees.
 
 **RoPE**, three ways:
 
@@ -49,11 +51,12 @@ class HFLatentCacheView(Cache):
 
     def update(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, r = self.hf_cache.update(latent.unsqueeze(1), rope_key.unsqueeze(1), self.layer_idx)
-        if c.shape[-2] != self.seq_len + latent.shape[1]:
+        seen = self.seq_len + latent.shape[1]
+        if c.shape[-2] > seen:  # a sliding-window layer hands back fewer (its window), which the mask then matches
             raise ValueError(f"layer {self.layer_idx}: the transformers cache returned {c.shape[-2]} positions for "
-                             f"{self.seq_len} past and {latent.shape[1]} new tokens (a static or sliding-window "
-                             "cache?); MLA decodes with transformers' dynamic cache (generate()'s default)")
-        self.seq_len = c.shape[-2]
+                             f"{self.seq_len} past and {latent.shape[1]} new tokens (a static cache?); MLA decodes "
+                             "with transformers' dynamic caches (generate()'s default)")
+        self.seq_len = seen
         return c.squeeze(1), r.squeeze(1)
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
