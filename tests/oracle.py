@@ -187,3 +187,6 @@ def sparse_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, 
 
 REFERENCES.update({name: sparse_reference for name in
                    ("sliding_window", "longformer", "bigbird", "sparse_strided", "sparse_fixed")})
+# arrcoc / visual_topk: without regions their modules are the dense layer they replace (the region path is
+# checked against attnzoo.ops.regions' float64 reference in tests/test_arrcoc_lod.py)
+REFERENCES.update({"arrcoc": dense_reference, "visual_topk": dense_reference})
