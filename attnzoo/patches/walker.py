@@ -121,6 +121,11 @@ def patch(model, name: str | PatchConfig, *, layers: Iterable[int] | int | None 
     else:
         config = options
     converter = get_converter(name)
+    if getattr(converter, "model_level", False):  # a plug-in on the whole model (arrcoc): no attention sites
+        typed = config if isinstance(config, PatchConfig) else converter.config_cls.from_options(**config)
+        report = converter.patch_model(model, typed, layers=layers, filter_fn=filter_fn)
+        setattr(model, _MARK, report)
+        return report
     adapter, sites = attention_sites(model)
     opts = converter.options(adapter, config)
     selected = _select(sites, layers, filter_fn)
