@@ -258,3 +258,20 @@ def test_attnzoo_list_shows_arrcoc(capsys):
     assert main(["list", "arrcoc"]) == 0
     out = capsys.readouterr().out
     assert "arrcoc" in out and "level of detail" in out
+
+
+def test_plot_allocation_draws_levels_and_scores(tmp_path):
+    pytest.importorskip("matplotlib")
+    from attnzoo.arrcoc import plot_allocation
+    from attnzoo.arrcoc.standalone import score_images
+
+    torch.manual_seed(0)
+    image = torch.rand(3, 48, 48)
+    query = image[:, :24, 24:]  # the top-right region, as the example of what is asked for
+    got = score_images(image[None], query, grid=2, budget=4 * 64, levels=tuple(range(16, 145, 16)))
+    assert got["levels"].sum() == 256 and got["coupling"].argmax() == 1
+    fig = plot_allocation(image, query, grid=2, budget=256, levels=tuple(range(16, 145, 16)),
+                          path=tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 0 and len(fig.axes) >= 5
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    assert {f"{t}\n{'x'.join(map(str, grid_shape(t)))}" for t in got["levels"][0].tolist()} <= texts
