@@ -93,17 +93,26 @@ class TokenBudgetAllocator(nn.Module):
         return got
 
     def _targets(self, shares: list[float], total: int) -> list[float]:
+        """Water-filling: ``clamp(lam * share, min, max)`` summing to ``total``. The sum is piecewise linear and
+        non-decreasing in ``lam`` with breakpoints ``min / share`` and ``max / share``: a binary search over them
+        finds the segment, where ``lam`` is solved exactly."""
         lo, hi = self.levels[0], self.levels[-1]
 
         def filled(lam):
             return [min(hi, max(lo, lam * s)) for s in shares]
 
-        # sum(filled(lam)) grows with lam, from n lo <= total to n hi >= total: bisect to float precision
-        a, b = 0.0, hi / max(min(shares), 1e-300)
-        for _ in range(64):
-            mid = (a + b) / 2
-            a, b = (mid, b) if sum(filled(mid)) < total else (a, mid)
-        return filled(b)
+        points = sorted({b / s for s in shares if s > 0 for b in (lo, hi)})
+        a, b = 0, len(points) - 1  # sum(filled(points[0])) = n lo <= total <= n hi = sum(filled(points[-1]))
+        while b - a > 1:
+            mid = (a + b) // 2
+            a, b = (mid, b) if sum(filled(points[mid])) <= total else (a, mid)
+        lam = points[a]
+        have = sum(filled(lam))
+        inside = (lam + points[b]) / 2  # the regions neither at min nor at max within the segment
+        slope = sum(s for s in shares if lo < inside * s < hi)
+        if slope > 0 and have < total:
+            lam = min(points[b], lam + (total - have) / slope)
+        return filled(lam)
 
     def _by_distance(self, target: float, cap: int):
         """Level indices ``0..cap`` from the closest to ``target`` outwards (ties: the larger level first)."""
