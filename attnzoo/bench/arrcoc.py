@@ -185,7 +185,6 @@ def prefill_rows(o: Options) -> list[Row]:
     for r in rows:
         if base is not None and r.ok:
             r.extra["vs_unpatched"] = round(r.ms / base.ms, 3)
-    del model
     return rows
 
 
