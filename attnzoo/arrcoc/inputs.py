@@ -79,10 +79,10 @@ def rewrite_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         real = mask[r].bool()
         ids, emb = input_ids[r][real], text[r][real]
         lab = labels[r][real] if labels is not None else None
-        is_img = ids == image_token_id
+        flags = (ids == image_token_id).tolist()  # one host read per row; the walk below is plain Python
         out_ids, out_emb, out_lab, i, k = [], [], [], 0, 0
-        while i < len(ids):
-            if is_img[i]:
+        while i < len(flags):
+            if flags[i]:
                 n = images[k]
                 t = tokens[n].to(emb.dtype)
                 out_ids.append(torch.full((t.shape[0],), image_token_id, dtype=ids.dtype, device=ids.device))
@@ -93,7 +93,7 @@ def rewrite_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 k += 1
             else:
                 j = i
-                while j < len(ids) and not is_img[j]:
+                while j < len(flags) and not flags[j]:
                     j += 1
                 out_ids.append(ids[i:j])
                 out_emb.append(emb[i:j])

@@ -113,7 +113,8 @@ def region_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         cu[1:] = torch.as_tensor(lengths, device=q.device).cumsum(0)
         longest = max(lengths)
         # varlen_attn's default scale is 1/sqrt(D); fold any other scale into q (its ``scale`` keyword is recent)
-        qs = q[0].transpose(0, 1) * (scale * math.sqrt(d))
+        factor = scale * math.sqrt(d)
+        qs = q[0].transpose(0, 1) * factor if abs(factor - 1.0) > 1e-12 else q[0].transpose(0, 1)
         out = _varlen()(qs.contiguous(), k[0].transpose(0, 1).contiguous(), v[0].transpose(0, 1).contiguous(),
                         cu, cu, longest, longest)
         return out.transpose(0, 1).unsqueeze(0)
