@@ -242,3 +242,11 @@ def test_prompt_without_the_full_image_tokens_is_refused():
     attnzoo.patch(model, "arrcoc", budget=32, levels=LEVELS)
     with pytest.raises(ValueError, match="expected 64 per image"):
         model(input_ids=ids[:, 10:], pixel_values=pixels)
+
+
+def test_convert_refuses_a_run_time_plugin(tmp_path, capsys):
+    from attnzoo.cli import main
+
+    assert main(["convert", "builtin", str(tmp_path / "out"), "--to", "arrcoc", "--budget", "256"]) == 2
+    err = capsys.readouterr().err
+    assert "run-time plug-in" in err and "nothing to convert" in err and not (tmp_path / "out").exists()

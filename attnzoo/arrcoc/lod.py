@@ -46,16 +46,17 @@ class Regions:
 
 
 def region_hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """``transformers`` attention function: within regions for a :class:`Regions` mask, else attnzoo's dense
-    kernel (:func:`attnzoo.patches.hf.kernel.hf_attention`)."""
+    """``transformers`` attention function: within regions for a :class:`Regions` mask, else transformers' own
+    SDPA path (what the tower ran before: the whole-image encoding stays the unpatched model's)."""
     if isinstance(attention_mask, Regions):
         if dropout:
             raise ValueError(f"region attention has no dropout (got {dropout}); call the tower in eval mode")
         out = region_attention(query, key, value, attention_mask.lengths, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
-    from ..patches.hf.kernel import hf_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return hf_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
 
 
 def use_region_kernel(tower) -> None:
