@@ -15,15 +15,21 @@ IMAGE_ID, PAD = 100, 0
 LEVELS = (4, 8, 12, 16)  # 32 px images, 4 px patches: 8 x 8 = 64 tokens; 2 x 2 regions of 16 native tokens
 
 
-def tiny_llava(seed=0, layers=3):
+def tiny_llava(seed=0, layers=3, tower="clip"):
+    """A tiny LLaVA: CLIP tower (class token; features of layer -2 without it, as LLaVA-1.5) or SigLIP tower (no
+    class token; last layer, all tokens)."""
     torch.manual_seed(seed)
-    vision = tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                 num_attention_heads=4, image_size=32, patch_size=4, projection_dim=16)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4, image_size=32,
+                 patch_size=4)
+    if tower == "clip":
+        vision, layer, strategy = tf.CLIPVisionConfig(**shape, projection_dim=16), -2, "default"
+    else:
+        vision, layer, strategy = tf.SiglipVisionConfig(**shape), -1, "full"
     text = tf.LlamaConfig(vocab_size=120, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
                           eos_token_id=2, pad_token_id=PAD)
     cfg = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, image_seq_length=64,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+                         vision_feature_layer=layer, vision_feature_select_strategy=strategy)
     return tf.LlavaForConditionalGeneration(cfg).eval()
 
 
@@ -90,15 +96,19 @@ def test_region_attention_module_packs_regions():
 
 # ---------------------------------------------------------------------------- level-of-detail encoding
 def _hf_region(model, crop, rows, cols):
-    """The oracle: transformers' own CLIP tower on the region as a picture of rows x cols patches."""
+    """The oracle: transformers' own vision tower on the region as a picture of rows x cols patches."""
     tower = model.model.vision_tower
     crop = F.interpolate(crop[None], size=(rows * 4, cols * 4), mode="bilinear", align_corners=False, antialias=True)
     out = tower(crop, interpolate_pos_encoding=True, output_hidden_states=True)
-    return model.model.multi_modal_projector(out.hidden_states[-2][:, 1:])[0]
+    feats = out.hidden_states[model.config.vision_feature_layer]
+    if model.config.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]
+    return model.model.multi_modal_projector(feats)[0]
 
 
-def test_encode_regions_matches_each_region_through_transformers():
-    model = tiny_llava()
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_encode_regions_matches_each_region_through_transformers(kind):
+    model = tiny_llava(tower=kind)
     tower = VisionTower(model)
     _, _, pixels = prompt()
     levels = torch.tensor([[16, 12, 8, 4], [4, 4, 16, 16]])
@@ -126,8 +136,9 @@ def test_encode_regions_all_native_is_the_unpatched_encoding():
 
 
 # ---------------------------------------------------------------------------- the plug-ins
-def test_full_budget_reproduces_the_unpatched_logits():
-    model = tiny_llava()
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_full_budget_reproduces_the_unpatched_logits(kind):
+    model = tiny_llava(tower=kind)
     ids, mask, pixels = prompt()
     with torch.no_grad():
         ref = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits
