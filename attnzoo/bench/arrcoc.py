@@ -12,7 +12,8 @@ fewer visual tokens, and a query-localisation quality proxy.
 * ``quality``: composites of four real photographs (scikit-image's) in a 2 x 2 mosaic; the query is another view
   (a random crop, maybe mirrored, of other brightness) of one of them; the share of the visual-token budget
   (576 tokens over 4 x 4 regions, levels 16..144 in steps of 4) the allocator gives the named photograph's quadrant, for ARR-COC (the tension
-  balancer) and the baselines (an even split, information only, salience only, coupling only). Tower-free
+  balancer at the seed's weights, and with coupling-led weights) and the baselines (an even split, information
+  only, salience only, coupling only). Tower-free
   (:mod:`attnzoo.arrcoc.standalone`): no hub weights, runs on a CPU. ``visual_topk`` needs a trained language
   model to rank tokens meaningfully, so the proxy leaves it out.
 """
@@ -239,9 +240,14 @@ def quality_rows(o: Options) -> list[Row]:
     n, grid, budget = (8, 4, 576) if o.smoke else (240, 4, 576)
     alloc = TokenBudgetAllocator(budget, QUALITY_LEVELS)
     scorer = RelevanceScorer()
+    from ..arrcoc import TensionBalancer
+
+    led = TensionBalancer(info_salience=0.5, coupling_info=0.9, coupling_salience=0.9)  # coupling 0.6 of relevance
     methods = {"even split (no scoring)": lambda s: torch.zeros_like(s["relevance"]),
                "information only": lambda s: s["information"], "salience only": lambda s: s["salience"],
-               "coupling only": lambda s: s["coupling"], "attnzoo arrcoc (tension balancer)": lambda s: s["relevance"]}
+               "coupling only": lambda s: s["coupling"], "attnzoo arrcoc (tension balancer)": lambda s: s["relevance"],
+               "arrcoc, coupling-led balancer (0.5, 0.9, 0.9)":
+                   lambda s: led(s["information"], s["salience"], s["coupling"]).detach()}
     share = {m: [] for m in methods}
     top = {m: [] for m in methods}
     quadrant = torch.tensor([(r // grid) // (grid // 2) * 2 + (r % grid) // (grid // 2) for r in range(grid * grid)])
