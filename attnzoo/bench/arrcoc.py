@@ -252,7 +252,10 @@ def quality_rows(o: Options) -> list[Row]:
     top = {m: [] for m in methods}
     quadrant = torch.tensor([(r // grid) // (grid // 2) * 2 + (r % grid) // (grid // 2) for r in range(grid * grid)])
     elapsed = 0.0
-    for mosaic, query, target in composites(n):
+    from tqdm.auto import tqdm
+
+    for mosaic, query, target in tqdm(composites(n), desc="arrcoc quality proxy", unit="composite",
+                                      disable=o.smoke):
         t0 = time.perf_counter()
         with torch.no_grad():
             feats, q = query_features(mosaic[None], query, grid)
