@@ -234,3 +234,6 @@ def mla_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, pos
 
 
 REFERENCES["mla"] = mla_reference
+# arrcoc / visual_topk: without regions their modules are the dense layer they replace (the region path is
+# checked against attnzoo.ops.regions' float64 reference in tests/test_arrcoc_lod.py)
+REFERENCES.update({"arrcoc": dense_reference, "visual_topk": dense_reference})

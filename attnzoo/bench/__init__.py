@@ -30,6 +30,7 @@ GROUPS: dict[str, str] = {
     "dense": "dense",
     "sparse": "sparse",
     "mla": "mla",
+    "arrcoc": "arrcoc",
 }
 
 
