@@ -161,3 +161,137 @@ def test_sharding_layouts():
         Sharding(10, 2, "ring")
     with pytest.raises(ValueError, match="seq_len=5: layout='zigzag' over world=3 ranks cuts the sequence into 6"):
         Sharding(5, 3, "zigzag")
+
+
+def _tile_masks(bm, nq_tiles, nk_tiles):
+    """(partial, full) bool [q_tiles, k_tiles] from a BlockMask's tables."""
+    out = []
+    for count, index in ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices)):
+        m = torch.zeros(nq_tiles, nk_tiles, dtype=torch.bool)
+        for i in range(nq_tiles):
+            m[i, index[0, 0, i, : count[0, 0, i]].long()] = True
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("band", [(None, 0), (None, None), (-150, 0), (-150, 150), (-3, 3)])
+def test_flex_block_mask_tables_are_exact(band):
+    """The FlexAttention block kernel's tables (the CPU's eager flex ignores them, so they are checked here): a full
+    tile keeps every pair, a skipped tile none, for the zig-zag shards of two ranks."""
+    from attnzoo.ops.context_parallel.blocks_flex import _block_mask
+
+    s = Sharding(1000, 2, "zigzag")
+    qs, ks = s.spans(0), s.spans(1)
+    bm = _block_mask(qs, ks, band, "cpu")
+    qpos, kpos = s.positions(0), s.positions(1)
+    d = kpos[None, :] - qpos[:, None]
+    keep = torch.ones_like(d, dtype=torch.bool)
+    if band[0] is not None:
+        keep &= d >= band[0]
+    if band[1] is not None:
+        keep &= d <= band[1]
+    nqt, nkt = -(-len(qpos) // 128), -(-len(kpos) // 128)
+    partial, full = _tile_masks(bm, nqt, nkt)
+    assert not (partial & full).any()
+    for i in range(nqt):
+        for j in range(nkt):
+            tile = keep[i * 128 : (i + 1) * 128, j * 128 : (j + 1) * 128]
+            if full[i, j]:
+                assert tile.all(), (i, j)
+            elif not partial[i, j]:
+                assert not tile.any(), (i, j)
+
+
+@pytest.mark.parametrize("band", [(None, 0), (None, None), (-40, 40)])
+def test_flex_block_forward_equals_eager(band):
+    """The flex block kernel's forward (eager flex on the CPU, float64) merges as the tiled one does."""
+    from attnzoo.ops.context_parallel import ring as R
+
+    s = Sharding(300, 2, "zigzag")
+    qs, ks = s.spans(0), s.spans(1)
+    q = torch.randn(1, 4, s.length(0), 16, dtype=torch.float64)
+    k, v = torch.randn(2, 1, 2, s.length(1), 16, dtype=torch.float64)
+    results = []
+    for kernel in ("eager", "flex"):
+        out = torch.zeros(1, 4, q.shape[2], 16, dtype=torch.float64)
+        lse = torch.full((1, 4, q.shape[2]), float("-inf"), dtype=torch.float64)
+        for spans, kk, vv in ((ks, k, v), (qs, q[:, ::2], q[:, 1::2])):
+            R._attend(kernel, q, kk, vv, qs, spans, band, 0.25, out, lse, torch.float64)
+        results.append((out, lse))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)  # flex's lse is float32
+
+
+def test_kernel_choice():
+    from attnzoo.errors import BackendUnavailableError
+    from attnzoo.ops.context_parallel.ring import choose_kernel
+
+    x = torch.zeros(1, 1, 4, 16)
+    assert choose_kernel("auto", x) == "eager" and choose_kernel("eager", x) == "eager"
+    with pytest.raises(BackendUnavailableError, match="kernel='flex' cannot serve this call: .*CUDA only"):
+        choose_kernel("flex", x)
+
+
+def _dense_flex(q, k, v, bm, scale):
+    """A differentiable stand-in for FlexAttention (which has no backward off CUDA): the BlockMask's mask_mod on
+    every pair, plain softmax; returns (out, lse) as ``flex_attention(..., return_aux=AuxRequest(lse=True))``."""
+    nq, nk = q.shape[2], k.shape[2]
+    keep = bm.mask_mod(0, 0, torch.arange(nq)[:, None], torch.arange(nk)[None, :])
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    lse = s.logsumexp(-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+    return p @ v, lse
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 30), (False, 30)])
+def test_flex_block_backward_derivation(monkeypatch, causal, window):
+    """The flex block kernel's backward (block gradients through FlexAttention's autograd, weighted by the block's
+    share of the final log-sum-exp), with FlexAttention replaced by a differentiable dense stand-in: a simulated
+    4-rank zig-zag ring equals the float64 reference in output and all three gradients."""
+    from attnzoo.ops.context_parallel import blocks_flex
+    from attnzoo.ops.context_parallel import ring as R
+
+    monkeypatch.setattr(blocks_flex, "_flex", _dense_flex)
+    b, hq, hkv, n, d, scale = 1, 4, 2, 61, 16, 0.3
+    q, do = torch.randn(2, b, hq, n, d, dtype=torch.float64)
+    k, v = torch.randn(2, b, hkv, n, d, dtype=torch.float64)
+    band = (None if window is None else -window, 0 if causal else window)
+    s = Sharding(n, 4, "zigzag")
+    qs, ks, vs, dos = ([s.shard(t, r) for r in range(4)] for t in (q, k, v, do))
+    cd = torch.float64
+    outs = [torch.zeros(t.shape, dtype=cd) for t in qs]
+    lses = [torch.full(t.shape[:-1], float("-inf"), dtype=cd) for t in qs]
+    for r in range(4):
+        for src in range(4):
+            R._attend("flex", qs[r], ks[src], vs[src], s.spans(r), s.spans(src), band, scale, outs[r], lses[r], cd)
+    dq, dk, dv = ([torch.zeros(t.shape, dtype=cd) for t in ts] for ts in (qs, ks, vs))
+    for r in range(4):
+        delta = (dos[r] * outs[r]).sum(-1)
+        for src in range(4):
+            R._grad(
+                "flex",
+                qs[r],
+                ks[src],
+                vs[src],
+                dos[r],
+                lses[r],
+                delta,
+                s.spans(r),
+                s.spans(src),
+                band,
+                scale,
+                dq[r],
+                dk[src],
+                dv[src],
+                cd,
+            )
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    if window is None:
+        ref = attention_reference(*ref_in, causal=causal, scale=scale)
+    else:
+        ref = sparse_attention_reference(*ref_in, SlidingWindow(window=window, causal=causal), scale=scale)
+    ref.backward(do)
+    torch.testing.assert_close(s.unshard(outs), ref)
+    for got, want in zip((dq, dk, dv), ref_in):
+        torch.testing.assert_close(s.unshard(got), want.grad)

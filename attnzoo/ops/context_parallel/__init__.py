@@ -3,7 +3,8 @@
 * :mod:`.sharding`: :class:`Sharding`, how positions are cut across ranks (``"zigzag"`` balances causal work,
   ``"contiguous"`` keeps neighbours adjacent for band patterns);
 * :mod:`.ring`: ring attention (K/V blocks travel around the ranks; forward and the reverse-ring backward), on
-  :mod:`.blocks` (one visiting block: online softmax forward, FlashAttention-style backward);
+  a block kernel for one visiting block: :mod:`.blocks` (tiled matmuls: online softmax forward,
+  FlashAttention-style backward; any device) or :mod:`.blocks_flex` (FlexAttention's fused kernels, CUDA);
 * :mod:`.halo`: the halo exchange of band patterns (only the window's neighbouring keys);
 * :mod:`.op`: :func:`context_parallel_attention` (dense) and :func:`context_parallel_sparse_attention` (sliding
   window: halo exchange + :func:`attnzoo.ops.sparse_attention` locally, or the ring).
@@ -12,6 +13,14 @@ Communication is ``torch.distributed`` point-to-point (gloo and NCCL). See docs/
 """
 
 from .op import SPARSE_METHODS, context_parallel_attention, context_parallel_sparse_attention
+from .ring import KERNELS
 from .sharding import LAYOUTS, Sharding
 
-__all__ = ["context_parallel_attention", "context_parallel_sparse_attention", "Sharding", "LAYOUTS", "SPARSE_METHODS"]
+__all__ = [
+    "context_parallel_attention",
+    "context_parallel_sparse_attention",
+    "Sharding",
+    "LAYOUTS",
+    "SPARSE_METHODS",
+    "KERNELS",
+]

@@ -14,7 +14,7 @@ from ..dense.call import AttentionCall
 from ..sparse.patterns import Dense, Pattern, SlidingWindow
 from .comm import Ring, ring_of
 from .halo import halo_exchange
-from .ring import ring_attention_local
+from .ring import KERNELS, ring_attention_local
 from .sharding import Sharding
 
 __all__ = ["context_parallel_attention", "context_parallel_sparse_attention", "SPARSE_METHODS"]
@@ -47,6 +47,7 @@ def context_parallel_attention(
     causal: bool = False,
     scale: float | None = None,
     group=None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Dense attention (as :func:`attnzoo.ops.attention`) of a sequence sharded across the ranks of ``group``.
 
@@ -56,6 +57,8 @@ def context_parallel_attention(
         causal: causal mask on global positions (q and k cover the same positions).
         scale: softmax scale (default ``1/sqrt(head_dim)``).
         group: the context-parallel process group (default: the whole world).
+        kernel: the work on one visiting K/V block (:data:`~.ring.KERNELS`): ``"flex"`` (FlexAttention's fused
+            kernels, CUDA), ``"eager"`` (tiled matmuls, any device and dtype) or ``"auto"`` (flex where it serves).
 
     Returns:
         This rank's shard of the output, ``[batch, q_heads, local_len, v_dim]``.
@@ -65,9 +68,10 @@ def context_parallel_attention(
     ``with`` block that must hold forward *and* backward, not one call; ``attnzoo bench context_parallel``
     measures it beside this ring.
     """
+    check_choice("kernel", kernel, KERNELS)
     ring = ring_of(group)
     _check(q, k, v, sharding, ring, scale, causal)
-    return ring_attention_local(q, k, v, sharding, (None, 0 if causal else None), scale, ring)
+    return ring_attention_local(q, k, v, sharding, (None, 0 if causal else None), scale, ring, kernel)
 
 
 def _band_of(pattern) -> tuple[int | None, int | None]:
@@ -92,6 +96,7 @@ def context_parallel_sparse_attention(
     scale: float | None = None,
     group=None,
     method: str = "halo",
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Band-pattern attention (as :func:`attnzoo.ops.sparse_attention`) of a sequence sharded across ranks.
 
@@ -100,9 +105,11 @@ def context_parallel_sparse_attention(
     zeros, their outputs dropped); it needs ``sharding.layout == "contiguous"`` and every shard at least
     ``window`` long. ``method="ring"`` passes every K/V block around the ring and skips the tiles outside the
     band (any layout, any shard length). ``pattern``: a ``SlidingWindow`` (or ``Dense``, which is the ring).
-    Arguments otherwise as :func:`context_parallel_attention`.
+    ``kernel`` is the ring's block kernel (the halo's local work is :func:`attnzoo.ops.sparse_attention`, which
+    picks its own backend). Arguments otherwise as :func:`context_parallel_attention`.
     """
     check_choice("method", method, SPARSE_METHODS)
+    check_choice("kernel", kernel, KERNELS)
     if not isinstance(pattern, Pattern):
         raise TypeError(
             f"pattern={pattern!r}: expected an attnzoo.ops.sparse Pattern, e.g. "
@@ -112,7 +119,7 @@ def context_parallel_sparse_attention(
     ring = ring_of(group)
     _check(q, k, v, sharding, ring, scale)
     if method == "ring" or type(pattern) is Dense:
-        return ring_attention_local(q, k, v, sharding, band, scale, ring)
+        return ring_attention_local(q, k, v, sharding, band, scale, ring, kernel)
     if sharding.layout != "contiguous":
         raise ValueError(
             f"method='halo' needs Sharding(layout='contiguous'), got layout={sharding.layout!r}: a "

@@ -1,0 +1,132 @@
+"""The visiting-block work of :mod:`.blocks` on FlexAttention: fused kernels (compiled on CUDA) instead of matmuls.
+
+Forward: one ``flex_attention`` call per visiting block with ``return_aux=AuxRequest(lse=True)`` gives the block's
+output and log-sum-exp, merged into the running ones as :func:`.blocks.attend_block` merges its tiles. The
+``BlockMask`` comes from the global positions: a 128 x 128 tile whose key-minus-query offsets all lie in the band is
+full (no mask evaluated), one whose offsets all lie outside is skipped, others evaluate the band on the positions.
+
+Backward: the whole output is ``O = sum_b w_b O_b`` with ``w_b = exp(lse_b - lse)``; so a block's inputs get their
+gradient through FlexAttention's own backward (recomputing the block forward under autograd) from
+``dO_b = w_b dO`` and ``dlse_b = w_b (rowsum(dO * O_b) - rowsum(dO * O))``. That costs one block forward more
+than a FlashAttention-style backward from the saved log-sum-exp, which FlexAttention does not expose.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..flex import flex_function
+from .blocks import Band
+
+__all__ = ["flex_reason", "attend_block_flex", "grad_block_flex"]
+
+_BLOCK = 128
+
+
+def flex_reason(q: torch.Tensor) -> str | None:
+    """Why the FlexAttention block kernel cannot serve ``q``'s call, or None."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest  # noqa: F401  (torch >= 2.9)
+    except ImportError:
+        return "torch.nn.attention.flex_attention has no AuxRequest (torch < 2.9)"
+    if q.device.type != "cuda":
+        return f"FlexAttention has a backward on CUDA only, inputs are on {q.device.type}"
+    if q.shape[-1] < 16:
+        return f"compiled FlexAttention needs head_dim >= 16, got {q.shape[-1]}"
+    return None
+
+
+def _positions(spans, device) -> torch.Tensor:
+    pos = torch.cat([torch.arange(a, b, device=device) for a, b in spans])
+    pad = (-len(pos)) % _BLOCK  # padded tiles read in range (their rows/columns are masked by the lengths)
+    return torch.cat([pos, pos[-1:].expand(pad)]) if pad else pos
+
+
+def _tile_range(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    tiles = pos.view(-1, _BLOCK)
+    return tiles.amin(1), tiles.amax(1)
+
+
+def _block_mask(q_spans, k_spans, band: Band, device):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    qpos, kpos = _positions(q_spans, device), _positions(k_spans, device)
+    nq, nk = sum(b - a for a, b in q_spans), sum(b - a for a, b in k_spans)
+    qmin, qmax = _tile_range(qpos)
+    kmin, kmax = _tile_range(kpos)
+    dmin, dmax = kmin[None, :] - qmax[:, None], kmax[None, :] - qmin[:, None]
+    lo, hi = band
+    skip = torch.zeros_like(dmin, dtype=torch.bool)
+    full = torch.ones_like(dmin, dtype=torch.bool)
+    if lo is not None:
+        skip |= dmax < lo
+        full &= dmin >= lo
+    if hi is not None:
+        skip |= dmin > hi
+        full &= dmax <= hi
+    partial = ~skip & ~full
+
+    def table(sel):
+        return sel.sum(-1, dtype=torch.int32)[None, None], torch.argsort(~sel, dim=-1, stable=True).to(torch.int32)[
+            None, None
+        ]
+
+    def mask_mod(b, h, i, j):
+        d = kpos[j] - qpos[i]
+        keep = d == d
+        if lo is not None:
+            keep = keep & (d >= lo)
+        if hi is not None:
+            keep = keep & (d <= hi)
+        return keep
+
+    pc, pi = table(partial)
+    fc, fi = table(full)
+    return BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=_BLOCK, mask_mod=mask_mod, seq_lengths=(nq, nk))
+
+
+def _flex(q, k, v, bm, scale):
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    fn = flex_function(q.device.type)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        out, aux = fn(
+            q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1], return_aux=AuxRequest(lse=True)
+        )
+    return out, aux.lse
+
+
+def _safe(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isinf(x), torch.zeros_like(x), x)
+
+
+def attend_block_flex(q, k, v, q_spans, k_spans, band: Band, scale: float, out, lse) -> None:
+    """:func:`.blocks.attend_block` on FlexAttention. ``q [B, Hq, Nq, D]`` and ``k``/``v`` ``[B, Hkv, Nk, .]`` in
+    the inputs' dtype; ``out [B, Hq, Nq, Dv]`` and ``lse [B, Hq, Nq]`` in the compute dtype (float32; float64 for float64 inputs), updated in place."""
+    o_b, lse_b = _flex(q, k, v, _block_mask(q_spans, k_spans, band, q.device), scale)
+    o_b, lse_b = o_b.to(out.dtype), lse_b.to(lse.dtype)
+    new = torch.logaddexp(lse, lse_b)
+    new_safe = _safe(new)
+    out.mul_(torch.exp(lse - new_safe)[..., None]).add_(o_b * torch.exp(lse_b - new_safe)[..., None])
+    lse.copy_(new)
+
+
+def grad_block_flex(q, k, v, do, lse, delta, q_spans, k_spans, band: Band, scale: float, dq, dk, dv) -> None:
+    """:func:`.blocks.grad_block` on FlexAttention (shapes as :func:`attend_block_flex`; ``do`` in the inputs'
+    dtype, ``lse``/``delta`` float32, ``dq``/``dk``/``dv`` float32, added to in place)."""
+    bm = _block_mask(q_spans, k_spans, band, q.device)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with torch.enable_grad():
+        o_b, lse_b = _flex(*leaves, bm, scale)
+        acc = lse.dtype  # float32, or float64 for float64 inputs
+        w = torch.exp(lse_b.to(acc) - _safe(lse)).detach()  # 0 where the block (or the row) kept nothing
+        w = torch.where(torch.isinf(lse_b), torch.zeros_like(w), w)
+        d_lse = w * ((do.to(acc) * o_b.detach().to(acc)).sum(-1) - delta)
+        grads = torch.autograd.grad(
+            [o_b, lse_b], leaves, [(w[..., None] * do.to(acc)).to(o_b.dtype), d_lse.to(lse_b.dtype)]
+        )
+    for total, g in zip((dq, dk, dv), grads):
+        total += g.to(total.dtype)
