@@ -72,6 +72,54 @@ def _run_case(case, rank, world):
         )
 
 
+MODELS = ("llama", "mistral")  # mistral: every layer a sliding window of 5 keys (window=4): contiguous shards, halo
+
+
+def _run_model_case(name, rank, world):
+    """A tiny HF model through uptrain's context-parallel path (the transformers attention implementation, global
+    position_ids, per-rank loss): its logits are the shard's rows of the one-process model's, and the all-reduced
+    parameter gradients of the per-rank losses equal the one-process gradient of the mean cross-entropy."""
+    import copy
+
+    import torch.nn.functional as F
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    from attnzoo.uptrain.context_parallel import sequence_layout, shard_inputs, use_context_parallel_kernel
+
+    kw = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    if name == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kw)).double()
+    else:
+        model = MistralForCausalLM(MistralConfig(sliding_window=5, **kw)).double()
+    ids = torch.randint(0, 64, (2, 23), generator=torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    ref_logits = ref(input_ids=ids).logits
+    F.cross_entropy(ref_logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1)).backward()
+    use_context_parallel_kernel(model)
+    s = Sharding(23, world, sequence_layout(model.config))
+    assert s.layout == ("zigzag" if name == "llama" else "contiguous")
+    pos = s.positions(rank)
+    logits = model(**shard_inputs(ids, s, rank, None)).logits
+    torch.testing.assert_close(logits, ref_logits[:, pos], msg=lambda m: f"logits: {m}")
+    keep = pos < 22
+    ce = F.cross_entropy(logits[:, keep].reshape(-1, 64), ids[:, pos[keep] + 1].reshape(-1), reduction="sum")
+    (ce / (2 * 22)).backward()
+    for (pname, p), (_, pr) in zip(model.named_parameters(), ref.named_parameters()):
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        torch.testing.assert_close(g, pr.grad, msg=lambda m, pname=pname: f"grad of {pname}: {m}")
+
+
 def _errors(rank, world):
     """What the op's checks say, the same on every rank (no communication happens before them)."""
     s = Sharding(8, world, "zigzag")
@@ -102,6 +150,13 @@ def _worker(rank, world, port, results):
                 results[(case[0], rank)] = "ok"
             except Exception:
                 results[(case[0], rank)] = traceback.format_exc(limit=4)
+            dist.barrier()
+        for model_name in MODELS:
+            try:
+                _run_model_case(model_name, rank, world)
+                results[(model_name, rank)] = "ok"
+            except Exception:
+                results[(model_name, rank)] = traceback.format_exc(limit=4)
             dist.barrier()
         if rank == 0:
             results["errors"] = _errors(rank, world)
@@ -136,6 +191,14 @@ def _results(world: int) -> dict:
 def test_equals_single_process(case, world):
     res = _results(world)
     bad = {r: res.get((case, r), "missing") for r in range(world) if res.get((case, r)) != "ok"}
+    assert not bad, "\n".join(f"rank {r}: {msg}" for r, msg in bad.items())
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("model", MODELS)
+def test_hf_model_through_the_uptrain_path(model, world):
+    res = _results(world)
+    bad = {r: res.get((model, r), "missing") for r in range(world) if res.get((model, r)) != "ok"}
     assert not bad, "\n".join(f"rank {r}: {msg}" for r, msg in bad.items())
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..ops.context_parallel import Sharding, context_parallel_attention, context_parallel_sparse_attention
 from ..ops.sparse import SlidingWindow
 
-__all__ = ["ContextParallelTraining", "KERNEL_NAME"]
+__all__ = ["ContextParallelTraining", "KERNEL_NAME", "use_context_parallel_kernel", "sequence_layout", "shard_inputs"]
 
 KERNEL_NAME = "attnzoo_context_parallel"
 
@@ -102,6 +102,33 @@ def _check_model(model) -> None:
             )
 
 
+def use_context_parallel_kernel(model) -> None:
+    """Check that every attention layer of ``model`` goes through ``transformers``' attention interface and make
+    them run context-parallel (the forward then needs :func:`shard_inputs`' keywords)."""
+    _check_model(model)
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(KERNEL_NAME, _cp_attention)
+    model.set_attn_implementation(KERNEL_NAME)
+
+
+def sequence_layout(config) -> str:
+    """The sharding layout for a model: contiguous when every layer is a sliding window (halo exchange), else
+    zig-zag (balanced causal work; sliding layers then take the ring)."""
+    return "contiguous" if _all_sliding(config) else "zigzag"
+
+
+def shard_inputs(ids: torch.Tensor, sharding: Sharding, rank: int, group) -> dict:
+    """The model's keyword arguments for rank ``rank``'s shard of the whole sequences ``ids [batch, seq]``."""
+    pos = sharding.positions(rank, ids.device)
+    return {
+        "input_ids": ids[:, pos],
+        "position_ids": pos[None].expand(ids.shape[0], -1),
+        "use_cache": False,
+        "attnzoo_cp": _Call(sharding, group),
+    }
+
+
 class ContextParallelTraining:
     """The context-parallel side of one training run: groups, sharding of a batch, the model's kernel, the loss."""
 
@@ -129,23 +156,12 @@ class ContextParallelTraining:
             if rank in ranks:
                 self.group = group
         self.cp_rank = rank % size
-        self.layout = "contiguous" if _all_sliding(model.config) else "zigzag"
-        _check_model(model)
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(KERNEL_NAME, _cp_attention)
-        model.set_attn_implementation(KERNEL_NAME)
+        self.layout = sequence_layout(model.config)
+        use_context_parallel_kernel(model)
 
     def inputs(self, ids: torch.Tensor) -> dict:
         """The model's keyword arguments for this rank's shard of the whole sequences ``ids [batch, seq]``."""
-        sharding = Sharding(ids.shape[1], self.size, self.layout)
-        pos = sharding.positions(self.cp_rank, ids.device)
-        return {
-            "input_ids": ids[:, pos],
-            "position_ids": pos[None].expand(ids.shape[0], -1),
-            "use_cache": False,
-            "attnzoo_cp": _Call(sharding, self.group),
-        }
+        return shard_inputs(ids, Sharding(ids.shape[1], self.size, self.layout), self.cp_rank, self.group)
 
     def loss(self, logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """``(loss, parts)`` as :func:`~attnzoo.uptrain.losses.mixed_loss` gives them, for this rank's positions:
