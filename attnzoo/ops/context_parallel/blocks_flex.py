@@ -49,42 +49,81 @@ def _tile_range(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tiles.amin(1), tiles.amax(1)
 
 
+_UNBOUNDED = 1 << 62
+
+
+class _SharedMask:
+    """One ``mask_mod`` per device for every block: it reads the positions and the band from buffers that
+    :func:`_block_mask` fills before each call. A fresh closure per block would be a new function for the compiled
+    FlexAttention to guard on (a recompilation per block, and past ``torch._dynamo``'s recompile limit, the
+    unfused path); buffers of a fixed size (grown by powers of two) keep one compiled kernel."""
+
+    def __init__(self, device):
+        self.device = device
+        self.q = self.k = torch.zeros(0, dtype=torch.long, device=device)
+        self.band = torch.zeros(2, dtype=torch.long, device=device)
+
+        def mask_mod(b, h, i, j):
+            d = self.k[j] - self.q[i]
+            return (d >= self.band[0]) & (d <= self.band[1])
+
+        self.mask_mod = mask_mod
+
+    def load(self, qpos: torch.Tensor, kpos: torch.Tensor, band: torch.Tensor) -> None:
+        need = max(len(qpos), len(kpos))
+        if need > len(self.q):
+            size = 1 << (need - 1).bit_length()
+            self.q = torch.zeros(size, dtype=torch.long, device=self.device)
+            self.k = torch.zeros(size, dtype=torch.long, device=self.device)
+        self.q[: len(qpos)].copy_(qpos)
+        self.k[: len(kpos)].copy_(kpos)
+        self.band.copy_(band)  # device to device: no host sync
+
+
+_shared: dict = {}  # device -> _SharedMask
+_tables: dict = {}  # (q_spans, k_spans, band, device) -> (BlockMask, q positions, k positions)
+
+
 def _block_mask(q_spans, k_spans, band: Band, device):
+    """The BlockMask of one (query shard, visiting block) pair, with its positions loaded into the shared mask."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    qpos, kpos = _positions(q_spans, device), _positions(k_spans, device)
-    nq, nk = sum(b - a for a, b in q_spans), sum(b - a for a, b in k_spans)
-    qmin, qmax = _tile_range(qpos)
-    kmin, kmax = _tile_range(kpos)
-    dmin, dmax = kmin[None, :] - qmax[:, None], kmax[None, :] - qmin[:, None]
-    lo, hi = band
-    skip = torch.zeros_like(dmin, dtype=torch.bool)
-    full = torch.ones_like(dmin, dtype=torch.bool)
-    if lo is not None:
-        skip |= dmax < lo
-        full &= dmin >= lo
-    if hi is not None:
-        skip |= dmin > hi
-        full &= dmax <= hi
-    partial = ~skip & ~full
-
-    def table(sel):
-        return sel.sum(-1, dtype=torch.int32)[None, None], torch.argsort(~sel, dim=-1, stable=True).to(torch.int32)[
-            None, None
-        ]
-
-    def mask_mod(b, h, i, j):
-        d = kpos[j] - qpos[i]
-        keep = d == d
+    device = torch.device(device)
+    shared = _shared.get(device)
+    if shared is None:
+        shared = _shared[device] = _SharedMask(device)
+    key = (tuple(q_spans), tuple(k_spans), band, device)
+    hit = _tables.get(key)
+    if hit is None:
+        qpos, kpos = _positions(q_spans, device), _positions(k_spans, device)
+        nq, nk = sum(b - a for a, b in q_spans), sum(b - a for a, b in k_spans)
+        qmin, qmax = _tile_range(qpos)
+        kmin, kmax = _tile_range(kpos)
+        dmin, dmax = kmin[None, :] - qmax[:, None], kmax[None, :] - qmin[:, None]
+        lo, hi = band
+        skip = torch.zeros_like(dmin, dtype=torch.bool)
+        full = torch.ones_like(dmin, dtype=torch.bool)
         if lo is not None:
-            keep = keep & (d >= lo)
+            skip |= dmax < lo
+            full &= dmin >= lo
         if hi is not None:
-            keep = keep & (d <= hi)
-        return keep
+            skip |= dmin > hi
+            full &= dmax <= hi
+        partial = ~skip & ~full
 
-    pc, pi = table(partial)
-    fc, fi = table(full)
-    return BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=_BLOCK, mask_mod=mask_mod, seq_lengths=(nq, nk))
+        def table(sel):
+            order = torch.argsort(~sel, dim=-1, stable=True).to(torch.int32)
+            return sel.sum(-1, dtype=torch.int32)[None, None], order[None, None]
+
+        (pc, pi), (fc, fi) = table(partial), table(full)
+        bm = BlockMask.from_kv_blocks(pc, pi, fc, fi, BLOCK_SIZE=_BLOCK, mask_mod=shared.mask_mod, seq_lengths=(nq, nk))
+        if len(_tables) > 256:  # a long-running process with many shardings: start over
+            _tables.clear()
+        band_t = torch.tensor([-_UNBOUNDED if lo is None else lo, _UNBOUNDED if hi is None else hi], device=device)
+        hit = _tables[key] = (bm, qpos, kpos, band_t)
+    bm, qpos, kpos, band_t = hit
+    shared.load(qpos, kpos, band_t)
+    return bm
 
 
 def _flex(q, k, v, bm, scale):
