@@ -2,9 +2,9 @@
 
 Forward: ``world`` steps; at step ``s`` rank ``r`` holds the K/V block of rank ``r - s`` and already sends it on to
 ``r + 1`` (receiving the next from ``r - 1``) while it computes, so communication overlaps compute. Partial
-results merge by log-sum-exp. Backward, the reverse ring: the K/V blocks go round again, each carrying the gradient
-of its keys and values accumulated by the ranks it visited; after the last step one more hop brings each
-accumulated ``dK``/``dV`` home. Queries never move; ``dQ`` stays local.
+results merge by log-sum-exp. Backward, the reverse ring: the K/V blocks go round again, each followed by the gradient
+of its keys and values accumulated by the ranks it visited (sent on while the next step computes); after the last
+step one more hop brings each accumulated ``dK``/``dV`` home. Queries never move; ``dQ`` stays local.
 
 The work on one visiting block is a *block kernel* (:data:`KERNELS`): ``"eager"`` (:mod:`.blocks`, tiled
 matmuls, any device and dtype, the CPU tests' path) or ``"flex"`` (:mod:`.blocks_flex`, FlexAttention's fused
@@ -122,8 +122,10 @@ def _backward(q, k, v, out, lse, grad_out, sharding: Sharding, band: Band, scale
     dq = torch.zeros(q.shape, dtype=cd, device=q.device)
     q_spans = sharding.spans(ring.rank)
     kb, vb = k.contiguous(), v.contiguous()
-    dk = torch.zeros(b, hkv, nk, k.shape[-1], dtype=cd, device=k.device)
-    dv = torch.zeros(b, hkv, nk, v.shape[-1], dtype=cd, device=v.device)
+    # The dK/dV accumulated for a block travel with it: computed into fresh buffers, then the sum of the earlier
+    # ranks' (received during this step's compute) added, and sent on during the next step's compute; the last
+    # hop takes each block's sum home.
+    incoming = None  # (requests, [dK, dV] received): the accumulated sums of the block held at this step
     for step in range(ring.world):
         pending = None
         if step < ring.world - 1:
@@ -131,15 +133,24 @@ def _backward(q, k, v, out, lse, grad_out, sharding: Sharding, band: Band, scale
             recv = [k.new_empty(b, hkv, n, k.shape[-1]), v.new_empty(b, hkv, n, v.shape[-1])]
             pending = ring.exchange([kb, vb], recv)
         src = (ring.rank - step) % ring.world
+        n_src = sharding.length(src)
+        dk = torch.zeros(b, hkv, n_src, k.shape[-1], dtype=cd, device=k.device)
+        dv = torch.zeros(b, hkv, n_src, v.shape[-1], dtype=cd, device=v.device)
         _grad(kernel, qk, kb, vb, do, lse, delta, q_spans, sharding.spans(src), band, scale, dq, dk, dv, cd)
-        if ring.world > 1:  # the accumulated dK/dV travel with their block (the last hop takes them home)
+        if incoming is not None:
+            Ring.wait(incoming[0])
+            dk += incoming[1][0]
+            dv += incoming[1][1]
+        if ring.world > 1:
             n = sharding.length((ring.rank - step - 1) % ring.world)
             acc = [dk.new_empty(b, hkv, n, dk.shape[-1]), dv.new_empty(b, hkv, n, dv.shape[-1])]
-            Ring.wait(ring.exchange([dk, dv], acc, tag=2))
-            dk, dv = acc
+            incoming = (ring.exchange([dk, dv], acc, tag=2), acc, (dk, dv))  # the sent buffers kept alive
         if pending is not None:
             Ring.wait(pending)
             kb, vb = recv
+    if incoming is not None:  # this rank's own block, summed over every rank
+        Ring.wait(incoming[0])
+        dk, dv = incoming[1]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
