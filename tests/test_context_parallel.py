@@ -245,6 +245,8 @@ def test_flex_block_mask_tables_are_exact(band):
 
     s = Sharding(1000, 2, "zigzag")
     qs, ks = s.spans(0), s.spans(1)
+    far = Sharding(1000, 4, "contiguous")
+    assert (_block_mask(far.spans(0), far.spans(3), band, "cpu") is None) == (band != (None, None))  # keys after
     bm = _block_mask(qs, ks, band, "cpu")
     qpos, kpos = s.positions(0), s.positions(1)
     d = kpos[None, :] - qpos[:, None]

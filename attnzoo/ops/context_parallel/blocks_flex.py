@@ -85,7 +85,8 @@ _tables: dict = {}  # (q_spans, k_spans, band, device) -> (BlockMask, q position
 
 
 def _block_mask(q_spans, k_spans, band: Band, device):
-    """The BlockMask of one (query shard, visiting block) pair, with its positions loaded into the shared mask."""
+    """The BlockMask of one (query shard, visiting block) pair, with its positions loaded into the shared mask;
+    None when the band keeps no pair of the two (the block is skipped)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     device = torch.device(device)
@@ -120,8 +121,12 @@ def _block_mask(q_spans, k_spans, band: Band, device):
         if len(_tables) > 256:  # a long-running process with many shardings: start over
             _tables.clear()
         band_t = torch.tensor([-_UNBOUNDED if lo is None else lo, _UNBOUNDED if hi is None else hi], device=device)
+        if not bool((partial | full).any()):  # once per pair: the cache keeps the answer
+            bm = None
         hit = _tables[key] = (bm, qpos, kpos, band_t)
     bm, qpos, kpos, band_t = hit
+    if bm is None:
+        return None
     shared.load(qpos, kpos, band_t)
     return bm
 
@@ -145,7 +150,10 @@ def _safe(x: torch.Tensor) -> torch.Tensor:
 def attend_block_flex(q, k, v, q_spans, k_spans, band: Band, scale: float, out, lse) -> None:
     """:func:`.blocks.attend_block` on FlexAttention. ``q [B, Hq, Nq, D]`` and ``k``/``v`` ``[B, Hkv, Nk, .]`` in
     the inputs' dtype; ``out [B, Hq, Nq, Dv]`` and ``lse [B, Hq, Nq]`` in the compute dtype (float32; float64 for float64 inputs), updated in place."""
-    o_b, lse_b = _flex(q, k, v, _block_mask(q_spans, k_spans, band, q.device), scale)
+    bm = _block_mask(q_spans, k_spans, band, q.device)
+    if bm is None:
+        return
+    o_b, lse_b = _flex(q, k, v, bm, scale)
     o_b, lse_b = o_b.to(out.dtype), lse_b.to(lse.dtype)
     new = torch.logaddexp(lse, lse_b)
     new_safe = _safe(new)
@@ -157,6 +165,8 @@ def grad_block_flex(q, k, v, do, lse, delta, q_spans, k_spans, band: Band, scale
     """:func:`.blocks.grad_block` on FlexAttention (shapes as :func:`attend_block_flex`; ``do`` in the inputs'
     dtype, ``lse``/``delta`` float32, ``dq``/``dk``/``dv`` float32, added to in place)."""
     bm = _block_mask(q_spans, k_spans, band, q.device)
+    if bm is None:
+        return
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     with torch.enable_grad():
         o_b, lse_b = _flex(*leaves, bm, scale)
