@@ -309,41 +309,36 @@ def _dense_flex(q, k, v, bm, scale):
     return p @ v, lse
 
 
-@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 30), (False, 30)])
-def test_flex_block_backward_derivation(monkeypatch, causal, window):
-    """The flex block kernel's backward (block gradients through FlexAttention's autograd, weighted by the block's
-    share of the final log-sum-exp), with FlexAttention replaced by a differentiable dense stand-in: a simulated
-    4-rank zig-zag ring equals the float64 reference in output and all three gradients."""
-    from attnzoo.ops.context_parallel import blocks_flex
+def _simulated_ring(kernel, n, world, layout, causal, window, hq=4, hkv=2, d=16, scale=0.3):
+    """Every rank's ring forward and backward in one process (the blocks a real ring passes), against the float64
+    reference."""
     from attnzoo.ops.context_parallel import ring as R
 
-    monkeypatch.setattr(blocks_flex, "_flex", _dense_flex)
-    b, hq, hkv, n, d, scale = 1, 4, 2, 61, 16, 0.3
-    q, do = torch.randn(2, b, hq, n, d, dtype=torch.float64)
-    k, v = torch.randn(2, b, hkv, n, d, dtype=torch.float64)
+    q, do = torch.randn(2, 1, hq, n, d, dtype=torch.float64)
+    k, v = torch.randn(2, 1, hkv, n, d, dtype=torch.float64)
     band = (None if window is None else -window, 0 if causal else window)
-    s = Sharding(n, 4, "zigzag")
-    qs, ks, vs, dos = ([s.shard(t, r) for r in range(4)] for t in (q, k, v, do))
+    s = Sharding(n, world, layout)
+    qs, ks, vs, dos = ([s.shard(t, r) for r in range(world)] for t in (q, k, v, do))
     cd = torch.float64
     outs = [torch.zeros(t.shape, dtype=cd) for t in qs]
     lses = [torch.full(t.shape[:-1], float("-inf"), dtype=cd) for t in qs]
-    for r in range(4):
-        for src in range(4):
-            R._attend("flex", qs[r], ks[src], vs[src], s.spans(r), s.spans(src), band, scale, outs[r], lses[r], cd)
+    for r in range(world):
+        for src in range(world):
+            R._attend(kernel, qs[r], ks[src], vs[src], s.spans(r), s.spans(src), band, scale, outs[r], lses[r], cd)
     dq, dk, dv = ([torch.zeros(t.shape, dtype=cd) for t in ts] for ts in (qs, ks, vs))
-    for r in range(4):
+    for r in range(world):
         delta = (dos[r] * outs[r]).sum(-1)
-        for src in range(4):
+        for src in range(world):
+            spans = (s.spans(r), s.spans(src))
             R._grad(
-                "flex",
+                kernel,
                 qs[r],
                 ks[src],
                 vs[src],
                 dos[r],
                 lses[r],
                 delta,
-                s.spans(r),
-                s.spans(src),
+                *spans,
                 band,
                 scale,
                 dq[r],
@@ -360,3 +355,23 @@ def test_flex_block_backward_derivation(monkeypatch, causal, window):
     torch.testing.assert_close(s.unshard(outs), ref)
     for got, want in zip((dq, dk, dv), ref_in):
         torch.testing.assert_close(s.unshard(got), want.grad)
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (False, None), (True, 30), (False, 30)])
+def test_flex_block_backward_derivation(monkeypatch, causal, window):
+    """The flex block kernel's backward (block gradients through FlexAttention's autograd, weighted by the block's
+    share of the final log-sum-exp), with FlexAttention replaced by a differentiable dense stand-in: a simulated
+    4-rank zig-zag ring equals the float64 reference in output and all three gradients."""
+    from attnzoo.ops.context_parallel import blocks_flex
+
+    monkeypatch.setattr(blocks_flex, "_flex", _dense_flex)
+    _simulated_ring("flex", 61, 4, "zigzag", causal, window)
+
+
+@pytest.mark.parametrize(
+    "causal,window,layout", [(True, None, "zigzag"), (True, 300, "contiguous"), (False, 300, "zigzag")]
+)
+def test_eager_kernel_many_tiles(causal, window, layout):
+    """Shards longer than a tile (512 queries x 1024 keys): the eager kernel's tiles, skipped, full and masked,
+    merge to the reference (a simulated 2-rank ring, float64)."""
+    _simulated_ring("eager", 2200, 2, layout, causal, window, hq=2, hkv=1, d=8)

@@ -4,23 +4,25 @@ Queries and keys carry their *global* positions (a shard is one or two runs of p
 :mod:`.sharding`), so causal and band masks are the single-process ones, whatever the layout. The mask is a band
 on ``d = j - i`` (key minus query position): ``lo <= d <= hi``, ``None`` for an open side (causal: ``hi = 0``;
 a sliding window of ``w``: ``lo = -w``, ``hi = w``, or ``0`` when causal; dense bidirectional: no band). Each pair
-of runs is cut into tiles of at most :data:`TILE` queries; a tile the band keeps whole runs unmasked, a tile it
+of runs is cut into tiles of at most :data:`TILE` queries by :data:`KEY_TILE` keys; a tile the band keeps whole runs unmasked, a tile it
 removes whole is skipped (causal: about half of them), others get the band as a mask.
 
 The forward keeps a running output and log-sum-exp per query (the online softmax of FlashAttention, merged
 across blocks); the backward recomputes each tile's probabilities from the final log-sum-exp, as FlashAttention's
 backward does. The math is plain PyTorch matmuls in float32 (half inputs) or the input dtype (float32/float64):
-the memory of a tile is ``TILE x keys-of-a-run`` scores per head.
+the memory of a tile is ``TILE x KEY_TILE`` scores per head.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["TILE", "Band", "attend_block", "grad_block"]
+__all__ = ["TILE", "KEY_TILE", "Band", "attend_block", "grad_block"]
 
-#: Query rows per tile: bounds the score matrix one step materializes (and the granularity of skipping).
+#: Query rows and keys per tile: bound the score matrix one step materializes and set the granularity of skipping
+#: (a sliding window's tiles outside the band, the causal upper triangle).
 TILE = 512
+KEY_TILE = 1024
 
 Band = tuple  # (lo, hi): key - query position offsets kept, None = unbounded
 
@@ -55,10 +57,12 @@ def _tiles(q_spans, k_spans, band: Band):
             tb = min(ta + TILE, qb)
             k_off = 0
             for ka, kb in k_spans:
-                rel = _relation(ta, tb, ka, kb, band)
-                if rel != "skip":
-                    keep = None if rel == "full" else (ta, tb, ka, kb)
-                    yield (slice(q_off + ta - qa, q_off + tb - qa), slice(k_off, k_off + kb - ka), keep)
+                for ua in range(ka, kb, KEY_TILE):
+                    ub = min(ua + KEY_TILE, kb)
+                    rel = _relation(ta, tb, ua, ub, band)
+                    if rel != "skip":
+                        keep = None if rel == "full" else (ta, tb, ua, ub)
+                        yield (slice(q_off + ta - qa, q_off + tb - qa), slice(k_off + ua - ka, k_off + ub - ka), keep)
                 k_off += kb - ka
         q_off += qb - qa
 
