@@ -31,6 +31,7 @@ GROUPS: dict[str, str] = {
     "sparse": "sparse",
     "mla": "mla",
     "arrcoc": "arrcoc",
+    "context_parallel": "context_parallel",
 }
 
 
