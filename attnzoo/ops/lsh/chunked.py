@@ -42,7 +42,8 @@ def chunk_attention(qs, ks, vs, qpos, kpos, kkeep, *, chunk: int, causal: bool, 
         def back(x):
             return torch.cat([x, x.roll(1, dims=1)], dim=2)
         k, v, kp, kk = back(k), back(v), back(kp), back(kk)
-    s = torch.einsum("zcid,zcjd->zcij", q, k) * scale
+    s = torch.einsum("zcid,zcjd->zcij", q, k)
+    s = (s if s.dtype == torch.float64 else s.float()) * scale  # scores and log-sum-exp in float32 at least
     keep = kk[:, :, None, :] & (kp[:, :, None, :] >= 0)
     if causal:
         keep = keep & (kp[:, :, None, :] <= qp[:, :, :, None])

@@ -62,22 +62,31 @@ def hash_vectors(x: torch.Tensor, num_hashes: int, num_buckets: int, seed: int) 
     return torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
 
 
-def key_norm_bound(k: torch.Tensor, causal: bool) -> torch.Tensor:
-    """``M`` per key ``[batch, heads, n, 1]``: the running maximum of the key norms (causal) or their maximum."""
-    norms = k.float().norm(dim=-1)
+def key_norm_bound(k: torch.Tensor, causal: bool, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """``M`` per key ``[batch, heads, n, 1]``: the running maximum of the key norms (causal; ``prior``
+    ``[batch, heads]``: the maximum over the keys before these, from a cache) or their maximum."""
+    norms = k.norm(dim=-1)
+    if prior is not None:
+        norms = torch.maximum(norms, prior.to(norms.dtype)[..., None].expand_as(norms))
     bound = norms.cummax(dim=-1).values if causal else norms.amax(dim=-1, keepdim=True).expand_as(norms)
     return bound.unsqueeze(-1)
 
 
-def hash_keys(k: torch.Tensor, num_hashes: int, num_buckets: int, seed: int, causal: bool) -> torch.Tensor:
-    """SMYRF's ``G(k) = [k, sqrt(M^2 - |k|^2)]`` hashed (see the module docstring)."""
-    kf = k.float()
-    m = key_norm_bound(kf, causal)
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def hash_keys(k: torch.Tensor, num_hashes: int, num_buckets: int, seed: int, causal: bool,
+              prior: torch.Tensor | None = None) -> torch.Tensor:
+    """SMYRF's ``G(k) = [k, sqrt(M^2 - |k|^2)]`` hashed (see the module docstring; ``prior`` as
+    :func:`key_norm_bound`)."""
+    kf = _float(k)
+    m = key_norm_bound(kf, causal, prior)
     extra = (m.square() - kf.square().sum(-1, keepdim=True)).clamp_min(0).sqrt()
     return hash_vectors(torch.cat([kf, extra], dim=-1), num_hashes, num_buckets, seed)
 
 
 def hash_queries(q: torch.Tensor, num_hashes: int, num_buckets: int, seed: int) -> torch.Tensor:
     """SMYRF's ``F(q)`` for a query rescaled to norm ``M``: the hash of ``[q, 0]`` (see the module docstring)."""
-    qf = q.float()
+    qf = _float(q)
     return hash_vectors(torch.cat([qf, torch.zeros_like(qf[..., :1])], dim=-1), num_hashes, num_buckets, seed)

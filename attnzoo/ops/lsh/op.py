@@ -45,12 +45,14 @@ def _gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 def combine_rounds(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
     """``sum_r softmax_r(lse) o_r`` over dim 2 (``outs [b, h, r, n, d]``, ``lses [b, h, r, n]``); rows whose every
     round read nothing give 0."""
+    acc = torch.float64 if outs.dtype == torch.float64 else torch.float32
+    lses = lses.to(acc)
     m = lses.amax(dim=2, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
     e = torch.exp(lses - m)
     total = e.sum(dim=2, keepdim=True)
     w = e / torch.where(total > 0, total, torch.ones_like(total))
-    return (w.unsqueeze(-1) * outs.float()).sum(2).to(outs.dtype)
+    return (w.unsqueeze(-1) * outs.to(acc)).sum(2).to(outs.dtype)
 
 
 def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
@@ -93,12 +95,12 @@ def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: 
     o = o.view(b, h, r, n, -1).gather(3, q_inv.unsqueeze(-1).expand(b, h, r, n, o.shape[-1]))
     lse = lse.view(b, h, r, n).gather(3, q_inv)
     if not shared:  # the own key, once
-        own = (q.float() * k.float()).sum(-1) * scale
+        own = (q * k).sum(-1, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32) * scale
         if key_padding_mask is not None:
             own = own.masked_fill(~key_padding_mask.bool()[:, None, :], float("-inf"))
         o = torch.cat([o, v.unsqueeze(2)], dim=2)
         lse = torch.cat([lse, own.unsqueeze(2)], dim=2)
-    return combine_rounds(o, lse.float())
+    return combine_rounds(o, lse)
 
 
 def lsh_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
@@ -148,7 +150,7 @@ def lsh_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: tor
         s = torch.where(own, torch.full_like(s, -1e5), s)
     else:
         keep = keep & ~own
-    s = s.float().masked_fill(~keep, float("-inf"))
+    s = (s if s.dtype == torch.float64 else s.float()).masked_fill(~keep, float("-inf"))
     mx = s.amax(-1, keepdim=True)
     mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
     e = torch.exp(s - mx)
@@ -157,7 +159,7 @@ def lsh_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: tor
     o = torch.einsum("bhrms,bhrmsd->bhrmd", (e / torch.where(total > 0, total, 1.0)[..., None]).to(vv.dtype), vv)
     if not shared:
         kr, vr = k[:, :, n - m:], v[:, :, n - m:]
-        own_s = (q.float() * kr.float()).sum(-1) * scale
+        own_s = (q * kr).sum(-1, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32) * scale
         if key_padding_mask is not None:
             own_s = own_s.masked_fill(~key_padding_mask.bool()[:, None, n - m:], float("-inf"))
         o = torch.cat([o, vr.unsqueeze(2)], dim=2)
