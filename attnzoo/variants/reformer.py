@@ -12,7 +12,7 @@ Two ways to make the keys:
   ``q . k`` unscaled, one hash per token, and a token reads itself only when nothing else is there;
 * ``shared_qk=False`` (a converted softmax model: its own ``k_proj``): queries and keys hashed through SMYRF's
   asymmetric transforms (:mod:`attnzoo.ops.lsh.hashing`), sorted separately, scores ``q . k / sqrt(head_dim)``;
-  every query also reads its own key, once.
+  every query also reads its own key (weighted as if every round read it).
 
 Decoding (:class:`LSHCache`, causal only) keeps the keys, values and every cached token's buckets (the keys'; with
 separate QK the queries' too, and the running key-norm bound), so a step hashes only its new tokens. The bucket

@@ -6,7 +6,8 @@ both orders into chunks of ``bucket_size``: the query of sorted rank ``r`` reads
 chunk ``r // bucket_size`` and the one before (cyclically, within the round; a round of one chunk reads it once).
 Then causality (key position <= query position), key padding, and the query's own key: shared-QK scores it
 :data:`SELF_SCORE` (the token reads itself only when nothing else is there, as the paper); separate-QK leaves it
-out of the chunks and adds it as one more term, so every query reads its own key exactly once. Each round gives
+out of the chunks and adds it as one more term weighted as ``num_hashes`` copies (as if every round read it: every
+query reads its own key, and with one bucket the result is exact attention). Each round gives
 an output and its log-sum-exp; the rounds (and the own-key term) are combined by their log-sum-exp, i.e. one
 softmax over everything the rounds read (a key read by two rounds counts twice, as in the paper and in Hugging
 Face's ``LSHSelfAttention``). A query that reads nothing gives 0.
@@ -81,8 +82,9 @@ def lsh_attention_reference(q, k, v, q_buckets, k_buckets=None, *, bucket_size: 
                 p = torch.nan_to_num(torch.exp(sr - lse[:, None]), nan=0.0)
                 lses.append(lse)
                 outs.append(p @ v[bi, hi // g])
-            if not shared:  # the own key, once
-                lses.append(torch.where(kpm, s.diagonal(), torch.tensor(float("-inf"), dtype=torch.float64)))
+            if not shared:  # the own key, as if every round read it
+                own = s.diagonal() + math.log(rounds)
+                lses.append(torch.where(kpm, own, torch.tensor(float("-inf"), dtype=torch.float64)))
                 outs.append(v[bi, hi // g])
             lse = torch.stack(lses)  # [rounds(+1), n]
             w = torch.nan_to_num(torch.softmax(lse, dim=0), nan=0.0)

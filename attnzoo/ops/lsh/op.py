@@ -94,8 +94,9 @@ def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: 
                 self_mode=SHARED if shared else SEPARATE, scale=scale)
     o = o.view(b, h, r, n, -1).gather(3, q_inv.unsqueeze(-1).expand(b, h, r, n, o.shape[-1]))
     lse = lse.view(b, h, r, n).gather(3, q_inv)
-    if not shared:  # the own key, once
+    if not shared:  # the own key, as if every round read it (see .naive)
         own = (q * k).sum(-1, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32) * scale
+        own = own + math.log(r)
         if key_padding_mask is not None:
             own = own.masked_fill(~key_padding_mask.bool()[:, None, :], float("-inf"))
         o = torch.cat([o, v.unsqueeze(2)], dim=2)
@@ -160,6 +161,7 @@ def lsh_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: tor
     if not shared:
         kr, vr = k[:, :, n - m:], v[:, :, n - m:]
         own_s = (q * kr).sum(-1, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32) * scale
+        own_s = own_s + math.log(r)
         if key_padding_mask is not None:
             own_s = own_s.masked_fill(~key_padding_mask.bool()[:, None, n - m:], float("-inf"))
         o = torch.cat([o, vr.unsqueeze(2)], dim=2)
