@@ -208,7 +208,7 @@ def reformer_reference(m, x, context=None, key_padding_mask=None, attn_mask=None
         rd = c.rope.rotary_dim or hd
         q = _rope64(q, pos, rd, c.rope.base, c.rope.style)
         k = None if k is None else _rope64(k, pos, rd, c.rope.base, c.rope.style)
-    qb, kb = m.buckets(q, k, num_buckets_for(n, c.bucket_size, c.num_buckets))
+    qb, kb = m.buckets(q, k, num_buckets_for(n, c.bucket_size, c.num_buckets), keep=key_padding_mask)
     keys = shared_keys(q) if k is None else k
     o = lsh_attention_reference(q, keys, v, qb, kb, bucket_size=c.bucket_size, causal=c.causal,
                                 key_padding_mask=key_padding_mask, scale=1.0 if k is None else None)

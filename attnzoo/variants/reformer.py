@@ -172,15 +172,17 @@ def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def lsh_buckets(options: ReformerOptions, q: torch.Tensor, k: torch.Tensor | None, num_buckets: int, causal: bool,
-                key_bound: torch.Tensor | None = None):
+                key_bound: torch.Tensor | None = None, keep: torch.Tensor | None = None):
     """``(q_buckets, k_buckets)`` ``[batch, heads, num_hashes, n]`` of queries ``q`` and keys ``k`` (None: shared
-    QK, whose keys share the queries' buckets); ``key_bound``: the key-norm bound of the tokens before them."""
+    QK, whose keys share the queries' buckets); ``key_bound``: the key-norm bound of the tokens before them;
+    ``keep``: bool ``[batch, n]``, padded keys (False) do not count in the bound."""
     o = options
     with torch.no_grad():
         if k is None:
             return hash_vectors(q.detach(), o.num_hashes, num_buckets, o.seed), None
         return (hash_queries(q.detach(), o.num_hashes, num_buckets, o.seed),
-                hash_keys(_expand(k.detach(), q.shape[1]), o.num_hashes, num_buckets, o.seed, causal, prior=key_bound))
+                hash_keys(_expand(k.detach(), q.shape[1]), o.num_hashes, num_buckets, o.seed, causal, prior=key_bound,
+                          keep=keep))
 
 
 def reformer_attention(options: ReformerOptions, q, k, v, *, causal: bool, shared_qk: bool,
@@ -192,12 +194,15 @@ def reformer_attention(options: ReformerOptions, q, k, v, *, causal: bool, share
     here), None for a whole sequence. Returns ``[batch, heads, m, d]``."""
     o = options
     m, n = q.shape[2], k.shape[2]
+    if key_padding_mask is not None and key_padding_mask.shape[-1] != n:
+        raise ValueError(f"key_padding_mask covers {key_padding_mask.shape[-1]} tokens, the keys are {n} (cached + "
+                         "new): pass the mask of the whole sequence so far")
     if state is None:
         if m != n:
             raise ValueError(f"reformer: {m} queries for {n} keys without a bucket state (decoding needs the "
                              "buckets of the earlier tokens: an LSHCache)")
         nb = num_buckets_for(n, o.bucket_size, o.num_buckets)
-        qb, kb = lsh_buckets(o, q, None if shared_qk else k, nb, causal)
+        qb, kb = lsh_buckets(o, q, None if shared_qk else k, nb, causal, keep=key_padding_mask)
         return lsh_attention(q, k, v, qb, kb, bucket_size=o.bucket_size, causal=causal,
                              key_padding_mask=key_padding_mask, scale=scale, backend=backend)
     if state.seq_len != n - m:
@@ -206,15 +211,17 @@ def reformer_attention(options: ReformerOptions, q, k, v, *, causal: bool, share
     if state.num_buckets is None:
         state.num_buckets = num_buckets_for(n, o.bucket_size, o.num_buckets)
     k_new = k[:, :, n - m:]
-    qb, kb = lsh_buckets(o, q, None if shared_qk else k_new, state.num_buckets, causal, key_bound=state.key_bound)
+    keep = None if key_padding_mask is None else key_padding_mask[:, n - m:].bool()
+    qb, kb = lsh_buckets(o, q, None if shared_qk else k_new, state.num_buckets, causal, key_bound=state.key_bound,
+                         keep=keep)
     bound = None
     if not shared_qk:
-        bound = _expand(k_new.detach().norm(dim=-1).amax(dim=-1, keepdim=True), q.shape[1])[..., 0]
+        norms = k_new.detach().norm(dim=-1)
+        if keep is not None:
+            norms = norms * keep[:, None, :].to(norms.dtype)
+        bound = _expand(norms.amax(dim=-1, keepdim=True), q.shape[1])[..., 0]
         bound = bound if state.key_bound is None else torch.maximum(bound, state.key_bound)
     qb_all, kb_all = state.append(qb, kb, bound)
-    if key_padding_mask is not None and key_padding_mask.shape[-1] != n:
-        raise ValueError(f"key_padding_mask covers {key_padding_mask.shape[-1]} tokens, the cache holds {n} (cached "
-                         "+ new): pass the mask of the whole sequence so far")
     if m == n:
         return lsh_attention(q, k, v, qb_all, kb_all, bucket_size=o.bucket_size, causal=causal,
                              key_padding_mask=key_padding_mask, scale=scale, backend=backend)
@@ -288,9 +295,10 @@ class ReformerAttention(DenseAttention):
         out = self.attend(q, k, v, key_padding_mask=key_padding_mask, cache=cache)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
 
-    def buckets(self, q: torch.Tensor, k: torch.Tensor | None, num_buckets: int, key_bound=None):
-        """``(q_buckets, k_buckets)`` ``[batch, heads, num_hashes, n]`` (``k_buckets`` None with shared QK)."""
-        return lsh_buckets(self.config, q, k, num_buckets, self.config.causal, key_bound)
+    def buckets(self, q: torch.Tensor, k: torch.Tensor | None, num_buckets: int, key_bound=None, keep=None):
+        """``(q_buckets, k_buckets)`` ``[batch, heads, num_hashes, n]`` (``k_buckets`` None with shared QK;
+        arguments as :func:`lsh_buckets`)."""
+        return lsh_buckets(self.config, q, k, num_buckets, self.config.causal, key_bound, keep)
 
     def attend(self, q, k, v, *, key_padding_mask=None, cache: LSHCache | None = None, backend: str | None = None):
         """LSH attention on projected heads ``[batch, heads, seq, head_dim]`` (after RoPE; ``k`` None for shared

@@ -62,10 +62,14 @@ def hash_vectors(x: torch.Tensor, num_hashes: int, num_buckets: int, seed: int) 
     return torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
 
 
-def key_norm_bound(k: torch.Tensor, causal: bool, prior: torch.Tensor | None = None) -> torch.Tensor:
+def key_norm_bound(k: torch.Tensor, causal: bool, prior: torch.Tensor | None = None,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
     """``M`` per key ``[batch, heads, n, 1]``: the running maximum of the key norms (causal; ``prior``
-    ``[batch, heads]``: the maximum over the keys before these, from a cache) or their maximum."""
+    ``[batch, heads]``: the maximum over the keys before these, from a cache) or their maximum; padded keys
+    (``keep [batch, n]`` False) do not count."""
     norms = k.norm(dim=-1)
+    if keep is not None:
+        norms = norms * keep[:, None, :].to(norms.dtype)
     if prior is not None:
         norms = torch.maximum(norms, prior.to(norms.dtype)[..., None].expand_as(norms))
     bound = norms.cummax(dim=-1).values if causal else norms.amax(dim=-1, keepdim=True).expand_as(norms)
@@ -77,11 +81,11 @@ def _float(x: torch.Tensor) -> torch.Tensor:
 
 
 def hash_keys(k: torch.Tensor, num_hashes: int, num_buckets: int, seed: int, causal: bool,
-              prior: torch.Tensor | None = None) -> torch.Tensor:
-    """SMYRF's ``G(k) = [k, sqrt(M^2 - |k|^2)]`` hashed (see the module docstring; ``prior`` as
+              prior: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """SMYRF's ``G(k) = [k, sqrt(M^2 - |k|^2)]`` hashed (see the module docstring; ``prior`` and ``keep`` as
     :func:`key_norm_bound`)."""
     kf = _float(k)
-    m = key_norm_bound(kf, causal, prior)
+    m = key_norm_bound(kf, causal, prior, keep)
     extra = (m.square() - kf.square().sum(-1, keepdim=True)).clamp_min(0).sqrt()
     return hash_vectors(torch.cat([kf, extra], dim=-1), num_hashes, num_buckets, seed)
 

@@ -1,7 +1,8 @@
 """The float64 reference of the LSH op (the test oracle): every (query, key) pair of every round judged on its
 own, ``O(n^2)`` per round, no sorting tricks beyond the ranks.
 
-Given the buckets of one round, sort the queries and the keys by (bucket, position) (shared-QK: one order), cut
+Given the buckets of one round, sort the queries and the keys by (bucket, position) (shared-QK: one order; padded
+tokens after every real one, whatever their buckets, so padding never moves a real token's chunk), cut
 both orders into chunks of ``bucket_size``: the query of sorted rank ``r`` reads the keys of sorted ranks in its
 chunk ``r // bucket_size`` and the one before (cyclically, within the round; a round of one chunk reads it once).
 Then causality (key position <= query position), key padding, and the query's own key: shared-QK scores it
@@ -18,9 +19,18 @@ import math
 
 import torch
 
-__all__ = ["SELF_SCORE", "lsh_attention_reference", "round_keep"]
+__all__ = ["SELF_SCORE", "lsh_attention_reference", "round_keep", "padded_last"]
 
 SELF_SCORE = -1e5  # a shared-QK token's score for itself (Hugging Face's self_mask_value_float32)
+
+
+def padded_last(buckets: torch.Tensor, key_padding_mask) -> torch.Tensor:
+    """``buckets [..., n]`` with the padded positions (``key_padding_mask [batch, n]`` False) in a bucket after
+    every real one (``buckets`` is ``[batch, heads, rounds, n]``)."""
+    if key_padding_mask is None:
+        return buckets
+    pad = ~key_padding_mask.bool()[:, None, None, :].to(buckets.device)
+    return torch.where(pad, torch.full_like(buckets, 1 << 30), buckets)
 
 
 def _ranks(buckets: torch.Tensor) -> torch.Tensor:
@@ -58,6 +68,8 @@ def lsh_attention_reference(q, k, v, q_buckets, k_buckets=None, *, bucket_size: 
     scale = 1 / math.sqrt(d) if scale is None else scale
     shared = k_buckets is None
     rounds = q_buckets.shape[2]
+    q_buckets = padded_last(q_buckets, key_padding_mask)
+    k_buckets = None if shared else padded_last(k_buckets, key_padding_mask)
     out = torch.zeros(b, h, n, v.shape[-1], dtype=torch.float64)
     eye = torch.eye(n, dtype=torch.bool)
     pos = torch.arange(n)

@@ -9,6 +9,7 @@ import torch
 from ...errors import check_choice, check_positive_int
 from . import triton_kernel
 from .chunked import SEPARATE, SHARED, chunk_attention
+from .naive import padded_last
 
 __all__ = ["lsh_attention", "lsh_decode", "LSH_BACKENDS", "combine_rounds"]
 
@@ -82,8 +83,8 @@ def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: 
     r = q_buckets.shape[2]
     k, v = _expand_heads(k, h), _expand_heads(v, h)
     shared = k_buckets is None
-    q_perm, q_inv = _sort(q_buckets)
-    k_perm = q_perm if shared else _sort(_expand_heads(k_buckets, h))[0]
+    q_perm, q_inv = _sort(padded_last(q_buckets, key_padding_mask))
+    k_perm = q_perm if shared else _sort(padded_last(_expand_heads(k_buckets, h), key_padding_mask))[0]
     qs, ks, vs = _gather_rows(q, q_perm), _gather_rows(k, k_perm), _gather_rows(v, k_perm)
     qpos, kpos = q_perm.reshape(b * h * r, n), k_perm.reshape(b * h * r, n)
     kkeep = None
@@ -121,8 +122,8 @@ def lsh_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: tor
     r = q_buckets.shape[2]
     k, v = _expand_heads(k, h), _expand_heads(v, h)
     shared = k_buckets is None
-    q_perm, q_inv = _sort(q_buckets)
-    k_perm = q_perm if shared else _sort(_expand_heads(k_buckets, h))[0]
+    q_perm, q_inv = _sort(padded_last(q_buckets, key_padding_mask))
+    k_perm = q_perm if shared else _sort(padded_last(_expand_heads(k_buckets, h), key_padding_mask))[0]
     rows = torch.arange(n - m, n, device=q.device)
     rank = q_inv[..., n - m:]  # [b, h, r, m]: sorted rank of each new query
     chunk = rank // bucket_size
