@@ -245,3 +245,20 @@ def test_reading_every_key_costs_its_softmax_not_more():
     got = lsh_attention(q, k, v, qb, qb, bucket_size=8)
     torch.testing.assert_close(got, attention_reference(q, k, v).float(), rtol=1e-5, atol=1e-6)
     assert math.isclose(1 / math.sqrt(4), 0.5)
+
+
+@pytest.mark.parametrize("name", ["llama", "roberta"])
+def test_convert_cli_to_reformer_matches_patch_and_reloads(name, tmp_path, capsys):
+    from attnzoo.cli import main
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    model, inputs = TINY[name].make()
+    model.save_pretrained(src)
+    assert main(["convert", str(src), str(dst), "--to", "reformer", "--num-hashes", "2", "--bucket-size", "4",
+                 "--num-buckets", "4", "--seed", "5", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "reformer" in out and "num_hashes=2" in out
+    record = __import__("json").loads((dst / "config.json").read_text())["attnzoo"]
+    assert record["options"]["bucket_size"] == 4 and record["options"]["seed"] == 5
+    attnzoo.patch(model, "reformer", num_hashes=2, bucket_size=4, num_buckets=4, seed=5)
+    torch.testing.assert_close(run(attnzoo.from_pretrained(dst).eval(), inputs), run(model, inputs))
