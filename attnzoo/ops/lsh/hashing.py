@@ -59,7 +59,8 @@ def hash_vectors(x: torch.Tensor, num_hashes: int, num_buckets: int, seed: int) 
     dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     rot = rotations(h, d, num_hashes, num_buckets, seed, x.device, dtype)
     proj = torch.einsum("bhnd,hdrk->bhrnk", x.to(dtype), rot)
-    return torch.cat([proj, -proj], dim=-1).argmax(dim=-1)
+    hi, lo = proj.max(dim=-1), proj.min(dim=-1)  # argmax([xR; -xR]) without building it
+    return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + proj.shape[-1])
 
 
 def key_norm_bound(k: torch.Tensor, causal: bool, prior: torch.Tensor | None = None,
