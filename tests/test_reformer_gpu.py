@@ -14,7 +14,7 @@ from attnzoo.variants.reformer import shared_keys
 
 pytestmark = pytest.mark.gpu
 
-TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 2e-3}  # ‖out − ref‖ / ‖ref‖ (fp32: TF32 dots)
+TOL = {torch.bfloat16: 2e-2, torch.float16: 1e-2, torch.float32: 5e-3}  # ‖out − ref‖ / ‖ref‖ (fp32: TF32 dots)
 
 
 def _rel(a, b):

@@ -57,7 +57,7 @@ if triton is not None:
         return tl.where(valid, s, float("-inf")), own
 
     @triton.jit
-    def _fwd(Q, K, V, QP, KP, KK, O, LSE, n, nc, scale, self_score, C: tl.constexpr, BLOCK: tl.constexpr,
+    def _fwd(Q, K, V, QP, KP, KK, O, LSE, n, nc, two, scale, self_score, C: tl.constexpr, BLOCK: tl.constexpr,
              D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
              SELF: tl.constexpr, HAS_KEEP: tl.constexpr):
         c = tl.program_id(0)
@@ -73,24 +73,27 @@ if triton is not None:
         l_i = tl.zeros([BLOCK], tl.float32)
         acc = tl.zeros([BLOCK, BDV], tl.float32)
         for t in tl.static_range(2):
-            if t == 0 or nc > 1:
-                kc = (c - t + nc) % nc
-                cols = kc * C + offs
-                cmask = (offs < C) & (cols < n)
-                k = tl.load(K + z * n * D + cols[:, None] * D + od[None, :], mask=cmask[:, None] & (od[None, :] < D),
-                            other=0.0)
-                v = tl.load(V + z * n * DV + cols[:, None] * DV + odv[None, :],
-                            mask=cmask[:, None] & (odv[None, :] < DV), other=0.0)
-                kp = tl.load(KP + z * n + cols, mask=cmask, other=-1)
-                kk = tl.load(KK + z * n + cols, mask=cmask, other=0) if HAS_KEEP else kp
-                s, own = _scores(q, k, qp, kp, kk, rmask, cmask, scale, self_score, CAUSAL, SELF, HAS_KEEP)
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(s - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+            kc = (c - t + nc) % nc
+            cols = kc * C + offs
+            cmask = (offs < C) & (cols < n)
+            if t == 1:  # the chunk before (after); two = 0: the round is one chunk, read once
+                cmask = cmask & (offs < C * two)
+            k = tl.load(K + z * n * D + cols[:, None] * D + od[None, :], mask=cmask[:, None] & (od[None, :] < D),
+                        other=0.0)
+            v = tl.load(V + z * n * DV + cols[:, None] * DV + odv[None, :],
+                        mask=cmask[:, None] & (odv[None, :] < DV), other=0.0)
+            kp = tl.load(KP + z * n + cols, mask=cmask, other=-1)
+            kk = kp
+            if HAS_KEEP:
+                kk = tl.load(KK + z * n + cols, mask=cmask, other=0)
+            s, own = _scores(q, k, qp, kp, kk, rmask, cmask, scale, self_score, CAUSAL, SELF, HAS_KEEP)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
         some = l_i > 0
         o = acc / tl.where(some, l_i, 1.0)[:, None]
         lse = tl.where(some, m_i + tl.log(tl.where(some, l_i, 1.0)), float("-inf"))
@@ -99,7 +102,7 @@ if triton is not None:
         tl.store(LSE + z * n + rows, lse, mask=rmask)
 
     @triton.jit
-    def _dq(Q, K, V, QP, KP, KK, DO, LSE, DELTA, DQ, n, nc, scale, self_score, C: tl.constexpr,
+    def _dq(Q, K, V, QP, KP, KK, DO, LSE, DELTA, DQ, n, nc, two, scale, self_score, C: tl.constexpr,
             BLOCK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
             CAUSAL: tl.constexpr, SELF: tl.constexpr, HAS_KEEP: tl.constexpr):
         c = tl.program_id(0)
@@ -117,28 +120,31 @@ if triton is not None:
         delta = tl.load(DELTA + z * n + rows, mask=rmask, other=0.0)
         dq = tl.zeros([BLOCK, BD], tl.float32)
         for t in tl.static_range(2):
-            if t == 0 or nc > 1:
-                kc = (c - t + nc) % nc
-                cols = kc * C + offs
-                cmask = (offs < C) & (cols < n)
-                k = tl.load(K + z * n * D + cols[:, None] * D + od[None, :], mask=cmask[:, None] & (od[None, :] < D),
-                            other=0.0)
-                v = tl.load(V + z * n * DV + cols[:, None] * DV + odv[None, :],
-                            mask=cmask[:, None] & (odv[None, :] < DV), other=0.0)
-                kp = tl.load(KP + z * n + cols, mask=cmask, other=-1)
-                kk = tl.load(KK + z * n + cols, mask=cmask, other=0) if HAS_KEEP else kp
-                s, own = _scores(q, k, qp, kp, kk, rmask, cmask, scale, self_score, CAUSAL, SELF, HAS_KEEP)
-                p = tl.exp(s - lse[:, None])
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                if SELF == 1:
-                    ds = tl.where(own, 0.0, ds)  # a constant score: no gradient
-                dq += tl.dot(ds.to(k.dtype), k)
+            kc = (c - t + nc) % nc
+            cols = kc * C + offs
+            cmask = (offs < C) & (cols < n)
+            if t == 1:  # the chunk before (after); two = 0: the round is one chunk, read once
+                cmask = cmask & (offs < C * two)
+            k = tl.load(K + z * n * D + cols[:, None] * D + od[None, :], mask=cmask[:, None] & (od[None, :] < D),
+                        other=0.0)
+            v = tl.load(V + z * n * DV + cols[:, None] * DV + odv[None, :],
+                        mask=cmask[:, None] & (odv[None, :] < DV), other=0.0)
+            kp = tl.load(KP + z * n + cols, mask=cmask, other=-1)
+            kk = kp
+            if HAS_KEEP:
+                kk = tl.load(KK + z * n + cols, mask=cmask, other=0)
+            s, own = _scores(q, k, qp, kp, kk, rmask, cmask, scale, self_score, CAUSAL, SELF, HAS_KEEP)
+            p = tl.exp(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            if SELF == 1:
+                ds = tl.where(own, 0.0, ds)  # a constant score: no gradient
+            dq += tl.dot(ds.to(k.dtype), k)
         tl.store(DQ + z * n * D + rows[:, None] * D + od[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=rmask[:, None] & (od[None, :] < D))
 
     @triton.jit
-    def _dkdv(Q, K, V, QP, KP, KK, DO, LSE, DELTA, DK, DV_, n, nc, scale, self_score, C: tl.constexpr,
+    def _dkdv(Q, K, V, QP, KP, KK, DO, LSE, DELTA, DK, DV_, n, nc, two, scale, self_score, C: tl.constexpr,
               BLOCK: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr,
               CAUSAL: tl.constexpr, SELF: tl.constexpr, HAS_KEEP: tl.constexpr):
         kc = tl.program_id(0)
@@ -152,29 +158,32 @@ if triton is not None:
         v = tl.load(V + z * n * DV + cols[:, None] * DV + odv[None, :], mask=cmask[:, None] & (odv[None, :] < DV),
                     other=0.0)
         kp = tl.load(KP + z * n + cols, mask=cmask, other=-1)
-        kk = tl.load(KK + z * n + cols, mask=cmask, other=0) if HAS_KEEP else kp
+        kk = kp
+        if HAS_KEEP:
+            kk = tl.load(KK + z * n + cols, mask=cmask, other=0)
         dk = tl.zeros([BLOCK, BD], tl.float32)
         dv = tl.zeros([BLOCK, BDV], tl.float32)
         for t in tl.static_range(2):
-            if t == 0 or nc > 1:
-                c = (kc + t) % nc  # the query chunks that read this key chunk: its own and the next
-                rows = c * C + offs
-                rmask = (offs < C) & (rows < n)
-                q = tl.load(Q + z * n * D + rows[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D),
-                            other=0.0)
-                do = tl.load(DO + z * n * DV + rows[:, None] * DV + odv[None, :],
-                             mask=rmask[:, None] & (odv[None, :] < DV), other=0.0)
-                qp = tl.load(QP + z * n + rows, mask=rmask, other=-1)
-                lse = tl.load(LSE + z * n + rows, mask=rmask, other=float("inf"))
-                delta = tl.load(DELTA + z * n + rows, mask=rmask, other=0.0)
-                s, own = _scores(q, k, qp, kp, kk, rmask, cmask, scale, self_score, CAUSAL, SELF, HAS_KEEP)
-                p = tl.exp(s - lse[:, None])
-                dv += tl.dot(tl.trans(p).to(do.dtype), do)
-                dp = tl.dot(do, tl.trans(v))
-                ds = p * (dp - delta[:, None])
-                if SELF == 1:
-                    ds = tl.where(own, 0.0, ds)
-                dk += tl.dot(tl.trans(ds).to(q.dtype), q)
+            c = (kc + t) % nc  # the query chunks that read this key chunk: its own and the next
+            rows = c * C + offs
+            rmask = (offs < C) & (rows < n)
+            if t == 1:  # the chunk before (after); two = 0: the round is one chunk, read once
+                rmask = rmask & (offs < C * two)
+            q = tl.load(Q + z * n * D + rows[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D),
+                        other=0.0)
+            do = tl.load(DO + z * n * DV + rows[:, None] * DV + odv[None, :],
+                         mask=rmask[:, None] & (odv[None, :] < DV), other=0.0)
+            qp = tl.load(QP + z * n + rows, mask=rmask, other=-1)
+            lse = tl.load(LSE + z * n + rows, mask=rmask, other=float("inf"))
+            delta = tl.load(DELTA + z * n + rows, mask=rmask, other=0.0)
+            s, own = _scores(q, k, qp, kp, kk, rmask, cmask, scale, self_score, CAUSAL, SELF, HAS_KEEP)
+            p = tl.exp(s - lse[:, None])
+            dv += tl.dot(tl.trans(p).to(do.dtype), do)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            if SELF == 1:
+                ds = tl.where(own, 0.0, ds)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q)
         tl.store(DK + z * n * D + cols[:, None] * D + od[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=cmask[:, None] & (od[None, :] < D))
         tl.store(DV_ + z * n * DV + cols[:, None] * DV + odv[None, :], dv.to(DV_.dtype.element_ty),
@@ -202,7 +211,7 @@ class _LSHChunks(torch.autograd.Function):
         nc = -(-n // chunk)
         o = torch.empty(z, n, vs.shape[2], device=qs.device, dtype=qs.dtype)
         lse = torch.empty(z, n, device=qs.device, dtype=torch.float32)
-        _fwd[(nc, z)](qs, ks, vs, qpos, kpos, keep, o, lse, n, nc, float(scale), SELF_SCORE, **meta)
+        _fwd[(nc, z)](qs, ks, vs, qpos, kpos, keep, o, lse, n, nc, int(nc > 1), float(scale), SELF_SCORE, **meta)
         ctx.save_for_backward(qs, ks, vs, qpos, kpos, keep, o, lse)
         ctx.args = (chunk, causal, self_mode, float(scale), kkeep is not None)
         return o, lse
@@ -221,8 +230,8 @@ class _LSHChunks(torch.autograd.Function):
         lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).contiguous()
         delta = delta.contiguous()
         dq, dk, dv = torch.empty_like(qs), torch.empty_like(ks), torch.empty_like(vs)
-        _dq[(nc, z)](qs, ks, vs, qpos, kpos, keep, do, lse_b, delta, dq, n, nc, scale, SELF_SCORE, **meta)
-        _dkdv[(nc, z)](qs, ks, vs, qpos, kpos, keep, do, lse_b, delta, dk, dv, n, nc, scale, SELF_SCORE, **meta)
+        _dq[(nc, z)](qs, ks, vs, qpos, kpos, keep, do, lse_b, delta, dq, n, nc, int(nc > 1), scale, SELF_SCORE, **meta)
+        _dkdv[(nc, z)](qs, ks, vs, qpos, kpos, keep, do, lse_b, delta, dk, dv, n, nc, int(nc > 1), scale, SELF_SCORE, **meta)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
