@@ -56,7 +56,7 @@ def hash_vectors(x: torch.Tensor, num_hashes: int, num_buckets: int, seed: int) 
         return torch.zeros(b, h, num_hashes, n, dtype=torch.long, device=x.device)
     if num_buckets % 2:
         raise ValueError(f"num_buckets={num_buckets}: angular LSH needs an even number of buckets (or 1)")
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = x.dtype  # half inputs hash in half (the GEMM accumulates in float32; ties fall to the lower bucket)
     rot = rotations(h, d, num_hashes, num_buckets, seed, x.device, dtype)
     proj = torch.einsum("bhnd,hdrk->bhrnk", x.to(dtype), rot)
     hi, lo = proj.max(dim=-1), proj.min(dim=-1)  # argmax([xR; -xR]) without building it

@@ -43,17 +43,23 @@ def _gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     return out.reshape(b * h * r, n, d)
 
 
-def combine_rounds(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
-    """``sum_r softmax_r(lse) o_r`` over dim 2 (``outs [b, h, r, n, d]``, ``lses [b, h, r, n]``); rows whose every
-    round read nothing give 0."""
+def combine_rounds(outs: torch.Tensor, lses: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_r softmax_r(lse) o_r`` over dim 2 (``outs [b, h, r, n, d]``, ``lses [b, h, r(+1), n]``); ``extra``
+    ``[b, h, n, d]``: the output of one more term whose log-sum-exp is the last of ``lses`` (separate QK's own key).
+    Rows whose every term read nothing give 0. The weighted sum is one batched matmul in the outputs' dtype
+    (float32 accumulation)."""
     acc = torch.float64 if outs.dtype == torch.float64 else torch.float32
     lses = lses.to(acc)
     m = lses.amax(dim=2, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
     e = torch.exp(lses - m)
     total = e.sum(dim=2, keepdim=True)
-    w = e / torch.where(total > 0, total, torch.ones_like(total))
-    return (w.unsqueeze(-1) * outs.to(acc)).sum(2).to(outs.dtype)
+    w = (e / torch.where(total > 0, total, torch.ones_like(total))).to(outs.dtype)
+    r = outs.shape[2]
+    out = torch.einsum("bhrn,bhrnd->bhnd", w[:, :, :r], outs)
+    if extra is not None:
+        out = out + w[:, :, r, :, None] * extra
+    return out
 
 
 def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
@@ -100,8 +106,7 @@ def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: 
         own = own + math.log(r)
         if key_padding_mask is not None:
             own = own.masked_fill(~key_padding_mask.bool()[:, None, :], float("-inf"))
-        o = torch.cat([o, v.unsqueeze(2)], dim=2)
-        lse = torch.cat([lse, own.unsqueeze(2)], dim=2)
+        return combine_rounds(o, torch.cat([lse, own.unsqueeze(2)], dim=2), v)
     return combine_rounds(o, lse)
 
 
@@ -165,6 +170,5 @@ def lsh_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: tor
         own_s = own_s + math.log(r)
         if key_padding_mask is not None:
             own_s = own_s.masked_fill(~key_padding_mask.bool()[:, None, n - m:], float("-inf"))
-        o = torch.cat([o, vr.unsqueeze(2)], dim=2)
-        lse = torch.cat([lse, own_s.unsqueeze(2)], dim=2)
+        return combine_rounds(o, torch.cat([lse, own_s.unsqueeze(2)], dim=2), vr)
     return combine_rounds(o, lse)
