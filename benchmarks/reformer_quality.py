@@ -83,7 +83,8 @@ def main(argv=None) -> int:
         before = score(model, data, args.eval)
         print(f"{label}: ppl {before.perplexity:.3f} recall acc {before.recall_accuracy:.3f} "
               f"({time.time() - t:.0f}s)", flush=True)
-        row = {"model": label, "ppl": round(before.perplexity, 3), "recall acc": round(before.recall_accuracy, 3)}
+        row = {"model": label, "ppl": round(before.perplexity, 3), "recall acc": round(before.recall_accuracy, 3),
+               "ppl after uptrain": "-", "recall acc after": "-", "uptrain s": "-"}
         if spec is not None:
             secs = uptrain(model, args.steps, args.lr)
             after = score(model, data, args.eval)
