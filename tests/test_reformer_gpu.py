@@ -99,3 +99,11 @@ def test_a_converted_llama_generates_on_cuda():
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     assert out.shape == (2, 608)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_fused_hash_kernel_agrees_with_the_gemm_and_argmax(dtype):
+    x = torch.randn(1, 12, 16384, 64, device="cuda", dtype=dtype)
+    want = hash_vectors(x, 4, 256, seed=0, backend="torch")
+    got = hash_vectors(x, 4, 256, seed=0)  # the default on CUDA: the fused kernel
+    assert (got == want).float().mean().item() > (0.98 if dtype == torch.bfloat16 else 0.999)

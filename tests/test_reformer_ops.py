@@ -119,3 +119,12 @@ def test_the_op_refuses_a_bad_call():
         lsh_attention(q, k, v, qb, kb, bucket_size=0)
     with pytest.raises(ValueError, match="lsh_decode"):
         lsh_attention(q[:, :, :3], k, v, qb, kb, bucket_size=8)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (its interpreter on CPU)")
+def test_the_fused_hash_kernel_gives_the_buckets_of_the_gemm_and_argmax():
+    x = torch.randn(2, 2, 70, 16)
+    for buckets in (4, 300):  # one column block, several (with a partial one)
+        want = hash_vectors(x, 3, buckets, seed=2, backend="torch")
+        got = hash_vectors(x, 3, buckets, seed=2, backend="triton")
+        assert (got == want).float().mean() > 0.995

@@ -49,15 +49,25 @@ def rotations(heads: int, dim: int, num_hashes: int, num_buckets: int, seed: int
     return rot
 
 
-def hash_vectors(x: torch.Tensor, num_hashes: int, num_buckets: int, seed: int) -> torch.Tensor:
-    """Buckets ``[batch, heads, num_hashes, n]`` (int64) of ``x [batch, heads, n, dim]``: one GEMM + argmax."""
+def hash_vectors(x: torch.Tensor, num_hashes: int, num_buckets: int, seed: int, backend: str | None = None
+                 ) -> torch.Tensor:
+    """Buckets ``[batch, heads, num_hashes, n]`` (int64) of ``x [batch, heads, n, dim]``: one GEMM + argmax.
+
+    ``backend``: ``"triton"`` (the GEMM and the argmax fused, the ``[n, num_buckets / 2]`` projection never written:
+    on CUDA, the default there) or ``"torch"``."""
     b, h, n, d = x.shape
     if num_buckets <= 1:
         return torch.zeros(b, h, num_hashes, n, dtype=torch.long, device=x.device)
     if num_buckets % 2:
         raise ValueError(f"num_buckets={num_buckets}: angular LSH needs an even number of buckets (or 1)")
-    dtype = x.dtype  # half inputs hash in half (the GEMM accumulates in float32; ties fall to the lower bucket)
+    from . import triton_kernel
+
+    if backend is None:
+        backend = "triton" if x.is_cuda and triton_kernel.available("cuda") is None else "torch"
+    dtype = x.dtype  # half inputs hash in half (the GEMM accumulates in float32)
     rot = rotations(h, d, num_hashes, num_buckets, seed, x.device, dtype)
+    if backend == "triton":
+        return triton_kernel.hash_buckets(x, rot)
     proj = torch.einsum("bhnd,hdrk->bhrnk", x.to(dtype), rot)
     hi, lo = proj.max(dim=-1), proj.min(dim=-1)  # argmax([xR; -xR]) without building it
     return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + proj.shape[-1])

@@ -189,6 +189,43 @@ if triton is not None:
         tl.store(DV_ + z * n * DV + cols[:, None] * DV + odv[None, :], dv.to(DV_.dtype.element_ty),
                  mask=cmask[:, None] & (odv[None, :] < DV))
 
+    @triton.jit
+    def _hash(X, ROT, OUT, n, H, NB2, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+              ROUNDS: tl.constexpr):
+        """Buckets of one block of rows for every round: ``argmax([x R; -x R])`` as a running max and min over
+        column blocks of ``x R`` (the projection is never written)."""
+        pid = tl.program_id(0)
+        zh = tl.program_id(1).to(tl.int64)
+        h = zh % H
+        rows = pid * BM + tl.arange(0, BM)
+        rmask = rows < n
+        od = tl.arange(0, BD)
+        x = tl.load(X + zh * n * D + rows[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D),
+                    other=0.0)
+        for r in range(ROUNDS):
+            best = tl.full([BM], float("-inf"), tl.float32)
+            worst = tl.full([BM], float("inf"), tl.float32)
+            best_i = tl.zeros([BM], tl.int32)
+            worst_i = tl.zeros([BM], tl.int32)
+            for c0 in range(0, NB2, BN):
+                cols = c0 + tl.arange(0, BN)
+                cmask = cols < NB2
+                w = tl.load(ROT + h * D * ROUNDS * NB2 + od[:, None] * ROUNDS * NB2 + r * NB2 + cols[None, :],
+                            mask=(od[:, None] < D) & cmask[None, :], other=0.0)
+                p = tl.dot(x, w)
+                hi = tl.where(cmask[None, :], p, float("-inf"))
+                lo = tl.where(cmask[None, :], p, float("inf"))
+                bm, bi = tl.max(hi, 1, return_indices=True)
+                wm, wi = tl.min(lo, 1, return_indices=True)
+                up = bm > best
+                best_i = tl.where(up, bi + c0, best_i)
+                best = tl.where(up, bm, best)
+                dn = wm < worst
+                worst_i = tl.where(dn, wi + c0, worst_i)
+                worst = tl.where(dn, wm, worst)
+            bucket = tl.where(best >= -worst, best_i, worst_i + NB2)
+            tl.store(OUT + zh * ROUNDS * n + r * n + rows, bucket.to(tl.int64), mask=rmask)
+
 
 def _pow2(x: int) -> int:
     return max(16, 1 << (int(x) - 1).bit_length())
@@ -233,6 +270,24 @@ class _LSHChunks(torch.autograd.Function):
         _dq[(nc, z)](qs, ks, vs, qpos, kpos, keep, do, lse_b, delta, dq, n, nc, int(nc > 1), scale, SELF_SCORE, **meta)
         _dkdv[(nc, z)](qs, ks, vs, qpos, kpos, keep, do, lse_b, delta, dk, dv, n, nc, int(nc > 1), scale, SELF_SCORE, **meta)
         return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def hash_buckets(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """``argmax([x R; -x R])`` of ``x [b, h, n, d]`` and rotations ``rot [h, d, rounds, nb / 2]`` fused (one pass
+    over ``x``, the projection never written): int64 ``[b, h, rounds, n]``, as
+    :func:`attnzoo.ops.lsh.hashing.hash_vectors`."""
+    why = available(x.device.type)
+    if why is not None:
+        raise RuntimeError(f"the LSH Triton kernel cannot run: {why}")
+    b, h, n, d = x.shape
+    rounds, nb2 = rot.shape[2], rot.shape[3]
+    x = x.contiguous()
+    rot = rot.to(x.dtype).contiguous()
+    out = torch.empty(b, h, rounds, n, device=x.device, dtype=torch.int64)
+    bm = 64
+    _hash[(-(-n // bm), b * h)](x, rot, out, n, h, nb2, D=d, BD=_pow2(d), BM=bm, BN=min(128, _pow2(nb2)),
+                                ROUNDS=rounds, num_warps=4)
+    return out
 
 
 def lsh_chunk_attention(qs, ks, vs, qpos, kpos, kkeep, *, chunk: int, causal: bool, self_mode: int, scale: float):
