@@ -35,7 +35,7 @@ def _case(dtype, shared, n, b=2, h=4, d=64, rounds=4, bucket=64, seed=0):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_qk", "separate_qk"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
-@pytest.mark.parametrize("n,bucket", [(1000, 64), (4096, 64), (777, 48), (300, 128)])
+@pytest.mark.parametrize("n,bucket", [(1000, 64), (777, 48), (300, 128)])
 def test_triton_kernels_match_float64(dtype, shared, causal, n, bucket):
     q, k, v, qb, kb = _case(dtype, shared, n, bucket=bucket)
     kpm = torch.ones(2, n, dtype=torch.bool, device="cuda")
