@@ -262,3 +262,22 @@ def test_convert_cli_to_reformer_matches_patch_and_reloads(name, tmp_path, capsy
     assert record["options"]["bucket_size"] == 4 and record["options"]["seed"] == 5
     attnzoo.patch(model, "reformer", num_hashes=2, bucket_size=4, num_buckets=4, seed=5)
     torch.testing.assert_close(run(attnzoo.from_pretrained(dst).eval(), inputs), run(model, inputs))
+
+
+def test_a_converted_checkpoint_uptrains_and_reloads_as_reformer(tmp_path):
+    """The usual uptraining after the conversion: `attnzoo uptrain` on a reformer checkpoint trains through the LSH
+    op and writes a checkpoint that still reloads as reformer."""
+    from tinylm import pretrained_tiny
+
+    from attnzoo.uptrain import UptrainOptions, uptrain
+
+    tiny = pretrained_tiny(tmp_path / "tiny", steps=2)
+    src = tf.AutoModelForCausalLM.from_pretrained(str(tiny))
+    attnzoo.patch(src, "reformer", num_hashes=2, bucket_size=8)
+    src.save_pretrained(tmp_path / "conv")
+    r = uptrain(UptrainOptions(model=str(tmp_path / "conv"), out=str(tmp_path / "up"), tokens=3 * 2 * 32,
+                               batch_size=2, seq_len=32, lr=3e-3, progress=False, cpu=True))
+    assert r.steps == 3 and all(math.isfinite(e["loss"]) for e in r.log)
+    again = attnzoo.from_pretrained(tmp_path / "up")
+    spec = again.model.layers[0].self_attn.attnzoo_pattern
+    assert (spec.num_hashes, spec.bucket_size, spec.causal) == (2, 8, True)
