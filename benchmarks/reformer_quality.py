@@ -4,7 +4,8 @@ sliding-window conversion with the same number of keys per query.
 The built-in model (Llama, 4 layers, hidden 192, 4 heads of 48, trained on the built-in corpus) is converted with
 ``patch(model, "reformer", num_hashes=R, bucket_size=C)`` and with ``patch(model, "sliding_window", window=R*C)``:
 a causal LSH round reads 2 chunks of C sorted tokens of which about half precede the query, so R rounds read about
-R*C earlier keys (the window's count). Each is scored (perplexity, recall-answer accuracy; ``attnzoo.evaluate``)
+R*C earlier keys (the window's count). Each is scored (perplexity, recall-answer accuracy; ``attnzoo.evaluate``; also
+with one of the R rounds a ``local_round``)
 on held-out built-in sequences (seed 1) of 256 tokens, then uptrained for ``--steps`` steps (AdamW, batch 8, same
 data stream for every model, seed 0 sequences) and scored again.
 
@@ -72,6 +73,8 @@ def main(argv=None) -> int:
     variants = {
         "dense (the built-in model)": None,
         f"reformer num_hashes={r} bucket_size={c}": ("reformer", dict(num_hashes=r, bucket_size=c)),
+        f"reformer num_hashes={r - 1} + local_round, bucket_size={c}": (
+            "reformer", dict(num_hashes=r - 1, bucket_size=c, local_round=True)),
         f"sliding_window window={window}": ("sliding_window", dict(window=window)),
     }
     rows = []
@@ -104,8 +107,9 @@ def main(argv=None) -> int:
         "",
         f"Built-in model (Llama, 4 layers, hidden 192, 4 heads of 48), sequences of 256 tokens; {args.eval} held-out "
         f"sequences (builtin:1). Uptraining: {args.steps} steps of AdamW lr {args.lr}, batch 8 x 256 tokens, the same "
-        f"stream for both conversions. Keys per query: reformer reads {r} rounds x 2 chunks of {c} sorted tokens, "
-        f"about {r} x {c} = {window} earlier keys (causal); the sliding window reads {window} + 1.",
+        f"stream for every conversion. Keys per query: reformer reads {r} rounds x 2 chunks of {c} sorted tokens, "
+        f"about {r} x {c} = {window} earlier keys (causal; with local_round one of the rounds is the chunks of "
+        f"consecutive positions); the sliding window reads {window} + 1.",
         "",
         markdown_table(rows),
         "",

@@ -281,3 +281,20 @@ def test_a_converted_checkpoint_uptrains_and_reloads_as_reformer(tmp_path):
     again = attnzoo.from_pretrained(tmp_path / "up")
     spec = again.model.layers[0].self_attn.attnzoo_pattern
     assert (spec.num_hashes, spec.bucket_size, spec.causal) == (2, 8, True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_local_round_adds_a_round_of_consecutive_chunks(causal):
+    """local_round=True: one more round where every token shares one bucket (chunks of consecutive positions),
+    against the float64 reference; with num_hashes rounds of one bucket too, the whole is exact attention."""
+    from oracle import reformer_reference
+
+    m = _module(causal=causal, shared_qk=False, bucket_size=4, local_round=True)
+    x = torch.randn(2, 13, 32, dtype=torch.float64)
+    kpm = torch.ones(2, 13, dtype=torch.bool)
+    kpm[1, 11:] = False
+    q = m.q_proj(x).view(2, 13, 2, 16).transpose(1, 2)
+    qb, _ = m.buckets(q, m.k_proj(x).view(2, 13, 2, 16).transpose(1, 2), 4)
+    assert qb.shape[2] == 3 and bool((qb[:, :, 2] == 0).all())
+    torch.testing.assert_close(m(x, key_padding_mask=kpm), reformer_reference(m, x, key_padding_mask=kpm))
+    assert m.config.kv_layout().latent == 2 * 3 * 2

@@ -49,8 +49,11 @@ class ReformerOptions:
     num_buckets: int | None = option(None, help="buckets per round, even (None: the length / bucket_size, rounded "
                                                 "up to even; 1 bucket when the length fits one chunk)")
     seed: int = option(0, help="seed of the random rotations (the same in training and evaluation)")
+    local_round: bool = option(False, help="one more round with every token in one bucket: chunks of consecutive "
+                                           "positions (local attention beside the hashed rounds)")
 
     def validate(self):
+        check_type("local_round", self.local_round, bool, "True or False")
         check_positive_int("num_hashes", self.num_hashes)
         check_positive_int("bucket_size", self.bucket_size)
         check_positive_int("num_buckets", self.num_buckets, allow_none=True)
@@ -93,7 +96,7 @@ class ReformerConfig(ReformerOptions, DenseConfig):
         """K/V of ``kv_heads`` heads plus the bucket ids the cache keeps per token (``num_hashes`` per query head
         for the keys, as many again for the queries with separate QK), counted as ``latent`` elements (int16 ids:
         exact bytes for a 16-bit cache)."""
-        ids = self.heads * self.num_hashes * (1 if self.shared_qk else 2)
+        ids = self.heads * (self.num_hashes + self.local_round) * (1 if self.shared_qk else 2)
         return KVLayout(kv_heads=self.kv_heads, head_dim=self.head_dim_, latent=ids)
 
 
@@ -179,10 +182,15 @@ def lsh_buckets(options: ReformerOptions, q: torch.Tensor, k: torch.Tensor | Non
     o = options
     with torch.no_grad():
         if k is None:
-            return hash_vectors(q.detach(), o.num_hashes, num_buckets, o.seed), None
-        return (hash_queries(q.detach(), o.num_hashes, num_buckets, o.seed),
-                hash_keys(_expand(k.detach(), q.shape[1]), o.num_hashes, num_buckets, o.seed, causal, prior=key_bound,
-                          keep=keep))
+            qb, kb = hash_vectors(q.detach(), o.num_hashes, num_buckets, o.seed), None
+        else:
+            qb = hash_queries(q.detach(), o.num_hashes, num_buckets, o.seed)
+            kb = hash_keys(_expand(k.detach(), q.shape[1]), o.num_hashes, num_buckets, o.seed, causal,
+                           prior=key_bound, keep=keep)
+    if o.local_round:  # one bucket: sorted by position, chunks of consecutive tokens
+        qb = torch.cat([qb, torch.zeros_like(qb[:, :, :1])], dim=2)
+        kb = None if kb is None else torch.cat([kb, torch.zeros_like(kb[:, :, :1])], dim=2)
+    return qb, kb
 
 
 def reformer_attention(options: ReformerOptions, q, k, v, *, causal: bool, shared_qk: bool,
@@ -249,7 +257,7 @@ class ReformerAttention(DenseAttention):
     def extra_repr(self) -> str:
         c = self.config
         return (f"{super().extra_repr()}, num_hashes={c.num_hashes}, bucket_size={c.bucket_size}, "
-                f"num_buckets={c.num_buckets}, shared_qk={c.shared_qk}, seed={c.seed}")
+                f"num_buckets={c.num_buckets}, local_round={c.local_round}, shared_qk={c.shared_qk}, seed={c.seed}")
 
     def make_cache(self) -> Cache:
         """A fresh :class:`LSHCache` (causal modules decode; bidirectional ones attend to whole sequences)."""

@@ -72,7 +72,7 @@ class LSHSpec(ReformerOptions):
 
     def describe(self) -> str:
         return (f"reformer(num_hashes={self.num_hashes}, bucket_size={self.bucket_size}, "
-                f"num_buckets={self.num_buckets}, causal={self.causal})")
+                f"num_buckets={self.num_buckets}, local_round={self.local_round}, causal={self.causal})")
 
     def hf_attention(self, module, query, key, value, attention_mask, *, scaling=None, dropout: float = 0.0,
                      **kwargs):
