@@ -32,6 +32,7 @@ GROUPS: dict[str, str] = {
     "mla": "mla",
     "arrcoc": "arrcoc",
     "context_parallel": "context_parallel",
+    "reformer": "reformer",
 }
 
 

@@ -7,6 +7,7 @@ from .cache import Cache, KVCache, LatentCache, StateCache
 from .config import RopeConfig, VariantConfig
 from .dense import DenseAttention, DenseConfig, GQAConfig, MHAConfig, MQAConfig
 from .mla import MLAAttention, MLAConfig, MLAOptions
+from .reformer import LSHCache, ReformerAttention, ReformerConfig
 from .rolling_cache import RollingKVCache
 from .sparse import (BigBirdConfig, LongformerConfig, SlidingWindowConfig, SparseAttention, SparseConfig,
                      SparseFixedConfig, SparseStridedConfig)
@@ -15,4 +16,5 @@ __all__ = ["VariantConfig", "RopeConfig", "Cache", "KVCache", "LatentCache", "St
            "GQAConfig", "MQAConfig", "RollingKVCache", "SparseAttention", "SparseConfig", "SlidingWindowConfig",
            "LongformerConfig", "BigBirdConfig", "SparseStridedConfig", "SparseFixedConfig",
            "MLAOptions", "MLAConfig", "MLAAttention",
-           "ArrcocConfig", "RegionAttention", "VisualTopKConfig", "VisualTopKAttention"]
+           "ArrcocConfig", "RegionAttention", "VisualTopKConfig", "VisualTopKAttention",
+           "ReformerAttention", "ReformerConfig", "LSHCache"]
