@@ -25,6 +25,7 @@ from .curves import append_log, plot_losses, read_log, truncate_log
 from .lora import TrainableSummary, apply_lora, merge_lora, summarize_trainable
 from .options import UptrainOptions, flag
 from .schedule import warmup_cosine
+from .distributed import fsdp_settings, full_state_dict, shard_module
 from .state import is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
 from .step import TrainModule
 
@@ -226,6 +227,7 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     set_seed(opts.seed)
     fsdp = is_fsdp(accelerator)
     _check_distributed(opts, accelerator, fsdp)
+    settings = fsdp_settings(accelerator) if fsdp else None
     shard_teacher = opts.teacher_placement == "shard"
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, dtype=torch.float32)
@@ -244,17 +246,21 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     if opts.lora_rank:
         model = apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_targets, train_fully)
     summary = summarize_trainable(model)
-    if opts.activation_checkpointing:
+    if opts.activation_checkpointing or (settings is not None and settings.activation_checkpointing):
         (model.get_base_model() if hasattr(model, "get_base_model") else model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     module = TrainModule(model, teacher, teacher_sharded=shard_teacher, alpha=opts.alpha,
                          temperature=opts.temperature, loss_chunk=opts.loss_chunk, compile=opts.compile)
-    params = [p for p in model.parameters() if p.requires_grad]
+    if fsdp:  # sharded by attnzoo (see .distributed); the optimizer then holds the shards
+        module.to(accelerator.device)
+        shard_module(module, accelerator, settings)
+    params = [p for p in module.student.parameters() if p.requires_grad]
     # the fused CUDA kernel: one launch for all parameters (FSDP's DTensor shards keep the foreach kernel)
     fused = {"fused": True} if accelerator.device.type == "cuda" and not fsdp else {}
     optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay, **fused)
     scheduler = warmup_cosine(optimizer, total_steps, opts.warmup, opts.min_lr_ratio)
-    module, optimizer = accelerator.prepare(module, optimizer)
+    if not fsdp:
+        module, optimizer = accelerator.prepare(module, optimizer)
     if teacher is not None and not shard_teacher:
         teacher.to(accelerator.device)
     if opts.compile:
@@ -278,7 +284,7 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
 
     if main:
         print(f"uptrain: {total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step:,} tokens "
-              f"on {world} process(es) ({accelerator.distributed_type.value.lower()}"
+              f"on {world} process(es) ({'fsdp' if fsdp else accelerator.distributed_type.value.lower()}"
               f"{', ' + str(accelerator.state.backend) if world > 1 else ''}), {accelerator.device}, mixed precision {accelerator.mixed_precision}; "
               f"{summary.describe()}; {_speed_note(opts, module, accelerator, teacher)}"
               + (f"; resuming at step {step}" if step else ""), flush=True)
@@ -296,14 +302,19 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
             ids = data.batch(_indices(step, micro, opts, world, rank))
             ids = ids.pin_memory().to(accelerator.device, non_blocking=True) if pin else ids.to(accelerator.device)
             sync = micro == opts.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(module)
+            if fsdp:
+                module.set_requires_gradient_sync(sync)  # reduce-scatter on the last micro-batch only
+            ctx = contextlib.nullcontext() if sync or fsdp else accelerator.no_sync(module)
             with ctx:
                 with accelerator.autocast():
                     loss, parts = module(ids)
                 accelerator.backward(loss / opts.grad_accum)
             sums += torch.stack([loss.detach(), parts["ce"], parts.get("kl", torch.zeros((), device=ids.device))])
         if opts.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, opts.max_grad_norm)
+            if fsdp:  # DTensor gradients: torch's clipping computes the global norm
+                torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+            else:
+                accelerator.clip_grad_norm_(params, opts.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -335,10 +346,12 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
         accelerator.wait_for_everyone()
         return result
 
-    state = _student_state(accelerator.get_state_dict(module))  # gathers shards under FSDP (full on rank 0)
+    # under FSDP the shards are gathered into a full state on rank 0 (CPU)
+    state = _student_state(full_state_dict(module) if fsdp else accelerator.get_state_dict(module))
     if main:
         owned["result"] = result
-        _save(opts, out, work, accelerator.unwrap_model(module).student, state, tokenizer, result, meta)
+        student = accelerator.unwrap_model(module).student
+        _save(opts, out, work, student, _drop_tied(state, student), tokenizer, result, meta)
     accelerator.wait_for_everyone()
     return result
 
@@ -359,7 +372,8 @@ def _speed_note(opts: UptrainOptions, module, accelerator, teacher) -> str:
     bits = [loss] + (["compiled"] if opts.compile else []) + \
         (["activation checkpointing"] if opts.activation_checkpointing else [])
     if teacher is not None:
-        bits.append(f"teacher {opts.teacher_placement}d ({str(next(teacher.parameters()).dtype)[6:]})")
+        placed = {"replicate": "replicated", "shard": "sharded"}[opts.teacher_placement]
+        bits.append(f"teacher {placed} ({str(next(teacher.parameters()).dtype)[6:]})")
     return ", ".join(bits)
 
 
@@ -368,6 +382,19 @@ def _student_state(state: dict | None) -> dict | None:
     if state is None:
         return None
     return {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+
+
+def _drop_tied(state: dict | None, model) -> dict | None:
+    """``state`` without the second names of shared parameters (a tied ``lm_head.weight``): what
+    ``save_pretrained`` writes for the model itself, whatever gathered the state."""
+    if state is None:
+        return None
+    seen, dup = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            dup.add(name)
+        seen.add(id(p))
+    return {k: v for k, v in state.items() if k not in dup}
 
 
 def _tail_mean(log: list[dict], key: str, n: int = 10) -> float:

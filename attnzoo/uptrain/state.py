@@ -81,9 +81,9 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def is_fsdp(accelerator) -> bool:
-    from accelerate.utils import DistributedType
+    from .distributed import fsdp_requested
 
-    return accelerator.distributed_type == DistributedType.FSDP
+    return fsdp_requested(accelerator)
 
 
 def _local(t):
@@ -145,6 +145,11 @@ def _publish(folder: Path, tmp: Path, final: Path, accelerator) -> Path:
     return final
 
 
+def _device_name(device: torch.device) -> str:
+    """What safetensors accepts: ``cpu`` (it refuses ``cpu:0``, the device of a gloo process), ``cuda:N``."""
+    return "cpu" if device.type == "cpu" else str(device)
+
+
 def _as_param_layout(saved: torch.Tensor, param) -> torch.Tensor:
     """A saved local shard back as a DTensor laid out like ``param`` (FSDP2), or the tensor as is."""
     if not hasattr(param, "device_mesh") or saved.dim() == 0:
@@ -189,7 +194,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, accelerator) -> dic
         _load_sharded(path, progress, model, optimizer, accelerator)
     else:
         missing, unexpected = load_model(_student(model, accelerator), str(path / "model.safetensors"),
-                                         strict=False, device=str(accelerator.device))
+                                         strict=False, device=_device_name(accelerator.device))
         if missing or unexpected:
             raise ValueError(f"--resume={str(path)!r}: the checkpoint does not fit this model (missing "
                              f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}); resume with the same "
