@@ -114,3 +114,15 @@ def test_uptrain_on_a_token_file_with_chunked_loss_matches_full_logits(tmp_path)
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)  # Adam divides tiny differences by tiny moments
+
+
+def test_prepare_takes_token_id_files_as_documents(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": torch.tensor([[9, 8], [7, 6]], dtype=torch.int32)}, str(tmp_path / "a.safetensors"))
+    (tmp_path / "b.ids").write_text("5 4\n3\n")
+    model = save_init(tmp_path / "m")
+    out = tmp_path / "t.tokens"
+    assert main(["data", "prepare", str(tmp_path / "a.safetensors"), str(tmp_path / "b.ids"), "--tokenizer",
+                 str(model), "--out", str(out), "--no-progress"]) == 0
+    assert np.asarray(open_token_file(out).ids).tolist() == [9, 8, 7, 6, 2, 5, 4, 3, 2]  # 2: <eos>

@@ -2,7 +2,8 @@
 
 The GPU host of a training run needs no tokenizer work and no corpus generation in its loop: it reads the
 file memory-mapped (:mod:`attnzoo.data.token_file`). Each input file is one document (UTF-8 text,
-tokenized without special tokens, EOS appended); a directory contributes every file under it, sorted by
+tokenized without special tokens, EOS appended; a ``.safetensors`` file's ``input_ids`` or a ``.ids`` file's
+integers are taken as they are, EOS appended); a directory contributes every file under it, sorted by
 path. ``builtin[:SEED]`` writes the built-in corpus's sequences ``0, 1, ...`` (``--seq-len`` each, up to
 ``--tokens``).
 """
@@ -34,7 +35,12 @@ def input_files(inputs: list[str], option: str = "INPUT") -> list[Path]:
 def _text_documents(files: list[Path], tokenizer, progress: bool) -> Iterator[tuple[str, list[int]]]:
     from tqdm.auto import tqdm
 
+    from .sources import _read_file
+
     for f in tqdm(files, desc="tokenize", unit="file", disable=not progress):
+        if f.suffix in (".safetensors", ".ids"):  # token ids already
+            yield str(f), _read_file(f, "INPUT", str(f), None)[0].tolist()
+            continue
         try:
             text = f.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -73,7 +79,8 @@ def prepare_token_file(inputs: list[str], out: str | Path, *, tokenizer=None, to
                                  tokenizer_sha256=tokenizer_fingerprint(builtin_tokenizer()))
     else:
         if tokenizer is None:
-            raise ValueError("--tokenizer is needed to tokenize text (a model directory holding tokenizer.json)")
+            raise ValueError("--tokenizer is needed to tokenize text or to record the vocabulary of token ids (a "
+                             "model directory holding tokenizer.json)")
         docs = _text_documents(input_files(inputs), tokenizer, progress)
         writer = TokenFileWriter(out, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id,
                                  tokenizer=tokenizer_name, tokenizer_sha256=tokenizer_fingerprint(tokenizer))

@@ -255,9 +255,11 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
         module.to(accelerator.device)
         shard_module(module, accelerator, settings)
     params = [p for p in module.student.parameters() if p.requires_grad]
-    # the fused CUDA kernel: one launch for all parameters (FSDP's DTensor shards keep the foreach kernel)
-    fused = {"fused": True} if accelerator.device.type == "cuda" and not fsdp else {}
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay, **fused)
+    # CUDA: the fused kernel, one launch for all parameters (FSDP's DTensor shards keep the foreach kernel);
+    # CPU: one parameter at a time, as the foreach kernel's temporaries span every parameter (~1 GB at 135M)
+    kernel = {"fused": True} if accelerator.device.type == "cuda" and not fsdp else \
+        {"foreach": False} if accelerator.device.type == "cpu" else {}
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay, **kernel)
     scheduler = warmup_cosine(optimizer, total_steps, opts.warmup, opts.min_lr_ratio)
     if not fsdp:
         module, optimizer = accelerator.prepare(module, optimizer)
@@ -326,6 +328,8 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
                      "seconds": round(seconds_before + time.perf_counter() - t0, 4)}
             if teacher is not None:
                 entry["kl"] = means[2]
+            if accelerator.device.type == "cuda":  # this process's peak, for memory budgets
+                entry["max_mem_gb"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 3)
             append_log(log_path, entry)
         bar.update(1)
         bar.set_postfix(loss=f"{means[0]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")

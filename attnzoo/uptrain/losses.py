@@ -40,8 +40,8 @@ def _chunk_grads(h, w, b, tgt, th, tw, tb, alpha: float, temperature: float, sca
     lse = torch.logsumexp(z, dim=-1)
     ce = (lse - z.gather(1, tgt[:, None]).squeeze(1)).sum()
     p = torch.exp(z - lse[:, None])
-    onehot_grad = p.clone()
-    onehot_grad[torch.arange(len(tgt), device=tgt.device), tgt] -= 1.0
+    # softmax - onehot as one elementwise expression (in-place or scatter updates were miscompiled by inductor)
+    onehot_grad = p - (torch.arange(z.shape[1], device=z.device)[None, :] == tgt[:, None]).to(p.dtype)
     if th is None:
         return ce, ce, torch.zeros_like(ce), onehot_grad * scale
     t = temperature
@@ -103,7 +103,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
 def chunked_head_loss(hidden: torch.Tensor, head: torch.nn.Linear, ids: torch.Tensor, teacher_hidden=None,
                       teacher_head: torch.nn.Linear | None = None, alpha: float = 0.5, temperature: float = 1.0,
-                      chunk: int = 1024, step_fn=None):
+                      chunk: int = 512, step_fn=None):
     """:func:`mixed_loss` computed from the final hidden states ``[batch, seq, hidden]`` and the output
     head, ``chunk`` positions at a time: same values and gradients, without materialising the
     ``[batch, seq, vocab]`` float32 logits (of the student or of the teacher). Returns ``(loss, parts)``."""

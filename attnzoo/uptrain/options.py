@@ -69,7 +69,7 @@ class UptrainOptions:
     progress: bool = True
     cpu: bool = False
     extra_metadata: dict = field(default_factory=dict)
-    loss_chunk: int = 1024
+    loss_chunk: int = 512
     compile: bool = False
     activation_checkpointing: bool = False
     teacher_placement: str = "replicate"

@@ -65,7 +65,7 @@ class TrainModule(nn.Module):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, teacher_sharded: bool = False,
-                 alpha: float = 0.5, temperature: float = 1.0, loss_chunk: int = 1024, compile: bool = False):
+                 alpha: float = 0.5, temperature: float = 1.0, loss_chunk: int = 512, compile: bool = False):
         super().__init__()
         self.student = student
         if teacher_sharded and teacher is not None:
