@@ -99,7 +99,7 @@ def test_chunked_loss_matches_full_logits_values_and_gradients(teacher, temperat
             torch.testing.assert_close(g, r)
 
 
-def test_uptrain_on_a_token_file_with_chunked_loss_matches_full_logits(tmp_path):
+def test_uptrain_on_a_token_file_chunked_loss_matches_full_logits_and_checkpointing_changes_nothing(tmp_path):
     model = save_init(tmp_path / "m")
     teacher = save_init(tmp_path / "t", seed=1)
     data = tmp_path / "d.tokens"
@@ -109,8 +109,10 @@ def test_uptrain_on_a_token_file_with_chunked_loss_matches_full_logits(tmp_path)
                   tokens=3 * 2 * 32, batch_size=2, seq_len=32, lr=3e-3, progress=False, cpu=True)
     a = uptrain(UptrainOptions(out=str(tmp_path / "a"), loss_chunk=16, **common))
     b = uptrain(UptrainOptions(out=str(tmp_path / "b"), loss_chunk=0, **common))
+    c = uptrain(UptrainOptions(out=str(tmp_path / "c"), loss_chunk=16, activation_checkpointing=True, **common))
     for key in ("loss", "ce", "kl"):
         assert [e[key] for e in a.log] == pytest.approx([e[key] for e in b.log], rel=1e-5)
+        assert [e[key] for e in c.log] == [e[key] for e in a.log]  # recomputation changes nothing
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)  # Adam divides tiny differences by tiny moments

@@ -20,6 +20,7 @@ from ..checkpoint_io import atomic_output_dir, check_new_output, hf_progress_bar
 from ..data.sources import TokenData, open_data
 from ..data.tokenizer import load_tokenizer
 from ..faults import add_note, interrupt_signal, is_safetensors_error, signal_name
+from ..hf_compat import enable_activation_checkpointing
 from ..output_dir import remove_tree
 from .curves import append_log, plot_losses, read_log, truncate_log
 from .lora import TrainableSummary, apply_lora, merge_lora, summarize_trainable
@@ -247,8 +248,7 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
         model = apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_targets, train_fully)
     summary = summarize_trainable(model)
     if opts.activation_checkpointing or (settings is not None and settings.activation_checkpointing):
-        (model.get_base_model() if hasattr(model, "get_base_model") else model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
     module = TrainModule(model, teacher, teacher_sharded=shard_teacher, alpha=opts.alpha,
                          temperature=opts.temperature, loss_chunk=opts.loss_chunk, compile=opts.compile)
     if fsdp:  # sharded by attnzoo (see .distributed); the optimizer then holds the shards

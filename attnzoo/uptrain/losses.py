@@ -35,23 +35,24 @@ def _chunk_grads(h, w, b, tgt, th, tw, tb, alpha: float, temperature: float, sca
     ``scale * (alpha * KL + (1 - alpha) * CE)`` (CE alone without a teacher) w.r.t. the student's logits.
 
     The logits are computed in the ambient precision (bf16 under autocast) and upcast to float32 for the
-    softmax; only ``[rows, vocab]`` exists at a time."""
+    softmax; only ``[rows, vocab]`` tensors exist, and (in eager mode) few of them at a time. softmax - onehot
+    is one elementwise expression: written as an in-place or scatter update it was miscompiled by inductor."""
     z = F.linear(h, w, b).float()
     lse = torch.logsumexp(z, dim=-1)
     ce = (lse - z.gather(1, tgt[:, None]).squeeze(1)).sum()
-    p = torch.exp(z - lse[:, None])
-    # softmax - onehot as one elementwise expression (in-place or scatter updates were miscompiled by inductor)
-    onehot_grad = p - (torch.arange(z.shape[1], device=z.device)[None, :] == tgt[:, None]).to(p.dtype)
+    onehot = torch.arange(z.shape[1], device=z.device)[None, :] == tgt[:, None]
     if th is None:
-        return ce, ce, torch.zeros_like(ce), onehot_grad * scale
+        d = torch.exp(z - lse[:, None]) - onehot.to(z.dtype)
+        return ce, ce, torch.zeros_like(ce), d * scale
     t = temperature
-    zt = F.linear(th, tw, tb).float()
-    lt = torch.log_softmax(zt / t, dim=-1)
-    ls = torch.log_softmax(z / t, dim=-1) if t != 1.0 else z - lse[:, None]
+    ls = z - lse[:, None] if t == 1.0 else torch.log_softmax(z / t, dim=-1)
+    d = (1.0 - alpha) * (torch.exp(z - lse[:, None]) - onehot.to(z.dtype))
+    del z, onehot
+    lt = torch.log_softmax(F.linear(th, tw, tb).float() / t, dim=-1)
     pt = lt.exp()
     kl = (pt * (lt - ls)).sum() * (t * t)
-    ps = ls.exp() if t != 1.0 else p
-    d = (1.0 - alpha) * onehot_grad + (alpha * t) * (ps - pt)
+    del lt
+    d = d + (alpha * t) * (ls.exp() - pt)
     return alpha * kl + (1.0 - alpha) * ce, ce, kl, d * scale
 
 
