@@ -29,6 +29,9 @@ __all__ = ["GROUPS", "load_group", "run", "report", "Options", "Row"]
 GROUPS: dict[str, str] = {
     "dense": "dense",
     "sparse": "sparse",
+    "mla": "mla",
+    "arrcoc": "arrcoc",
+    "context_parallel": "context_parallel",
 }
 
 

@@ -55,6 +55,10 @@ def add_arguments(p):
     o.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="default: accelerate's config (or 'no')")
     o.add_argument("--seed", type=int, default=O.seed, help="seed of init-time RNG (default: %(default)s)")
     o.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    o.add_argument("--context-parallel", type=int, default=O.context_parallel, metavar="N",
+                   help="shard each sequence across N processes (ring attention; sliding windows by halo "
+                   "exchange), for sequences one device cannot hold; N divides the launch's processes "
+                   "(default: %(default)s)")
     sp = p.add_argument_group("speed and memory")
     sp.add_argument("--loss-chunk", type=int, default=O.loss_chunk, help="positions per chunk of the output-head "
                     "loss (logits never exist for the whole batch); 0 = full logits (default: %(default)s)")
@@ -99,7 +103,8 @@ def options_from_args(args):
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         stop_after=args.stop_after, seed=args.seed, stage=args.stage, log_every=args.log_every, force=args.force,
         progress=not args.no_progress, cpu=args.cpu, loss_chunk=args.loss_chunk, compile=args.compile,
-        activation_checkpointing=args.activation_checkpointing, teacher_placement=args.teacher_placement)
+        activation_checkpointing=args.activation_checkpointing, teacher_placement=args.teacher_placement,
+        context_parallel=args.context_parallel)
 
 
 def run(args) -> int:

@@ -23,6 +23,7 @@ from ..faults import add_note, interrupt_signal, is_safetensors_error, signal_na
 from ..hf_compat import enable_activation_checkpointing
 from ..output_dir import remove_tree
 from .curves import append_log, plot_losses, read_log, truncate_log
+from .context_parallel import ContextParallelTraining
 from .lora import TrainableSummary, apply_lora, merge_lora, summarize_trainable
 from .options import UptrainOptions, flag
 from .schedule import warmup_cosine
@@ -240,7 +241,9 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     vocab = model.config.get_text_config().vocab_size
     data: TokenData = open_data(opts.data, opts.seq_len, tokenizer=tokenizer, vocab_size=vocab, shuffle_seed=opts.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    tokens_per_step = opts.batch_size * data.seq_len * opts.grad_accum * world
+    cp = ContextParallelTraining(opts.context_parallel, accelerator, model) if opts.context_parallel > 1 else None
+    data_world, data_rank = (cp.data_world, cp.data_rank) if cp is not None else (world, rank)  # cp: same data
+    tokens_per_step = opts.batch_size * data.seq_len * opts.grad_accum * data_world
     budget, total_steps, fraction = plan_budget(opts, meta, tokens_per_step)
 
     train_fully = opts.train_fully if opts.train_fully is not None else tuple(meta.get("new_modules", []))
@@ -250,7 +253,8 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     if opts.activation_checkpointing or (settings is not None and settings.activation_checkpointing):
         enable_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
     module = TrainModule(model, teacher, teacher_sharded=shard_teacher, alpha=opts.alpha,
-                         temperature=opts.temperature, loss_chunk=opts.loss_chunk, compile=opts.compile)
+                         temperature=opts.temperature, loss_chunk=opts.loss_chunk, compile=opts.compile,
+                         context_parallel=cp)
     if fsdp:  # sharded by attnzoo (see .distributed); the optimizer then holds the shards
         module.to(accelerator.device)
         shard_module(module, accelerator, settings)
@@ -287,7 +291,8 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     if main:
         print(f"uptrain: {total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step:,} tokens "
               f"on {world} process(es) ({'fsdp' if fsdp else accelerator.distributed_type.value.lower()}"
-              f"{', ' + str(accelerator.state.backend) if world > 1 else ''}), {accelerator.device}, mixed precision {accelerator.mixed_precision}; "
+              f"{', ' + str(accelerator.state.backend) if world > 1 else ''}"
+              f"{f', context parallel {cp.size}' if cp is not None else ''}), {accelerator.device}, mixed precision {accelerator.mixed_precision}; "
               f"{summary.describe()}; {_speed_note(opts, module, accelerator, teacher)}"
               + (f"; resuming at step {step}" if step else ""), flush=True)
     from tqdm.auto import tqdm
@@ -301,7 +306,7 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     while step < total_steps:
         sums = torch.zeros(3, device=accelerator.device)
         for micro in range(opts.grad_accum):
-            ids = data.batch(_indices(step, micro, opts, world, rank))
+            ids = data.batch(_indices(step, micro, opts, data_world, data_rank))
             ids = ids.pin_memory().to(accelerator.device, non_blocking=True) if pin else ids.to(accelerator.device)
             sync = micro == opts.grad_accum - 1
             if fsdp:
