@@ -128,3 +128,16 @@ def test_prepare_takes_token_id_files_as_documents(tmp_path):
     assert main(["data", "prepare", str(tmp_path / "a.safetensors"), str(tmp_path / "b.ids"), "--tokenizer",
                  str(model), "--out", str(out), "--no-progress"]) == 0
     assert np.asarray(open_token_file(out).ids).tolist() == [9, 8, 7, 6, 2, 5, 4, 3, 2]  # 2: <eos>
+
+
+def test_bad_input_names_the_option(tmp_path, capsys):
+    assert main(["data", "prepare", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "x.tokens")]) == 2
+    assert "INPUT=" in capsys.readouterr().err
+    assert main(["data", "prepare", "builtin", "--out", str(tmp_path / "x.tokens")]) == 2
+    assert "give --tokens N" in capsys.readouterr().err
+    model = save_init(tmp_path / "m")
+    with pytest.raises(ValueError, match="--teacher-placement=shard: .* a single process"):
+        uptrain(UptrainOptions(model=str(model), out=str(tmp_path / "o"), tokens=64, teacher=str(model),
+                               teacher_placement="shard", progress=False, cpu=True))
+    with pytest.raises(ValueError, match="--loss-chunk=-1"):
+        UptrainOptions(model="m", out="o", tokens=64, loss_chunk=-1).validate()

@@ -78,10 +78,11 @@ def prepare_token_file(inputs: list[str], out: str | Path, *, tokenizer=None, to
         writer = TokenFileWriter(out, vocab_size=V.VOCAB_SIZE, eos_id=None, tokenizer="builtin",
                                  tokenizer_sha256=tokenizer_fingerprint(builtin_tokenizer()))
     else:
+        files = input_files(inputs)
         if tokenizer is None:
             raise ValueError("--tokenizer is needed to tokenize text or to record the vocabulary of token ids (a "
                              "model directory holding tokenizer.json)")
-        docs = _text_documents(input_files(inputs), tokenizer, progress)
+        docs = _text_documents(files, tokenizer, progress)
         writer = TokenFileWriter(out, vocab_size=len(tokenizer), eos_id=tokenizer.eos_token_id,
                                  tokenizer=tokenizer_name, tokenizer_sha256=tokenizer_fingerprint(tokenizer))
     with writer:

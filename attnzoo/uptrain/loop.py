@@ -367,8 +367,10 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
 
 def _check_distributed(opts: UptrainOptions, accelerator, fsdp: bool) -> None:
     if opts.teacher_placement == "shard" and not fsdp:
-        raise ValueError(f"--teacher-placement=shard: shards the teacher with FSDP, but this run is "
-                         f"{accelerator.distributed_type.value.lower()}; launch it with an FSDP config "
+        kind = "a single process" if accelerator.num_processes == 1 else \
+            f"{accelerator.distributed_type.value.lower()} over {accelerator.num_processes} processes"
+        raise ValueError(f"--teacher-placement=shard: shards the teacher with FSDP, but this run is {kind}; "
+                         "launch it with an FSDP config "
                          "(accelerate launch --config_file examples/accelerate_fsdp.yaml) or use 'replicate'")
     if opts.lora_rank and fsdp:
         raise ValueError(f"--lora-rank={opts.lora_rank} with FSDP: LoRA runs under DDP or on one device (its "
