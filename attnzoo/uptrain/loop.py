@@ -255,8 +255,8 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     module = TrainModule(model, teacher, teacher_sharded=shard_teacher, alpha=opts.alpha,
                          temperature=opts.temperature, loss_chunk=opts.loss_chunk, compile=opts.compile,
                          context_parallel=cp)
+    module.to(accelerator.device)  # before the optimizer, whose fused kernel checks the parameters' device
     if fsdp:  # sharded by attnzoo (see .distributed); the optimizer then holds the shards
-        module.to(accelerator.device)
         shard_module(module, accelerator, settings)
     params = [p for p in module.student.parameters() if p.requires_grad]
     # CUDA: the fused kernel, one launch for all parameters (FSDP's DTensor shards keep the foreach kernel);
