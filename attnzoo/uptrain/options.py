@@ -11,6 +11,7 @@ __all__ = ["UptrainOptions", "DEFAULT_LORA_TARGETS", "flag"]
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 STAGES = ("uptrain", "pretrain")
+TEACHER_PLACEMENTS = ("replicate", "shard")
 
 
 def flag(name: str) -> str:
@@ -28,6 +29,12 @@ class UptrainOptions:
     (1 - alpha) * cross-entropy``. LoRA: ``lora_rank > 0`` adds adapters on ``lora_targets``
     of the original weights; modules in ``train_fully`` (default: those the conversion created,
     ``attnzoo.new_modules``) train fully. ``stage="pretrain"`` counts the tokens as pretraining.
+
+    Speed: ``loss_chunk`` positions at a time through the output head (0: full logits), ``compile``
+    (``torch.compile`` of the repeated blocks and the loss chunk), ``activation_checkpointing`` (recompute
+    each block in the backward), ``teacher_placement`` (``replicate``: a full frozen copy per process, bf16
+    under bf16 mixed precision; ``shard``: FSDP shards it with the student). On CUDA, AdamW is the fused
+    kernel (``foreach`` under FSDP).
     """
 
     model: str
@@ -63,6 +70,10 @@ class UptrainOptions:
     cpu: bool = False
     context_parallel: int = 1
     extra_metadata: dict = field(default_factory=dict)
+    loss_chunk: int = 512
+    compile: bool = False
+    activation_checkpointing: bool = False
+    teacher_placement: str = "replicate"
 
     def validate(self) -> None:
         def positive_int(name, minimum=1, allow_none=False):
@@ -101,6 +112,8 @@ class UptrainOptions:
         positive_int("checkpoint_every", minimum=0)
         positive_int("stop_after", allow_none=True)
         positive_int("seed", minimum=0)
+        positive_int("loss_chunk", minimum=0)
+        check_choice("--teacher-placement", self.teacher_placement, TEACHER_PLACEMENTS)
         if self.lora_alpha is not None:
             number("lora_alpha", 0.0, float("inf"), lo_open=True)
         if self.mixed_precision is not None:
