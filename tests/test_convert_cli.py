@@ -156,7 +156,7 @@ def _corrupt(src: Path, how: str):
 @pytest.mark.parametrize("args, how, msg", [
     (["--to", "gqa", "--groups", "3"], None, r"groups=3: must divide the 8 query heads"),
     (["--to", "gqa"], None, "needs groups"),
-    (["--to", "nope"], None, r"unknown variant 'nope'.*converts to: bigbird, gqa"),
+    (["--to", "nope"], None, r"unknown variant 'nope'.*converts to: (arrcoc, )?bigbird, gqa"),
     (["--to", "gqa", "--groups", "2", "--method", "magic"], None, r"method='magic'"),
     (["--to", "gqa", "--groups", "2", "--dtype", "int8"], None, r"dtype='int8'"),
     (["--to", "mqa"], "missing", r"shard listed in model.safetensors.index.json is missing"),
