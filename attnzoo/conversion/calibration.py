@@ -1,0 +1,284 @@
+"""Calibration: activation statistics of a live model's attention layers, for data-aware converters.
+
+A weight-only conversion (``method="mean"``, ``"svd"``) assumes every input direction matters equally. Real
+activations are far from isotropic (a few directions of the residual stream carry most of the energy), so the
+data-aware methods first run the model on a little text and measure, at every attention site, the second
+moments of what the projections produce. This module is the one place that does it; the KV-head methods
+(:mod:`attnzoo.conversion.kv_pca`) and any other converter (MLA, linear attention, ...) read the same
+:class:`LayerStatistics`.
+
+**Data** (:func:`calibration_ids`, the ``calib`` option of the converters that use it): the same
+specifications as ``--data`` of ``attnzoo eval`` / ``uptrain`` (:func:`attnzoo.data.sources.open_data`):
+
+* ``None`` / ``"builtin"`` / ``"builtin:SEED"``: the built-in corpus (synthetic; right for models trained on
+  the built-in vocabulary, a poor stand-in for real text on a real model: pass a file there);
+* ``FILE.safetensors`` (a tensor ``input_ids``, 1-D stream or 2-D rows) or ``FILE.ids`` (whitespace-separated
+  integers): token ids, used as they are;
+* any other file: UTF-8 text, tokenized with the model's tokenizer.
+
+The stream is cut into ``sequences`` rows of ``seq_len`` tokens (fewer when the file is shorter). Every token
+of every row counts: calibration rows have no padding.
+
+**What is gathered** per attention site, in one streaming pass with forward hooks (:func:`gather_statistics`).
+A pre-hook on the module that reads the attention input (``q_proj``, or the fused ``qkv``) takes the input
+``x`` of every token and computes the site's own projections from its weights
+(:meth:`~attnzoo.patches.sites.Site.read`, so fused and interleaved layouts look like separate ones); a pre-hook
+on the output projection takes what feeds it. Sums, in float64, on the model's device:
+
+=========  ==================================  =============================================================
+field      shape                               the sum over tokens of
+=========  ==================================  =============================================================
+``q``      ``[heads, head_dim, head_dim]``     ``q_h q_hᵀ`` per query head (pre-RoPE, bias included)
+``k``      ``[kv*head_dim, kv*head_dim]``      ``k kᵀ``, every KV head together (pre-RoPE, bias included)
+``v``      ``[kv*head_dim, kv*head_dim]``      ``v vᵀ``, every KV head together
+``o_in``   ``[heads, head_dim, head_dim]``     ``a_h a_hᵀ``, ``a_h``: head ``h``'s attention output (o_proj input)
+``x``      ``[dim+1, dim+1]`` (``inputs=True``)  ``[x; 1][x; 1]ᵀ`` (any linear map's moments follow)
+=========  ==================================  =============================================================
+
+plus ``count`` (tokens). Memory per layer is that table: ``2·(kv·hd)² + 2·heads·hd²`` floats (for SmolLM2-135M
+about 1 MB per layer; for a Llama-3-8B layer 10 MB), the optional ``x`` adds ``(dim+1)²``. Sums of float64
+products do not depend on the order of the batches beyond rounding, and two passes merge by addition
+(:meth:`LayerStatistics.merge`).
+
+**RoPE.** Keys are measured before RoPE. The methods that need RoPE-commuting maps work per frequency pair on the
+complex numbers ``z = k[a] + i k[b]``; RoPE multiplies the pair of every head by the same ``e^{imθ}``, so the
+cross-head covariance ``E[z_i conj(z_j)]`` of a pair is the same before and after RoPE
+(:meth:`LayerStatistics.key_pair_covariance`): nothing is lost by measuring pre-RoPE, and no RoPE convention is
+needed here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import check_positive_int
+
+__all__ = ["LayerStatistics", "Calibration", "calibration_ids", "gather_statistics", "calibrate",
+           "DEFAULT_SEQUENCES", "DEFAULT_SEQ_LEN", "model_tokenizer"]
+
+DEFAULT_SEQUENCES = 128
+DEFAULT_SEQ_LEN = 512
+
+
+@dataclass
+class LayerStatistics:
+    """Second moments at one attention site (sums over ``count`` tokens, float64). See the module docstring.
+
+    The ``*_moment`` / ``*_covariance`` accessors divide by ``count`` (the uncentred second moment: the mean is
+    part of the signal a conversion must keep)."""
+
+    site: str
+    layer: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    count: int = 0
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    o_in: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+
+    _FIELDS = ("q", "k", "v", "o_in", "x")
+
+    def merge(self, other: LayerStatistics) -> LayerStatistics:
+        """The statistics of both passes (sums add)."""
+        if (other.site, other.heads, other.kv_heads, other.head_dim) != (self.site, self.heads, self.kv_heads,
+                                                                          self.head_dim):
+            raise ValueError(f"cannot merge statistics of {other.site!r} into {self.site!r}: different sites")
+        out = LayerStatistics(self.site, self.layer, self.heads, self.kv_heads, self.head_dim,
+                              self.count + other.count)
+        for name in self._FIELDS:
+            a, b = getattr(self, name), getattr(other, name)
+            setattr(out, name, None if a is None or b is None else a + b)
+        return out
+
+    def _mean(self, t: torch.Tensor | None, what: str) -> torch.Tensor:
+        if t is None:
+            raise ValueError(f"{self.site}: the calibration pass did not gather {what} (gather_statistics(..., "
+                             f"inputs=True) gathers the input moments)")
+        if self.count == 0:
+            raise ValueError(f"{self.site}: the calibration pass saw no token")
+        return t / self.count
+
+    def key_moment(self) -> torch.Tensor:
+        """``E[k kᵀ]`` over all KV heads, ``[kv*hd, kv*hd]`` (pre-RoPE)."""
+        return self._mean(self.k, "keys")
+
+    def value_moment(self) -> torch.Tensor:
+        """``E[v vᵀ]`` over all KV heads, ``[kv*hd, kv*hd]``."""
+        return self._mean(self.v, "values")
+
+    def query_moment(self) -> torch.Tensor:
+        """``E[q_h q_hᵀ]`` per query head, ``[heads, hd, hd]`` (pre-RoPE)."""
+        return self._mean(self.q, "queries")
+
+    def output_moment(self) -> torch.Tensor:
+        """``E[a_h a_hᵀ]`` per query head of the attention output that feeds o_proj, ``[heads, hd, hd]``."""
+        return self._mean(self.o_in, "attention outputs")
+
+    def input_moment(self) -> torch.Tensor:
+        """``E[[x;1][x;1]ᵀ]`` of the attention input, ``[dim+1, dim+1]`` (only with ``inputs=True``)."""
+        return self._mean(self.x, "inputs")
+
+    def moment_of(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``E[y yᵀ]`` of any linear map ``y = W x + b`` of the attention input (needs ``inputs=True``)."""
+        m = self.input_moment()
+        w = weight.to(m)
+        w = torch.cat([w, (torch.zeros(w.shape[0], dtype=m.dtype, device=m.device) if bias is None
+                           else bias.to(m))[:, None]], 1)
+        return w @ m @ w.T
+
+    def key_pair_covariance(self, a: list[int], b: list[int]) -> torch.Tensor:
+        """``C[p, i, j] = E[z_{i,p} conj(z_{j,p})]`` with ``z_{i,p} = k_i[a_p] + i·k_i[b_p]``, KV heads ``i, j``, the
+        rotated pairs ``(a_p, b_p)`` of one head (:meth:`~attnzoo.conversion.heads.RopeSpec.pairs`); complex
+        ``[P, kv, kv]``, Hermitian. Invariant under RoPE (see the module docstring)."""
+        m = self.key_moment().reshape(self.kv_heads, self.head_dim, self.kv_heads, self.head_dim)
+        ia, ib = torch.tensor(a, device=m.device), torch.tensor(b, device=m.device)
+        aa = m[:, ia][:, :, :, ia].diagonal(dim1=1, dim2=3)  # [kv, kv, P]: E[k_i[a_p] k_j[a_p]]
+        bb = m[:, ib][:, :, :, ib].diagonal(dim1=1, dim2=3)
+        ba = m[:, ib][:, :, :, ia].diagonal(dim1=1, dim2=3)  # E[k_i[b_p] k_j[a_p]]
+        ab = m[:, ia][:, :, :, ib].diagonal(dim1=1, dim2=3)
+        return torch.complex(aa + bb, ba - ab).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class Calibration:
+    """The result of a calibration pass: :class:`LayerStatistics` by site name, and where the data came from."""
+
+    layers: dict[str, LayerStatistics]
+    source: str
+    sequences: int
+    seq_len: int
+    tokens: int = field(init=False)
+
+    def __post_init__(self):
+        self.tokens = self.sequences * self.seq_len
+
+    def of(self, site: str) -> LayerStatistics:
+        """The statistics of the attention module named ``site`` (its qualified name)."""
+        try:
+            return self.layers[site]
+        except KeyError:
+            raise KeyError(f"no calibration statistics for {site!r}; gathered: {', '.join(self.layers)}") from None
+
+
+def model_tokenizer(model):
+    """The tokenizer saved where ``model`` was loaded from (``config._name_or_path``), or None."""
+    from ..data.tokenizer import load_tokenizer
+
+    where = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if not where or not Path(where).is_dir():
+        return None
+    return load_tokenizer(where)
+
+
+def calibration_ids(spec: str | None, sequences: int = DEFAULT_SEQUENCES, seq_len: int = DEFAULT_SEQ_LEN, *,
+                    tokenizer=None, vocab_size: int | None = None, option: str = "calib") -> torch.Tensor:
+    """Token ids ``[n, seq_len]`` (``n <= sequences``) for a calibration pass from ``spec`` (module docstring)."""
+    from ..data.sources import open_data
+
+    check_positive_int(f"{option}_sequences", sequences)
+    check_positive_int(f"{option}_seq_len", seq_len, minimum=2)
+    data = open_data("builtin" if spec is None else str(spec), seq_len, tokenizer=tokenizer, vocab_size=vocab_size,
+                     num_sequences=sequences, option=option)
+    return data.batch(range(data.num_sequences))
+
+
+def _input_module(site):
+    """The module whose input is the attention input ``x`` (q_proj, or the fused projection)."""
+    a, m = site.adapter, site.module
+    if site.swapped:
+        return m.q_proj
+    return getattr(m, a.q if a.layout == "separate" else a.qkv)
+
+
+def _gram(y: torch.Tensor) -> torch.Tensor:
+    y = y.reshape(-1, y.shape[-1]).double()
+    return y.T @ y
+
+
+def _head_gram(y: torch.Tensor, heads: int, hd: int) -> torch.Tensor:
+    y = y.reshape(-1, heads, hd).double().transpose(0, 1)  # [heads, N, hd]
+    return y.transpose(1, 2) @ y
+
+
+class _Accumulator:
+    """Hooks of one site adding into its :class:`LayerStatistics`."""
+
+    def __init__(self, site, inputs: bool):
+        self.site, self.inputs = site, inputs
+        w = site.read()
+        self.w = w
+        self.stats = LayerStatistics(site.fqn, site.layer, w.heads, w.kv_heads, w.head_dim)
+        self.handles = [_input_module(site).register_forward_pre_hook(self._on_input),
+                        site.root.get_submodule(site.o_path()).register_forward_pre_hook(self._on_output)]
+
+    @staticmethod
+    def _add(stats, name, value):
+        old = getattr(stats, name)
+        setattr(stats, name, value if old is None else old.add_(value))
+
+    def _on_input(self, module, args):
+        x = args[0].detach()
+        w, s = self.w, self.stats
+        x = x.reshape(-1, x.shape[-1]).to(w.q.dtype)
+        with torch.no_grad():
+            q = torch.nn.functional.linear(x, w.q, w.q_bias)
+            k = torch.nn.functional.linear(x, w.k, w.k_bias)
+            v = torch.nn.functional.linear(x, w.v, w.v_bias)
+            self._add(s, "q", _head_gram(q, w.heads, w.head_dim))
+            self._add(s, "k", _gram(k))
+            self._add(s, "v", _gram(v))
+            if self.inputs:
+                self._add(s, "x", _gram(torch.cat([x, torch.ones_like(x[:, :1])], 1)))
+        s.count += x.shape[0]
+
+    def _on_output(self, module, args):
+        a = args[0].detach()
+        with torch.no_grad():
+            self._add(self.stats, "o_in", _head_gram(a, self.w.heads, self.w.head_dim))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def gather_statistics(model, sites, ids: torch.Tensor, *, batch_size: int = 4, inputs: bool = False,
+                      progress: bool = True) -> dict[str, LayerStatistics]:
+    """Run ``model`` on ``ids`` ``[n, seq_len]`` (``batch_size`` rows at a time, no gradients, hooks removed
+    afterwards even on error) and return the :class:`LayerStatistics` of every site in ``sites``
+    (:func:`attnzoo.patches.walker.attention_sites`), by qualified name. ``inputs``: also the input moments."""
+    from tqdm.auto import tqdm
+
+    check_positive_int("batch_size", batch_size)
+    device = next(model.parameters()).device
+    accs = [_Accumulator(s, inputs) for s in sites]
+    was_training = model.training
+    model.eval()
+    extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, ids.shape[0], batch_size), desc="calibration", unit="batch",
+                              disable=not progress, leave=False):
+                model(input_ids=ids[start:start + batch_size].to(device), **extra)
+    finally:
+        for acc in accs:
+            acc.remove()
+        model.train(was_training)
+    return {acc.site.fqn: acc.stats for acc in accs}
+
+
+def calibrate(model, sites, spec: str | None = None, sequences: int = DEFAULT_SEQUENCES,
+              seq_len: int = DEFAULT_SEQ_LEN, *, tokenizer=None, inputs: bool = False, batch_size: int = 4,
+              progress: bool = True) -> Calibration:
+    """One calibration pass of ``model`` over the data ``spec`` (:func:`calibration_ids`; text is tokenized with
+    ``tokenizer``, by default the one saved where the model was loaded from, :func:`model_tokenizer`)."""
+    if tokenizer is None and spec is not None and not str(spec).startswith("builtin"):
+        tokenizer = model_tokenizer(model)
+    vocab = getattr(model.config, "vocab_size", None)
+    ids = calibration_ids(spec, sequences, seq_len, tokenizer=tokenizer, vocab_size=vocab)
+    layers = gather_statistics(model, sites, ids, batch_size=batch_size, inputs=inputs, progress=progress)
+    return Calibration(layers, "builtin" if spec is None else str(spec), ids.shape[0], ids.shape[1])
