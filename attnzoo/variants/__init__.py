@@ -5,10 +5,12 @@ Importing this package registers every built-in variant.
 from .cache import Cache, KVCache, LatentCache, StateCache
 from .config import RopeConfig, VariantConfig
 from .dense import DenseAttention, DenseConfig, GQAConfig, MHAConfig, MQAConfig
+from .mla import MLAAttention, MLAConfig, MLAOptions
 from .rolling_cache import RollingKVCache
 from .sparse import (BigBirdConfig, LongformerConfig, SlidingWindowConfig, SparseAttention, SparseConfig,
                      SparseFixedConfig, SparseStridedConfig)
 
 __all__ = ["VariantConfig", "RopeConfig", "Cache", "KVCache", "LatentCache", "StateCache", "DenseAttention", "DenseConfig", "MHAConfig",
            "GQAConfig", "MQAConfig", "RollingKVCache", "SparseAttention", "SparseConfig", "SlidingWindowConfig",
-           "LongformerConfig", "BigBirdConfig", "SparseStridedConfig", "SparseFixedConfig"]
+           "LongformerConfig", "BigBirdConfig", "SparseStridedConfig", "SparseFixedConfig",
+           "MLAOptions", "MLAConfig", "MLAAttention"]
