@@ -259,13 +259,15 @@ def _assemble(sp: RopeSplit, a: torch.Tensor, b: torch.Tensor, alpha: float, sca
 
 def convert_layer(w: AttnWeights, rope: RopeSpec, *, kv_rank: int, rope_dim: int, scale: float,
                   rope_keys: str = "shared", rope_method: str = "pca", gram: torch.Tensor | None = None,
-                  balanced: bool = True) -> MLALayer:
+                  factor_gram: torch.Tensor | None | str = "same", balanced: bool = True) -> MLALayer:
     """One source layer -> :class:`MLALayer` with a latent of ``kv_rank`` channels. ``scale``: the source's
-    softmax scale (``head_dim**-0.5`` for most models); ``gram``: the input's second moment (calibrated methods)
-    or None (weight-only: RoPE split and SVD on the weights); ``balanced``: K/V norm balancing."""
+    softmax scale (``head_dim**-0.5`` for most models); ``gram``: the input's second moment, used by the RoPE split
+    and (unless ``factor_gram`` says otherwise: None for a weight SVD) by the joint low rank; None everywhere:
+    weight-only. ``balanced``: K/V norm balancing."""
     sp = split_rope(w, rope, rope_dim, rope_keys=rope_keys, rope_method=rope_method, gram=gram)
-    alpha = balance(sp.k_nope, sp.v, gram) if balanced else 1.0
-    a, b = joint_factor(torch.cat([alpha * sp.k_nope, sp.v]), kv_rank, gram)
+    fg = gram if isinstance(factor_gram, str) else factor_gram
+    alpha = balance(sp.k_nope, sp.v, fg) if balanced else 1.0
+    a, b = joint_factor(torch.cat([alpha * sp.k_nope, sp.v]), kv_rank, fg)
     return _assemble(sp, a, b, alpha, scale)
 
 
