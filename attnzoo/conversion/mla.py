@@ -56,7 +56,7 @@ import torch
 from ..errors import check_choice, check_positive_int
 from .heads import AttnWeights, RopeSpec
 
-__all__ = ["ROPE_METHODS", "ROPE_KEYS", "MLALayer", "RopeSplit", "augment", "fold_factor", "split_rope",
+__all__ = ["ROPE_METHODS", "ROPE_KEYS", "MLALayer", "RopeSplit", "augment", "fold_factor", "split_rope", "nope_dim_of", "rope_pairs_of",
            "balance", "joint_factor", "convert_layer", "full_rank", "add_anchor", "anchor_beta",
            "latent_norm_bound"]
 
@@ -91,6 +91,19 @@ def fold_factor(rotary_dim: int, rope_dim: int, where: str = "") -> int:
                          f"even and its pairs must divide the source's {rotary_dim // 2} frequency pairs; valid: "
                          f"{valid}")
     return rotary_dim // rope_dim
+
+
+def nope_dim_of(head_dim: int, rotary_dim: int, kv_heads: int, rope_dim: int, rope_keys: str) -> int:
+    """Per-head nope dims of the conversion: ``head_dim``, or ``head_dim - rotary_dim`` when every fold group has
+    a single component (per-head rope keys without folding, or one KV head), so no rotated residual is left."""
+    components = (1 if rope_keys == "per_head" else kv_heads) * (rotary_dim // rope_dim)
+    return head_dim if components > 1 else head_dim - rotary_dim
+
+
+def rope_pairs_of(rotary_dim: int, rope_dim: int) -> list[int]:
+    """The source frequency pairs whose frequencies the ``rope_dim/2`` rope pairs turn at: ``f*j``."""
+    f = fold_factor(rotary_dim, rope_dim)
+    return [f * j for j in range(rope_dim // 2)]
 
 
 @dataclass
@@ -169,8 +182,7 @@ def split_rope(w: AttnWeights, rope: RopeSpec, rope_dim: int, *, rope_keys: str 
     k_rope = real_half(key).reshape(R * rope_dim, -1)
     a_idx, b_idx = rope.pairs()
     plain = [i for i in range(D) if i >= rd]  # dims RoPE never touches
-    with_rotary = (G // R) * f > 1  # a group with one component leaves no residual
-    if with_rotary:
+    if nope_dim_of(D, rd, G, rope_dim, rope_keys) == D:
         res = resid.reshape(R, P, G // R, f, -1).permute(0, 2, 1, 3, 4).reshape(G, rd // 2, -1)
         k_new = k_aug.reshape(G, D, -1).clone()
         k_new[:, a_idx] = res.real

@@ -105,8 +105,10 @@ def deepseek_config(config, *, kv_lora_rank: int, nope_dim: int, rope_dim: int, 
     return out
 
 
-def deepseek_state_dict(model, attn: dict[int, dict[str, torch.Tensor]], dtype=None) -> dict[str, torch.Tensor]:
-    """The export's tensors: ``attn[layer]`` (from :func:`attention_tensors`) and the source model's others, renamed
+def deepseek_state_dict(model, attn: dict[int, dict[str, torch.Tensor]] | None,
+                        dtype=None) -> dict[str, torch.Tensor]:
+    """The export's tensors: ``attn[layer]`` (from :func:`attention_tensors`; None: the model's own attention
+    tensors, an mla-patched model's, already in DeepSeek's names) and the source model's others, renamed
     and adjusted per family (Gemma: norms ``1 + w``, embeddings scaled by ``sqrt(hidden)`` and untied from the
     head; Phi-3: ``gate_up_proj`` split)."""
     config = model.config
@@ -114,7 +116,7 @@ def deepseek_state_dict(model, attn: dict[int, dict[str, torch.Tensor]], dtype=N
     sd = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
-        if ".self_attn." in name:
+        if ".self_attn." in name and attn is not None:
             continue
         t = t.detach()
         if mt == "gemma" and name.endswith("norm.weight"):
@@ -132,7 +134,7 @@ def deepseek_state_dict(model, attn: dict[int, dict[str, torch.Tensor]], dtype=N
         out["lm_head.weight"] = emb.detach().clone()
     elif getattr(config, "tie_word_embeddings", False):
         out.pop("lm_head.weight", None)
-    for layer, tensors in attn.items():
+    for layer, tensors in (attn or {}).items():
         for k, v in tensors.items():
             out[f"model.layers.{layer}.self_attn.{k}"] = v
     target = dtype or next(model.parameters()).dtype
