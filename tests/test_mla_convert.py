@@ -109,3 +109,17 @@ def test_bad_options_name_the_valid_ones():
         attnzoo.patch(model, "mla", kv_rank=16, rope_dim=4, method="mean")
     with pytest.raises(ValueError, match="q_rank"):
         attnzoo.patch(model, "mla", kv_rank=16, rope_dim=4, q_rank=8)
+
+
+def test_info_mla_rows_follow_the_models_shapes(tmp_path, capsys):
+    from attnzoo.cli import main
+
+    d = tmp_path / "smol"  # SmolLM2-135M's attention: 576 wide, 9 heads, 3 KV heads of 64
+    tf.LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576,
+                   intermediate_size=1536, dtype="bfloat16").save_pretrained(d)
+    assert main(["info", str(d), "--kv-rank", "512", "--rope-dim", "64"]) == 0
+    lines = {ln.split("  ")[0].strip(): ln for ln in capsys.readouterr().out.splitlines()}
+    assert "22.5 KiB" in lines["as is (GQA-3)"]  # 30 x 384 x 2 B
+    assert "7.03 KiB" in lines["MLA -68.75% (88 latent + 32 rope)"]  # 30 x 120 x 2 B
+    assert "2.81 KiB" in lines["MLA -87.50% (32 latent + 16 rope)"]
+    assert "33.8 KiB" in lines["MLA (512 latent + 64 rope)"]  # asked for: larger than the model's own cache

@@ -56,7 +56,7 @@ import torch
 from ..errors import check_choice, check_positive_int
 from .heads import AttnWeights, RopeSpec
 
-__all__ = ["ROPE_METHODS", "ROPE_KEYS", "MLALayer", "RopeSplit", "augment", "fold_factor", "split_rope", "nope_dim_of", "rope_pairs_of",
+__all__ = ["ROPE_METHODS", "ROPE_KEYS", "MLALayer", "RopeSplit", "augment", "fold_factor", "split_rope", "BUDGETS", "budget_shapes", "nope_dim_of", "rope_pairs_of",
            "balance", "joint_factor", "convert_layer", "full_rank", "add_anchor", "anchor_beta",
            "latent_norm_bound"]
 
@@ -104,6 +104,25 @@ def rope_pairs_of(rotary_dim: int, rope_dim: int) -> list[int]:
     """The source frequency pairs whose frequencies the ``rope_dim/2`` rope pairs turn at: ``f*j``."""
     f = fold_factor(rotary_dim, rope_dim)
     return [f * j for j in range(rope_dim // 2)]
+
+
+#: the KV-cache savings of the MHA2MLA paper's budgets (and of ``attnzoo info``'s MLA rows): -68.75% and -87.5%
+BUDGETS = (0.6875, 0.875)
+
+
+def budget_shapes(per_token: int, rotary_dim: int, saving: float, max_rope_dim: int = 64) -> tuple[int, int]:
+    """``(kv_rank, rope_dim)`` of an MLA layer caching ``(1 - saving) * per_token`` numbers per token, where the
+    source layer caches ``per_token`` (``2 * kv_heads * head_dim``) and rotates ``rotary_dim`` dims: ``rope_dim``
+    the largest valid one (:func:`fold_factor`) up to half the rotary dims, a third of the budget and
+    ``max_rope_dim`` (DeepSeek's 64 for 128-dim heads), ``kv_rank`` the rest of the budget (at least 2)."""
+    if not 0 < saving < 1:
+        raise ValueError(f"saving={saving!r}: expected a fraction in (0, 1), e.g. 0.6875")
+    total = round(per_token * (1 - saving))
+    pairs = rotary_dim // 2
+    cap = max(1, min(max_rope_dim // 2, pairs // 2, total // 6))
+    rope_pairs = max(p for p in range(1, cap + 1) if pairs % p == 0)
+    rope_dim = 2 * rope_pairs
+    return max(total - rope_dim, 2), rope_dim
 
 
 @dataclass
