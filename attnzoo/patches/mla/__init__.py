@@ -35,8 +35,10 @@ from .deepseek import anchored, deepseek_config, deepseek_state_dict, export_blo
 from .layers import METHOD_HELP, METHODS, check_site, convert_site, rope_inv_freq
 from .wrapper import HFMLAAttention
 
-__all__ = ["MLA", "MLAConverter", "mla", "save_deepseek_v3_model"]
+__all__ = ["MLA", "MLAConverter", "mla", "save_deepseek_v3_model", "NEW_MODULES"]
 
+#: the modules a conversion computes (``uptrain --lora`` trains them fully; o_proj and the MLP keep theirs)
+NEW_MODULES = ("q_proj", "kv_a_proj_with_mqa", "kv_b_proj")
 _CALIB_KEY = "_calibration"  # the calibration pass's statistics, between prepare() and finish() (not recorded)
 
 
@@ -180,7 +182,10 @@ class MLAConverter(Converter):
         setattr(get_submodule(site.root, site.parent_path), site.attr, self._module(site, plan))
 
     def finish(self, model, adapter, sites, plans, opts, native):
+        from ...checkpoint_io import update_metadata
+
         opts.pop(_CALIB_KEY, None)
+        update_metadata(model, new_modules=list(NEW_MODULES))  # uptrain --lora trains these fully
         blockers = {p.get("why_not_deepseek") for p in plans.values()} - {None}
         if len(plans) == len(sites) and not blockers:
             return {"note": "a plain deepseek_v3 checkpoint: attnzoo convert --to mla writes one, "
@@ -234,6 +239,11 @@ def save_deepseek_v3_model(model, out_dir, dtype=None) -> list[str]:
     m = sites[0].module
     config = deepseek_config(model.config, kv_lora_rank=m.kv_rank, nope_dim=m.nope_dim, rope_dim=m.rope_dim,
                              v_dim=m.v_dim, dtype=str(dtype or next(model.parameters()).dtype).replace("torch.", ""))
+    from ...checkpoint_io import read_metadata
+    from ...record import PATCH_KEYS
+
+    # attnzoo's other metadata (pretraining tokens, new_modules for uptraining); no patch record: plain transformers
+    config.attnzoo = {k: v for k, v in read_metadata(model.config).items() if k not in PATCH_KEYS}
     return save_deepseek_v3(config, deepseek_state_dict(model, None, dtype), out_dir)
 
 
