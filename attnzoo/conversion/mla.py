@@ -159,10 +159,25 @@ def _energy(rows: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...i,ij,...j->...", rows, sc, rows.conj()).real.clamp_min(0)
 
 
+def _sqrt_hermitian(m: torch.Tensor, ridge: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``m^(1/2)`` and ``m^(-1/2)`` of Hermitian PSD ``[..., n, n]`` matrices (a small ridge keeps the inverse
+    bounded where a component reaches no query)."""
+    n = m.shape[-1]
+    scale = (m.diagonal(dim1=-2, dim2=-1).real.sum(-1) / n).clamp_min(1e-30)
+    evals, vecs = torch.linalg.eigh(m)
+    evals = evals.clamp_min(0) + ridge * scale[..., None]
+    root = (vecs * evals.sqrt().to(vecs.dtype).unsqueeze(-2)) @ vecs.conj().transpose(-1, -2)
+    inv = (vecs * evals.rsqrt().to(vecs.dtype).unsqueeze(-2)) @ vecs.conj().transpose(-1, -2)
+    return root, inv
+
+
 def split_rope(w: AttnWeights, rope: RopeSpec, rope_dim: int, *, rope_keys: str = "shared",
-               rope_method: str = "pca", gram: torch.Tensor | None = None) -> RopeSplit:
+               rope_method: str = "pca", gram: torch.Tensor | None = None,
+               query_weighted: bool = True) -> RopeSplit:
     """Decouple RoPE (see the module docstring): the rope queries/keys of ``rope_dim`` dims and the nope
-    queries/keys, plus the values, as augmented float64 rows. ``gram``: ``E[[x;1][x;1]^T]`` (None: weight-only)."""
+    queries/keys, plus the values, as augmented float64 rows. ``gram``: ``E[[x;1][x;1]^T]`` (None: weight-only).
+    ``query_weighted`` (``"pca"``): the kept direction minimises the error of the scores, not of the keys (the
+    keys whitened by the query moment of their own heads before the PCA; False: TransMLA's plain key PCA)."""
     check_choice("rope_keys", rope_keys, ROPE_KEYS)
     check_choice("rope_method", rope_method, ROPE_METHODS)
     if rope.rotary_dim == 0:
@@ -181,14 +196,29 @@ def split_rope(w: AttnWeights, rope: RopeSpec, rope_dim: int, *, rope_keys: str 
     if rope_method == "pca":
         sc = s.to(comp.dtype)
         cov = torch.einsum("rpci,ij,rpdj->rpcd", comp, sc, comp.conj())  # Hermitian [R, P, n, n]
-        _, vecs = torch.linalg.eigh(cov)
-        u = vecs[..., -1]  # [R, P, n] unit, top eigenvector
+        if query_weighted:
+            # the score error of a residual e is sum_h |q_h^H e|^2: whiten the keys by the query moment of each
+            # component's own heads (block diagonal over KV heads), keep the top direction there
+            qm = torch.einsum("hpti,ij,hpsj->hpts", zq, sc, zq.conj()).reshape(G, rep, P, f, f).sum(1)  # [G,P,f,f]
+            qm = qm.reshape(R, G // R, P, f, f).permute(0, 2, 1, 3, 4)  # [R, P, G/R, f, f]
+            n = (G // R) * f
+            blocks = torch.zeros(R, P, n, n, dtype=comp.dtype, device=comp.device)
+            for g in range(G // R):
+                blocks[:, :, g * f:(g + 1) * f, g * f:(g + 1) * f] = qm[:, :, g]
+            root, inv = _sqrt_hermitian(blocks)
+            _, vecs = torch.linalg.eigh(root @ cov @ root)
+            top = vecs[..., -1]
+            proj = torch.einsum("rpcd,rpd->rpc", root, top)  # key = proj^H z
+            u = torch.einsum("rpcd,rpd->rpc", inv, top)  # z ~ u key
+        else:
+            _, vecs = torch.linalg.eigh(cov)
+            u = proj = vecs[..., -1]  # [R, P, n] unit, top eigenvector
     else:
         kn = _energy(zk, s).sqrt()  # [G, P, f]
         qn = _energy(zq, s).sqrt().reshape(G, rep, P, f).sum(1)  # [G, P, f]: sum over the KV head's query heads
         contrib = (qn * kn).reshape(R, G // R, P, f).permute(0, 2, 1, 3).reshape(R, P, -1)
-        u = torch.nn.functional.one_hot(contrib.argmax(-1), contrib.shape[-1]).to(comp.dtype)
-    key = torch.einsum("rpc,rpci->rpi", u.conj(), comp)  # [R, P, dim+1]: w = u^H z
+        u = proj = torch.nn.functional.one_hot(contrib.argmax(-1), contrib.shape[-1]).to(comp.dtype)
+    key = torch.einsum("rpc,rpci->rpi", proj.conj(), comp)  # [R, P, dim+1]: w = proj^H z
     resid = comp - u[..., None] * key[:, :, None]  # [R, P, n, dim+1]
     # queries: head h, group p: sum over its own KV head's components of conj(u_c) z_q
     u_heads = u.reshape(R, P, G // R, f).permute(0, 2, 1, 3).reshape(G, P, f)  # [G, P, f]
@@ -290,12 +320,14 @@ def _assemble(sp: RopeSplit, a: torch.Tensor, b: torch.Tensor, alpha: float, sca
 
 def convert_layer(w: AttnWeights, rope: RopeSpec, *, kv_rank: int, rope_dim: int, scale: float,
                   rope_keys: str = "shared", rope_method: str = "pca", gram: torch.Tensor | None = None,
-                  factor_gram: torch.Tensor | None | str = "same", balanced: bool = True) -> MLALayer:
+                  factor_gram: torch.Tensor | None | str = "same", balanced: bool = True,
+                  query_weighted: bool = True) -> MLALayer:
     """One source layer -> :class:`MLALayer` with a latent of ``kv_rank`` channels. ``scale``: the source's
     softmax scale (``head_dim**-0.5`` for most models); ``gram``: the input's second moment, used by the RoPE split
     and (unless ``factor_gram`` says otherwise: None for a weight SVD) by the joint low rank; None everywhere:
-    weight-only. ``balanced``: K/V norm balancing."""
-    sp = split_rope(w, rope, rope_dim, rope_keys=rope_keys, rope_method=rope_method, gram=gram)
+    weight-only. ``balanced``: K/V norm balancing; ``query_weighted``: see :func:`split_rope`."""
+    sp = split_rope(w, rope, rope_dim, rope_keys=rope_keys, rope_method=rope_method, gram=gram,
+                    query_weighted=query_weighted)
     fg = gram if isinstance(factor_gram, str) else factor_gram
     alpha = balance(sp.k_nope, sp.v, fg) if balanced else 1.0
     a, b = joint_factor(torch.cat([alpha * sp.k_nope, sp.v]), kv_rank, fg)

@@ -10,16 +10,19 @@ from ..sites import Site
 
 __all__ = ["METHODS", "source_scale", "check_site", "convert_site", "rope_inv_freq"]
 
-#: ``method`` -> (rope split, calibrated RoPE split, calibrated low rank, K/V balancing)
+#: ``method`` -> (rope split, calibrated RoPE split, calibrated low rank, K/V balancing, query-weighted RoPE PCA)
 METHODS = {
-    "pca": ("pca", True, True, True),
-    "svd": ("pca", False, False, True),
-    "mha2mla": ("norm", True, False, False),
+    "pca": ("pca", False, True, True, True),
+    "svd": ("pca", False, False, True, True),
+    "transmla": ("pca", True, True, True, False),
+    "mha2mla": ("norm", True, False, False, False),
 }
-METHOD_HELP = ("'pca' (default): RoRoPE/FreqFold by complex PCA of the keys across KV heads per frequency, K/V "
-               "norms balanced, joint activation PCA of [K_nope; V], on calibration data; 'svd': the same with no "
-               "data (weights only: the PCA of the weights, a joint SVD); 'mha2mla': MHA2MLA's recipe, partial "
-               "RoPE by q.k 2-norm contribution on calibration data and a joint SVD of the weights")
+METHOD_HELP = ("'pca' (default): rope keys by a complex PCA across KV heads per frequency (RoRoPE; FreqFold when "
+               "rope_dim < the rotary dims) weighted by the queries, on the weights, then K/V norms balanced and a "
+               "joint activation PCA of [K_nope; V] on calibration data (the best measured; docs/mla-conversion.md); "
+               "'svd': no data (the same split, a joint SVD of the weights); 'transmla': TransMLA's recipe (the key "
+               "PCA on calibration activations, unweighted, then the balanced activation PCA); 'mha2mla': MHA2MLA's "
+               "recipe (partial RoPE by q.k 2-norm contribution on calibration data, joint SVD of the weights)")
 
 
 def source_scale(site: Site) -> float:
@@ -58,7 +61,7 @@ def convert_site(site: Site, *, kv_rank: int, rope_dim: int, rope_keys: str, met
     """The site as an :class:`MLALayer` with ``kv_rank`` data channels. ``gram``: the input's second moment
     ``[dim+1, dim+1]`` (calibrated methods), else None."""
     check_site(site)
-    rope_method, rope_cal, factor_cal, balanced = METHODS[method]
+    rope_method, rope_cal, factor_cal, balanced, weighted = METHODS[method]
     return convert_layer(site.read(), site.rope(), kv_rank=kv_rank, rope_dim=rope_dim, scale=source_scale(site),
                          rope_keys=rope_keys, rope_method=rope_method, gram=gram if rope_cal else None,
-                         factor_gram=gram if factor_cal else None, balanced=balanced)
+                         factor_gram=gram if factor_cal else None, balanced=balanced, query_weighted=weighted)
