@@ -109,7 +109,7 @@ def main():
     eval_data = batch(chain, 512, torch.Generator().manual_seed(123))
     base_all, base_copy = losses(model, eval_data)
     # ablation: svd without the partner weighting
-    METHODS["svd_unweighted"] = Method("svd_unweighted", lambda w, gr, rope: svd_mod.svd_pool(w, gr, rope, False),
+    METHODS["svd_unweighted"] = Method("svd_unweighted", lambda w, gr, rope, stats: svd_mod.svd_pool(w, gr, rope, False),
                                        "ablation", needs_o=True, changes_q=True, linear_keys=True)
     rows = [{"model": "MHA (8 KV heads), trained", "method": "-", "loss": base_all, "copy-half loss": base_copy,
              "after uptraining": None}]

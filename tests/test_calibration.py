@@ -112,3 +112,27 @@ def test_calibration_data_and_errors(tmp_path):
     assert isinstance(cal, Calibration) and cal.tokens == 40 and cal.of(sites[0].fqn).count == 40
     with pytest.raises(KeyError, match="no calibration statistics"):
         cal.of("nowhere")
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_mixed_values_equal_eager_attention(name):
+    """v_mix: every KV head's values mixed by each query head's attention probabilities (from transformers' eager
+    attention), summed per KV head."""
+    torch.manual_seed(3)
+    model, _ = TINY[name].make()
+    model.config._attn_implementation = "eager"
+    _, sites = attention_sites(model)
+    ids = torch.randint(3, 97, (2, 10))
+    stats = gather_statistics(model, sites, ids, mixed_values=True, progress=False)
+    values = []
+    hooks = [s.module.v_proj.register_forward_hook(lambda m, i, o: values.append(o)) for s in sites]
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=False, output_attentions=True)
+    for h in hooks:
+        h.remove()
+    for site, probs, v in zip(sites, out.attentions, values):
+        st = stats[site.fqn]
+        mixed = (probs.double() @ v.double().unsqueeze(1))  # [b, heads, t, kv*hd]
+        qpk = st.heads // st.kv_heads
+        mixed = mixed.reshape(2, st.kv_heads, qpk, 10, -1).transpose(0, 1).reshape(st.kv_heads, -1, mixed.shape[-1])
+        torch.testing.assert_close(st.v_mix, mixed.transpose(1, 2) @ mixed, rtol=1e-4, atol=1e-5)

@@ -33,9 +33,14 @@ field      shape                               the sum over tokens of
 ``v``      ``[kv*head_dim, kv*head_dim]``      ``v vᵀ``, every KV head together
 ``o_in``   ``[heads, head_dim, head_dim]``     ``a_h a_hᵀ``, ``a_h``: head ``h``'s attention output (o_proj input)
 ``x``      ``[dim+1, dim+1]`` (``inputs=True``)  ``[x; 1][x; 1]ᵀ`` (any linear map's moments follow)
+``v_mix``  ``[kv, kv*hd, kv*hd]``              ``ṽ_h ṽ_hᵀ`` summed over the query heads ``h`` reading each KV head
+           (``mixed_values=True``)             ``i``; ``ṽ_h = Σ_t α_{h,t} v_t``: every KV head's values, mixed
+                                               by head ``h``'s attention (what o_proj would see if ``h`` read them)
 =========  ==================================  =============================================================
 
-plus ``count`` (tokens). Memory per layer is that table: ``2·(kv·hd)² + 2·heads·hd²`` floats (for SmolLM2-135M
+plus ``count`` (tokens). ``v_mix`` recomputes the attention probabilities in the hook (causal as the site says,
+RoPE from the ``position_embeddings`` the model hands its attention modules, the module's ``scaling``; no sliding
+window, no soft-capping): about a fifth more compute for the pass. Memory per layer is that table: ``2·(kv·hd)² + 2·heads·hd²`` floats (for SmolLM2-135M
 about 1 MB per layer; for a Llama-3-8B layer 10 MB), the optional ``x`` adds ``(dim+1)²``. Sums of float64
 products do not depend on the order of the batches beyond rounding, and two passes merge by addition
 (:meth:`LayerStatistics.merge`).
@@ -53,13 +58,32 @@ from pathlib import Path
 
 import torch
 
-from ..errors import check_positive_int
+from ..errors import check_positive_int, check_type
+from ..options import option
 
-__all__ = ["LayerStatistics", "Calibration", "calibration_ids", "gather_statistics", "calibrate",
+__all__ = ["CalibrationOptions", "LayerStatistics", "Calibration", "calibration_ids", "gather_statistics", "calibrate",
            "DEFAULT_SEQUENCES", "DEFAULT_SEQ_LEN", "model_tokenizer"]
 
 DEFAULT_SEQUENCES = 128
 DEFAULT_SEQ_LEN = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibrationOptions:
+    """The calibration options of a converter with data-aware methods (a mixin of its typed patch config; the
+    flags of ``attnzoo convert`` follow). Unused by the methods that need no data."""
+
+    calib: str | None = option(None, help="calibration data of the data-aware methods: a text file (tokenized "
+                               "with the model's tokenizer), token ids (.safetensors with input_ids, or .ids), "
+                               "'builtin' or 'builtin:SEED'; None: the built-in corpus", metavar="FILE")
+    calib_sequences: int = option(DEFAULT_SEQUENCES, help="calibration sequences (fewer when the data is shorter)")
+    calib_seq_len: int = option(DEFAULT_SEQ_LEN, help="tokens per calibration sequence")
+
+    def validate(self) -> None:
+        if self.calib is not None:
+            check_type("calib", self.calib, str, "a file path (str), 'builtin', 'builtin:SEED' or None")
+        check_positive_int("calib_sequences", self.calib_sequences)
+        check_positive_int("calib_seq_len", self.calib_seq_len, minimum=2)
 
 
 @dataclass
@@ -80,8 +104,9 @@ class LayerStatistics:
     v: torch.Tensor | None = None
     o_in: torch.Tensor | None = None
     x: torch.Tensor | None = None
+    v_mix: torch.Tensor | None = None
 
-    _FIELDS = ("q", "k", "v", "o_in", "x")
+    _FIELDS = ("q", "k", "v", "o_in", "x", "v_mix")
 
     def merge(self, other: LayerStatistics) -> LayerStatistics:
         """The statistics of both passes (sums add)."""
@@ -118,6 +143,11 @@ class LayerStatistics:
     def output_moment(self) -> torch.Tensor:
         """``E[a_h a_hᵀ]`` per query head of the attention output that feeds o_proj, ``[heads, hd, hd]``."""
         return self._mean(self.o_in, "attention outputs")
+
+    def mixed_value_moment(self) -> torch.Tensor | None:
+        """``E[ṽ ṽᵀ]`` per KV head of the attention-mixed values of every KV head, ``[kv, kv*hd, kv*hd]``, or None
+        when not gathered (``mixed_values=False``)."""
+        return None if self.v_mix is None else self._mean(self.v_mix, "mixed values")
 
     def input_moment(self) -> torch.Tensor:
         """``E[[x;1][x;1]ᵀ]`` of the attention input, ``[dim+1, dim+1]`` (only with ``inputs=True``)."""
@@ -208,13 +238,43 @@ def _head_gram(y: torch.Tensor, heads: int, hd: int) -> torch.Tensor:
 class _Accumulator:
     """Hooks of one site adding into its :class:`LayerStatistics`."""
 
-    def __init__(self, site, inputs: bool):
-        self.site, self.inputs = site, inputs
+    def __init__(self, site, inputs: bool, mixed_values: bool):
+        self.site, self.inputs, self.mixed = site, inputs, mixed_values
         w = site.read()
-        self.w = w
+        self.w, self.rope, self.rope_tables = w, site.rope(), None
         self.stats = LayerStatistics(site.fqn, site.layer, w.heads, w.kv_heads, w.head_dim)
         self.handles = [_input_module(site).register_forward_pre_hook(self._on_input),
                         site.root.get_submodule(site.o_path()).register_forward_pre_hook(self._on_output)]
+        if mixed_values:
+            self.handles.append(site.module.register_forward_pre_hook(self._on_attention, with_kwargs=True))
+
+    def _on_attention(self, module, args, kwargs):
+        pe = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+        self.rope_tables = pe if isinstance(pe, tuple) else None
+
+    def _mixed_values(self, q, k, v, shape):
+        """Σ over tokens and the query heads of each KV head of ``ṽ ṽᵀ`` (see the module docstring)."""
+        from ..ops.rope import apply_rope
+
+        w, hd = self.w, self.w.head_dim
+        b, t = shape
+        q = q.reshape(b, t, w.heads, hd).transpose(1, 2)
+        k = k.reshape(b, t, w.kv_heads, hd).transpose(1, 2)
+        if self.rope.rotary_dim:
+            if self.rope_tables is None:
+                raise ValueError(f"{self.site.fqn}: mixed_values needs the RoPE tables, but the attention module was "
+                                 "not called with position_embeddings; gather with mixed_values=False")
+            cos, sin = (c[..., : self.rope.rotary_dim] for c in self.rope_tables)
+            q, k = apply_rope(q, cos, sin, self.rope.style), apply_rope(k, cos, sin, self.rope.style)
+        qpk = w.heads // w.kv_heads
+        scale = getattr(self.site.module, "scaling", None) or hd**-0.5
+        s = (q.float() @ k.float().repeat_interleave(qpk, 1).transpose(-1, -2)) * scale  # [b, heads, t, t]
+        if self.site.causal:
+            s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        mixed = s.softmax(-1) @ v.reshape(b, 1, t, -1).float()  # [b, heads, t, kv*hd]
+        mixed = mixed.reshape(b, w.kv_heads, qpk, t, -1).transpose(0, 1).reshape(w.kv_heads, -1, mixed.shape[-1])
+        mixed = mixed.double()
+        return mixed.transpose(1, 2) @ mixed
 
     @staticmethod
     def _add(stats, name, value):
@@ -224,6 +284,7 @@ class _Accumulator:
     def _on_input(self, module, args):
         x = args[0].detach()
         w, s = self.w, self.stats
+        shape = x.shape[:2]
         x = x.reshape(-1, x.shape[-1]).to(w.q.dtype)
         with torch.no_grad():
             q = torch.nn.functional.linear(x, w.q, w.q_bias)
@@ -234,6 +295,8 @@ class _Accumulator:
             self._add(s, "v", _gram(v))
             if self.inputs:
                 self._add(s, "x", _gram(torch.cat([x, torch.ones_like(x[:, :1])], 1)))
+            if self.mixed:
+                self._add(s, "v_mix", self._mixed_values(q, k, v, shape))
         s.count += x.shape[0]
 
     def _on_output(self, module, args):
@@ -247,15 +310,16 @@ class _Accumulator:
 
 
 def gather_statistics(model, sites, ids: torch.Tensor, *, batch_size: int = 4, inputs: bool = False,
-                      progress: bool = True) -> dict[str, LayerStatistics]:
+                      mixed_values: bool = False, progress: bool = True) -> dict[str, LayerStatistics]:
     """Run ``model`` on ``ids`` ``[n, seq_len]`` (``batch_size`` rows at a time, no gradients, hooks removed
     afterwards even on error) and return the :class:`LayerStatistics` of every site in ``sites``
-    (:func:`attnzoo.patches.walker.attention_sites`), by qualified name. ``inputs``: also the input moments."""
+    (:func:`attnzoo.patches.walker.attention_sites`), by qualified name. ``inputs``: also the input moments;
+    ``mixed_values``: also the attention-mixed value moments (``v_mix``)."""
     from tqdm.auto import tqdm
 
     check_positive_int("batch_size", batch_size)
     device = next(model.parameters()).device
-    accs = [_Accumulator(s, inputs) for s in sites]
+    accs = [_Accumulator(s, inputs, mixed_values) for s in sites]
     was_training = model.training
     model.eval()
     extra = {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
@@ -272,13 +336,14 @@ def gather_statistics(model, sites, ids: torch.Tensor, *, batch_size: int = 4, i
 
 
 def calibrate(model, sites, spec: str | None = None, sequences: int = DEFAULT_SEQUENCES,
-              seq_len: int = DEFAULT_SEQ_LEN, *, tokenizer=None, inputs: bool = False, batch_size: int = 4,
-              progress: bool = True) -> Calibration:
+              seq_len: int = DEFAULT_SEQ_LEN, *, tokenizer=None, inputs: bool = False, mixed_values: bool = False,
+              batch_size: int = 4, progress: bool = True) -> Calibration:
     """One calibration pass of ``model`` over the data ``spec`` (:func:`calibration_ids`; text is tokenized with
     ``tokenizer``, by default the one saved where the model was loaded from, :func:`model_tokenizer`)."""
     if tokenizer is None and spec is not None and not str(spec).startswith("builtin"):
         tokenizer = model_tokenizer(model)
     vocab = getattr(model.config, "vocab_size", None)
     ids = calibration_ids(spec, sequences, seq_len, tokenizer=tokenizer, vocab_size=vocab)
-    layers = gather_statistics(model, sites, ids, batch_size=batch_size, inputs=inputs, progress=progress)
+    layers = gather_statistics(model, sites, ids, batch_size=batch_size, inputs=inputs, mixed_values=mixed_values,
+                               progress=progress)
     return Calibration(layers, "builtin" if spec is None else str(spec), ids.shape[0], ids.shape[1])

@@ -176,7 +176,7 @@ def _in_memory(source, dst, variant, options, dtype, force, result: ConversionRe
     else:
         model = from_pretrained(source.path, dtype=dtype or "auto")
     converter = get_converter(variant)
-    if result.dry_run and options.get("method", "mean") != "mean":
+    if result.dry_run and (options.get("method") not in (None, "mean") or options.get("calib") is not None):
         # meta tensors have no data for a data-dependent method: check the method at every site (what patch()
         # checks before changing anything), then plan with mean-pooling (same shapes and KV layouts)
         adapter, sites = attention_sites(model)

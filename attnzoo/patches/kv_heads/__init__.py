@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import torch
 
+from ...conversion.calibration import CalibrationOptions, calibrate
 from ...conversion.heads import check_groups
 from ...conversion.methods import METHODS, check_method, convert_kv_heads
 from ...conversion.streaming import plan_stream
@@ -27,17 +28,20 @@ __all__ = ["KVHeadsPatch", "GQA", "MQA", "MHA", "DenseConverter", "mha", "gqa", 
 
 
 @dataclass(frozen=True, kw_only=True)
-class KVHeadsPatch(KVHeadsOptions, PatchConfig):
+class KVHeadsPatch(KVHeadsOptions, CalibrationOptions, PatchConfig):
     """Options of ``patch(model, "gqa" | "mqa" | "mha", ...)`` (``attnzoo.GQA``, ``attnzoo.MQA``, ``attnzoo.MHA``)."""
 
-    method: str = option("mean", help="how the merged K/V heads are initialised: "
-                         + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
+    method: str | None = option(None, help="how the merged K/V heads are initialised (None: 'pca' when calib is "
+                                "given, else 'mean'): " + "; ".join(f"{m.name}: {m.description}"
+                                                                      for m in METHODS.values()))
     kernel: str | None = option(None, help="native architectures: 'attnzoo' (attnzoo's fused kernels) or 'hf' "
                                            "(transformers' attention); None: attnzoo where it can serve the model")
 
     def validate(self):
         check_positive_int("groups", self.groups, allow_none=True)
-        check_method(self.method)
+        if self.method is not None:
+            check_method(self.method)
+        CalibrationOptions.validate(self)
         if self.kernel is not None:
             check_choice("kernel", self.kernel, ("attnzoo", "hf"))
         self.kv_heads_for(None)  # the variant's rule on groups, as far as it needs no model
@@ -89,6 +93,8 @@ class DenseConverter(Converter):
                              "omit kernel or pass kernel='attnzoo'")
         if self.name == "mqa":
             opts["groups"] = 1
+        if opts.get("method") is None:  # the best measured method where there is data for it (docs/surgery.md)
+            opts["method"] = "pca" if opts.get("calib") is not None else "mean"
         opts.setdefault("kernel", None)
         return opts
 
@@ -121,8 +127,8 @@ class DenseConverter(Converter):
                 "mode": "native" if site.adapter.native else "swap"}
 
     def stream(self, source, config, adapter, opts, dtype):
-        if not adapter.native:
-            return None
+        if not adapter.native or check_method(opts["method"]).calibrated:
+            return None  # a calibrated method needs the live model
         spec = stream_spec(adapter, source.config)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         target = self.target(adapter, text, opts, spec.heads, spec.kv_heads, str(source.path))
@@ -148,7 +154,9 @@ class DenseConverter(Converter):
 
     def apply(self, site, plan, opts, native):
         w = site.read()
-        w2 = convert_kv_heads(w, plan["kv_heads"], opts["method"], site.rope(), where=site.fqn)
+        cal = opts.get("_calibration")
+        stats = cal.of(site.fqn) if cal is not None and plan["kv_heads"] < plan["kv_heads_before"] else None
+        w2 = convert_kv_heads(w, plan["kv_heads"], opts["method"], site.rope(), where=site.fqn, stats=stats)
         if site.adapter.native:
             site.write_native(w2)
             return
@@ -173,6 +181,12 @@ class DenseConverter(Converter):
 
     def prepare(self, model, adapter, sites, opts, native):
         opts = dict(opts)
+        reducing = [s for s in sites if self.target(adapter, s.config, opts, s.heads, s.kv_heads, s.fqn) < s.kv_heads]
+        method = check_method(opts["method"])
+        if method.calibrated and reducing:
+            # one pass over the unconverted model; handed to apply() and dropped in finish() (never recorded)
+            opts["_calibration"] = calibrate(model, reducing, opts["calib"], opts["calib_sequences"],
+                                             opts["calib_seq_len"], mixed_values=method.mixed_values)
         if not adapter.native:
             opts["kernel"] = "attnzoo"  # the replacement modules are attnzoo's
             return opts
@@ -185,6 +199,7 @@ class DenseConverter(Converter):
         return opts
 
     def finish(self, model, adapter, sites, plans, opts, native):
+        opts.pop("_calibration", None)
         if native:
             kv = next(iter(plans.values()))["kv_heads"]
             for cfg in {id(s.config): s.config for s in sites}.values():
