@@ -92,3 +92,33 @@ def test_decoding_from_the_latent_cache_equals_the_full_forward(opts):
     assert cache.seq_len == 10 and cache.layout() == m.config.kv_layout()
     c, r = cache.get()
     assert c.shape == (2, 10, 8) and r.shape == (2, 10, m.config.rope_heads * 4)
+
+
+def test_dense_op_serves_a_value_head_dim_unlike_the_query_one():
+    """MLA's prefill: q/k head dim nope + rope, v head dim v_dim, grouped heads, causal, forward and backward on
+    every CPU backend (the flash kernel runs it zero-padded to one head dim); no backend's refusal is taken for a
+    grouped-heads one."""
+    from attnzoo.ops import attention, attention_reference, explain
+    from attnzoo.ops.dense.backends import SDPABackend
+
+    q, k, v = (torch.randn(2, 4, 5, 24), torch.randn(2, 2, 7, 24), torch.randn(2, 2, 7, 16))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    want = attention_reference(q64, k64, v64, causal=True)
+    g = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, (q64, k64, v64), g)
+    for name in ("sdpa_flash", "sdpa_math", "eager"):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = attention(qq, kk, vv, causal=True, backend=name)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(out, (qq, kk, vv), g.float()), want_grads):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention(q, k, v, causal=True, backend="flex").double(), want, rtol=1e-5, atol=1e-5)
+    assert explain(q, k, v, causal=True).backend == "sdpa_flash"
+    assert SDPABackend._gqa_cache.get(("sdpa_flash", "cpu"), True)
+
+
+def test_a_deepseek_config_is_counted_as_its_latent_cache():
+    """kv_cache_bytes of a native DeepSeek-V3 config: kv_lora_rank + qk_rope_head_dim per token and layer (what
+    transformers' cache holds), not num_key_value_heads x head_dim."""
+    cfg = _deepseek_config(layers=3)
+    assert attnzoo.kv_cache_bytes(cfg, seq_len=10, batch=2, dtype=torch.bfloat16) == 3 * (8 + 4) * 2 * 10 * 2

@@ -121,6 +121,10 @@ def patch(model, name: str | PatchConfig, *, layers: Iterable[int] | int | None 
     else:
         config = options
     converter = get_converter(name)
+    own = converter.patch_own(model, config, layers=layers, filter_fn=filter_fn)
+    if own is not None:  # the model already holds this variant natively (e.g. mla on DeepSeek-V3)
+        setattr(model, _MARK, own)
+        return own
     adapter, sites = attention_sites(model)
     opts = converter.options(adapter, config)
     selected = _select(sites, layers, filter_fn)

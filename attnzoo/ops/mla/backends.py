@@ -43,11 +43,6 @@ class TritonBackend(Backend):
     name = "triton"
     description = "attnzoo's split-KV Triton decode kernel (one query token; reads the latent cache in place)"
 
-    def available(self):
-        from .triton_decode import available
-
-        return available
-
     def check(self, call):
         from .triton_decode import unavailable_reason
 
@@ -57,7 +52,7 @@ class TritonBackend(Backend):
         from .triton_decode import latent_decode
 
         return latent_decode(call.q_lat, call.q_rope, call.c, call.k_rope, scale=call.scale,
-                             key_padding_mask=call.key_padding_mask)
+                             key_padding_mask=call.key_padding_mask, mask=call.mask)
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (DenseBackend(), EagerBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (TritonBackend(), DenseBackend(), EagerBackend())}

@@ -16,7 +16,7 @@ from .call import LatentCall
 
 __all__ = ["latent_attention", "explain_latent", "use_latent_backend", "last_latent_decision", "ORDER"]
 
-ORDER: dict[str, tuple[str, ...]] = {"cuda": ("dense", "eager"), "cpu": ("dense", "eager")}
+ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "dense", "eager"), "cpu": ("dense", "eager")}
 _OP = Dispatcher("latent_attention", BACKENDS, ORDER, ("dense", "eager"))
 _local = threading.local()
 
