@@ -99,6 +99,12 @@ def test_convert_cli_pipeline_writes_deepseek_v3(tmp_path):
     ids = torch.randint(3, VOCAB, (1, 10))
     assert torch.isfinite(_logits(dst, {"input_ids": ids})).all()
     assert (tmp_path / "dst" / "README.md").is_file()
+    # attnzoo reads it as MLA, and patch() gives it absorbed decode without converting anything
+    assert attnzoo.kv.kv_bytes_per_token(cfg, torch.float32) == 2 * (12 + 4) * 4
+    ref = _logits(dst, {"input_ids": ids})
+    report = attnzoo.patch(dst, "mla")
+    assert report.native and len(report.modules) == 2
+    torch.testing.assert_close(_logits(dst, {"input_ids": ids}), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_options_name_the_valid_ones():

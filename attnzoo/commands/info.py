@@ -79,6 +79,13 @@ def run(args) -> int:
         arch = "not supported by attnzoo.patch"
     kind = "MHA" if lay["kv_heads"] == lay["heads"] else ("MQA" if lay["kv_heads"] == 1 else f"GQA-{lay['kv_heads']}")
     attention = f"{kind}: {lay['heads']} query heads, {lay['kv_heads']} KV heads, head_dim {lay['head_dim']}"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "kv_lora_rank", None):  # native MLA (DeepSeek-V2/V3)
+        kind = "MLA"
+        arch = f"{text.model_type} (native MLA; attnzoo.patch(model, 'mla') gives it absorbed decode)"
+        attention = (f"MLA: {lay['heads']} query heads, latent {text.kv_lora_rank} + rope {text.qk_rope_head_dim} "
+                     f"per token, q/k head {text.qk_nope_head_dim} + {text.qk_rope_head_dim}, v head "
+                     f"{text.v_head_dim}")
     layouts = kv_layouts(config)
     if record or len({lay_.describe() for lay_ in layouts}) > 1:
         kinds = [lay_.describe() for lay_ in layouts]
@@ -101,8 +108,7 @@ def run(args) -> int:
     print()
     from ..patches.adapters import rotary_dim_of
 
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    table = kv_table([(f"as is ({'patched' if record else kind})", layouts)]
-                     + candidates(lay, args.kv_rank, args.rope_dim, rotary_dim_of(text, lay["head_dim"])), dtype)
+    others = [] if kind == "MLA" else candidates(lay, args.kv_rank, args.rope_dim, rotary_dim_of(text, lay["head_dim"]))
+    table = kv_table([(f"as is ({'patched' if record else kind})", layouts)] + others, dtype)
     print(format_table(table, title="KV cache per sequence (batch 1)"))
     return 0

@@ -1,7 +1,9 @@
 """``mla``: MHA/GQA -> multi-head latent attention for the Llama family (typed config :class:`MLA`, converter
 :data:`mla`). The weight maths are pure functions in :mod:`attnzoo.conversion.mla`; the module is
-:class:`~attnzoo.variants.mla.MLAAttention` behind :class:`.wrapper.HFMLAAttention`; the ``deepseek_v3`` export is
-:mod:`.deepseek`.
+:class:`~attnzoo.variants.mla.MLAAttention` behind :class:`~attnzoo.patches.hf.mla.HFMLAAttention` (the source's
+RoPE tables, the latent in ``transformers``' cache); the ``deepseek_v3`` export is :mod:`.deepseek`. On a model that
+already is MLA (DeepSeek-V3), ``patch`` converts nothing and gives it absorbed decode
+(:func:`~attnzoo.patches.hf.mla.patch_deepseek`).
 
 ``attnzoo.patch(model, "mla", kv_rank=..., rope_dim=..., method=...)`` converts every attention layer in place
 (calibrating first for the data-aware methods) and records the patch (``save_pretrained`` +
@@ -23,17 +25,18 @@ from typing import ClassVar
 
 import torch
 
+from ...conversion.calibration import CalibrationOptions
 from ...conversion.mla import fold_factor, nope_dim_of, rope_pairs_of
-from ...errors import UnsupportedArchitectureError, check_choice, check_positive_int
+from ...errors import UnsupportedArchitectureError, check_choice
 from ...options import option
 from ...variants.mla import MLAConfig, MLAOptions
 from ..config import PatchConfig
 from ..converters import Converter
+from ..hf.mla import HFMLAAttention, patch_deepseek
 from ..sites import get_submodule
 from .deepseek import anchored, deepseek_config, deepseek_state_dict, export_blocker, input_norm_bound, \
     save_deepseek_v3
 from .layers import METHOD_HELP, METHODS, check_site, convert_site, rope_inv_freq
-from .wrapper import HFMLAAttention
 
 __all__ = ["MLA", "MLAConverter", "mla", "save_deepseek_v3_model", "NEW_MODULES"]
 
@@ -43,17 +46,12 @@ _CALIB_KEY = "_calibration"  # the calibration pass's statistics, between prepar
 
 
 @dataclass(frozen=True, kw_only=True)
-class MLA(MLAOptions, PatchConfig):
+class MLA(MLAOptions, CalibrationOptions, PatchConfig):
     """``attnzoo.MLA(kv_rank=..., rope_dim=...)``: options of ``patch(model, "mla", ...)``."""
 
     variant: ClassVar[str] = "mla"
 
     method: str = option("pca", help="how the latent and rope keys are computed: " + METHOD_HELP)
-    calib: str | None = option(None, help="calibration data of the data-aware methods: a text file (tokenized with "
-                                          "the model's tokenizer), token ids (.ids, .safetensors) or 'builtin' "
-                                          "(the built-in corpus, the default)")
-    calib_sequences: int = option(64, help="calibration sequences (data-aware methods)")
-    calib_seq_len: int = option(256, help="tokens per calibration sequence (data-aware methods)")
     anchor_tol: float = option(1e-6, help="deepseek_v3 export: relative error allowed on the latent by the anchor "
                                           "channel that keeps kv_a_layernorm harmless (|c|^2 / 2 beta^2)")
 
@@ -63,9 +61,8 @@ class MLA(MLAOptions, PatchConfig):
         if self.rope_keys == "per_head" and self.kv_heads is None:
             fields["kv_heads"] = 1
         MLAOptions.validate_mla(SimpleNamespace(**fields), None)
+        CalibrationOptions.validate(self)
         check_choice("method", self.method, tuple(METHODS))
-        check_positive_int("calib_sequences", self.calib_sequences)
-        check_positive_int("calib_seq_len", self.calib_seq_len, minimum=2)
         if self.q_rank is not None:
             raise ValueError(f"q_rank={self.q_rank}: a conversion keeps one q_proj (the queries are not compressed); "
                              "omit q_rank")
@@ -86,6 +83,11 @@ class MLAConverter(Converter):
     native_field = "the deepseek_v3 architecture (config.json `model_type: deepseek_v3`)"
     lossy_note = ("expect quality loss at reduced kv_rank/rope_dim until the model is uptrained (TransMLA and "
                   "MHA2MLA recover most of it with a fraction of a percent of the pre-training tokens).")
+
+    def patch_own(self, model, options, *, layers=None, filter_fn=None):
+        """A DeepSeek-V3 model already is MLA: same weights, absorbed decode (nothing converted)."""
+        given = options.to_dict() if isinstance(options, PatchConfig) else options
+        return patch_deepseek(model, given, layers=layers, filter_fn=filter_fn)
 
     def check(self, adapter, config, opts):
         if adapter.name not in ("llama", "phi3"):
@@ -188,8 +190,8 @@ class MLAConverter(Converter):
         update_metadata(model, new_modules=list(NEW_MODULES))  # uptrain --lora trains these fully
         blockers = {p.get("why_not_deepseek") for p in plans.values()} - {None}
         if len(plans) == len(sites) and not blockers:
-            return {"note": "a plain deepseek_v3 checkpoint: attnzoo convert --to mla writes one, "
-                            "attnzoo.patches.mla.save_deepseek_v3_model(model, DIR) too"}
+            return {"note": "DeepSeek-V3 can express it: attnzoo convert --to mla writes a plain deepseek_v3 checkpoint "
+                            "(from a live model: attnzoo.patches.mla.save_deepseek_v3_model(model, DIR))"}
         if blockers:
             return {"note": f"saved through attnzoo's record (not deepseek_v3): {sorted(blockers)[0]}"}
         return {}
