@@ -116,8 +116,8 @@ def main(argv=None) -> int:
 
         from attnzoo.patches.mla import save_deepseek_v3_model
 
-        save_deepseek_v3_model(m, tmp)
-        ds = AutoModelForCausalLM.from_pretrained(tmp).eval()
+        save_deepseek_v3_model(m, Path(tmp) / "ds")
+        ds = AutoModelForCausalLM.from_pretrained(Path(tmp) / "ds").eval()
         ids = data.batch(range(8))
         with torch.no_grad():
             a, b = m(input_ids=ids).logits, ds(input_ids=ids).logits

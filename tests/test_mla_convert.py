@@ -78,8 +78,8 @@ def test_mqa_full_rank_through_patch_and_deepseek_v3(tmp_path):
     report = attnzoo.patch(model, "mla", kv_rank=9, rope_dim=8, method="svd")
     assert "deepseek_v3" in " ".join(report.notes)
     torch.testing.assert_close(_logits(model, {"input_ids": ids}), ref, atol=1e-4, rtol=0)
-    save_deepseek_v3_model(model, tmp_path)
-    dst = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    save_deepseek_v3_model(model, tmp_path / "ds")
+    dst = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ds").eval()
     assert type(dst).__name__ == "DeepseekV3ForCausalLM"
     assert (_logits(dst, {"input_ids": ids}) - ref).abs().max().item() <= 1e-4
 

@@ -225,25 +225,33 @@ class MLAConverter(Converter):
         and the class), or None when it cannot be one (then the pipeline saves it with its record)."""
         if not self.exportable(model):
             return None
-        return save_deepseek_v3_model(model, out_dir, dtype=dtype), "DeepseekV3ForCausalLM"
+        return _write_deepseek_v3(model, out_dir, dtype), "DeepseekV3ForCausalLM"
 
 
-def save_deepseek_v3_model(model, out_dir, dtype=None) -> list[str]:
+def save_deepseek_v3_model(model, out_dir, dtype=None, force: bool = False) -> list[str]:
     """Save a Llama-family model patched with ``mla`` (every layer, a DeepSeek-expressible conversion) as a plain
-    ``deepseek_v3`` checkpoint that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
-    from .. import attention_sites
+    ``deepseek_v3`` checkpoint that ``transformers.AutoModelForCausalLM.from_pretrained`` loads. ``out_dir`` is
+    written through a temporary directory renamed at the end (an existing one only with ``force``); returns the
+    files written."""
+    from ...checkpoint_io import atomic_output_dir
 
     if not mla.exportable(model):
         raise ValueError("save_deepseek_v3_model: the model is not an mla-patched model that DeepSeek-V3 can "
                          "express (see the patch report's note); save it with save_pretrained and reload with "
                          "attnzoo.from_pretrained")
+    with atomic_output_dir(out_dir, force=force, option="out_dir") as tmp:
+        return _write_deepseek_v3(model, tmp, dtype)
+
+
+def _write_deepseek_v3(model, out_dir, dtype=None) -> list[str]:
+    from ...checkpoint_io import read_metadata
+    from ...record import PATCH_KEYS
+    from .. import attention_sites
+
     _, sites = attention_sites(model)
     m = sites[0].module
     config = deepseek_config(model.config, kv_lora_rank=m.kv_rank, nope_dim=m.nope_dim, rope_dim=m.rope_dim,
                              v_dim=m.v_dim, dtype=str(dtype or next(model.parameters()).dtype).replace("torch.", ""))
-    from ...checkpoint_io import read_metadata
-    from ...record import PATCH_KEYS
-
     # attnzoo's other metadata (pretraining tokens, new_modules for uptraining); no patch record: plain transformers
     config.attnzoo = {k: v for k, v in read_metadata(model.config).items() if k not in PATCH_KEYS}
     return save_deepseek_v3(config, deepseek_state_dict(model, None, dtype), out_dir)
