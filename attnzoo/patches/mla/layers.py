@@ -12,17 +12,17 @@ __all__ = ["METHODS", "source_scale", "check_site", "convert_site", "rope_inv_fr
 
 #: ``method`` -> (rope split, calibrated RoPE split, calibrated low rank, K/V balancing, query-weighted RoPE PCA)
 METHODS = {
-    "pca": ("pca", False, True, True, True),
+    "pca": ("pca", True, True, True, True),
     "svd": ("pca", False, False, True, True),
     "transmla": ("pca", True, True, True, False),
     "mha2mla": ("norm", True, False, False, False),
 }
-METHOD_HELP = ("'pca' (default): rope keys by a complex PCA across KV heads per frequency (RoRoPE; FreqFold when "
-               "rope_dim < the rotary dims) weighted by the queries, on the weights, then K/V norms balanced and a "
-               "joint activation PCA of [K_nope; V] on calibration data (the best measured; docs/mla-conversion.md); "
-               "'svd': no data (the same split, a joint SVD of the weights); 'transmla': TransMLA's recipe (the key "
-               "PCA on calibration activations, unweighted, then the balanced activation PCA); 'mha2mla': MHA2MLA's "
-               "recipe (partial RoPE by q.k 2-norm contribution on calibration data, joint SVD of the weights)")
+METHOD_HELP = ("'pca' (default): on calibration data, rope keys by a complex PCA of the keys across KV heads per "
+               "frequency (RoRoPE; FreqFold when rope_dim < the rotary dims) weighted by the queries, then K/V norms "
+               "balanced and a joint activation PCA of [K_nope; V]; 'svd': no data (the same on the weights, a joint "
+               "SVD); 'transmla': TransMLA's recipe (the key PCA unweighted); 'mha2mla': MHA2MLA's recipe (partial "
+               "RoPE by q.k 2-norm contribution on calibration data, joint SVD of the weights); measured in "
+               "docs/mla-conversion.md")
 
 
 def source_scale(site: Site) -> float:
