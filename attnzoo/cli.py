@@ -20,7 +20,7 @@ import sys
 
 from . import faults
 
-COMMANDS = ["list", "info", "convert", "eval", "uptrain", "bench", "demo"]
+COMMANDS = ["list", "info", "convert", "eval", "uptrain", "bench", "demo", "data"]
 
 
 def setup_process() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-__all__ = ["LAYER_CACHE_KWARGS", "layer_cache", "model_cache_kwarg", "output_cache"]
+__all__ = ["LAYER_CACHE_KWARGS", "layer_cache", "model_cache_kwarg", "output_cache", "enable_activation_checkpointing"]
 
 # the keywords transformers' layers pass an attention module its cache under, newest first
 # (gpt_neox's layers still say ``layer_past``)
@@ -50,3 +50,12 @@ def output_cache(output):
         if got is not None:
             return got
     return None
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of each block: ``activation_checkpointing_enable`` where it exists
+    (transformers >= 5.2x; ``gradient_checkpointing_enable`` is its deprecated alias there), else the old name."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

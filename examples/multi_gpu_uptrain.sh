@@ -45,7 +45,10 @@ echo "== 1. build the $PRESET model from its config"
 python examples/train_builtin_model.py --preset "$PRESET" --init-only --out "$OUT/init" --force
 
 echo "== 2. pretrain on the built-in corpus ($PRETRAIN_TOKENS tokens, $NPROC processes)"
-"${LAUNCH[@]}" uptrain --stage pretrain --model "$OUT/init" --out "$OUT/base" --data builtin:0 \
+# the corpus is generated once into a memory-mapped token file: no per-step generation in the training loop
+python -m attnzoo data prepare builtin:0 --tokens "$PRETRAIN_TOKENS" --seq-len "$SEQ" --out "$OUT/train.tokens" \
+    --force --no-progress
+"${LAUNCH[@]}" uptrain --stage pretrain --model "$OUT/init" --out "$OUT/base" --data "$OUT/train.tokens" \
     --tokens "$PRETRAIN_TOKENS" --lr "$PRETRAIN_LR" --warmup 0.02 --checkpoint-every 500 "${COMMON[@]}"
 python -m attnzoo eval --model "$OUT/base" --num-seqs "$EVAL_SEQS" --json "$OUT/eval_base.json"
 
@@ -54,10 +57,11 @@ python -m attnzoo convert "$OUT/base" "$OUT/gqa2" --to gqa --groups 2 --method m
 python -m attnzoo eval --model "$OUT/gqa2" --num-seqs "$EVAL_SEQS" --json "$OUT/eval_gqa2.json"
 
 echo "== 4. uptrain with $FRACTION of the pretraining tokens: cross-entropy, then distillation"
-"${LAUNCH[@]}" uptrain --model "$OUT/gqa2" --out "$OUT/gqa2-ce" --fraction "$FRACTION" --lr "$UPTRAIN_LR" \
+"${LAUNCH[@]}" uptrain --model "$OUT/gqa2" --out "$OUT/gqa2-ce" --data "$OUT/train.tokens" --fraction "$FRACTION" --lr "$UPTRAIN_LR" \
     --checkpoint-every 200 "${COMMON[@]}"
 python -m attnzoo eval --model "$OUT/gqa2-ce" --num-seqs "$EVAL_SEQS" --json "$OUT/eval_gqa2-ce.json"
-"${LAUNCH[@]}" uptrain --model "$OUT/gqa2" --teacher "$OUT/base" --out "$OUT/gqa2-distill" --fraction "$FRACTION" \
+"${LAUNCH[@]}" uptrain --model "$OUT/gqa2" --teacher "$OUT/base" --out "$OUT/gqa2-distill" --data "$OUT/train.tokens" \
+    --fraction "$FRACTION" \
     --lr "$UPTRAIN_LR" --checkpoint-every 200 "${COMMON[@]}"
 python -m attnzoo eval --model "$OUT/gqa2-distill" --num-seqs "$EVAL_SEQS" --json "$OUT/eval_gqa2-distill.json"
 

@@ -234,3 +234,33 @@ def mla_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, pos
 
 
 REFERENCES["mla"] = mla_reference
+# arrcoc / visual_topk: without regions their modules are the dense layer they replace (the region path is
+# checked against attnzoo.ops.regions' float64 reference in tests/test_arrcoc_lod.py)
+REFERENCES.update({"arrcoc": dense_reference, "visual_topk": dense_reference})
+# ---------------------------------------------------------------------------- reformer: buckets from the seeded hash
+def reformer_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, positions=None):
+    """The buckets from attnzoo's seeded hash (their definition), the attention from attnzoo/ops/lsh/naive.py
+    (every pair judged on its own, float64)."""
+    from attnzoo.ops.lsh import lsh_attention_reference, num_buckets_for
+    from attnzoo.variants.reformer import shared_keys
+
+    assert context is None and attn_mask is None
+    c = m.config
+    b, n, _ = x.shape
+    hd = m.head_dim
+    q = _lin(x, m.q_proj).view(b, n, c.heads, hd).transpose(1, 2)
+    v = _lin(x, m.v_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
+    k = None if c.shared_qk else _lin(x, m.k_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
+    if c.rope is not None:
+        pos = torch.arange(n) if positions is None else positions
+        rd = c.rope.rotary_dim or hd
+        q = _rope64(q, pos, rd, c.rope.base, c.rope.style)
+        k = None if k is None else _rope64(k, pos, rd, c.rope.base, c.rope.style)
+    qb, kb = m.buckets(q, k, num_buckets_for(n, c.bucket_size, c.num_buckets), keep=key_padding_mask)
+    keys = shared_keys(q) if k is None else k
+    o = lsh_attention_reference(q, keys, v, qb, kb, bucket_size=c.bucket_size, causal=c.causal,
+                                key_padding_mask=key_padding_mask, scale=1.0 if k is None else None)
+    return _lin(o.transpose(1, 2).reshape(b, n, c.heads * hd), m.o_proj)
+
+
+REFERENCES["reformer"] = reformer_reference

@@ -30,6 +30,9 @@ GROUPS: dict[str, str] = {
     "dense": "dense",
     "sparse": "sparse",
     "mla": "mla",
+    "arrcoc": "arrcoc",
+    "context_parallel": "context_parallel",
+    "reformer": "reformer",
 }
 
 

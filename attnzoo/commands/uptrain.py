@@ -22,12 +22,13 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p):
-    from ..uptrain.options import DEFAULT_LORA_TARGETS, MIXED_PRECISION, UptrainOptions as O
+    from ..uptrain.options import DEFAULT_LORA_TARGETS, MIXED_PRECISION, TEACHER_PLACEMENTS, UptrainOptions as O
 
     g = p.add_argument_group("what")
     g.add_argument("--model", required=True, help="model directory to train, or 'builtin'")
     g.add_argument("--out", required=True, help="output directory (written through a temporary directory)")
-    g.add_argument("--data", default=O.data, help="'builtin[:SEED]', a .safetensors/.ids file of token ids, or text "
+    g.add_argument("--data", default=O.data, help="'builtin[:SEED]', a token file from `attnzoo data prepare` "
+                   "(memory-mapped; what GPU runs should use), a .safetensors/.ids file of token ids, or text "
                    "(default: %(default)s)")
     g.add_argument("--force", action="store_true", help="replace an existing --out")
     b = p.add_argument_group("token budget (one of)")
@@ -54,6 +55,19 @@ def add_arguments(p):
     o.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="default: accelerate's config (or 'no')")
     o.add_argument("--seed", type=int, default=O.seed, help="seed of init-time RNG (default: %(default)s)")
     o.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    o.add_argument("--context-parallel", type=int, default=O.context_parallel, metavar="N",
+                   help="shard each sequence across N processes (ring attention; sliding windows by halo "
+                   "exchange), for sequences one device cannot hold; N divides the launch's processes "
+                   "(default: %(default)s)")
+    sp = p.add_argument_group("speed and memory")
+    sp.add_argument("--loss-chunk", type=int, default=O.loss_chunk, help="positions per chunk of the output-head "
+                    "loss (logits never exist for the whole batch); 0 = full logits (default: %(default)s)")
+    sp.add_argument("--compile", action="store_true", help="torch.compile the repeated blocks and the loss chunk")
+    sp.add_argument("--activation-checkpointing", action="store_true", help="recompute each block's activations "
+                    "in the backward (less memory, ~1/3 more compute)")
+    sp.add_argument("--teacher-placement", choices=TEACHER_PLACEMENTS, default=O.teacher_placement,
+                    help="'replicate': a full frozen teacher per process; 'shard': FSDP shards it with the student "
+                    "(FSDP only) (default: %(default)s)")
     lo = p.add_argument_group("LoRA (peft)")
     lo.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the original weights; 0 = full "
                     "training (default)")
@@ -88,7 +102,9 @@ def options_from_args(args):
         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, train_fully=args.train_fully,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         stop_after=args.stop_after, seed=args.seed, stage=args.stage, log_every=args.log_every, force=args.force,
-        progress=not args.no_progress, cpu=args.cpu)
+        progress=not args.no_progress, cpu=args.cpu, loss_chunk=args.loss_chunk, compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing, teacher_placement=args.teacher_placement,
+        context_parallel=args.context_parallel)
 
 
 def run(args) -> int:

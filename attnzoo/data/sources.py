@@ -6,6 +6,9 @@ Accepted values:
 * ``FILE.safetensors``: a tensor ``input_ids`` (1-D stream or 2-D rows) and optionally a
   bool/int tensor ``answer_mask`` of the same shape (True at answer tokens, for recall metrics).
 * ``FILE.ids``: token ids as whitespace-separated integers.
+* ``FILE.tokens`` (any name with a ``FILE.tokens.json`` sidecar): a token-id file from ``attnzoo data
+  prepare``, memory-mapped (see :mod:`attnzoo.data.token_file`); with ``shuffle_seed`` its windows are
+  visited in a seeded order per epoch (what ``uptrain`` uses).
 * any other file: UTF-8 text, tokenized with the model's tokenizer.
 
 Files are flattened to one stream and cut into ``seq_len`` pieces (the last partial piece is
@@ -18,10 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import vocab as V
 from .corpus import BuiltinCorpus, answer_mask
+from .token_file import TokenFile, WindowOrder, is_token_file, open_token_file, tokenizer_fingerprint
 
 __all__ = ["TokenData", "open_data", "uses_builtin_vocab"]
 
@@ -37,6 +42,8 @@ class TokenData:
     _ids: torch.Tensor | None = None  # [n, seq_len]
     _answers: torch.Tensor | None = None  # [n, seq_len] bool, or None: no recall metrics
     _builtin_vocab: bool = False
+    _tokens: TokenFile | None = None  # a memory-mapped token file, cut into windows of seq_len
+    _order: WindowOrder | None = None  # seeded window order (token files opened with shuffle_seed)
 
     @property
     def has_answers(self) -> bool:
@@ -46,6 +53,9 @@ class TokenData:
         """Ids ``[len(indices), seq_len]``; indices past the end wrap (a new epoch, reshuffled by seed)."""
         if self._corpus is not None:
             return self._corpus.batch(indices)
+        if self._tokens is not None:
+            rows = [self._tokens.window(self._row(int(i)), self.seq_len) for i in indices]
+            return torch.from_numpy(np.stack(rows).astype(np.int64))
         return self._ids[[self._row(int(i)) for i in indices]]
 
     def answers(self, indices, ids: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -57,6 +67,8 @@ class TokenData:
         return None
 
     def _row(self, i: int) -> int:
+        if self._order is not None:
+            return self._order(i)
         n = self.num_sequences
         epoch, j = divmod(i, n)
         if epoch == 0:
@@ -121,11 +133,12 @@ def _read_file(path: Path, option: str, spec: str, tokenizer):
 
 
 def open_data(spec: str, seq_len: int, *, tokenizer=None, vocab_size: int | None = None,
-              num_sequences: int | None = None, option: str = "--data") -> TokenData:
+              num_sequences: int | None = None, option: str = "--data", shuffle_seed: int | None = None) -> TokenData:
     """Open ``spec`` (see the module doc) as sequences of ``seq_len`` tokens.
 
     ``num_sequences`` caps a file's sequences and sets how many the built-in corpus yields
-    (None: endless). ``vocab_size`` checks that every id fits the model.
+    (None: endless). ``vocab_size`` checks that every id fits the model. ``shuffle_seed``: a token
+    file's windows are visited in a seeded order (else in file order, reshuffled after the first epoch).
     """
     spec = str(spec)
     if spec == "builtin" or spec.startswith("builtin:"):
@@ -138,6 +151,8 @@ def open_data(spec: str, seq_len: int, *, tokenizer=None, vocab_size: int | None
     if not path.is_file():
         raise FileNotFoundError(f"{option}={spec!r}: no such file (expected 'builtin', 'builtin:SEED', "
                                 "a .safetensors/.ids file of token ids, or a text file)")
+    if is_token_file(path):
+        return _open_token_file(path, spec, seq_len, tokenizer, vocab_size, num_sequences, option, shuffle_seed)
     ids, answers = _read_file(path, option, spec, tokenizer)
     if ids.numel() < 2:
         raise ValueError(f"{option}={spec!r}: the file holds {ids.numel()} token(s); at least 2 are needed")
@@ -152,3 +167,24 @@ def open_data(spec: str, seq_len: int, *, tokenizer=None, vocab_size: int | None
     ans = answers[: n * length].reshape(n, length) if answers is not None else None
     return TokenData(spec, length, n, _ids=rows, _answers=ans, _builtin_vocab=uses_builtin_vocab(tokenizer))
 
+
+
+def _open_token_file(path, spec, seq_len, tokenizer, vocab_size, num_sequences, option, shuffle_seed) -> TokenData:
+    tf = open_token_file(path, option)
+    meta = tf.meta
+    if vocab_size is not None and meta["max_id"] >= vocab_size:
+        raise ValueError(f"{option}={spec!r}: token ids reach {meta['max_id']} but the model's vocab_size is "
+                         f"{vocab_size}; prepare the file with the model's tokenizer")
+    theirs, ours = meta.get("tokenizer_sha256"), tokenizer_fingerprint(tokenizer)
+    if theirs and ours and theirs != ours:
+        raise ValueError(f"{option}={spec!r}: the file was tokenized with {meta.get('tokenizer')!r}, whose vocabulary "
+                         "differs from the model's tokenizer; prepare it again with the model's tokenizer "
+                         "(attnzoo data prepare --tokenizer MODEL_DIR)")
+    if meta["count"] < 2:
+        raise ValueError(f"{option}={spec!r}: the file holds {meta['count']} token(s); at least 2 are needed")
+    length = min(seq_len, meta["count"])
+    n = tf.windows(length)
+    if num_sequences is not None:
+        n = min(n, num_sequences)
+    order = WindowOrder(n, shuffle_seed) if shuffle_seed is not None else None
+    return TokenData(spec, length, n, _tokens=tf, _order=order, _builtin_vocab=uses_builtin_vocab(tokenizer))

@@ -4,7 +4,9 @@
 
 * :mod:`attnzoo.ops.dense`: ``attention(q, k, v, ...)`` (SDPA kernels, ``flash_attn``, FlexAttention);
 * :mod:`attnzoo.ops.sparse`: ``sparse_attention(q, k, v, pattern, ...)`` (block layouts, Triton kernels, ...);
-* :mod:`attnzoo.ops.mla`: ``latent_attention(q_lat, q_rope, c, k_rope, ...)``, MLA's absorbed core (split-KV decode).
+* :mod:`attnzoo.ops.mla`: ``latent_attention(q_lat, q_rope, c, k_rope, ...)``, MLA's absorbed core (split-KV decode);
+* :mod:`attnzoo.ops.context_parallel`: both over a sequence sharded across the ranks of a process group (ring
+  attention, halo exchange for sliding windows); imported on its own, it is not re-exported here.
 
 Shared here: :mod:`.masks` (the conventions: layouts, masks, causal alignment, documented once), :mod:`.rope`,
 :mod:`.dispatch` (backend choice) and :mod:`.flex` (compiled FlexAttention).

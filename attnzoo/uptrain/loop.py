@@ -20,13 +20,16 @@ from ..checkpoint_io import atomic_output_dir, check_new_output, hf_progress_bar
 from ..data.sources import TokenData, open_data
 from ..data.tokenizer import load_tokenizer
 from ..faults import add_note, interrupt_signal, is_safetensors_error, signal_name
+from ..hf_compat import enable_activation_checkpointing
 from ..output_dir import remove_tree
 from .curves import append_log, plot_losses, read_log, truncate_log
+from .context_parallel import ContextParallelTraining
 from .lora import TrainableSummary, apply_lora, merge_lora, summarize_trainable
-from .losses import mixed_loss
 from .options import UptrainOptions, flag
 from .schedule import warmup_cosine
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import fsdp_settings, full_state_dict, shard_module
+from .state import is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
+from .step import TrainModule
 
 __all__ = ["uptrain", "UptrainResult", "plan_budget"]
 
@@ -100,10 +103,10 @@ def plan_budget(opts: UptrainOptions, meta: dict, tokens_per_step: int) -> tuple
     return budget, steps, (steps * tokens_per_step / pre) if pre else None
 
 
-def _load_teacher(opts: UptrainOptions, student, tokenizer):
+def _load_teacher(opts: UptrainOptions, student, tokenizer, dtype=torch.float32):
     if opts.teacher is None:
         return None
-    teacher = load_causal_lm(opts.teacher, option="--teacher", dtype=torch.float32)
+    teacher = load_causal_lm(opts.teacher, option="--teacher", dtype=dtype)
     sv, tv = student.config.get_text_config().vocab_size, teacher.config.get_text_config().vocab_size
     if sv != tv:
         raise ValueError(f"--teacher={opts.teacher!r}: its vocabulary has {tv} tokens but the student's "
@@ -224,26 +227,50 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     from accelerate.utils import set_seed
 
     set_seed(opts.seed)
+    fsdp = is_fsdp(accelerator)
+    _check_distributed(opts, accelerator, fsdp)
+    settings = fsdp_settings(accelerator) if fsdp else None
+    shard_teacher = opts.teacher_placement == "shard"
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, dtype=torch.float32)
     meta = read_metadata(model)
-    teacher = _load_teacher(opts, model, tokenizer)
+    # a replicated teacher is frozen: bf16 weights under bf16 mixed precision (half the memory, same matmuls);
+    # a sharded one stays float32, as FSDP casts every parameter of a shard group alike
+    t_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" and not shard_teacher else torch.float32
+    teacher = _load_teacher(opts, model, tokenizer, t_dtype)
     vocab = model.config.get_text_config().vocab_size
-    data: TokenData = open_data(opts.data, opts.seq_len, tokenizer=tokenizer, vocab_size=vocab)
+    data: TokenData = open_data(opts.data, opts.seq_len, tokenizer=tokenizer, vocab_size=vocab, shuffle_seed=opts.seed)
     world, rank = accelerator.num_processes, accelerator.process_index
-    tokens_per_step = opts.batch_size * data.seq_len * opts.grad_accum * world
+    cp = ContextParallelTraining(opts.context_parallel, accelerator, model) if opts.context_parallel > 1 else None
+    data_world, data_rank = (cp.data_world, cp.data_rank) if cp is not None else (world, rank)  # cp: same data
+    tokens_per_step = opts.batch_size * data.seq_len * opts.grad_accum * data_world
     budget, total_steps, fraction = plan_budget(opts, meta, tokens_per_step)
 
     train_fully = opts.train_fully if opts.train_fully is not None else tuple(meta.get("new_modules", []))
     if opts.lora_rank:
         model = apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_targets, train_fully)
     summary = summarize_trainable(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay)
+    if opts.activation_checkpointing or (settings is not None and settings.activation_checkpointing):
+        enable_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    module = TrainModule(model, teacher, teacher_sharded=shard_teacher, alpha=opts.alpha,
+                         temperature=opts.temperature, loss_chunk=opts.loss_chunk, compile=opts.compile,
+                         context_parallel=cp)
+    module.to(accelerator.device)  # before the optimizer, whose fused kernel checks the parameters' device
+    if fsdp:  # sharded by attnzoo (see .distributed); the optimizer then holds the shards
+        shard_module(module, accelerator, settings)
+    params = [p for p in module.student.parameters() if p.requires_grad]
+    # CUDA: the fused kernel, one launch for all parameters (FSDP's DTensor shards keep the foreach kernel);
+    # CPU: one parameter at a time, as the foreach kernel's temporaries span every parameter (~1 GB at 135M)
+    kernel = {"fused": True} if accelerator.device.type == "cuda" and not fsdp else \
+        {"foreach": False} if accelerator.device.type == "cpu" else {}
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=(0.9, 0.95), weight_decay=opts.weight_decay, **kernel)
     scheduler = warmup_cosine(optimizer, total_steps, opts.warmup, opts.min_lr_ratio)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if teacher is not None:
+    if not fsdp:
+        module, optimizer = accelerator.prepare(module, optimizer)
+    if teacher is not None and not shard_teacher:
         teacher.to(accelerator.device)
+    if opts.compile:
+        accelerator.unwrap_model(module).compile_blocks()
 
     if main:
         owned["work"] = work  # from here on a failure removes it, or keeps it for --resume (uptrain())
@@ -255,7 +282,7 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     log_path = work / "loss_log.jsonl"
     step, seconds_before = 0, 0.0
     if resume_from is not None:
-        progress = _load_checkpoint(resume_from, model, optimizer, scheduler, accelerator)
+        progress = _load_checkpoint(resume_from, module, optimizer, scheduler, accelerator)
         step, seconds_before = progress["step"], progress.get("seconds", 0.0)
         if main:
             truncate_log(log_path, step)
@@ -263,31 +290,38 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
 
     if main:
         print(f"uptrain: {total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step:,} tokens "
-              f"on {world} process(es) ({accelerator.distributed_type.value.lower()}"
-              f"{', ' + str(accelerator.state.backend) if world > 1 else ''}), {accelerator.device}, mixed precision {accelerator.mixed_precision}; "
-              f"{summary.describe()}" + (f"; resuming at step {step}" if step else ""), flush=True)
+              f"on {world} process(es) ({'fsdp' if fsdp else accelerator.distributed_type.value.lower()}"
+              f"{', ' + str(accelerator.state.backend) if world > 1 else ''}"
+              f"{f', context parallel {cp.size}' if cp is not None else ''}), {accelerator.device}, mixed precision {accelerator.mixed_precision}; "
+              f"{summary.describe()}; {_speed_note(opts, module, accelerator, teacher)}"
+              + (f"; resuming at step {step}" if step else ""), flush=True)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not (main and opts.progress), unit="step",
                desc="uptrain" if opts.stage == "uptrain" else "pretrain", dynamic_ncols=True)
-    model.train()
+    module.train()
     t0 = time.perf_counter()
     stopped = False
+    pin = accelerator.device.type == "cuda"
     while step < total_steps:
         sums = torch.zeros(3, device=accelerator.device)
         for micro in range(opts.grad_accum):
-            ids = data.batch(_indices(step, micro, opts, world, rank)).to(accelerator.device)
+            ids = data.batch(_indices(step, micro, opts, data_world, data_rank))
+            ids = ids.pin_memory().to(accelerator.device, non_blocking=True) if pin else ids.to(accelerator.device)
             sync = micro == opts.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
+            if fsdp:
+                module.set_requires_gradient_sync(sync)  # reduce-scatter on the last micro-batch only
+            ctx = contextlib.nullcontext() if sync or fsdp else accelerator.no_sync(module)
             with ctx:
                 with accelerator.autocast():
-                    logits = model(input_ids=ids).logits
-                    t_logits = teacher(input_ids=ids).logits if teacher is not None else None
-                loss, parts = mixed_loss(logits, ids, t_logits, opts.alpha, opts.temperature)
+                    loss, parts = module(ids)
                 accelerator.backward(loss / opts.grad_accum)
             sums += torch.stack([loss.detach(), parts["ce"], parts.get("kl", torch.zeros((), device=ids.device))])
         if opts.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, opts.max_grad_norm)
+            if fsdp:  # DTensor gradients: torch's clipping computes the global norm
+                torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+            else:
+                accelerator.clip_grad_norm_(params, opts.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -295,16 +329,19 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
         means = accelerator.reduce(sums / opts.grad_accum, reduction="mean").tolist()
         if main and (step % opts.log_every == 0 or step == total_steps):
             entry = {"step": step, "tokens": step * tokens_per_step, "loss": means[0], "ce": means[1],
-                     "lr": scheduler.get_last_lr()[0]}
+                     "lr": scheduler.get_last_lr()[0],
+                     "seconds": round(seconds_before + time.perf_counter() - t0, 4)}
             if teacher is not None:
                 entry["kl"] = means[2]
+            if accelerator.device.type == "cuda":  # this process's peak, for memory budgets
+                entry["max_mem_gb"] = round(torch.cuda.max_memory_allocated(accelerator.device) / 2**30, 3)
             append_log(log_path, entry)
         bar.update(1)
         bar.set_postfix(loss=f"{means[0]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         elapsed = seconds_before + time.perf_counter() - t0
         if opts.checkpoint_every and step % opts.checkpoint_every == 0 and step < total_steps:
             save_checkpoint(work / "checkpoints", step, {"tokens": step * tokens_per_step, "seconds": elapsed},
-                            model, optimizer, scheduler, accelerator)
+                            module, optimizer, scheduler, accelerator)
         if opts.stop_after is not None and step >= opts.stop_after and step < total_steps:
             stopped = True
             break
@@ -318,12 +355,57 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
         accelerator.wait_for_everyone()
         return result
 
-    state = accelerator.get_state_dict(model)  # gathers shards under FSDP
+    # under FSDP the shards are gathered into a full state on rank 0 (CPU)
+    state = _student_state(full_state_dict(module) if fsdp else accelerator.get_state_dict(module))
     if main:
         owned["result"] = result
-        _save(opts, out, work, accelerator.unwrap_model(model), state, tokenizer, result, meta)
+        student = accelerator.unwrap_model(module).student
+        _save(opts, out, work, student, _drop_tied(state, student), tokenizer, result, meta)
     accelerator.wait_for_everyone()
     return result
+
+
+def _check_distributed(opts: UptrainOptions, accelerator, fsdp: bool) -> None:
+    if opts.teacher_placement == "shard" and not fsdp:
+        kind = "a single process" if accelerator.num_processes == 1 else \
+            f"{accelerator.distributed_type.value.lower()} over {accelerator.num_processes} processes"
+        raise ValueError(f"--teacher-placement=shard: shards the teacher with FSDP, but this run is {kind}; "
+                         "launch it with an FSDP config "
+                         "(accelerate launch --config_file examples/accelerate_fsdp.yaml) or use 'replicate'")
+    if opts.lora_rank and fsdp:
+        raise ValueError(f"--lora-rank={opts.lora_rank} with FSDP: LoRA runs under DDP or on one device (its "
+                         "trainable state is small; FSDP's sharded adapters cannot be merged on one process)")
+
+
+def _speed_note(opts: UptrainOptions, module, accelerator, teacher) -> str:
+    inner = accelerator.unwrap_model(module)
+    loss = f"chunked loss ({opts.loss_chunk} positions)" if inner.chunked else "full-logits loss"
+    bits = [loss] + (["compiled"] if opts.compile else []) + \
+        (["activation checkpointing"] if opts.activation_checkpointing else [])
+    if teacher is not None:
+        placed = {"replicate": "replicated", "shard": "sharded"}[opts.teacher_placement]
+        bits.append(f"teacher {placed} ({str(next(teacher.parameters()).dtype)[6:]})")
+    return ", ".join(bits)
+
+
+def _student_state(state: dict | None) -> dict | None:
+    """The student's entries of the training module's state dict, under the student's own names."""
+    if state is None:
+        return None
+    return {k[len("student."):]: v for k, v in state.items() if k.startswith("student.")}
+
+
+def _drop_tied(state: dict | None, model) -> dict | None:
+    """``state`` without the second names of shared parameters (a tied ``lm_head.weight``): what
+    ``save_pretrained`` writes for the model itself, whatever gathered the state."""
+    if state is None:
+        return None
+    seen, dup = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            dup.add(name)
+        seen.add(id(p))
+    return {k: v for k, v in state.items() if k not in dup}
 
 
 def _tail_mean(log: list[dict], key: str, n: int = 10) -> float:

@@ -12,6 +12,7 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
                         "kv_a_proj_with_mqa", "kv_b_proj")  # the last two: MLA (DeepSeek's names)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 STAGES = ("uptrain", "pretrain")
+TEACHER_PLACEMENTS = ("replicate", "shard")
 
 
 def flag(name: str) -> str:
@@ -29,6 +30,12 @@ class UptrainOptions:
     (1 - alpha) * cross-entropy``. LoRA: ``lora_rank > 0`` adds adapters on ``lora_targets``
     of the original weights; modules in ``train_fully`` (default: those the conversion created,
     ``attnzoo.new_modules``) train fully. ``stage="pretrain"`` counts the tokens as pretraining.
+
+    Speed: ``loss_chunk`` positions at a time through the output head (0: full logits), ``compile``
+    (``torch.compile`` of the repeated blocks and the loss chunk), ``activation_checkpointing`` (recompute
+    each block in the backward), ``teacher_placement`` (``replicate``: a full frozen copy per process, bf16
+    under bf16 mixed precision; ``shard``: FSDP shards it with the student). On CUDA, AdamW is the fused
+    kernel (``foreach`` under FSDP).
     """
 
     model: str
@@ -62,7 +69,12 @@ class UptrainOptions:
     force: bool = False
     progress: bool = True
     cpu: bool = False
+    context_parallel: int = 1
     extra_metadata: dict = field(default_factory=dict)
+    loss_chunk: int = 512
+    compile: bool = False
+    activation_checkpointing: bool = False
+    teacher_placement: str = "replicate"
 
     def validate(self) -> None:
         def positive_int(name, minimum=1, allow_none=False):
@@ -94,13 +106,15 @@ class UptrainOptions:
         number("warmup", 0.0, 1.0, hi_open=True)
         number("weight_decay", 0.0, float("inf"))
         number("max_grad_norm", 0.0, float("inf"))
-        for name in ("batch_size", "grad_accum", "log_every"):
+        for name in ("batch_size", "grad_accum", "log_every", "context_parallel"):
             positive_int(name)
         positive_int("seq_len", minimum=2)
         positive_int("lora_rank", minimum=0)
         positive_int("checkpoint_every", minimum=0)
         positive_int("stop_after", allow_none=True)
         positive_int("seed", minimum=0)
+        positive_int("loss_chunk", minimum=0)
+        check_choice("--teacher-placement", self.teacher_placement, TEACHER_PLACEMENTS)
         if self.lora_alpha is not None:
             number("lora_alpha", 0.0, float("inf"), lo_open=True)
         if self.mixed_precision is not None:
@@ -108,6 +122,9 @@ class UptrainOptions:
         check_choice("--stage", self.stage, STAGES)
         if self.lora_rank and not self.lora_targets:
             raise ValueError("--lora-targets is empty: name the modules that get LoRA adapters, e.g. q_proj,o_proj")
+        if self.context_parallel > 1 and self.teacher is not None:
+            raise ValueError(f"--context-parallel={self.context_parallel} with --teacher: distillation is not "
+                             "context-parallel yet; train with cross-entropy (no --teacher) or --context-parallel 1")
         if self.teacher is None and self.alpha != UptrainOptions.alpha and self.alpha != 0:
             raise ValueError(f"--alpha={self.alpha}: weighs distillation against cross-entropy, which needs "
                              "--teacher DIR")
