@@ -200,7 +200,8 @@ def test_info_tables(tmp_path, capsys):
     assert "2.5 MiB" in lines["MHA (64 KV heads)"] and "20 GiB" in lines["MHA (64 KV heads)"]
     assert "320 KiB" in lines["GQA-8"] and "320 KiB" in lines["as is (GQA-8)"]
     assert "40 KiB" in lines["MQA (1 KV head)"]
-    assert "90 KiB" in lines["MLA (512 latent + 64 rope)"]
+    assert "100 KiB" in lines["MLA -68.75% (576 latent + 64 rope)"]  # the model's own shapes (2048 -> 640)
+    assert "40 KiB" in lines["MLA -87.50% (192 latent + 64 rope)"]
     # a patched, non-native checkpoint: "as is" follows the record
     model, _ = TINY["gpt2"].make()
     attnzoo.patch(model, "mqa")

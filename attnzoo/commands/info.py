@@ -3,9 +3,9 @@
 Reads config.json only (no weights). The KV-cache table gives bytes per token and what the caches
 hold at 8k/32k/128k tokens (batch 1; sliding-window layers keep their window only) for the model as it is
 and for candidate conversions:
-MHA, GQA-8, MQA and MLA (a 512-dim latent plus 64 RoPE dims per layer, DeepSeek-V2's
-sizes: MLA caches one latent per token, not keys and values, so its per-layer cost is
-(kv_rank + rope_dim) x bytes).
+MHA, GQA-8, MQA and MLA at this model's own shapes: MLA caches one latent per token, not keys and values, so its
+per-layer cost is (kv_rank + rope_dim) x bytes; the rows are the -68.75% and -87.5% budgets of the model's
+cache as it is (attnzoo.conversion.mla.budget_shapes), and --kv-rank/--rope-dim add one of your own.
 
 example:
   attnzoo info ./llama-3-70b
@@ -19,8 +19,9 @@ HELP = "show the attention layout and KV-cache costs of a checkpoint"
 def add_arguments(p):
     p.add_argument("model_dir", metavar="MODEL_DIR", help="checkpoint directory (with config.json)")
     p.add_argument("--dtype", default=None, help="cache dtype (default: the checkpoint's dtype, else float16)")
-    p.add_argument("--kv-rank", type=int, default=512, help="MLA latent size for the candidate row (default 512)")
-    p.add_argument("--rope-dim", type=int, default=64, help="MLA decoupled RoPE dims (default 64)")
+    p.add_argument("--kv-rank", type=int, default=None, help="MLA latent size for one more candidate row")
+    p.add_argument("--rope-dim", type=int, default=None, help="MLA decoupled RoPE dims of that row (default: "
+                                                              "the -68.75%% budget's)")
 
 
 def layout(config) -> dict:
@@ -30,8 +31,11 @@ def layout(config) -> dict:
     return attention_sizes(config)
 
 
-def candidates(lay: dict, kv_rank: int, rope_dim: int) -> list[tuple[str, list]]:
-    """``(label, one KVLayout per layer)`` for MHA, GQA-8, MQA and MLA at this model's sizes."""
+def candidates(lay: dict, kv_rank: int | None = None, rope_dim: int | None = None,
+               rotary_dim: int | None = None) -> list[tuple[str, list]]:
+    """``(label, one KVLayout per layer)`` for MHA, GQA-8, MQA and MLA at this model's sizes (the MLA budgets
+    of :data:`~attnzoo.conversion.mla.BUDGETS`, and ``kv_rank``/``rope_dim`` when given)."""
+    from ..conversion.mla import BUDGETS, budget_shapes
     from ..kv import KVLayout
 
     L, H, hd = lay["layers"], lay["heads"], lay["head_dim"]
@@ -39,7 +43,14 @@ def candidates(lay: dict, kv_rank: int, rope_dim: int) -> list[tuple[str, list]]
     if H % 8 == 0 and H > 8:
         rows.append(("GQA-8", [KVLayout(8, hd)] * L))
     rows.append(("MQA (1 KV head)", [KVLayout(1, hd)] * L))
-    rows.append((f"MLA ({kv_rank} latent + {rope_dim} rope)", [KVLayout(latent=kv_rank + rope_dim)] * L))
+    per_token, rd = 2 * lay["kv_heads"] * hd, rotary_dim or hd
+    for saving in BUDGETS:
+        r, d = budget_shapes(per_token, rd, saving)
+        rows.append((f"MLA -{saving:.2%} ({r} latent + {d} rope)", [KVLayout(latent=r + d)] * L))
+    if kv_rank is not None or rope_dim is not None:
+        r0, d0 = budget_shapes(per_token, rd, BUDGETS[0])
+        r, d = kv_rank if kv_rank is not None else r0, rope_dim if rope_dim is not None else d0
+        rows.append((f"MLA ({r} latent + {d} rope)", [KVLayout(latent=r + d)] * L))
     return rows
 
 
@@ -68,6 +79,13 @@ def run(args) -> int:
         arch = "not supported by attnzoo.patch"
     kind = "MHA" if lay["kv_heads"] == lay["heads"] else ("MQA" if lay["kv_heads"] == 1 else f"GQA-{lay['kv_heads']}")
     attention = f"{kind}: {lay['heads']} query heads, {lay['kv_heads']} KV heads, head_dim {lay['head_dim']}"
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "kv_lora_rank", None):  # native MLA (DeepSeek-V2/V3)
+        kind = "MLA"
+        arch = f"{text.model_type} (native MLA; attnzoo.patch(model, 'mla') gives it absorbed decode)"
+        attention = (f"MLA: {lay['heads']} query heads, latent {text.kv_lora_rank} + rope {text.qk_rope_head_dim} "
+                     f"per token, q/k head {text.qk_nope_head_dim} + {text.qk_rope_head_dim}, v head "
+                     f"{text.v_head_dim}")
     layouts = kv_layouts(config)
     if record or len({lay_.describe() for lay_ in layouts}) > 1:
         kinds = [lay_.describe() for lay_ in layouts]
@@ -88,7 +106,9 @@ def run(args) -> int:
                                                    f"{record.get('version')}"})
     print(format_table(rows, ["", "value"], title=f"attnzoo info {path}"))
     print()
-    table = kv_table([(f"as is ({'patched' if record else kind})", layouts)]
-                     + candidates(lay, args.kv_rank, args.rope_dim), dtype)
+    from ..patches.adapters import rotary_dim_of
+
+    others = [] if kind == "MLA" else candidates(lay, args.kv_rank, args.rope_dim, rotary_dim_of(text, lay["head_dim"]))
+    table = kv_table([(f"as is ({'patched' if record else kind})", layouts)] + others, dtype)
     print(format_table(table, title="KV cache per sequence (batch 1)"))
     return 0

@@ -202,7 +202,12 @@ def _in_memory(source, dst, variant, options, dtype, force, result: ConversionRe
         result.bytes_after = report.params_after * (elem or p.element_size())
         return
     with staged_output(source.path, dst, force, result.notes) as tmp:
-        model.save_pretrained(tmp)
+        exported = converter.export(model, tmp, result.options, dtype)  # a native checkpoint of another class
+        if exported is None:
+            model.save_pretrained(tmp)
+        else:
+            result.native = True
+            result.model_class = exported[1]
         result.files = sorted(p.name for p in tmp.iterdir())
         result.files += copy_side_files(source.path, tmp)
         result.bytes_after = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))

@@ -17,7 +17,9 @@ from ..data.tokenizer import load_tokenizer
 from ..evaluate import DEFAULT_EVAL_DATA, evaluate
 from . import report
 
-__all__ = ["DemoOptions", "run_demo", "OUTPUT_FILES", "convert_gqa"]
+__all__ = ["DemoOptions", "run_demo", "OUTPUT_FILES", "convert_gqa", "convert_mla", "TARGETS"]
+
+TARGETS = ("gqa", "mla")
 
 OUTPUT_FILES = ("demo_results.json", "demo_table.md", "demo.png")
 
@@ -32,6 +34,27 @@ def convert_gqa(original, groups: int, method: str):
     patch(model, "gqa", groups=groups, method=method)
     update_metadata(model, new_modules=["k_proj", "v_proj"])
     return model.eval()
+
+
+def convert_mla(original, kv_rank: int, rope_dim: int, method: str, calib: str | None = None):
+    """A converted copy of ``original``: ``attnzoo.patch(copy, "mla", ...)`` (which records the modules it computed,
+    trained fully by ``uptrain --lora``)."""
+    from .. import patch
+
+    model = copy.deepcopy(original)
+    patch(model, "mla", kv_rank=kv_rank, rope_dim=rope_dim, method=method, calib=calib)
+    return model.eval()
+
+
+def mla_shapes(config, saving: float) -> tuple[int, int]:
+    """``(kv_rank, rope_dim)`` of the MLA budget ``saving`` for ``config``'s attention (``budget_shapes``)."""
+    from ..conversion.mla import budget_shapes
+    from ..kv import attention_sizes
+    from ..patches.adapters import rotary_dim_of
+
+    lay = attention_sizes(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return budget_shapes(2 * lay["kv_heads"] * lay["head_dim"], rotary_dim_of(text, lay["head_dim"]), saving)
 
 
 @dataclass
@@ -53,6 +76,12 @@ class DemoOptions:
     runs: tuple[tuple[str, str, bool], ...] = (("ce", "mean", False), ("distill", "mean", True),
                                                ("distill", "svd", True))
     keep_models: bool = False
+    to: str = "gqa"  # or "mla": kv_rank/rope_dim (None: the -68.75% budget of the model's cache), mla_methods
+    kv_rank: int | None = None
+    rope_dim: int | None = None
+    mla_methods: tuple[str, ...] = ("svd", "pca")
+    mla_runs: tuple[tuple[str, str, bool], ...] = (("ce", "svd", False), ("distill", "svd", True),
+                                                   ("distill", "pca", True))
     progress: bool = True
     log: list = field(default_factory=list)
 
@@ -95,24 +124,34 @@ def run_demo(opts: DemoOptions) -> dict:
         record("original (MHA)", original)
         pre = (getattr(original.config, "attnzoo", None) or {}).get("pretraining_tokens")
 
-        _say(opts, f"[2/4] convert to GQA with {opts.groups} KV heads: {', '.join(opts.methods)}")
+        if opts.to == "mla":
+            kv_rank, rope_dim = mla_shapes(original.config, 0.6875)
+            kv_rank, rope_dim = opts.kv_rank or kv_rank, opts.rope_dim or rope_dim
+            label, methods, runs = f"mla{kv_rank}+{rope_dim}", opts.mla_methods, opts.mla_runs
+            _say(opts, f"[2/4] convert to MLA, latent {kv_rank} + rope {rope_dim}: {', '.join(methods)}")
+        else:
+            label, methods, runs = f"gqa{opts.groups}", opts.methods, opts.runs
+            _say(opts, f"[2/4] convert to GQA with {opts.groups} KV heads: {', '.join(methods)}")
         converted = {}
-        for method in opts.methods:
-            model = convert_gqa(original, opts.groups, method)
-            path = work / f"gqa{opts.groups}-{method}"
+        for method in methods:
+            if opts.to == "mla":
+                model = convert_mla(original, kv_rank, rope_dim, method)
+            else:
+                model = convert_gqa(original, opts.groups, method)
+            path = work / f"{label}-{method}"
             with quiet_hf():
                 model.save_pretrained(str(path))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(path))
             converted[method] = path
-            record(f"gqa{opts.groups}-{method}", model, method=method)
+            record(f"{label}-{method}", model, method=method)
         del model
 
         _say(opts, f"[3/4] uptrain each with {100 * opts.fraction:g}% of the {pre or '?'} pretraining tokens")
-        for kind, method, distill in opts.runs:
+        for kind, method, distill in runs:
             if method not in converted:
                 continue
-            name = f"gqa{opts.groups}-{method} + {kind}"
+            name = f"{label}-{method} + {kind}"
             dst = work / name.replace(" + ", "+")
             res = uptrain(UptrainOptions(
                 model=str(converted[method]), out=str(dst), data="builtin:0", fraction=opts.fraction,
@@ -122,11 +161,11 @@ def run_demo(opts: DemoOptions) -> dict:
             curves[name] = res.log
             with quiet_hf():
                 model = load_causal_lm(dst, dtype=torch.float32)
-            record(name, model, start=f"gqa{opts.groups}-{method}", tokens=res.tokens,
+            record(name, model, start=f"{label}-{method}", tokens=res.tokens,
                    fraction_of_pretraining=res.fraction_of_pretraining, uptrain_seconds=res.seconds)
 
         _say(opts, "[4/4] report")
-        summary = {"groups": opts.groups, "fraction": opts.fraction, "pretraining_tokens": pre,
+        summary = {"to": opts.to, "target": label, "groups": opts.groups, "fraction": opts.fraction, "pretraining_tokens": pre,
                    "eval_data": opts.eval_data, "eval_sequences": opts.eval_seqs, "lr": opts.lr, "alpha": opts.alpha,
                    "temperature": opts.temperature, "seconds": None, "results": results}
         summary["seconds"] = round(time.perf_counter() - t_start, 1)

@@ -109,6 +109,11 @@ class Converter:
         """Whether the converted model computes what the source did."""
         return False
 
+    def export(self, model, out_dir, opts: dict, dtype=None) -> tuple[list[str], str] | None:
+        """Write the patched ``model`` into ``out_dir`` as a native checkpoint of another architecture (its files
+        and model class), or None: ``attnzoo convert`` saves it with ``save_pretrained``."""
+        return None
+
     def after_save(self, out_dir, opts: dict) -> list[str]:
         """Changes to side files in the output directory (notes for the table)."""
         return []

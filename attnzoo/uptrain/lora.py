@@ -42,6 +42,10 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None, targets, train_
     which are trained fully (peft ``modules_to_save``). Raises when a name matches nothing."""
     from peft import LoraConfig, get_peft_model
 
+    from .options import DEFAULT_LORA_TARGETS
+
+    if tuple(targets) == DEFAULT_LORA_TARGETS:  # the defaults name several families' modules: keep those present
+        targets = [p for p in targets if _module_names(model, [p])]
     for option, names in (("--lora-targets", targets), ("--train-fully", train_fully)):
         for p in names:
             if not _module_names(model, [p]):

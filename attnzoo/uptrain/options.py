@@ -8,7 +8,8 @@ from ..errors import check_choice
 
 __all__ = ["UptrainOptions", "DEFAULT_LORA_TARGETS", "flag"]
 
-DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                        "kv_a_proj_with_mqa", "kv_b_proj")  # the last two: MLA (DeepSeek's names)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 STAGES = ("uptrain", "pretrain")
 TEACHER_PLACEMENTS = ("replicate", "shard")

@@ -165,7 +165,7 @@ class LatentRMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-@register("mla", MLAConfig, converter=None,  # "attnzoo.patches.mla:mla" once the converter lands (issue 18)
+@register("mla", MLAConfig, converter="attnzoo.patches.mla:mla",
           example={"dim": 32, "heads": 4, "kv_rank": 8, "rope_dim": 4, "nope_dim": 6, "v_dim": 5},
           description="multi-head latent attention (DeepSeek MLA): a latent + RoPE-key cache, absorbed decode")
 class MLAAttention(nn.Module):
