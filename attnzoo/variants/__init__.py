@@ -12,3 +12,8 @@ from .sparse import (BigBirdConfig, LongformerConfig, SlidingWindowConfig, Spars
 __all__ = ["VariantConfig", "RopeConfig", "Cache", "KVCache", "LatentCache", "StateCache", "DenseAttention", "DenseConfig", "MHAConfig",
            "GQAConfig", "MQAConfig", "RollingKVCache", "SparseAttention", "SparseConfig", "SlidingWindowConfig",
            "LongformerConfig", "BigBirdConfig", "SparseStridedConfig", "SparseFixedConfig"]
+from .linear import (LinearAttention, LinearConfig, LinearStateCache, LinformerAttention, LinformerConfig,  # noqa: E402
+                     PerformerConfig)
+
+__all__ += ["LinearAttention", "LinearConfig", "LinearStateCache", "LinformerAttention", "LinformerConfig",
+            "PerformerConfig"]
