@@ -22,9 +22,9 @@ Dropout is not applied (no attention probabilities are formed), except on Linfor
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -166,17 +166,12 @@ class LinformerConfig(LinformerOptions, LinearFamilyConfig):
         share_kv: the same projection for keys and values.
     """
 
-    causal: bool = dataclasses.field(default=False, init=False)
-
-    @classmethod
-    def from_options(cls, variant: str = "", **options):
-        if options.get("causal"):
-            raise ValueError(f"causal={options['causal']!r}: {_LINFORMER_CAUSAL}")
-        options.pop("causal", None)
-        return super().from_options(variant, **options)
+    encoder_only: ClassVar[bool] = True  # causal=True is refused (see validate)
 
     def validate(self):
         super().validate()
+        if self.causal:
+            raise ValueError(f"causal={self.causal!r}: {_LINFORMER_CAUSAL}")
         check_positive_int("k", self.k)
         check_positive_int("max_len", self.max_len)
         check_type("share_heads", self.share_heads, bool, "True or False")
