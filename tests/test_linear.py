@@ -83,7 +83,7 @@ def test_performer_redraw_is_seeded_and_deterministic():
 
 
 def test_linformer_reference_and_gqa():
-    m = _mk("linformer", k=5, max_len=16, groups=2, share_heads=False, share_kv=True)
+    m = _mk("linformer", k=5, max_len=16, groups=2, per_head=True, share_kv=True)
     x = torch.randn(2, 11, 32, **D64)
     kpm = torch.ones(2, 11, dtype=torch.bool)
     kpm[0, 8:] = False

@@ -61,7 +61,7 @@ def test_linformer_on_encoders_ignores_padding(name):
     model, inputs = TINY[name].make()
     attnzoo.patch(model, "linformer", k=4, max_len=32, share_layers=True)
     mods = [s.module for s in attnzoo.patches.attention_sites(model)[1]]
-    assert mods[0].k_seq_proj is mods[1].k_seq_proj
+    assert mods[1].k_seq_proj is None and mods[1].projections()[0] is mods[0].k_seq_proj
     ids, mask = inputs["input_ids"][:1, :6], torch.ones(1, 6, dtype=torch.long)
     longer = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
     with torch.no_grad():
@@ -92,3 +92,23 @@ def test_save_and_reload(tmp_path):
     again = attnzoo.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(**inputs).logits, want)
+
+
+@pytest.mark.parametrize("name,argv", [("llama", ["--to", "linear", "--feature-map", "hedgehog", "--window", "3"]),
+                                       ("bert", ["--to", "linformer", "--k", "8", "--share-layers"])])
+def test_convert_cli_reuses_weights_and_reloads(tmp_path, name, argv):
+    from attnzoo.cli import main
+
+    model, inputs = TINY[name].make()
+    model.save_pretrained(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), *argv, "--no-progress"]) == 0
+    again = attnzoo.from_pretrained(tmp_path / "dst").eval()
+    site = attnzoo.patches.attention_sites(again)[1][0]
+    assert "Linear" in type(site.module).__name__ or "Linformer" in type(site.module).__name__
+    w = site.read()
+    src_site = attnzoo.patches.attention_sites(model)[1][0]
+    torch.testing.assert_close(w.q, src_site.read().q)
+    if name == "bert":
+        assert site.module.max_len == model.config.max_position_embeddings
+    with torch.no_grad():
+        assert torch.isfinite(again(**inputs).logits).all()

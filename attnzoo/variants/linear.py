@@ -68,8 +68,9 @@ class LinformerOptions:
     """``linformer``'s own options."""
 
     k: int = option(256, help="projected length: keys and values are projected to k slots")
-    max_len: int = option(4096, help="longest sequence (the projections are k x max_len)")
-    share_heads: bool = option(True, help="one projection for every head (else one per KV head)")
+    max_len: int | None = option(None, help="longest sequence, the projections are k x max_len (None: 4096, or the "
+                                            "model's max_position_embeddings when converting)")
+    per_head: bool = option(False, help="a projection per KV head (default: one shared by every head)")
     share_kv: bool = option(False, help="the same projection for keys and values")
 
 
@@ -162,7 +163,7 @@ class LinformerConfig(LinformerOptions, LinearFamilyConfig):
     Args:
         k: projected length.
         max_len: longest sequence.
-        share_heads: one projection for every head.
+        per_head: a projection per KV head (default: one for every head).
         share_kv: the same projection for keys and values.
     """
 
@@ -173,11 +174,15 @@ class LinformerConfig(LinformerOptions, LinearFamilyConfig):
         if self.causal:
             raise ValueError(f"causal={self.causal!r}: {_LINFORMER_CAUSAL}")
         check_positive_int("k", self.k)
-        check_positive_int("max_len", self.max_len)
-        check_type("share_heads", self.share_heads, bool, "True or False")
+        check_positive_int("max_len", self.max_len, allow_none=True)
+        check_type("per_head", self.per_head, bool, "True or False")
         check_type("share_kv", self.share_kv, bool, "True or False")
-        if self.k > self.max_len:
-            raise ValueError(f"k={self.k}: more slots than max_len={self.max_len} positions; expected k <= max_len")
+        if self.k > self.max_len_:
+            raise ValueError(f"k={self.k}: more slots than max_len={self.max_len_} positions; expected k <= max_len")
+
+    @property
+    def max_len_(self) -> int:
+        return self.max_len if self.max_len is not None else 4096
 
     def kv_layout(self) -> KVLayout:
         """Nothing: an encoder layer does not decode."""
@@ -368,17 +373,35 @@ class LinformerAttention(DenseAttention):
             raise TypeError(f"config={type(config).__name__}: expected a LinformerConfig")
         super().__init__(config)
         c = config
-        hp = 1 if c.share_heads else c.kv_heads
-        self.k_seq_proj = nn.Parameter(torch.randn(hp, c.k, c.max_len) / math.sqrt(c.k))
-        self.v_seq_proj = None if c.share_kv else nn.Parameter(torch.randn(hp, c.k, c.max_len) / math.sqrt(c.k))
+        hp = c.kv_heads if c.per_head else 1
+        self.max_len = c.max_len_
+        self.k_seq_proj = nn.Parameter(torch.randn(hp, c.k, self.max_len) / math.sqrt(c.k))
+        self.v_seq_proj = None if c.share_kv else nn.Parameter(torch.randn(hp, c.k, self.max_len) / math.sqrt(c.k))
         self.scale = c.scale_
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"{super().extra_repr()}, k={c.k}, max_len={c.max_len}"
+        return f"{super().extra_repr()}, k={c.k}, max_len={self.max_len}"
 
     def make_cache(self) -> Cache:
         raise ValueError(_LINFORMER_CAUSAL)
+
+    def share_projections_with(self, other: LinformerAttention) -> None:
+        """Read ``other``'s projections instead of this module's own (dropped): layer-wise sharing. ``other``
+        keeps the parameters (saved once, in its layer); this module holds a plain reference to it."""
+        if other is self:
+            return
+        shape = tuple(other.k_seq_proj.shape)
+        if shape != tuple(self.k_seq_proj.shape):
+            raise ValueError(f"share_layers: projections of shape {shape} and {tuple(self.k_seq_proj.shape)} differ")
+        self.k_seq_proj = None
+        self.v_seq_proj = None
+        self.__dict__["_projections_of"] = other  # not a submodule: the parameters stay where they are
+
+    def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E, F)``: the key and value projections ``[1 | kv_heads, k, max_len]`` (``F is E`` with share_kv)."""
+        src = self.__dict__.get("_projections_of", self)
+        return src.k_seq_proj, (src.k_seq_proj if src.v_seq_proj is None else src.v_seq_proj)
 
     def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None, *,
                 key_padding_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
@@ -395,14 +418,15 @@ class LinformerAttention(DenseAttention):
 
     def attend_heads(self, q, k, v, valid, cache=None) -> torch.Tensor:
         n, c = k.shape[2], self.config
-        if n > c.max_len:
-            raise ValueError(f"sequence of {n} tokens: linformer was built with max_len={c.max_len}; rebuild it "
+        if n > self.max_len:
+            raise ValueError(f"sequence of {n} tokens: linformer was built with max_len={self.max_len}; rebuild it "
                              f"(or convert) with max_len >= {n}")
         if valid is not None:
             keep = valid[:, None, :, None].to(k.dtype)
             k, v = k * keep, v * keep
-        e = self.k_seq_proj[..., :n].to(k.dtype)
-        f = e if self.v_seq_proj is None else self.v_seq_proj[..., :n].to(v.dtype)
+        e_all, f_all = self.projections()
+        e = e_all[..., :n].to(k.dtype)
+        f = e if f_all is e_all else f_all[..., :n].to(v.dtype)
         ks = torch.einsum("hsn,bhnd->bhsd", e, k)
         vs = torch.einsum("hsn,bhnd->bhsd", f, v)
         return attention(q, ks, vs, scale=self.scale, dropout_p=c.dropout if self.training else 0.0)

@@ -130,14 +130,20 @@ class LinearConverter(Converter):
         new = self._wrapper(site, site.read(), plan, opts)
         setattr(get_submodule(site.root, site.parent_path), site.attr, new)
 
+    def prepare(self, model, adapter, sites, opts, native):
+        """Linformer: ``max_len`` None becomes the model's ``max_position_embeddings``."""
+        opts = dict(opts)
+        if "max_len" in opts and opts["max_len"] is None:
+            n = getattr(sites[0].config, "max_position_embeddings", None)
+            opts["max_len"] = int(n) if n else None
+        return opts
+
     def finish(self, model, adapter, sites, plans, opts, native):
         notes = []
         if opts.get("share_layers"):
             mods = [get_submodule(model, fqn) for fqn in plans]
             for m in mods[1:]:
-                m.k_seq_proj = mods[0].k_seq_proj
-                if m.v_seq_proj is not None:
-                    m.v_seq_proj = mods[0].v_seq_proj
+                m.share_projections_with(mods[0])
             notes.append(f"one pair of sequence projections shared by {len(mods)} layers")
         if any(p["causal"] for p in plans.values()):
             for cfg in {id(s.config): s.config for s in sites}.values():
