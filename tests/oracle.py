@@ -192,7 +192,7 @@ REFERENCES.update({name: sparse_reference for name in
 # ---------------------------------------------------------------------------- the linear family, by explicit loops
 def _phi64(m, x, which):
     """Feature rows of x [B,H,N,D] in float64, from the formulas: FAVOR+ exp(w.x' - |x'|^2/2)/sqrt(m) with
-    x' = x sqrt(scale); hedgehog [exp(xW+b), exp(-(xW+b))]; t2r relu(xW+b); elu elu(xW+b)+1."""
+    x' = x sqrt(scale); hedgehog [exp(xW+b), exp(-(xW+b))]; t2r relu(xW+b); elu elu(xW+b)+1; keys times exp(log_gain) (window)."""
     x = x.double()
     scale = m.scale
     if getattr(m, "projection", None) is not None:
@@ -200,16 +200,19 @@ def _phi64(m, x, which):
     else:
         fm = m.q_feature_map if which == "q" else m.k_feature_map
         kind, w = fm.kind, fm.weight.double()
+    gain = 1.0
+    if kind != "favor" and fm.log_gain is not None:  # the keys' gain (a window's linear part)
+        gain = fm.log_gain.double().exp()[None, :, None, None]
     if kind in ("favor", "performer"):
         xs = x * math.sqrt(scale)
         u = torch.einsum("bhnd,md->bhnm", xs, w) if w.dim() == 2 else torch.einsum("bhnd,hmd->bhnm", xs, w)
-        return torch.exp(u - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.sqrt(w.shape[-2])
+        return gain * torch.exp(u - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.sqrt(w.shape[-2])
     u = torch.einsum("bhnd,hde->bhne", x, w) + fm.bias.double()[None, :, None]
     if kind == "hedgehog":
-        return torch.cat([u.exp(), (-u).exp()], -1)
+        return gain * torch.cat([u.exp(), (-u).exp()], -1)
     if kind == "t2r":
-        return torch.relu(u)
-    return torch.nn.functional.elu(u) + 1
+        return gain * torch.relu(u)
+    return gain * (torch.nn.functional.elu(u) + 1)
 
 
 def linear_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, positions=None):

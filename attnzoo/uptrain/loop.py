@@ -27,6 +27,7 @@ from .losses import mixed_loss
 from .options import UptrainOptions, flag
 from .schedule import warmup_cosine
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .transfer import start_transfer, transfer_objective
 
 __all__ = ["uptrain", "UptrainResult", "plan_budget"]
 
@@ -235,6 +236,8 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     budget, total_steps, fraction = plan_budget(opts, meta, tokens_per_step)
 
     train_fully = opts.train_fully if opts.train_fully is not None else tuple(meta.get("new_modules", []))
+    if opts.stage == "transfer":  # attention transfer: only the feature maps train (uptrain/transfer.py)
+        start_transfer(model)
     if opts.lora_rank:
         model = apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_targets, train_fully)
     summary = summarize_trainable(model)
@@ -269,7 +272,7 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not (main and opts.progress), unit="step",
-               desc="uptrain" if opts.stage == "uptrain" else "pretrain", dynamic_ncols=True)
+               desc=opts.stage, dynamic_ncols=True)
     model.train()
     t0 = time.perf_counter()
     stopped = False
@@ -283,7 +286,8 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
                 with accelerator.autocast():
                     logits = model(input_ids=ids).logits
                     t_logits = teacher(input_ids=ids).logits if teacher is not None else None
-                loss, parts = mixed_loss(logits, ids, t_logits, opts.alpha, opts.temperature)
+                loss, parts = transfer_objective(model, logits, ids) if opts.stage == "transfer" else \
+                    mixed_loss(logits, ids, t_logits, opts.alpha, opts.temperature)
                 accelerator.backward(loss / opts.grad_accum)
             sums += torch.stack([loss.detach(), parts["ce"], parts.get("kl", torch.zeros((), device=ids.device))])
         if opts.max_grad_norm > 0:

@@ -55,12 +55,23 @@ def favor_features(x: torch.Tensor, projection: torch.Tensor, scale: float):
     return (u - top).exp(), top.squeeze(-1) - 0.5 * math.log(p.shape[-2])
 
 
+_INITIAL_GAIN = {"hedgehog": lambda d: -math.log(2 * d), "elu": lambda d: -math.log(d), "t2r": lambda d: 0.0,
+                 "performer": lambda d: 0.0}
+
+
 class FeatureMap(nn.Module):
     """A learnable feature map, one ``weight [heads, head_dim, out]`` (and ``bias [heads, out]``) per head;
-    ``kind`` in :data:`FEATURE_MAPS`. ``projection``: the performer map's initial rows ``[m, head_dim]``."""
+    ``kind`` in :data:`FEATURE_MAPS`; ``features``/``seed``: the performer map's width and initial rows.
 
-    def __init__(self, kind: str, heads: int, head_dim: int, features: int = 64, scale: float = 1.0, seed: int = 0):
+    ``gain=True`` (the keys' map) adds ``log_gain [heads]`` to every row's log-scale: the weight of the linear
+    part against an exact-softmax window (it cancels without a window), initialised so that
+    ``phi(q) . phi(k)`` is about ``exp(0) = 1`` for small inputs, as the window's weights are (hedgehog:
+    ``-log(2 d)``, elu: ``-log(d)``; the role of LoLCATs' window factor)."""
+
+    def __init__(self, kind: str, heads: int, head_dim: int, features: int = 64, scale: float = 1.0, seed: int = 0,
+                 gain: bool = False):
         super().__init__()
+        self.log_gain = nn.Parameter(torch.full((heads,), _INITIAL_GAIN[kind](head_dim))) if gain else None
         self.kind, self.scale = kind, scale
         if kind == "performer":
             rows = orthogonal_gaussian(features, head_dim, seed)
@@ -75,6 +86,13 @@ class FeatureMap(nn.Module):
         return f"kind={self.kind}, heads={self.weight.shape[0]}, features={self.out_features}"
 
     def forward(self, x: torch.Tensor):
+        feats, log = self._features(x)
+        if self.log_gain is None:
+            return feats, log
+        gain = self.log_gain.to(feats.dtype)[None, :, None].expand(feats.shape[:-1])
+        return feats, gain if log is None else log + gain
+
+    def _features(self, x: torch.Tensor):
         if self.kind == "performer":
             return favor_features(x, self.weight, self.scale)
         u = torch.einsum("bhnd,hde->bhne", x, self.weight.to(x.dtype)) + self.bias.to(x.dtype)[None, :, None]

@@ -231,7 +231,7 @@ class LinearAttention(DenseAttention):
             self.projection = None
             kw = dict(features=c.features, scale=self.scale, seed=c.seed)
             self.q_feature_map = FeatureMap(c.feature_map, self.heads, self.head_dim, **kw)
-            self.k_feature_map = FeatureMap(c.feature_map, self.kv_heads, self.head_dim, **kw)
+            self.k_feature_map = FeatureMap(c.feature_map, self.kv_heads, self.head_dim, gain=bool(self.window), **kw)
         self.transfer = False  # attention transfer (attnzoo.uptrain.transfer): see forward
         self.transfer_loss = None
 

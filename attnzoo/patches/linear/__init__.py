@@ -145,6 +145,11 @@ class LinearConverter(Converter):
             for m in mods[1:]:
                 m.share_projections_with(mods[0])
             notes.append(f"one pair of sequence projections shared by {len(mods)} layers")
+        if self.name == "linear":  # the LoRA stage trains the feature maps fully (uptrain's default --train-fully)
+            from ...checkpoint_io import read_metadata, update_metadata
+
+            names = read_metadata(model).get("new_modules") or []
+            update_metadata(model, new_modules=list(dict.fromkeys([*names, "q_feature_map", "k_feature_map"])))
         if any(p["causal"] for p in plans.values()):
             for cfg in {id(s.config): s.config for s in sites}.values():
                 if getattr(cfg, "sliding_window", None) is not None:
