@@ -99,8 +99,8 @@ def causal_parts(qf, kf, v, *, valid=None, k_log=None, initial_state: LinearStat
         r = (k_log.to(ct) if k_log is not None else torch.zeros(b, hkv, n, dtype=ct, device=qf.device))
         if valid is not None:
             r = r.masked_fill(~valid[:, None, :], NEG)
-        m, seen = _running_max(r, None if initial_state is None else initial_state.m.to(ct))
-        kt = kf * torch.exp(r - m)[..., None]
+        m, seen = _running_max(r.detach(), None if initial_state is None else initial_state.m.to(ct))
+        kt = kf * torch.exp(r - m)[..., None]  # m is a stabiliser: the output does not depend on it (detached)
     else:
         m = torch.zeros(b, hkv, n, dtype=ct, device=qf.device)
         seen = torch.ones(b, hkv, n, dtype=torch.bool, device=qf.device) if valid is None else \
@@ -183,7 +183,7 @@ def window_parts(q, k, v, *, window: int, valid=None, scale: float):
     band = (i - j >= 0) & (i - j < W)
     keep = band[None, None] & ok2[:, :, None, :]  # [b, nb, W, 2W]
     s = s.masked_fill(~keep[:, None, None], NEG)
-    M = s.amax(-1)
+    M = s.detach().amax(-1)
     Ms = M.masked_fill(torch.isinf(M), 0.0)
     p = (s - Ms[..., None]).exp()
     num = torch.einsum("bhgcij,bhcje->bhgcie", p, V2)
@@ -252,7 +252,7 @@ def _noncausal(qf, kf, v, valid, k_log):
         r = k_log.to(ct)
         if valid is not None:
             r = r.masked_fill(~valid[:, None, :], NEG)
-        M = r.amax(-1, keepdim=True)
+        M = r.detach().amax(-1, keepdim=True)
         kf = kf * (r - M.masked_fill(torch.isinf(M), 0.0)).exp()[..., None]
     if valid is not None:
         kf = kf * valid[:, None, :, None].to(ct)

@@ -12,8 +12,10 @@ Two kernels, as fla's ``chunk`` kernels:
   the row sums of the intra-chunk scores): the ones column of ``[v | 1]`` without widening ``v``.
 
 Grouped KV heads are read in place (query head ``h`` reads KV head ``h // (hq // hkv)``); rows past the end
-are masked. Backward: :class:`_ChunkCore` recomputes the chunk computation in PyTorch (:func:`.chunked.chunk_core`,
-its matrix products on tensor cores) and differentiates it; the forward's kernels do not save anything for it.
+are masked. Backward (:class:`_ChunkCore`), three kernels: ``_states_bwd`` walks the chunks in reverse for the
+gradient of the state after each chunk (``dH_c = a_c dH_{c+1} + sum_i D_i q_i dO_i^T``, the denominator's
+gradient beside it as ``dz``), then ``_dq`` (per chunk and query head) and ``_dkv`` (per chunk and KV head, over
+its query heads: no atomics) in parallel. The forward keeps the per-chunk states for them.
 """
 from __future__ import annotations
 
@@ -122,21 +124,150 @@ if triton is not None:
             tl.store(DEN + bhq * n + rows, dz * inter + tl.sum(A, 1), mask=mr)
 
 
+    @triton.jit
+    def _states_bwd(Q, DNUM, DDEN, G, G0, DSF, DZF, DH, DZ, n, NC, GROUP, F: tl.constexpr, DV: tl.constexpr,
+                    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        """Reverse walk: the gradient of the state after each chunk (``DH[c]``: after chunk ``c``), from the final
+        state's (``DSF``, ``DZF``) and every chunk's queries: ``dH_c = a_c dH_{c+1} + sum_i D_i q_i dO_i^T``."""
+        bh = tl.program_id(0)
+        kb = tl.program_id(1)
+        vb = tl.program_id(2)
+        rk = kb * BK + tl.arange(0, BK)
+        rv = vb * BV + tl.arange(0, BV)
+        rc = tl.arange(0, C)
+        mk, mv = rk < F, rv < DV
+        dS = tl.load(DSF + bh * F * DV + rk[:, None] * DV + rv[None, :], mask=mk[:, None] & mv[None, :],
+                     other=0.0).to(tl.float32)
+        dz = tl.load(DZF + bh * F + rk, mask=mk, other=0.0).to(tl.float32)
+        g0 = tl.load(G0 + bh).to(tl.float32)
+        for cc in range(NC):
+            c = NC - 1 - cc
+            tl.store(DH + bh * NC * F * DV + c * F * DV + rk[:, None] * DV + rv[None, :], dS,
+                     mask=mk[:, None] & mv[None, :])
+            if vb == 0:
+                tl.store(DZ + bh * NC * F + c * F + rk, dz, mask=mk)
+            rows = c * C + rc
+            mr = rows < n
+            last = tl.minimum(c * C + C, n) - 1
+            ge = tl.load(G + bh * n + last).to(tl.float32)
+            gp = g0
+            if c > 0:
+                gp = tl.load(G + bh * n + c * C - 1).to(tl.float32)
+            g = tl.load(G + bh * n + rows, mask=mr, other=0.0).to(tl.float32)
+            d = tl.where(mr, tl.exp(g - gp), 0.0)
+            dS = dS * tl.exp(ge - gp)
+            dz = dz * tl.exp(ge - gp)
+            for h in range(GROUP):
+                bhq = bh * GROUP + h
+                q = tl.load(Q + bhq * n * F + rows[:, None] * F + rk[None, :], mask=mr[:, None] & mk[None, :],
+                            other=0.0)
+                do = tl.load(DNUM + bhq * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :],
+                             other=0.0)
+                dd = tl.load(DDEN + bhq * n + rows, mask=mr, other=0.0)
+                qd = q.to(tl.float32) * d[:, None]
+                dS += tl.dot(tl.trans(qd.to(q.dtype)), do.to(q.dtype)).to(tl.float32)
+                dz += tl.sum(qd * dd[:, None], 0)
+
+    @triton.jit
+    def _dq(Q, K, V, G, G0, H, Z, DNUM, DDEN, DQ, n, NC, GROUP, F: tl.constexpr, DV: tl.constexpr,
+            C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        """``dq_i = D_i (dO_i H_c^T + dden_i z_c) + sum_{j <= i} (dO_i . v_j + dden_i) e^{g_i - g_j} k_j``."""
+        c = tl.program_id(0)
+        bhq = tl.program_id(1)
+        bh = bhq // GROUP
+        rc = tl.arange(0, C)
+        rows = c * C + rc
+        mr = rows < n
+        rv = tl.arange(0, BV)
+        mv = rv < DV
+        do = tl.load(DNUM + bhq * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
+        dd = tl.load(DDEN + bhq * n + rows, mask=mr, other=0.0).to(tl.float32)
+        v = tl.load(V + bh * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
+        g = tl.load(G + bh * n + rows, mask=mr, other=0.0).to(tl.float32)
+        gp = tl.load(G0 + bh).to(tl.float32)
+        if c > 0:
+            gp = tl.load(G + bh * n + c * C - 1).to(tl.float32)
+        d = tl.exp(g - gp)
+        keep = (rc[:, None] >= rc[None, :]) & mr[None, :] & mr[:, None]
+        dA = tl.dot(do.to(v.dtype), tl.trans(v)).to(tl.float32) + dd[:, None]
+        dA = tl.where(keep, dA * tl.exp(tl.where(keep, g[:, None] - g[None, :], 0.0)), 0.0)
+        for k0 in range(0, F, BK):
+            rk = k0 + tl.arange(0, BK)
+            mk = rk < F
+            k = tl.load(K + bh * n * F + rows[:, None] * F + rk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+            h = tl.load(H + bh * NC * F * DV + c * F * DV + rk[:, None] * DV + rv[None, :],
+                        mask=mk[:, None] & mv[None, :], other=0.0)
+            z = tl.load(Z + bh * NC * F + c * F + rk, mask=mk, other=0.0)
+            dq = tl.dot(dA.to(k.dtype), k).to(tl.float32)
+            dq += d[:, None] * (tl.dot(do.to(k.dtype), tl.trans(h.to(k.dtype))).to(tl.float32) + dd[:, None] * z[None, :])
+            tl.store(DQ + bhq * n * F + rows[:, None] * F + rk[None, :], dq, mask=mr[:, None] & mk[None, :])
+
+    @triton.jit
+    def _dkv(Q, K, V, G, DH, DZ, DNUM, DDEN, DK, DV_, n, NC, GROUP, F: tl.constexpr, DV: tl.constexpr,
+             C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        """Per chunk and KV head, over its query heads: ``dv_j = sum_i A_ij dO_i + w_j k_j dH``,
+        ``dk_j = sum_i dA_ij e^{g_i - g_j} q_i + w_j (dH v_j + dz)``, ``w_j = e^{g_end - g_j}``, ``dH``/``dz`` the
+        gradient of the state after this chunk."""
+        c = tl.program_id(0)
+        bh = tl.program_id(1)
+        rc = tl.arange(0, C)
+        rows = c * C + rc
+        mr = rows < n
+        rv = tl.arange(0, BV)
+        mv = rv < DV
+        v = tl.load(V + bh * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
+        g = tl.load(G + bh * n + rows, mask=mr, other=0.0).to(tl.float32)
+        last = tl.minimum(c * C + C, n) - 1
+        ge = tl.load(G + bh * n + last).to(tl.float32)
+        w = tl.where(mr, tl.exp(ge - g), 0.0)
+        keep = (rc[:, None] >= rc[None, :]) & mr[None, :] & mr[:, None]
+        decay = tl.where(keep, tl.exp(tl.where(keep, g[:, None] - g[None, :], 0.0)), 0.0)
+        dv = tl.zeros([C, BV], dtype=tl.float32)
+        for h in range(GROUP):
+            bhq = bh * GROUP + h
+            s = tl.zeros([C, C], dtype=tl.float32)
+            for k0 in range(0, F, BK):
+                rk = k0 + tl.arange(0, BK)
+                mk = rk < F
+                q = tl.load(Q + bhq * n * F + rows[:, None] * F + rk[None, :], mask=mr[:, None] & mk[None, :],
+                            other=0.0)
+                k = tl.load(K + bh * n * F + rows[:, None] * F + rk[None, :], mask=mr[:, None] & mk[None, :],
+                            other=0.0)
+                s += tl.dot(q, tl.trans(k)).to(tl.float32)
+            do = tl.load(DNUM + bhq * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :],
+                         other=0.0)
+            dv += tl.dot(tl.trans((s * decay).to(do.dtype)), do).to(tl.float32)
+        for k0 in range(0, F, BK):
+            rk = k0 + tl.arange(0, BK)
+            mk = rk < F
+            k = tl.load(K + bh * n * F + rows[:, None] * F + rk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+            dh = tl.load(DH + bh * NC * F * DV + c * F * DV + rk[:, None] * DV + rv[None, :],
+                         mask=mk[:, None] & mv[None, :], other=0.0)
+            dz = tl.load(DZ + bh * NC * F + c * F + rk, mask=mk, other=0.0)
+            dv += w[:, None] * tl.dot(k, dh.to(k.dtype)).to(tl.float32)
+            dk = w[:, None] * (tl.dot(v, tl.trans(dh.to(v.dtype))).to(tl.float32) + dz[None, :])
+            for h in range(GROUP):
+                bhq = bh * GROUP + h
+                do = tl.load(DNUM + bhq * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :],
+                             other=0.0)
+                dd = tl.load(DDEN + bhq * n + rows, mask=mr, other=0.0).to(tl.float32)
+                q = tl.load(Q + bhq * n * F + rows[:, None] * F + rk[None, :], mask=mr[:, None] & mk[None, :],
+                            other=0.0)
+                dp = (tl.dot(do.to(v.dtype), tl.trans(v)).to(tl.float32) + dd[:, None]) * decay
+                dk += tl.dot(tl.trans(dp.to(q.dtype)), q).to(tl.float32)
+            tl.store(DK + bh * n * F + rows[:, None] * F + rk[None, :], dk, mask=mr[:, None] & mk[None, :])
+        tl.store(DV_ + bh * n * DV + rows[:, None] * DV + rv[None, :], dv, mask=mr[:, None] & mv[None, :])
+
+
 def _pow2(x: int, lo: int = 16, hi: int = 64) -> int:
     return max(lo, min(hi, triton.next_power_of_2(x)))
 
 
-def chunk_core_fused(qf, kt, v, G, G0, S0, *, chunk: int = 64, gated: bool = True):
-    """:func:`.chunked.chunk_core` on the Triton kernels (forward), same arguments and results; float32
-    results and state. ``chunk`` is rounded to a power of two >= 16."""
+def _forward(qf, kt, v, G, G0, S0, chunk):
     b, hq, n, f = qf.shape
     hkv, dv = kt.shape[1], v.shape[-1]
     C = _pow2(chunk, 16, 128)
     nc = -(-n // C)
-    dt = qf.dtype if qf.dtype in (torch.float16, torch.bfloat16) else torch.float32
-    qf, kt, v = qf.to(dt).contiguous(), kt.to(dt).contiguous(), v.to(dt).contiguous()
-    G = G.float().contiguous()
-    G0 = G0.float().contiguous()
     dev = qf.device
     H = torch.empty(b * hkv, nc, f, dv, dtype=torch.float32, device=dev)
     Z = torch.empty(b * hkv, nc, f, dtype=torch.float32, device=dev)
@@ -152,39 +283,77 @@ def chunk_core_fused(qf, kt, v, G, G0, S0, *, chunk: int = 64, gated: bool = Tru
     den = torch.empty(b, hq, n, dtype=torch.float32, device=dev)
     _outputs[(nc, b * hq, triton.cdiv(dv, BV))](
         qf, kt, v, G, G0, H, Z, num, den, n, nc, hq // hkv, F=f, DV=dv, C=C, BK=BK, BV=BV)
-    return num, den, torch.cat([SF, ZF[..., None]], -1)
+    return num, den, torch.cat([SF, ZF[..., None]], -1), H, Z
+
+
+def _prepare(qf, kt, v, G, G0):
+    dt = qf.dtype if qf.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return (qf.to(dt).contiguous(), kt.to(dt).contiguous(), v.to(dt).contiguous(), G.float().contiguous(),
+            G0.float().contiguous())
+
+
+def chunk_core_fused(qf, kt, v, G, G0, S0, *, chunk: int = 64, gated: bool = True):
+    """:func:`.chunked.chunk_core` on the Triton kernels (forward), same arguments and results; float32
+    results and state. ``chunk`` is rounded to a power of two >= 16."""
+    return _forward(*_prepare(qf, kt, v, G, G0), S0, chunk)[:3]
+
+
+def _backward(qf, kt, v, G, G0, H, Z, dnum, dden, dS, chunk):
+    """(dq, dk, dv, dS0) of the chunk computation, on the kernels."""
+    b, hq, n, f = qf.shape
+    hkv, dv = kt.shape[1], v.shape[-1]
+    C = _pow2(chunk, 16, 128)
+    nc = -(-n // C)
+    dev = qf.device
+    BK, BV = _pow2(f), _pow2(dv, 16, 128)
+    dnum = dnum.to(qf.dtype).contiguous()
+    dden = dden.float().contiguous()
+    dsf = dS[..., :dv].float().contiguous()
+    dzf = dS[..., dv].float().contiguous()
+    DH = torch.empty(b * hkv, nc, f, dv, dtype=torch.float32, device=dev)
+    DZ = torch.empty(b * hkv, nc, f, dtype=torch.float32, device=dev)
+    g = hq // hkv
+    _states_bwd[(b * hkv, triton.cdiv(f, BK), triton.cdiv(dv, _pow2(dv)))](
+        qf, dnum, dden, G, G0, dsf, dzf, DH, DZ, n, nc, g, F=f, DV=dv, C=C, BK=BK, BV=_pow2(dv))
+    dq = torch.empty(b, hq, n, f, dtype=torch.float32, device=dev)
+    _dq[(nc, b * hq)](qf, kt, v, G, G0, H, Z, dnum, dden, dq, n, nc, g, F=f, DV=dv, C=C, BK=BK, BV=BV)
+    dk = torch.empty(b, hkv, n, f, dtype=torch.float32, device=dev)
+    dvv = torch.empty(b, hkv, n, dv, dtype=torch.float32, device=dev)
+    _dkv[(nc, b * hkv)](qf, kt, v, G, DH, DZ, dnum, dden, dk, dvv, n, nc, g, F=f, DV=dv, C=C, BK=BK, BV=BV)
+    return dq, dk, dvv
 
 
 class _ChunkCore(torch.autograd.Function):
-    """Forward on the kernels; backward by differentiating :func:`.chunked.chunk_core` (recomputed)."""
+    """The chunk computation on the kernels, forward and backward (the log-scales ``G`` and an initial state
+    take no gradient here: :func:`causal_parts_fused` sends those cases to PyTorch)."""
 
     @staticmethod
-    def forward(ctx, qf, kt, v, G, G0, S0, chunk, gated):
-        ctx.save_for_backward(qf, kt, v, G, G0, S0 if S0 is not None else torch.empty(0))
-        ctx.has_s0, ctx.chunk, ctx.gated = S0 is not None, chunk, gated
-        return chunk_core_fused(qf, kt, v, G, G0, S0, chunk=chunk, gated=gated)
+    def forward(ctx, qf, kt, v, G, G0, chunk):
+        args = _prepare(qf, kt, v, G, G0)
+        num, den, S, H, Z = _forward(*args, None, chunk)
+        ctx.save_for_backward(*args, H, Z)
+        ctx.chunk, ctx.dtypes = chunk, (qf.dtype, kt.dtype, v.dtype)
+        return num, den, S
 
     @staticmethod
     def backward(ctx, dnum, dden, dS):
-        qf, kt, v, G, G0, S0 = ctx.saved_tensors
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in (qf, kt, v, G, G0)]
-        s0 = S0.detach().requires_grad_(S0.requires_grad) if ctx.has_s0 else None
-        with torch.enable_grad():
-            num, den, S = chunk_core(*inputs, s0, chunk=ctx.chunk, gated=ctx.gated)
-            wrt = [t for t in inputs + [s0] if t is not None and t.requires_grad]
-            grads = torch.autograd.grad([num, den, S], wrt, [dnum, dden, dS], allow_unused=True) if wrt else []
-        it = iter(grads)
-        out = [next(it) if t is not None and t.requires_grad else None for t in inputs + [s0]]
-        return (*out, None, None)
+        qf, kt, v, G, G0, H, Z = ctx.saved_tensors
+        dq, dk, dv = _backward(qf, kt, v, G, G0, H, Z, dnum, dden, dS, ctx.chunk)
+        tq, tk, tv = ctx.dtypes
+        return dq.to(tq), dk.to(tk), dv.to(tv), None, None, None
 
 
 def _fits(qf, kt, v) -> bool:
-    return qf.shape[-1] >= 16 and v.shape[-1] >= 16 and qf.dtype != torch.float64
+    return qf.shape[-1] >= 16 and 16 <= v.shape[-1] <= 128 and qf.dtype != torch.float64
 
 
 def causal_parts_fused(qf, kt, v, G, G0, S0, *, chunk: int = 64, gated: bool = True):
     """The ``core`` for :func:`.chunked.causal_parts`: the kernels where the shapes suit tensor cores (feature
-    and value widths >= 16, not float64), else :func:`.chunked.chunk_core`."""
-    if not _fits(qf, kt, v):
+    and value widths >= 16, value width <= 128, not float64); with an initial state (decoding, prefill with a
+    cache) the forward kernels without autograd; else :func:`.chunked.chunk_core`."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qf, kt, v, G, G0, S0))
+    if not _fits(qf, kt, v) or (grad and (S0 is not None or G.requires_grad or G0.requires_grad)):
         return chunk_core(qf, kt, v, G, G0, S0, chunk=chunk, gated=gated)
-    return _ChunkCore.apply(qf, kt, v, G, G0, S0, chunk, gated)
+    if S0 is not None or not grad:
+        return chunk_core_fused(qf, kt, v, G, G0, S0, chunk=chunk)
+    return _ChunkCore.apply(qf, kt, v, G, G0, chunk)
