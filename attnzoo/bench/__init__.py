@@ -29,6 +29,7 @@ __all__ = ["GROUPS", "load_group", "run", "report", "Options", "Row"]
 GROUPS: dict[str, str] = {
     "dense": "dense",
     "sparse": "sparse",
+    "linear": "linear",
 }
 
 
