@@ -69,7 +69,7 @@ def test_triton_matches_naive_forward_and_backward(gated, window):
                            backend="triton")
     ref = linear_attention_naive(**{k: x.cpu() for k, x in leaves.items()}, causal=True,
                                  key_padding_mask=valid.cpu(), window=window)
-    tol = dict(rtol=2e-4, atol=2e-4) if DEV == "cpu" else dict(rtol=2e-3, atol=2e-3)
+    tol = dict(rtol=2e-4, atol=2e-4) if DEV == "cpu" else dict(rtol=1e-2, atol=1e-2)  # TF32 dots on a GPU
     torch.testing.assert_close(got.double().cpu(), ref, **tol)
     g = torch.randn_like(got)
     wrt = [x for k, x in leaves.items() if window or k not in ("q", "k", "q_log")]
