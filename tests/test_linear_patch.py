@@ -92,6 +92,8 @@ def test_save_and_reload(tmp_path):
     again = attnzoo.from_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(again(**inputs).logits, want)
+    # the recorded layout: a fixed state plus the window's 2 tokens, whatever the length
+    assert attnzoo.kv_cache_bytes(again, 1024) == attnzoo.kv_cache_bytes(again, 8192) > 0
 
 
 @pytest.mark.parametrize("name,argv", [("llama", ["--to", "linear", "--feature-map", "hedgehog", "--window", "3"]),
