@@ -88,19 +88,18 @@ def causal_parts(qf, kf, v, *, valid=None, k_log=None, initial_state: LinearStat
     False where no key was read yet. ``qf [b, hq, n, f]``, ``kf [b, hkv, n, f]``, ``v [b, hkv, n, dv]``,
     ``valid [b, n]`` bool, ``k_log [b, hkv, n]`` or None. ``core``: the chunk computation (:func:`chunk_core`,
     or the fused kernels' with the same signature)."""
-    ct = _compute_dtype(qf)
+    ct = _compute_dtype(qf)  # per-row scales in float32 (float64 for float64); feature rows keep their dtype
     b, hq, n, f = qf.shape
     hkv = kf.shape[1]
-    kf = kf.to(ct)
     if valid is not None:
-        kf = kf * valid[:, None, :, None].to(ct)
+        kf = kf * valid[:, None, :, None].to(kf.dtype)
     gated = k_log is not None or (initial_state is not None and bool((initial_state.m != 0).any()))
     if gated:
         r = (k_log.to(ct) if k_log is not None else torch.zeros(b, hkv, n, dtype=ct, device=qf.device))
         if valid is not None:
             r = r.masked_fill(~valid[:, None, :], NEG)
         m, seen = _running_max(r.detach(), None if initial_state is None else initial_state.m.to(ct))
-        kt = kf * torch.exp(r - m)[..., None]  # m is a stabiliser: the output does not depend on it (detached)
+        kt = kf * torch.exp(r - m)[..., None].to(kf.dtype)  # m, a stabiliser, is detached: the output does not depend on it
     else:
         m = torch.zeros(b, hkv, n, dtype=ct, device=qf.device)
         seen = torch.ones(b, hkv, n, dtype=torch.bool, device=qf.device) if valid is None else \
@@ -243,22 +242,25 @@ def linear_attention_chunked(qf, kf, v, *, causal: bool = False, valid=None, q_l
 
 
 def _noncausal(qf, kf, v, valid, k_log):
+    """Two GEMMs, ``S = K^T [V | 1]`` then ``Q S``, in the inputs' dtype (half precision: tensor cores, float32
+    accumulation); the scales and the division in float32."""
     ct = _compute_dtype(qf)
+    gt = qf.dtype if qf.dtype in (torch.float16, torch.bfloat16) else ct
     b, hq, n, f = qf.shape
     hkv, dv = kf.shape[1], v.shape[-1]
     g = hq // hkv
-    kf, v = kf.to(ct), v.to(ct)
+    kf, v = kf.to(gt), v.to(gt)
     if k_log is not None:
         r = k_log.to(ct)
         if valid is not None:
             r = r.masked_fill(~valid[:, None, :], NEG)
         M = r.detach().amax(-1, keepdim=True)
-        kf = kf * (r - M.masked_fill(torch.isinf(M), 0.0)).exp()[..., None]
+        kf = kf * (r - M.masked_fill(torch.isinf(M), 0.0)).exp()[..., None].to(gt)
     if valid is not None:
-        kf = kf * valid[:, None, :, None].to(ct)
-    ones = torch.ones(b, hkv, kf.shape[2], 1, dtype=ct, device=kf.device)
-    S = torch.einsum("bhjf,bhje->bhfe", kf, torch.cat([v, ones], -1))  # two GEMMs: K^T [V|1], then Q S
-    out = torch.einsum("bhgif,bhfe->bhgie", qf.to(ct).view(b, hkv, g, n, f), S).reshape(b, hq, n, dv + 1)
+        kf = kf * valid[:, None, :, None].to(gt)
+    ones = torch.ones(b, hkv, kf.shape[2], 1, dtype=gt, device=kf.device)
+    S = torch.einsum("bhjf,bhje->bhfe", kf, torch.cat([v, ones], -1))
+    out = torch.einsum("bhgif,bhfe->bhgie", qf.to(gt).view(b, hkv, g, n, f), S).reshape(b, hq, n, dv + 1).to(ct)
     num, den = out[..., :dv], out[..., dv]
     safe = torch.where(den > 0, den, torch.ones_like(den))
     return torch.where((den > 0)[..., None], num / safe[..., None], torch.zeros_like(num))
