@@ -129,15 +129,17 @@ def test_options_are_checked():
 
 @pytest.mark.parametrize("opts", [{"feature_map": "hedgehog", "groups": 2}, {"feature_map": "performer",
                                   "features": 8, "window": 3, "rope": True}, {"feature_map": "t2r", "window": 5}])
-def test_decode_with_state_cache_equals_full_forward(opts):
+@pytest.mark.parametrize("prefill", [2, 6])
+def test_decode_with_state_cache_equals_full_forward(opts, prefill):
+    """Prefill, then one token at a time (the left padding reaches into the steps with prefill=2)."""
     m = _mk("linear", causal=True, **opts).eval()
     x = torch.randn(2, 14, 32, **D64)
     kpm = torch.ones(2, 14, dtype=torch.bool)
-    kpm[1, :3] = False
+    kpm[1, :4] = False
     full = m(x, key_padding_mask=kpm)
     cache = m.make_cache()
-    parts = [m(x[:, :6], key_padding_mask=kpm[:, :6], cache=cache)]
-    for t in range(6, 14):
+    parts = [m(x[:, :prefill], key_padding_mask=kpm[:, :prefill], cache=cache)]
+    for t in range(prefill, 14):
         parts.append(m(x[:, t:t + 1], key_padding_mask=kpm[:, : t + 1], cache=cache))
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=1e-9, atol=1e-9)
     assert cache.seq_len == 14

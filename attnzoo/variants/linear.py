@@ -259,13 +259,14 @@ class LinearAttention(DenseAttention):
 
     def features(self, q: torch.Tensor, k: torch.Tensor):
         """``(qf, q_log, kf, k_log)`` for projected heads (see :mod:`attnzoo.variants.feature_maps`)."""
-        if self.projection is not None:
-            qf, ql = favor_features(q, self.projection, self.scale)
-            kf, kl = favor_features(k, self.projection, self.scale)
-        else:
-            qf, ql = self.q_feature_map(q)
-            kf, kl = self.k_feature_map(k)
-        return qf, ql, kf, kl
+        qf, ql = favor_features(q, self.projection, self.scale) if self.projection is not None else \
+            self.q_feature_map(q)
+        return (qf, ql, *self.key_features(k))
+
+    def key_features(self, k: torch.Tensor):
+        """``(kf, k_log)`` of projected keys."""
+        return favor_features(k, self.projection, self.scale) if self.projection is not None else \
+            self.k_feature_map(k)
 
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None, *,
@@ -321,6 +322,8 @@ class LinearAttention(DenseAttention):
         b, n = q.shape[0], q.shape[2]
         if valid is None:
             valid = torch.ones(b, n, dtype=torch.bool, device=q.device)
+        if n == 1 and cache.state() is not None:
+            return self._step(q, k, v, valid, cache)
         st = cache.state()
         init = LinearState(st[0], st[1]) if st is not None else None
         if not W:
@@ -342,6 +345,52 @@ class LinearAttention(DenseAttention):
                                     q=q2, k=k2, scale=self.scale, initial_state=init, return_state=True)
         cache.advance((new.kv, new.m, k2[:, :, -W:], v2[:, :, -W:], ok2[:, -W:]), n)
         return out[:, :, W:]
+
+    def _step(self, q, k, v, valid, cache) -> torch.Tensor:
+        """One decoding step from a state (the op's recurrence written out for one token: a few small products
+        instead of the chunked form). The token leaving the window (or, without one, the new token) enters the
+        state at the running maximum of the keys' log-scales; the query reads the state and the window."""
+        from ..ops.linear.chunked import combine_parts
+
+        W, st = self.window, cache.state()
+        S, m = st[0], st[1]
+        ct = S.dtype
+        b, hkv, g = q.shape[0], self.kv_heads, self.heads // self.kv_heads
+        if W:
+            kb, vb, ok = st[2].to(k.dtype), st[3].to(v.dtype), st[4]
+            k_in, v_in, ok_in = kb[:, :, :1], vb[:, :, :1], ok[:, :1]
+        else:
+            k_in, v_in, ok_in = k, v, valid
+        qf, ql = favor_features(q, self.projection, self.scale) if self.projection is not None else \
+            self.q_feature_map(q)
+        kf, kl = self.key_features(k_in)
+        r = (kl[..., 0].to(ct) if kl is not None else torch.zeros(b, hkv, dtype=ct, device=q.device))
+        r = r.masked_fill(~ok_in.bool()[:, None, :1].expand(b, hkv, 1)[..., 0], float("-inf"))
+        seen = S[..., -1].abs().sum(-1) > 0  # any key in the state
+        m_new = torch.where(seen, torch.maximum(m, r), torch.where(torch.isinf(r), m, r))
+        w = (r - m_new).exp()  # 0 for a padding token
+        S = S * (m - m_new).exp()[..., None, None] + torch.einsum(
+            "bhf,bhe->bhfe", kf[:, :, 0].to(ct) * w[..., None],
+            torch.cat([v_in[:, :, 0].to(ct), torch.ones(b, hkv, 1, dtype=ct, device=q.device)], -1))
+        out = torch.einsum("bhgf,bhfe->bhge", qf[:, :, 0].to(ct).view(b, hkv, g, -1), S).reshape(b, self.heads, 1, -1)
+        num, den = out[..., :-1], out[..., -1]
+        if W:
+            kb2, vb2, ok2 = torch.cat([kb[:, :, 1:], k], 2), torch.cat([vb[:, :, 1:], v], 2), \
+                torch.cat([ok[:, 1:], valid], 1)
+            L = (m_new.repeat_interleave(g, 1) + (ql[..., 0].to(ct) if ql is not None else 0.0))[..., None]
+            L = L.masked_fill(~(S[..., -1].abs().sum(-1) > 0).repeat_interleave(g, 1)[..., None], float("-inf"))
+            s = torch.einsum("bhgd,bhjd->bhgj", q[:, :, 0].to(ct).view(b, hkv, g, -1), kb2.to(ct)) * self.scale
+            s = s.masked_fill(~ok2[:, None, None, :], float("-inf")).reshape(b, self.heads, 1, W)
+            M = s.amax(-1)
+            p = (s - M.masked_fill(torch.isinf(M), 0.0)[..., None]).exp()
+            num_w = torch.einsum("bhgj,bhje->bhge", p.view(b, hkv, g, W), vb2.to(ct)).reshape(b, self.heads, 1, -1)
+            outv = combine_parts([(num, den, L), (num_w, p.sum(-1), M)])
+            cache.advance((S, m_new, kb2, vb2, ok2), 1)
+        else:
+            safe = torch.where(den > 0, den, torch.ones_like(den))
+            outv = torch.where((den > 0)[..., None], num / safe[..., None], torch.zeros_like(num))
+            cache.advance((S, m_new), 1)
+        return outv.to(v.dtype)
 
     def softmax_heads(self, q, k, v, valid) -> torch.Tensor:
         """The softmax attention these heads stand for (the attention-transfer teacher), same layout."""
