@@ -62,8 +62,8 @@ def test_state_carried_across_calls(gated, window):
 @pytest.mark.skipif(triton_kernel.available() is not None, reason="the Triton kernels cannot run here")
 @pytest.mark.parametrize("gated,window", [(False, 0), (True, 0), (True, 9)])
 def test_triton_matches_naive_forward_and_backward(gated, window):
-    """The fused kernels (chunk 16, 45 tokens: a partial last chunk; 4 query heads on 2 KV heads; padding)."""
-    t, valid = _inputs(2, 4, 2, 45, 16, 16, gated, dtype=torch.float32, device=DEV)
+    """The fused kernels (chunk 16, 37 tokens: a partial last chunk; 2 query heads on 1 KV head; padding)."""
+    t, valid = _inputs(2, 2, 1, 37, 16, 16, gated, dtype=torch.float32, device=DEV)
     leaves = {k: x.requires_grad_() for k, x in t.items()}
     got = linear_attention(**leaves, causal=True, key_padding_mask=valid, window=window, chunk=16,
                            backend="triton")
