@@ -114,3 +114,12 @@ def test_convert_cli_reuses_weights_and_reloads(tmp_path, name, argv):
         assert site.module.max_len == model.config.max_position_embeddings
     with torch.no_grad():
         assert torch.isfinite(again(**inputs).logits).all()
+
+
+def test_beam_search_reorders_the_state():
+    """Beam search with the state cache gives the beams it gives without a cache (the state follows the beams)."""
+    model, inputs = TINY["llama"].make()
+    attnzoo.patch(model, "linear", feature_map="t2r", window=2)
+    kw = dict(max_new_tokens=4, do_sample=False, num_beams=3, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model.generate(**inputs, **kw, use_cache=True), model.generate(**inputs, **kw, use_cache=False))
