@@ -5,7 +5,7 @@ computed from it (:func:`kv_cache_bytes`, :func:`kv_bytes_per_token`, ``PatchRep
 A layer's cache holds, per sequence,
 
 * ``per_token`` elements for every token it keeps: keys and values (``2 * kv_heads * head_dim``), or a
-  latent (MLA: ``kv_rank + rope_dim``), or both;
+  latent (MLA: ``kv_rank + rope_dim``; a native DeepSeek-V2/V3 config is read as such), or both;
 * at most ``window`` tokens (a rolling sliding-window cache; None: every token);
 * ``state`` elements whatever the length (a linear-attention recurrent state).
 
@@ -139,10 +139,24 @@ def _hf_windows(cfg: Any, layers: int) -> list[int | None]:
     return windows if len(windows) == layers else [None] * layers
 
 
+def _hf_latent_layout(cfg: Any) -> KVLayout | None:
+    """The latent layout of a native MLA config (DeepSeek-V2/V3: ``kv_lora_rank`` + ``qk_rope_head_dim`` per token,
+    what transformers' cache holds for it), else None."""
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    rank, rope = getattr(text, "kv_lora_rank", None), getattr(text, "qk_rope_head_dim", None)
+    if not (isinstance(rank, int) and isinstance(rope, int) and rank > 0 and rope > 0):
+        return None
+    from .variants.mla import MLAOptions
+
+    return MLAOptions(kv_rank=rank, rope_dim=rope).mla_layout()
+
+
 def _hf_layouts(cfg: Any) -> list[KVLayout]:
     rec = get_record(cfg)
     if rec is not None and "kv_layout" in rec:
         base = [KVLayout.from_json(x) for x in rec["kv_layout"]]
+    elif _hf_latent_layout(cfg) is not None:
+        base = [_hf_latent_layout(cfg)] * attention_sizes(cfg)["layers"]
     else:
         f = attention_sizes(cfg)
         base = [KVLayout(f["kv_heads"], f["head_dim"])] * f["layers"]

@@ -189,6 +189,83 @@ REFERENCES.update({name: sparse_reference for name in
                    ("sliding_window", "longformer", "bigbird", "sparse_strided", "sparse_fixed")})
 
 
+# ---------------------------------------------------------------------------- mla, written from DeepSeek-V2's equations
+def _rms64(x, weight, eps):
+    x = x.double()
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def mla_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, positions=None):
+    """MLA in float64: q (or q_b(norm(q_a x))), [c_raw; k_r] = kv_a x, c = norm(c_raw), per head
+    k = [W_uk c; RoPE(k_r)], v = W_uv c, softmax scale 1/sqrt(nope + rope) unless set."""
+    assert context is None
+    c = m.config
+    b, n, _ = x.shape
+    hd, dr, dn, dv, r = m.nope_dim + m.rope_dim, m.rope_dim, m.nope_dim, m.v_dim, m.kv_rank
+    rh = c.rope_heads
+    if c.q_rank is None:
+        q = _lin(x, m.q_proj)
+    else:
+        q = _lin(_rms64(_lin(x, m.q_a_proj), m.q_a_layernorm.weight, c.norm_eps), m.q_b_proj)
+    q = q.view(b, n, c.heads, hd).transpose(1, 2)
+    kv = _lin(x, m.kv_a_proj_with_mqa)
+    lat, kr = kv[..., :r], kv[..., r:].reshape(b, n, rh, dr).transpose(1, 2)
+    if c.latent_norm:
+        lat = _rms64(lat, m.kv_a_layernorm.weight, c.norm_eps)
+    q_nope, q_rope = q[..., :dn], q[..., dn:]
+    if c.rope_interleave:  # DeepSeek's interleaved pairs, rotated and laid out evens-then-odds (as HF does)
+        q_rope = torch.cat([q_rope[..., 0::2], q_rope[..., 1::2]], -1)
+        kr = torch.cat([kr[..., 0::2], kr[..., 1::2]], -1)
+    pos = torch.arange(n) if positions is None else positions
+    if c.rope_inv_freq is None:
+        q_rope, kr = _rope64(q_rope, pos, dr, c.rope_theta, "half"), _rope64(kr, pos, dr, c.rope_theta, "half")
+    else:  # explicit frequencies: pair i of the half layout turns by inv_freq[i] per position
+        ang = torch.tensor([[p * f for f in c.rope_inv_freq] for p in pos.tolist()], dtype=torch.float64)
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        rot = lambda t: t * cos + torch.cat([-t[..., dr // 2:], t[..., :dr // 2]], -1) * sin  # noqa: E731
+        q_rope, kr = rot(q_rope), rot(kr)
+    kvb = _lin(lat, m.kv_b_proj).view(b, n, c.heads, dn + dv).transpose(1, 2)
+    k = torch.cat([kvb[..., :dn], kr.repeat_interleave(c.heads // rh, dim=1)], -1)
+    v = kvb[..., dn:]
+    scale = c.scale if c.scale is not None else 1 / math.sqrt(hd)
+    o = naive_attention(torch.cat([q_nope, q_rope], -1), k, v, causal=c.causal, mask=attn_mask,
+                        key_padding_mask=key_padding_mask, scale=scale)
+    return _lin(o.transpose(1, 2).reshape(b, n, c.heads * dv), m.o_proj)
+
+
+REFERENCES["mla"] = mla_reference
+# arrcoc / visual_topk: without regions their modules are the dense layer they replace (the region path is
+# checked against attnzoo.ops.regions' float64 reference in tests/test_arrcoc_lod.py)
+REFERENCES.update({"arrcoc": dense_reference, "visual_topk": dense_reference})
+# ---------------------------------------------------------------------------- reformer: buckets from the seeded hash
+def reformer_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, positions=None):
+    """The buckets from attnzoo's seeded hash (their definition), the attention from attnzoo/ops/lsh/naive.py
+    (every pair judged on its own, float64)."""
+    from attnzoo.ops.lsh import lsh_attention_reference, num_buckets_for
+    from attnzoo.variants.reformer import shared_keys
+
+    assert context is None and attn_mask is None
+    c = m.config
+    b, n, _ = x.shape
+    hd = m.head_dim
+    q = _lin(x, m.q_proj).view(b, n, c.heads, hd).transpose(1, 2)
+    v = _lin(x, m.v_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
+    k = None if c.shared_qk else _lin(x, m.k_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
+    if c.rope is not None:
+        pos = torch.arange(n) if positions is None else positions
+        rd = c.rope.rotary_dim or hd
+        q = _rope64(q, pos, rd, c.rope.base, c.rope.style)
+        k = None if k is None else _rope64(k, pos, rd, c.rope.base, c.rope.style)
+    qb, kb = m.buckets(q, k, num_buckets_for(n, c.bucket_size, c.num_buckets), keep=key_padding_mask)
+    keys = shared_keys(q) if k is None else k
+    o = lsh_attention_reference(q, keys, v, qb, kb, bucket_size=c.bucket_size, causal=c.causal,
+                                key_padding_mask=key_padding_mask, scale=1.0 if k is None else None)
+    return _lin(o.transpose(1, 2).reshape(b, n, c.heads * hd), m.o_proj)
+
+
+REFERENCES["reformer"] = reformer_reference
+
+
 # ---------------------------------------------------------------------------- the linear family, by explicit loops
 def _phi64(m, x, which):
     """Feature rows of x [B,H,N,D] in float64, from the formulas: FAVOR+ exp(w.x' - |x'|^2/2)/sqrt(m) with

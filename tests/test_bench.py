@@ -79,7 +79,7 @@ def test_group_smoke_writes_json_and_markdown(results, group):
     # the peers' rows land in the groups that compare with them, and only there
     mod = bench.load_group(group)
     assert {p["group"] for p in data["peers"]} == {"peer:" + g for g in mod.PEERS} & {
-        "peer:dense", "peer:ceiling", "peer:longformer"}
+        "peer:dense", "peer:ceiling", "peer:longformer", "peer:reformer"}
     assert ("## peers" in md) == bool(data["peers"])
 
 

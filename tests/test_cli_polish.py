@@ -82,7 +82,7 @@ def test_list_json_is_structured(capsys):
                              "kv_bytes_per_token_example", "kv_dtype_example"}
         assert isinstance(item["example"], dict) and isinstance(item["kv_bytes_per_token_example"], int)
         opts = {o["name"]: o for o in item["options"]}
-        assert {"dim", "heads", "groups", "causal", "rope"} <= set(opts)
+        assert {"dim", "heads", "causal"} <= set(opts)  # groups, rope: the dense and sparse families
         assert opts["dim"]["required"] and opts["dim"]["type"] == "int" and "width" in opts["dim"]["doc"]
         assert opts["causal"] == {"name": "causal", "type": "bool", "default": False, "required": False,
                                   "doc": "causal self-attention"}

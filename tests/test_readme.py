@@ -34,11 +34,13 @@ def test_quickstart_runs_and_its_comments_hold():
 
 def test_variants_table_matches_the_registry():
     table = _section("Variants")
-    header = next(ln for ln in table.splitlines() if ln.startswith("| name |"))
-    common = re.findall(r"`(\w+)`", header)
-    rows = [ln for ln in table.splitlines() if ln.startswith("| `")]
     names = []
-    for row in rows:
+    common: list = []
+    for row in table.splitlines():
+        if row.startswith("| name |"):  # each table's header names the options its rows share
+            common = re.findall(r"`(\w+)`", row)
+        if not row.startswith("| `"):
+            continue
         cells = [c.strip() for c in row.strip("|").split("|")]
         (name,) = re.findall(r"`(\w+)`", cells[0])
         names.append(name)

@@ -331,6 +331,10 @@ def test_eager_route_has_no_host_syncs_once_warm_and_replays_from_a_cuda_graph()
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    # Fresh leaves for the capture: autograd nodes remember the stream they were made on, and q, k, v's were made
+    # on the default stream by the eager calls above, which a capture may not wait on (PyTorch's rule for
+    # capturing backward: warm up on a side stream). The library's kernels are the same; only the leaves change.
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):

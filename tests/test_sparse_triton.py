@@ -236,15 +236,21 @@ def test_fixed_reference_overflow_is_redone(monkeypatch, fixed_everywhere, patte
     assert int(bad.sum()) <= len(rows)  # only the overflowing rows
 
 
-def _custom_op_case(pattern):
+def _custom_op_case(pattern, strided=False):
     """The layout, whether global rows are in the kernel, q [2, 4 heads] and k, v [2, 2 heads] (grouped), and a
-    key-padding mask with padding on the second row."""
+    key-padding mask with padding on the second row. ``strided``: q, k, v are views of one ``[2, N, 8, 16]``
+    projection output, as a module makes them (not contiguous; the custom ops' outputs are)."""
     from attnzoo.ops.sparse import compile_layout
 
     layout = compile_layout(pattern, N, 32, DEV)
     rows = triton_kernel.rows_in_kernel(layout)
-    q = torch.randn(2, 4, N, 16, device=DEV, requires_grad=True)
-    k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
+    if strided:
+        x = torch.randn(2, N, 8, 16, device=DEV).transpose(1, 2)
+        q, k, v = (t.detach().requires_grad_() for t in (x[:, :4], x[:, 4:6], x[:, 6:]))
+        assert not q.is_contiguous()
+    else:
+        q = torch.randn(2, 4, N, 16, device=DEV, requires_grad=True)
+        k, v = (torch.randn(2, 2, N, 16, device=DEV, requires_grad=True) for _ in range(2))
     kpm = torch.ones(2, N, dtype=torch.bool, device=DEV)
     kpm[1, 80:] = False
     return layout, rows, q, k, v, kpm
@@ -268,15 +274,17 @@ def test_the_custom_ops_launch_what_the_autograd_function_launches(pattern, loop
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("pattern, loops, backend", [(*CASES[0], "inductor"), (*CASES[5], "aot_eager")],
-                         ids=["sliding-inductor", "longformer-causal-aot_eager"])
-def test_under_torch_compile_the_custom_ops_match_float64(pattern, loops, backend):
+@pytest.mark.parametrize("pattern, loops, backend, strided",
+                         [(*CASES[0], "inductor", True), (*CASES[5], "aot_eager", False)],
+                         ids=["sliding-inductor-strided", "longformer-causal-aot_eager"])
+def test_under_torch_compile_the_custom_ops_match_float64(pattern, loops, backend, strided):
     """``torch.compile`` of a function calling the op takes the custom ops (fake implementations for tracing, the
-    kernels run as they are): forward and backward against float64, with padding and grouped heads."""
+    kernels run as they are): forward and backward against float64, with padding and grouped heads; with q, k, v
+    views of one projection (Inductor checks the real outputs' strides against the fake ones)."""
     from attnzoo.ops.sparse.triton_kernel import block_sparse_attention
 
     torch._dynamo.reset()
-    layout, rows, q, k, v, kpm = _custom_op_case(pattern)
+    layout, rows, q, k, v, kpm = _custom_op_case(pattern, strided)
 
     @torch.compile(backend=backend)  # the options ContextVar breaks the graph before the op: not fullgraph
     def f(q, k, v):

@@ -29,6 +29,10 @@ __all__ = ["GROUPS", "load_group", "run", "report", "Options", "Row"]
 GROUPS: dict[str, str] = {
     "dense": "dense",
     "sparse": "sparse",
+    "mla": "mla",
+    "arrcoc": "arrcoc",
+    "context_parallel": "context_parallel",
+    "reformer": "reformer",
     "linear": "linear",
 }
 

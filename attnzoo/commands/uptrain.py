@@ -54,6 +54,10 @@ def add_arguments(p):
     o.add_argument("--mixed-precision", choices=MIXED_PRECISION, help="default: accelerate's config (or 'no')")
     o.add_argument("--seed", type=int, default=O.seed, help="seed of init-time RNG (default: %(default)s)")
     o.add_argument("--cpu", action="store_true", help="train on CPU even when a GPU is present")
+    o.add_argument("--context-parallel", type=int, default=O.context_parallel, metavar="N",
+                   help="shard each sequence across N processes (ring attention; sliding windows by halo "
+                   "exchange), for sequences one device cannot hold; N divides the launch's processes "
+                   "(default: %(default)s)")
     lo = p.add_argument_group("LoRA (peft)")
     lo.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the original weights; 0 = full "
                     "training (default)")
@@ -90,7 +94,7 @@ def options_from_args(args):
         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, train_fully=args.train_fully,
         checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
         stop_after=args.stop_after, seed=args.seed, stage=args.stage, log_every=args.log_every, force=args.force,
-        progress=not args.no_progress, cpu=args.cpu)
+        progress=not args.no_progress, cpu=args.cpu, context_parallel=args.context_parallel)
 
 
 def run(args) -> int:

@@ -14,6 +14,9 @@ The walker (:mod:`attnzoo.patches.walker`) knows nothing about variants. For
    ``restore(site, plan, opts)`` when :func:`attnzoo.from_pretrained` rebuilds the structure;
 6. ``finish(...)``: model-wide changes (config fields, the attention kernel).
 
+Before all of it, ``patch_own(model, options, ...)`` may take over a model that already holds the variant
+natively (``mla`` on a DeepSeek-V3 model: :func:`attnzoo.patches.hf.mla.patch_deepseek`).
+
 ``attnzoo convert`` (:mod:`attnzoo.conversion.pipeline`) runs the same protocol through ``patch`` on a loaded
 model, unless ``stream(...)`` returns a :class:`StreamJob`: a conversion of the checkpoint's tensors shard by
 shard, without building the model. ``summary``, ``exact``, ``after_save``, ``native_field`` and
@@ -145,6 +148,12 @@ class Converter:
 
     def finish(self, model, adapter: Adapter, sites: list[Site], plans: dict, opts: dict, native: bool) -> dict:
         return {}
+
+    def patch_own(self, model, options, *, layers=None, filter_fn=None):
+        """A model that already holds this variant natively (a DeepSeek-V3 model for ``mla``): patch it the
+        variant's own way and return the :class:`~attnzoo.patches.report.PatchReport`. None (the default): not such
+        a model, the walker goes on through the adapter table. Called before the adapter lookup."""
+        return None
 
 
 def stream_spec(adapter: Adapter, config: dict) -> StreamSpec:

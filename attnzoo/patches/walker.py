@@ -121,6 +121,10 @@ def patch(model, name: str | PatchConfig, *, layers: Iterable[int] | int | None 
     else:
         config = options
     converter = get_converter(name)
+    own = converter.patch_own(model, config, layers=layers, filter_fn=filter_fn)
+    if own is not None:  # the converter takes the whole model (mla on DeepSeek-V3; arrcoc's run-time plug-in)
+        setattr(model, _MARK, own)
+        return own
     adapter, sites = attention_sites(model)
     opts = converter.options(adapter, config)
     selected = _select(sites, layers, filter_fn)

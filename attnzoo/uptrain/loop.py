@@ -22,6 +22,7 @@ from ..data.tokenizer import load_tokenizer
 from ..faults import add_note, interrupt_signal, is_safetensors_error, signal_name
 from ..output_dir import remove_tree
 from .curves import append_log, plot_losses, read_log, truncate_log
+from .context_parallel import ContextParallelTraining
 from .lora import TrainableSummary, apply_lora, merge_lora, summarize_trainable
 from .losses import mixed_loss
 from .options import UptrainOptions, flag
@@ -232,7 +233,9 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     vocab = model.config.get_text_config().vocab_size
     data: TokenData = open_data(opts.data, opts.seq_len, tokenizer=tokenizer, vocab_size=vocab)
     world, rank = accelerator.num_processes, accelerator.process_index
-    tokens_per_step = opts.batch_size * data.seq_len * opts.grad_accum * world
+    cp = ContextParallelTraining(opts.context_parallel, accelerator, model) if opts.context_parallel > 1 else None
+    data_world, data_rank = (cp.data_world, cp.data_rank) if cp is not None else (world, rank)  # cp: same data
+    tokens_per_step = opts.batch_size * data.seq_len * opts.grad_accum * data_world
     budget, total_steps, fraction = plan_budget(opts, meta, tokens_per_step)
 
     train_fully = opts.train_fully if opts.train_fully is not None else tuple(meta.get("new_modules", []))
@@ -267,7 +270,8 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     if main:
         print(f"uptrain: {total_steps} steps x {tokens_per_step:,} tokens = {total_steps * tokens_per_step:,} tokens "
               f"on {world} process(es) ({accelerator.distributed_type.value.lower()}"
-              f"{', ' + str(accelerator.state.backend) if world > 1 else ''}), {accelerator.device}, mixed precision {accelerator.mixed_precision}; "
+              f"{', ' + str(accelerator.state.backend) if world > 1 else ''}"
+              f"{f', context parallel {cp.size}' if cp is not None else ''}), {accelerator.device}, mixed precision {accelerator.mixed_precision}; "
               f"{summary.describe()}" + (f"; resuming at step {step}" if step else ""), flush=True)
     from tqdm.auto import tqdm
 
@@ -279,15 +283,19 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     while step < total_steps:
         sums = torch.zeros(3, device=accelerator.device)
         for micro in range(opts.grad_accum):
-            ids = data.batch(_indices(step, micro, opts, world, rank)).to(accelerator.device)
+            ids = data.batch(_indices(step, micro, opts, data_world, data_rank)).to(accelerator.device)
             sync = micro == opts.grad_accum - 1
             ctx = contextlib.nullcontext() if sync else accelerator.no_sync(model)
             with ctx:
                 with accelerator.autocast():
-                    logits = model(input_ids=ids).logits
+                    logits = model(**cp.inputs(ids) if cp is not None else {"input_ids": ids}).logits
                     t_logits = teacher(input_ids=ids).logits if teacher is not None else None
-                loss, parts = transfer_objective(model, logits, ids) if opts.stage == "transfer" else \
-                    mixed_loss(logits, ids, t_logits, opts.alpha, opts.temperature)
+                if cp is not None:
+                    loss, parts = cp.loss(logits, ids)
+                elif opts.stage == "transfer":  # attention transfer (uptrain/transfer.py)
+                    loss, parts = transfer_objective(model, logits, ids)
+                else:
+                    loss, parts = mixed_loss(logits, ids, t_logits, opts.alpha, opts.temperature)
                 accelerator.backward(loss / opts.grad_accum)
             sums += torch.stack([loss.detach(), parts["ce"], parts.get("kl", torch.zeros((), device=ids.device))])
         if opts.max_grad_norm > 0:

@@ -63,6 +63,7 @@ class UptrainOptions:
     force: bool = False
     progress: bool = True
     cpu: bool = False
+    context_parallel: int = 1
     extra_metadata: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -95,7 +96,7 @@ class UptrainOptions:
         number("warmup", 0.0, 1.0, hi_open=True)
         number("weight_decay", 0.0, float("inf"))
         number("max_grad_norm", 0.0, float("inf"))
-        for name in ("batch_size", "grad_accum", "log_every"):
+        for name in ("batch_size", "grad_accum", "log_every", "context_parallel"):
             positive_int(name)
         positive_int("seq_len", minimum=2)
         positive_int("lora_rank", minimum=0)
@@ -112,6 +113,9 @@ class UptrainOptions:
                              "takes no --lora-rank and no --teacher (run those in the next stage)")
         if self.lora_rank and not self.lora_targets:
             raise ValueError("--lora-targets is empty: name the modules that get LoRA adapters, e.g. q_proj,o_proj")
+        if self.context_parallel > 1 and self.teacher is not None:
+            raise ValueError(f"--context-parallel={self.context_parallel} with --teacher: distillation is not "
+                             "context-parallel yet; train with cross-entropy (no --teacher) or --context-parallel 1")
         if self.teacher is None and self.alpha != UptrainOptions.alpha and self.alpha != 0:
             raise ValueError(f"--alpha={self.alpha}: weighs distillation against cross-entropy, which needs "
                              "--teacher DIR")

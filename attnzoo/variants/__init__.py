@@ -2,16 +2,22 @@
 
 Importing this package registers every built-in variant.
 """
+from .arrcoc import ArrcocConfig, RegionAttention, VisualTopKAttention, VisualTopKConfig
 from .cache import Cache, KVCache, LatentCache, StateCache
 from .config import RopeConfig, VariantConfig
 from .dense import DenseAttention, DenseConfig, GQAConfig, MHAConfig, MQAConfig
+from .mla import MLAAttention, MLAConfig, MLAOptions
+from .reformer import LSHCache, ReformerAttention, ReformerConfig
 from .rolling_cache import RollingKVCache
 from .sparse import (BigBirdConfig, LongformerConfig, SlidingWindowConfig, SparseAttention, SparseConfig,
                      SparseFixedConfig, SparseStridedConfig)
 
 __all__ = ["VariantConfig", "RopeConfig", "Cache", "KVCache", "LatentCache", "StateCache", "DenseAttention", "DenseConfig", "MHAConfig",
            "GQAConfig", "MQAConfig", "RollingKVCache", "SparseAttention", "SparseConfig", "SlidingWindowConfig",
-           "LongformerConfig", "BigBirdConfig", "SparseStridedConfig", "SparseFixedConfig"]
+           "LongformerConfig", "BigBirdConfig", "SparseStridedConfig", "SparseFixedConfig",
+           "MLAOptions", "MLAConfig", "MLAAttention",
+           "ArrcocConfig", "RegionAttention", "VisualTopKConfig", "VisualTopKAttention",
+           "ReformerAttention", "ReformerConfig", "LSHCache"]
 from .linear import (LinearAttention, LinearConfig, LinearStateCache, LinformerAttention, LinformerConfig,  # noqa: E402
                      PerformerConfig)
 

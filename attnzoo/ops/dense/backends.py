@@ -8,6 +8,7 @@ give a reason that :func:`attnzoo.ops.explain` reports.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import warnings
 
@@ -50,9 +51,14 @@ class EagerBackend(Backend):
 class SDPABackend(Backend):
     """``F.scaled_dot_product_attention`` restricted to one of PyTorch's kernels."""
 
-    def __init__(self, name, kernel: str, description, devices=("cuda",), dtypes=None, masks=True):
+    def __init__(self, name, kernel: str, description, devices=("cuda",), dtypes=None, masks=True,
+                 pad_head_dims=False):
         self.name, self.kernel, self.description = name, kernel, description
         self.devices, self.dtypes, self.masks = devices, dtypes, masks
+        # the kernel needs one head_dim for q, k and v: a value head_dim unlike the query's (MLA's prefill: 192 /
+        # 128) runs zero-padded to the larger one (exact: zero dims add nothing to q.k, zero value columns are
+        # sliced off), at the FLOPs of the padded width
+        self.pad_head_dims = pad_head_dims
 
     def _sdp_backend(self):
         from torch.nn.attention import SDPBackend
@@ -83,10 +89,18 @@ class SDPABackend(Backend):
             from torch.nn.attention.bias import causal_lower_right
 
             attn_mask = causal_lower_right(call.q_len, call.k_len)
+        v_dim = call.v_dim
+        if self.pad_head_dims and v_dim != call.head_dim:
+            d = max(v_dim, call.head_dim)
+            scale = call.scale if call.scale is not None else call.head_dim ** -0.5
+            q, k, v = (F.pad(t, (0, d - t.shape[-1])) for t in (q, k, v))
+            call = dataclasses.replace(call, q=q, k=k, v=v, scale=scale)
         fold = False
         if call.groups > 1 and not self._gqa_ok(call) and attn_mask is None and not is_causal:
             fold = True  # grouped heads folded into the query length: K/V are read as they are
         out = self._call(q, k, v, attn_mask, is_causal, call, fold)
+        if out.shape[-1] != v_dim:
+            out = out[..., :v_dim]
         return _zero_empty_rows(out, empty)
 
     _gqa_cache: dict = {}
@@ -121,7 +135,8 @@ class SDPABackend(Backend):
             if "No available kernel" not in msg and "not supported" not in msg.lower():
                 raise
             key = (self.name, call.q.device.type)
-            if call.groups > 1 and not fold and self._gqa_cache.get(key, True):
+            # a kernel turning down a value head_dim unlike the query's says nothing about grouped heads
+            if call.groups > 1 and not fold and call.v_dim == call.head_dim and self._gqa_cache.get(key, True):
                 # retry without enable_gqa: fold the groups when that is exact, else give up
                 self._gqa_cache[key] = False
                 if attn_mask is None and not is_causal:
@@ -286,7 +301,7 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in [
                 dtypes=_HALF),
     FlashAttnBackend(cute=True),
     SDPABackend("sdpa_flash", "FLASH_ATTENTION", "SDPA, FlashAttention-2 kernel (CUDA; also PyTorch's CPU flash)",
-                devices=("cuda", "cpu"), dtypes=_HALF, masks=False),
+                devices=("cuda", "cpu"), dtypes=_HALF, masks=False, pad_head_dims=True),
     FlashAttnBackend(cute=False),
     SDPABackend("sdpa_efficient", "EFFICIENT_ATTENTION", "SDPA, memory-efficient (xFormers) kernel, takes masks",
                 dtypes=_HALF + (torch.float32,)),

@@ -64,6 +64,9 @@ def hf_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
     if softcap:
         raise ValueError(f"the attnzoo kernel has no logit soft-capping (softcap={softcap}); patch this model "
                          "with kernel='hf'")
+    own = getattr(module, PATTERN_ATTR, None)
+    if hasattr(own, "hf_attention"):  # a variant with an attention of its own on HF's q/k/v (reformer's LSH)
+        return own.hf_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     k_len = key.shape[2]
     mask, kpm = hf_mask_to_keep(attention_mask, k_len)
     if is_causal is None:

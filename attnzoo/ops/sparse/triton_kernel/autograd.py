@@ -347,12 +347,16 @@ _ops: dict = {}
 
 
 def _fwd_fake(q, k, v, *args):
+    """Shapes, dtypes *and strides* of what ``_forward`` returns: contiguous, whatever the inputs' strides (q, k, v
+    are often views of one projection; ``empty_like`` would copy their strides and Inductor would then check the
+    real outputs against the wrong ones)."""
     b, h, n, _ = q.shape
-    return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((b, h, n), dtype=torch.float32)
 
 
 def _bwd_fake(q, k, v, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    """Contiguous, as ``_backward`` allocates them (see ``_fwd_fake``)."""
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _register_ops() -> None:

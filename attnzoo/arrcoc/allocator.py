@@ -1,0 +1,158 @@
+"""The token budget allocator: how many visual tokens each region gets, from its relevance.
+
+:class:`TokenBudgetAllocator` ``(budget, levels, temperature)`` maps relevance ``[B, R]`` to tokens per region
+``[B, R]`` (long), every value one of ``levels``, such that
+
+* the total is exactly ``budget`` with the default levels (every multiple of 16 from 64 to 400: any multiple of
+  16 between ``64 R`` and ``400 R`` is reachable), and in general the largest reachable total not above
+  ``budget`` (with the square levels ``(64, 144, 256, 400)`` not every total is reachable);
+* it is monotone in relevance: a region more relevant than another never gets fewer tokens (equal relevance:
+  ties are broken by region index, the earlier region first);
+* the split follows the relevance: the target of region ``i`` is its share ``softmax(relevance / temperature)``
+  of the total, water-filled into ``[min(levels), max(levels)]`` (what a region cannot take goes to the others);
+  each region then gets the level closest to its target that keeps the rest feasible.
+
+How (exact, no search): with ``reach[c][k]``, the set of totals ``k`` regions can make with levels up to
+``levels[c]`` (bit sets over multiples of the levels' step), the regions are visited from most to least
+relevant; each takes the level closest to its target, among those not above the previous region's, whose
+remainder the remaining regions can still make. The best total is the highest bit of ``reach[-1][R]`` not above
+the budget. The seed's clamp-then-renormalise and ``.long()`` broke both the bounds and the exact total; this
+replaces them.
+
+A budget that is not a multiple of the levels' step (16 for the seed's levels) or lies outside
+``[R min(levels), R max(levels)]`` raises a ``ValueError`` naming the budget, the levels and the valid range.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+
+import torch
+from torch import nn
+
+from ..variants.arrcoc import check_budget, level_step, resolve_levels
+
+__all__ = ["TokenBudgetAllocator", "grid_shape"]
+
+
+def grid_shape(tokens: int, aspect: float = 1.0) -> tuple[int, int]:
+    """``(rows, cols)`` with ``rows * cols == tokens`` and ``cols / rows`` closest to ``aspect`` (width / height
+    of the region): 80 tokens of a square region are an 8 x 10 grid, 64 an 8 x 8."""
+    best = None
+    for rows in range(1, tokens + 1):
+        if tokens % rows == 0:
+            cols = tokens // rows
+            err = abs(math.log(cols / rows) - math.log(aspect))
+            if best is None or err < best[0] - 1e-12:
+                best = (err, rows, cols)
+    return best[1], best[2]
+
+
+class TokenBudgetAllocator(nn.Module):
+    """Tokens per region from relevance (see the module docstring).
+
+    Args:
+        budget: visual tokens per image.
+        levels: tokens a region may get, strictly increasing (None: every multiple of 16 from 64 to 400).
+        temperature: softmax temperature of the budget shares (> 0).
+    """
+
+    def __init__(self, budget: int, levels: tuple[int, ...] | None = None, temperature: float = 0.1):
+        super().__init__()
+        self.levels = resolve_levels(levels)
+        check_budget(budget, self.levels)
+        if not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature={temperature!r}: expected a positive float")
+        self.budget, self.temperature = int(budget), float(temperature)
+        self.step = level_step(self.levels)
+        self._units = [t // self.step for t in self.levels]
+        self._reach: dict[int, list[list[int]]] = {}
+
+    def extra_repr(self) -> str:
+        return f"budget={self.budget}, levels={self.levels}, temperature={self.temperature}"
+
+    def best_total(self, regions: int) -> int:
+        """The total the allocation of ``regions`` regions reaches: the budget, or the closest below it."""
+        check_budget(self.budget, self.levels, regions)
+        full = self._reachable(regions)[-1][regions] & ((1 << (self.budget // self.step + 1)) - 1)
+        return (full.bit_length() - 1) * self.step
+
+    def _reachable(self, regions: int) -> list[list[int]]:
+        """``reach[c][k]``: bit ``s`` set when ``k`` regions with levels up to ``levels[c]`` can total ``s`` steps."""
+        got = self._reach.get(regions)
+        if got is None:
+            below = [1] + [0] * regions  # no level allowed: only 0 regions make a total (0)
+            got = []
+            for u in self._units:
+                row = [1]
+                for k in range(1, regions + 1):
+                    row.append((row[k - 1] << u) | below[k])
+                got.append(row)
+                below = row
+            self._reach[regions] = got
+        return got
+
+    def _targets(self, shares: list[float], total: int) -> list[float]:
+        """Water-filling: ``clamp(lam * share, min, max)`` summing to ``total``. The sum is piecewise linear and
+        non-decreasing in ``lam`` with breakpoints ``min / share`` and ``max / share``: a binary search over them
+        finds the segment, where ``lam`` is solved exactly."""
+        lo, hi = self.levels[0], self.levels[-1]
+
+        def filled(lam):
+            return [min(hi, max(lo, lam * s)) for s in shares]
+
+        points = sorted({b / s for s in shares if s > 0 for b in (lo, hi)})
+        a, b = 0, len(points) - 1  # sum(filled(points[0])) = n lo <= total <= n hi = sum(filled(points[-1]))
+        while b - a > 1:
+            mid = (a + b) // 2
+            a, b = (mid, b) if sum(filled(points[mid])) <= total else (a, mid)
+        lam = points[a]
+        have = sum(filled(lam))
+        inside = (lam + points[b]) / 2  # the regions neither at min nor at max within the segment
+        slope = sum(s for s in shares if lo < inside * s < hi)
+        if slope > 0 and have < total:
+            lam = min(points[b], lam + (total - have) / slope)
+        return filled(lam)
+
+    def _by_distance(self, target: float, cap: int):
+        """Level indices ``0..cap`` from the closest to ``target`` outwards (ties: the larger level first)."""
+        hi = bisect.bisect_left(self.levels, target, 0, cap + 1)
+        lo = hi - 1
+        while lo >= 0 or hi <= cap:
+            if hi <= cap and (lo < 0 or self.levels[hi] - target <= target - self.levels[lo]):
+                yield hi
+                hi += 1
+            else:
+                yield lo
+                lo -= 1
+
+    def allocate(self, relevance: list[float]) -> list[int]:
+        """Tokens for one image's regions (plain Python lists)."""
+        n = len(relevance)
+        total = self.best_total(n)
+        reach = self._reachable(n)
+        m = max(relevance)
+        e = [math.exp((r - m) / self.temperature) for r in relevance]
+        targets = self._targets([x / sum(e) for x in e], total)
+        order = sorted(range(n), key=lambda i: (-relevance[i], i))
+        out, cap, rem = [0] * n, len(self.levels) - 1, total // self.step
+        for pos, i in enumerate(order):
+            left = n - pos - 1
+            for c in self._by_distance(targets[i], cap):
+                r = rem - self._units[c]
+                if r >= 0 and (reach[c][left] >> r) & 1:
+                    out[i], cap, rem = self.levels[c], c, r
+                    break
+        return out
+
+    def forward(self, relevance: torch.Tensor) -> torch.Tensor:
+        """``relevance [B, R]`` (or ``[R]``) -> tokens per region, long, same shape and device."""
+        if not isinstance(relevance, torch.Tensor) or relevance.dim() not in (1, 2) or relevance.shape[-1] < 1:
+            raise ValueError(f"relevance: expected a tensor [batch, regions] or [regions], got "
+                             f"{getattr(relevance, 'shape', type(relevance).__name__)}")
+        rel = relevance.detach().double().cpu()
+        if not torch.isfinite(rel).all():
+            raise ValueError("relevance holds NaN or infinite values")
+        rows = rel.reshape(-1, rel.shape[-1]).tolist()
+        out = torch.tensor([self.allocate(r) for r in rows], dtype=torch.long)
+        return out.reshape(relevance.shape).to(relevance.device)

@@ -1,0 +1,127 @@
+"""MLA's absorbed decode: the split-KV Triton kernel (under Triton's interpreter on CPU, compiled on a GPU) and the
+latent-attention op against the float64 references, expanded and absorbed."""
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "attnzoo.ops.sparse.triton_kernel" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU only: on a GPU the kernels compile
+pytest.importorskip("triton")
+
+from attnzoo.ops.mla import (absorb_query, absorbed_output, latent_attention, latent_attention_reference,  # noqa: E402
+                             mla_absorbed_reference, mla_expanded_reference)
+from attnzoo.ops.mla.triton_decode import DecodeConfig, choose_config, interpreted, latent_decode  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not interpreted() and not torch.cuda.is_available(),
+                                reason="the kernel module was imported without TRITON_INTERPRET=1")
+DEV = "cuda" if torch.cuda.is_available() and not interpreted() else "cpu"
+
+
+def _inputs(b=2, h=4, n=1, s=37, r=16, dr=8, rh=1, dn=6, dv=5, dtype=torch.float32, strided=True):
+    q_nope = torch.randn(b, h, n, dn, dtype=torch.float64)
+    q_rope = torch.randn(b, h, n, dr, dtype=torch.float64)
+    if strided:  # the cache as a transformers-style view: latent and rope key of one [B, S, R + Rh*Dr] buffer
+        buf = torch.randn(b, s + 5, r + rh * dr, dtype=torch.float64)[:, :s]
+        c, k_rope = buf[..., :r], buf[..., r:].unflatten(-1, (rh, dr))
+    else:
+        c, k_rope = torch.randn(b, s, r, dtype=torch.float64), torch.randn(b, s, rh, dr, dtype=torch.float64)
+    w_kb, w_vb = torch.randn(h, dn, r, dtype=torch.float64) / 3, torch.randn(h, dv, r, dtype=torch.float64) / 3
+    return q_nope, q_rope, c, k_rope, w_kb, w_vb
+
+
+def test_absorbed_equals_expanded_in_float64():
+    q_nope, q_rope, c, k_rope, w_kb, w_vb = _inputs(n=5, rh=2)
+    kpm = torch.ones(2, 37, dtype=torch.bool)
+    kpm[1, :4] = False
+    a = mla_expanded_reference(q_nope, q_rope, c, k_rope, w_kb, w_vb, scale=0.3, causal=True, key_padding_mask=kpm)
+    b = mla_absorbed_reference(q_nope, q_rope, c, k_rope, w_kb, w_vb, scale=0.3, causal=True, key_padding_mask=kpm)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [
+    dict(),  # one split chosen on the interpreter's 4 "SMs"
+    dict(s=200, cfg=DecodeConfig(splits=3, block_n=16)),  # several pieces, a ragged last one
+    dict(h=8, rh=2, s=70, cfg=DecodeConfig(block_h=16, splits=2)),  # per-head rope keys
+    dict(h=40, s=9, r=24, dr=4, cfg=DecodeConfig(block_h=16)),  # heads over several tiles, odd widths
+    dict(s=64, kpm=True, cfg=DecodeConfig(splits=4, block_n=16)),  # padding, one sequence's first pieces empty
+], ids=["one-split", "splits", "per-head-rope", "head-tiles", "padding"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_kv_kernel_matches_float64(case, dtype):
+    """fp32 <= 1e-5 and bf16 <= 2e-2 against the expanded float64 reference."""
+    cfg = case.pop("cfg", None)
+    use_kpm = case.pop("kpm", False)
+    q_nope, q_rope, c, k_rope, w_kb, w_vb = _inputs(**case)
+    s = c.shape[1]
+    kpm = None
+    if use_kpm:
+        kpm = torch.ones(2, s, dtype=torch.bool)
+        kpm[1, :40] = False  # left padding: the first pieces of sequence 1 see nothing
+    want = mla_expanded_reference(q_nope, q_rope, c, k_rope, w_kb, w_vb, scale=0.25, key_padding_mask=kpm)
+    q_lat = absorb_query(q_nope, w_kb)
+    to = dict(device=DEV, dtype=dtype)
+    o_lat = latent_decode(q_lat.to(**to), q_rope.to(**to), c.to(**to), k_rope.to(**to), scale=0.25,
+                          key_padding_mask=None if kpm is None else kpm.to(DEV), config=cfg)
+    got = absorbed_output(o_lat.double().cpu(), w_vb)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+def test_a_sequence_with_nothing_to_attend_gives_zero():
+    q_nope, q_rope, c, k_rope, w_kb, _ = _inputs(s=20)
+    kpm = torch.ones(2, 20, dtype=torch.bool)
+    kpm[0] = False
+    o = latent_decode(absorb_query(q_nope, w_kb).float().to(DEV), q_rope.float().to(DEV), c.float().to(DEV),
+                      k_rope.float().to(DEV), scale=0.3, key_padding_mask=kpm.to(DEV), config=DecodeConfig(splits=2))
+    assert torch.equal(o[0].cpu(), torch.zeros_like(o[0].cpu()))
+    ref = latent_attention_reference(absorb_query(q_nope, w_kb), q_rope, c, k_rope, scale=0.3, key_padding_mask=kpm)
+    torch.testing.assert_close(o.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_op_dispatch_and_masks():
+    """latent_attention: the kernel where it serves (one token, a [B, 1, 1, S] mask as padding), the dense op for
+    several tokens with causality; both equal the reference."""
+    q_nope, q_rope, c, k_rope, w_kb, _ = _inputs(n=3, s=30)
+    q_lat = absorb_query(q_nope, w_kb)
+    f = lambda t: t.float().to(DEV)  # noqa: E731
+    ref = latent_attention_reference(q_lat, q_rope, c, k_rope, scale=0.3, causal=True)
+    got = latent_attention(f(q_lat), f(q_rope), f(c), f(k_rope), scale=0.3, causal=True)
+    torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+    keep = torch.rand(2, 1, 1, 30) > 0.3
+    keep[..., -1] = True
+    ref = latent_attention_reference(q_lat[:, :, -1:], q_rope[:, :, -1:], c, k_rope, scale=0.3, mask=keep)
+    got = latent_attention(f(q_lat[:, :, -1:]), f(q_rope[:, :, -1:]), f(c), f(k_rope), scale=0.3, mask=keep.to(DEV),
+                           backend="triton")
+    torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_split_choice_fills_the_gpu_in_whole_waves():
+    cpu = torch.device("cpu")  # 4 "SMs" off CUDA
+    assert choose_config(1, 16, 1, 4096, 512, 64, 2, cpu).splits == 4
+    assert choose_config(8, 16, 1, 4096, 512, 64, 2, cpu).splits == 1
+    assert choose_config(1, 16, 1, 40, 512, 64, 2, cpu).splits == 1  # too short to split
+
+
+def test_module_decodes_on_the_kernel_as_the_full_forward():
+    import attnzoo
+    from attnzoo.ops.mla import use_latent_backend
+
+    m = attnzoo.create("mla", dim=32, heads=4, kv_rank=16, rope_dim=8, nope_dim=6, v_dim=5, causal=True,
+                       rope_keys="per_head", kv_heads=2).to(DEV).eval()
+    x = torch.randn(2, 9, 32, device=DEV)
+    with torch.no_grad():
+        full = m(x)
+        cache = m.make_cache()
+        outs = [m(x[:, :5], cache=cache)]
+        with use_latent_backend("triton"):
+            outs += [m(x[:, i:i + 1], cache=cache) for i in range(5, 9)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_tuner_keeps_head_tiles_within_the_group():
+    from attnzoo.ops.mla import triton_decode as td
+
+    kept = td._prune(td.TUNE_CONFIGS, {}, GROUP=8)
+    assert kept and all(c.kwargs["BLOCK_H"] == 16 for c in kept)
+    assert len(td._prune(td.TUNE_CONFIGS, {}, GROUP=128)) == len(td.TUNE_CONFIGS)

@@ -1,0 +1,130 @@
+"""The LSH op (attnzoo/ops/lsh): both backends against the float64 reference, forward and backward (the Triton
+kernels under Triton's interpreter on CPU), shared and separate QK, causal and not, odd lengths, padding; decode rows;
+hashing."""
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "attnzoo.ops.lsh.triton_kernel" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU only (see tests/test_sparse_triton.py)
+
+from attnzoo.ops.lsh import (hash_keys, hash_queries, hash_vectors, lsh_attention, lsh_attention_reference,  # noqa: E402
+                             lsh_decode, num_buckets_for)
+from attnzoo.ops.lsh import triton_kernel  # noqa: E402
+from attnzoo.variants.reformer import shared_keys  # noqa: E402
+
+BACKENDS = ["torch"] + (["triton"] if triton_kernel.available("cpu") is None else [])
+
+
+def _case(shared, n=19, b=1, h=1, hk=1, d=16, rounds=2, buckets=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, n, d, generator=g, requires_grad=True)
+    k = torch.randn(b, hk, n, d, generator=g, requires_grad=True)
+    v = torch.randn(b, hk, n, d, generator=g, requires_grad=True)
+    qb = torch.randint(0, buckets, (b, h, rounds, n), generator=g)
+    kb = None if shared else torch.randint(0, buckets, (b, h, rounds, n), generator=g)
+    return q, k, v, qb, kb
+
+
+def _keys(q, k, shared):
+    return shared_keys(q) if shared else k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_qk", "separate_qk"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_op_matches_the_float64_reference_forward_and_backward(backend, shared, causal):
+    """Odd length (19: the last chunk is short), chunks of 8 (3 chunks: the look-back wraps), padding on the
+    last keys, 2 rounds; gradients of q, k, v against the reference's."""
+    q, k, v, qb, kb = _case(shared)
+    kpm = torch.ones(1, 19, dtype=torch.bool)
+    kpm[0, 15:] = False
+    scale = 1.0 if shared else None
+    ref = lsh_attention_reference(q, _keys(q, k, shared), v, qb, kb, bucket_size=8, causal=causal,
+                                  key_padding_mask=kpm, scale=scale)
+    out = lsh_attention(q, _keys(q, k, shared), v, qb, kb, bucket_size=8, causal=causal, key_padding_mask=kpm,
+                        scale=scale, backend=backend)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(out)
+    leaves = (q, v) if shared else (q, k, v)
+    got = torch.autograd.grad(out, leaves, go)
+    want = torch.autograd.grad(ref, leaves, go.double())
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.double(), w.double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_kv_heads_and_one_chunk(backend):
+    """4 query heads on 2 KV heads (separate QK), and a sequence shorter than a chunk (one chunk: read once)."""
+    q, k, v, qb, kb = _case(False, n=11, h=4, hk=2, buckets=2)
+    kb = kb[:, ::2]  # the keys' buckets per KV head
+    ref = lsh_attention_reference(q, k, v, qb, kb, bucket_size=16, causal=True)
+    out = lsh_attention(q, k, v, qb, kb, bucket_size=16, causal=True, backend=backend)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_backends_agree_in_float64_on_a_longer_sequence():
+    q, k, v, qb, kb = _case(False, n=70, rounds=3, buckets=6)
+    ref = lsh_attention_reference(q, k, v, qb, kb, bucket_size=8, causal=True)
+    out = lsh_attention(q.double(), k.double(), v.double(), qb, kb, bucket_size=8, causal=True, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_qk", "separate_qk"])
+def test_decode_rows_equal_the_last_rows_of_the_whole_sequence(shared):
+    q, k, v, qb, kb = _case(shared, n=23, rounds=3, buckets=4)
+    kpm = torch.ones(1, 23, dtype=torch.bool)
+    kpm[0, 3] = False
+    keys = _keys(q, k, shared)
+    scale = 1.0 if shared else None
+    full = lsh_attention(q, keys, v, qb, kb, bucket_size=4, causal=True, key_padding_mask=kpm, scale=scale,
+                         backend="torch")
+    last = lsh_decode(q[:, :, -3:], keys, v, qb, kb, bucket_size=4, causal=True, key_padding_mask=kpm, scale=scale)
+    torch.testing.assert_close(last, full[:, :, -3:], rtol=1e-5, atol=1e-6)
+
+
+def test_a_shared_qk_token_reads_itself_only_when_nothing_else_is_there():
+    """Causal, one bucket: token 0 has only itself (reads its own value); token 1 reads token 0 only."""
+    q, k, v, qb, _ = _case(True, n=5, rounds=1, buckets=1)
+    out = lsh_attention(q, shared_keys(q), v, qb, None, bucket_size=8, causal=True, scale=1.0, backend="torch")
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])
+    torch.testing.assert_close(out[:, :, 1], v[:, :, 0])
+
+
+def test_hashing_is_seeded_and_angular():
+    x = torch.randn(2, 3, 50, 8)
+    a = hash_vectors(x, 4, 6, seed=7)
+    assert a.shape == (2, 3, 4, 50) and int(a.min()) >= 0 and int(a.max()) < 6
+    assert torch.equal(a, hash_vectors(x, 4, 6, seed=7))
+    assert not torch.equal(a, hash_vectors(x, 4, 6, seed=8))
+    assert torch.equal(a, hash_vectors(3.5 * x, 4, 6, seed=7))  # a direction's hash: scale-free
+    assert torch.equal(hash_vectors(x, 2, 1, seed=0), torch.zeros(2, 3, 2, 50, dtype=torch.long))
+    assert torch.equal(hash_queries(x, 2, 6, 0), hash_queries(0.1 * x, 2, 6, 0))  # queries rescaled to M
+    # causal keys: a key's bucket does not depend on later keys
+    kb = hash_keys(x, 2, 6, 0, causal=True)
+    assert torch.equal(kb[..., :20], hash_keys(x[:, :, :20], 2, 6, 0, causal=True))
+    assert [num_buckets_for(n, 64) for n in (10, 64, 65, 200, 16384)] == [1, 1, 2, 4, 256]
+    assert num_buckets_for(100, 64, num_buckets=8) == 8
+    with pytest.raises(ValueError, match="even"):
+        hash_vectors(x, 1, 5, 0)
+
+
+def test_the_op_refuses_a_bad_call():
+    q, k, v, qb, kb = _case(False)
+    with pytest.raises(ValueError, match="backend='cuda'"):
+        lsh_attention(q, k, v, qb, kb, bucket_size=8, backend="cuda")
+    with pytest.raises(ValueError, match="bucket_size=0"):
+        lsh_attention(q, k, v, qb, kb, bucket_size=0)
+    with pytest.raises(ValueError, match="lsh_decode"):
+        lsh_attention(q[:, :, :3], k, v, qb, kb, bucket_size=8)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (its interpreter on CPU)")
+def test_the_fused_hash_kernel_gives_the_buckets_of_the_gemm_and_argmax():
+    x = torch.randn(2, 2, 70, 16)
+    for buckets in (4, 300):  # one column block, several (with a partial one)
+        want = hash_vectors(x, 3, buckets, seed=2, backend="torch")
+        got = hash_vectors(x, 3, buckets, seed=2, backend="triton")
+        assert (got == want).float().mean() > 0.995
