@@ -264,3 +264,90 @@ def reformer_reference(m, x, context=None, key_padding_mask=None, attn_mask=None
 
 
 REFERENCES["reformer"] = reformer_reference
+
+
+# ---------------------------------------------------------------------------- the linear family, by explicit loops
+def _phi64(m, x, which):
+    """Feature rows of x [B,H,N,D] in float64, from the formulas: FAVOR+ exp(w.x' - |x'|^2/2)/sqrt(m) with
+    x' = x sqrt(scale); hedgehog [exp(xW+b), exp(-(xW+b))]; t2r relu(xW+b); elu elu(xW+b)+1; keys times exp(log_gain) (window)."""
+    x = x.double()
+    scale = m.scale
+    if getattr(m, "projection", None) is not None:
+        w, kind = m.projection.double(), "favor"
+    else:
+        fm = m.q_feature_map if which == "q" else m.k_feature_map
+        kind, w = fm.kind, fm.weight.double()
+    gain = 1.0
+    if kind != "favor" and fm.log_gain is not None:  # the keys' gain (a window's linear part)
+        gain = fm.log_gain.double().exp()[None, :, None, None]
+    if kind in ("favor", "performer"):
+        xs = x * math.sqrt(scale)
+        u = torch.einsum("bhnd,md->bhnm", xs, w) if w.dim() == 2 else torch.einsum("bhnd,hmd->bhnm", xs, w)
+        return gain * torch.exp(u - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.sqrt(w.shape[-2])
+    u = torch.einsum("bhnd,hde->bhne", x, w) + fm.bias.double()[None, :, None]
+    if kind == "hedgehog":
+        return gain * torch.cat([u.exp(), (-u).exp()], -1)
+    if kind == "t2r":
+        return gain * torch.relu(u)
+    return gain * (torch.nn.functional.elu(u) + 1)
+
+
+def linear_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, positions=None):
+    """performer / linear: w_ij = phi(q_i).phi(k_j) (window: exp(scale q_i.k_j) for 0 <= i-j < window), over the
+    keys a query sees, normalised by sum_j w_ij."""
+    assert context is None and attn_mask is None
+    c = m.config
+    b, n, _ = x.shape
+    hd = m.head_dim
+    q = _lin(x, m.q_proj).view(b, n, c.heads, hd).transpose(1, 2)
+    k = _lin(x, m.k_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
+    v = _lin(x, m.v_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
+    if c.rope is not None:
+        pos = torch.arange(n) if positions is None else positions
+        rd = c.rope.rotary_dim or hd
+        q, k = _rope64(q, pos, rd, c.rope.base, c.rope.style), _rope64(k, pos, rd, c.rope.base, c.rope.style)
+    pq, pk = _phi64(m, q, "q"), _phi64(m, k, "k")
+    window = getattr(c, "window", 0)
+    g = c.heads // m.kv_heads
+    o = torch.zeros(b, c.heads, n, hd, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(c.heads):
+            for i in range(n):
+                num, den = torch.zeros(hd, dtype=torch.float64), 0.0
+                for j in range(n):
+                    if c.causal and j > i or key_padding_mask is not None and not key_padding_mask[bi, j]:
+                        continue
+                    if window and 0 <= i - j < window:
+                        w = torch.exp(q[bi, h, i] @ k[bi, h // g, j] * m.scale)
+                    else:
+                        w = pq[bi, h, i] @ pk[bi, h // g, j]
+                    num, den = num + w * v[bi, h // g, j], den + w
+                o[bi, h, i] = num / den if den > 0 else num
+    return _lin(o.transpose(1, 2).reshape(b, n, c.heads * hd), m.o_proj)
+
+
+def linformer_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, positions=None):
+    """linformer: K' = E K_valid, V' = F V_valid (padding rows zeroed), softmax attention over the k slots."""
+    assert context is None and attn_mask is None
+    c = m.config
+    b, n, _ = x.shape
+    hd = m.head_dim
+    q = _lin(x, m.q_proj).view(b, n, c.heads, hd).transpose(1, 2)
+    k = _lin(x, m.k_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
+    v = _lin(x, m.v_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
+    if c.rope is not None:
+        pos = torch.arange(n) if positions is None else positions
+        rd = c.rope.rotary_dim or hd
+        q, k = _rope64(q, pos, rd, c.rope.base, c.rope.style), _rope64(k, pos, rd, c.rope.base, c.rope.style)
+    if key_padding_mask is not None:
+        keep = key_padding_mask[:, None, :, None].double()
+        k, v = k * keep, v * keep
+    e = m.k_seq_proj.double()[..., :n]
+    f = e if m.v_seq_proj is None else m.v_seq_proj.double()[..., :n]
+    ks = torch.stack([e[h if e.shape[0] > 1 else 0] @ k[:, h] for h in range(m.kv_heads)], 1)
+    vs = torch.stack([f[h if f.shape[0] > 1 else 0] @ v[:, h] for h in range(m.kv_heads)], 1)
+    o = naive_attention(q, ks, vs, scale=m.scale)
+    return _lin(o.transpose(1, 2).reshape(b, n, c.heads * hd), m.o_proj)
+
+
+REFERENCES.update({"performer": linear_reference, "linear": linear_reference, "linformer": linformer_reference})

@@ -33,6 +33,7 @@ GROUPS: dict[str, str] = {
     "arrcoc": "arrcoc",
     "context_parallel": "context_parallel",
     "reformer": "reformer",
+    "linear": "linear",
 }
 
 

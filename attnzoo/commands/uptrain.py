@@ -85,8 +85,10 @@ def add_arguments(p):
                    "--checkpoint-every); for time-boxed jobs")
     c.add_argument("--keep-checkpoints", action="store_true", help="keep OUT.partial/ after success")
     c.add_argument("--log-every", type=int, default=1, help="log the loss every N steps (default: %(default)s)")
-    c.add_argument("--stage", choices=("uptrain", "pretrain"), default="uptrain",
-                   help="'pretrain' counts the tokens as pretraining in the metadata (default: %(default)s)")
+    c.add_argument("--stage", choices=("uptrain", "pretrain", "transfer"), default="uptrain",
+                   help="'pretrain' counts the tokens as pretraining in the metadata; 'transfer': attention transfer, "
+                        "only the linear layers' feature maps train, against each layer's softmax heads "
+                        "(default: %(default)s)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

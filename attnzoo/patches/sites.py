@@ -108,10 +108,12 @@ class Site:
     def kv_layout(self) -> KVLayout:
         """What this layer caches per token as the model stands (an attnzoo module says it; a Hugging Face
         module caches keys and values of its KV heads). Windows are left to the config (see
-        :mod:`attnzoo.record`)."""
+        :mod:`attnzoo.record`), except a recurrent layer's (linear attention keeps its window in its own state
+        cache, not in transformers' sliding-window cache)."""
         config = getattr(self.module, "config", None)
         if hasattr(config, "kv_layout"):
-            return config.kv_layout().with_window(None)
+            lay = config.kv_layout()
+            return lay if lay.state else lay.with_window(None)  # a recurrent layer's window is its own cache's
         return KVLayout(kv_heads=self.kv_heads, head_dim=self.head_dim)
 
     def rope(self) -> RopeSpec:

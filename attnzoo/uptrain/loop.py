@@ -30,6 +30,7 @@ from .schedule import warmup_cosine
 from .distributed import fsdp_settings, full_state_dict, shard_module
 from .state import is_fsdp, latest_checkpoint, load_checkpoint, save_checkpoint
 from .step import TrainModule
+from .transfer import start_transfer
 
 __all__ = ["uptrain", "UptrainResult", "plan_budget"]
 
@@ -247,6 +248,8 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     budget, total_steps, fraction = plan_budget(opts, meta, tokens_per_step)
 
     train_fully = opts.train_fully if opts.train_fully is not None else tuple(meta.get("new_modules", []))
+    if opts.stage == "transfer":  # attention transfer: only the feature maps train (uptrain/transfer.py)
+        start_transfer(model)
     if opts.lora_rank:
         model = apply_lora(model, opts.lora_rank, opts.lora_alpha, opts.lora_targets, train_fully)
     summary = summarize_trainable(model)
@@ -254,7 +257,7 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
         enable_activation_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
     module = TrainModule(model, teacher, teacher_sharded=shard_teacher, alpha=opts.alpha,
                          temperature=opts.temperature, loss_chunk=opts.loss_chunk, compile=opts.compile,
-                         context_parallel=cp)
+                         context_parallel=cp, transfer=opts.stage == "transfer")
     module.to(accelerator.device)  # before the optimizer, whose fused kernel checks the parameters' device
     if fsdp:  # sharded by attnzoo (see .distributed); the optimizer then holds the shards
         shard_module(module, accelerator, settings)
@@ -298,7 +301,7 @@ def _uptrain(opts: UptrainOptions, owned: dict) -> UptrainResult:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=step, disable=not (main and opts.progress), unit="step",
-               desc="uptrain" if opts.stage == "uptrain" else "pretrain", dynamic_ncols=True)
+               desc=opts.stage, dynamic_ncols=True)
     module.train()
     t0 = time.perf_counter()
     stopped = False

@@ -11,7 +11,7 @@ __all__ = ["UptrainOptions", "DEFAULT_LORA_TARGETS", "flag"]
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                         "kv_a_proj_with_mqa", "kv_b_proj")  # the last two: MLA (DeepSeek's names)
 MIXED_PRECISION = ("no", "fp16", "bf16")
-STAGES = ("uptrain", "pretrain")
+STAGES = ("uptrain", "pretrain", "transfer")
 TEACHER_PLACEMENTS = ("replicate", "shard")
 
 
@@ -29,7 +29,9 @@ class UptrainOptions:
     ``teacher``, the loss is ``alpha * KL(teacher || student at temperature) * T^2 +
     (1 - alpha) * cross-entropy``. LoRA: ``lora_rank > 0`` adds adapters on ``lora_targets``
     of the original weights; modules in ``train_fully`` (default: those the conversion created,
-    ``attnzoo.new_modules``) train fully. ``stage="pretrain"`` counts the tokens as pretraining.
+    ``attnzoo.new_modules``) train fully. ``stage="pretrain"`` counts the tokens as pretraining;
+    ``stage="transfer"`` is attention transfer (:mod:`attnzoo.uptrain.transfer`: only the linear layers' feature
+    maps train, against each layer's softmax heads).
 
     Speed: ``loss_chunk`` positions at a time through the output head (0: full logits), ``compile``
     (``torch.compile`` of the repeated blocks and the loss chunk), ``activation_checkpointing`` (recompute
@@ -120,6 +122,9 @@ class UptrainOptions:
         if self.mixed_precision is not None:
             check_choice("--mixed-precision", self.mixed_precision, MIXED_PRECISION)
         check_choice("--stage", self.stage, STAGES)
+        if self.stage == "transfer" and (self.lora_rank or self.teacher):
+            raise ValueError("--stage transfer trains the feature maps against each layer's own softmax heads: it "
+                             "takes no --lora-rank and no --teacher (run those in the next stage)")
         if self.lora_rank and not self.lora_targets:
             raise ValueError("--lora-targets is empty: name the modules that get LoRA adapters, e.g. q_proj,o_proj")
         if self.context_parallel > 1 and self.teacher is not None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .losses import _chunk_grads, chunked_head_loss, mixed_loss
+from .transfer import transfer_objective
 
 __all__ = ["TrainModule", "decoder_layer_names", "plain_head"]
 
@@ -63,13 +64,16 @@ class TrainModule(nn.Module):
     (replicated). ``loss_chunk``: positions per chunk of the output-head loss, 0 = plain full logits.
     ``compile``: ``torch.compile`` the chunk maths (the blocks are compiled by :meth:`compile_blocks`).
     ``context_parallel``: a :class:`~attnzoo.uptrain.context_parallel.ContextParallelTraining`, whose sharded
-    inputs and loss replace the rest (cross-entropy only).
+    inputs and loss replace the rest (cross-entropy only). ``transfer``: the attention-transfer stage
+    (:func:`~attnzoo.uptrain.transfer.transfer_objective` on full logits: the layers' MSE against their softmax
+    heads).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, *, teacher_sharded: bool = False,
                  alpha: float = 0.5, temperature: float = 1.0, loss_chunk: int = 512, compile: bool = False,
-                 context_parallel=None):
+                 context_parallel=None, transfer: bool = False):
         super().__init__()
+        self.transfer = transfer
         object.__setattr__(self, "_cp", context_parallel)  # a ContextParallelTraining: its own inputs and loss
         self.student = student
         if teacher_sharded and teacher is not None:
@@ -82,7 +86,7 @@ class TrainModule(nn.Module):
         self._chunked = bool(loss_chunk) and plain_head(student) is not None and _decoder(student) is not None
         if teacher is not None:
             self._chunked = self._chunked and plain_head(teacher) is not None and _decoder(teacher) is not None
-        self._chunked = self._chunked and context_parallel is None
+        self._chunked = self._chunked and context_parallel is None and not transfer
         self._step_fn = torch.compile(_chunk_grads, dynamic=False) if compile else _chunk_grads
 
     @property
@@ -111,6 +115,8 @@ class TrainModule(nn.Module):
     def forward(self, ids: torch.Tensor):
         if self._cp is not None:  # this rank's shard of the sequences, full logits of the shard (no teacher)
             return self._cp.loss(self.student(**self._cp.inputs(ids)).logits, ids)
+        if self.transfer:  # only the feature maps train; the logits give the teacher-forced CE for the log
+            return transfer_objective(self.student, self.student(input_ids=ids, use_cache=False).logits, ids)
         teacher = self.get_teacher()
         if not self._chunked:
             logits = self.student(input_ids=ids, use_cache=False).logits

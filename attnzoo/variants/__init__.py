@@ -18,3 +18,8 @@ __all__ = ["VariantConfig", "RopeConfig", "Cache", "KVCache", "LatentCache", "St
            "MLAOptions", "MLAConfig", "MLAAttention",
            "ArrcocConfig", "RegionAttention", "VisualTopKConfig", "VisualTopKAttention",
            "ReformerAttention", "ReformerConfig", "LSHCache"]
+from .linear import (LinearAttention, LinearConfig, LinearStateCache, LinformerAttention, LinformerConfig,  # noqa: E402
+                     PerformerConfig)
+
+__all__ += ["LinearAttention", "LinearConfig", "LinearStateCache", "LinformerAttention", "LinformerConfig",
+            "PerformerConfig"]

@@ -1,0 +1,87 @@
+"""The linear-attention op: the chunked PyTorch form and the fused Triton kernels (Triton's interpreter on CPU)
+against the float64 reference, forward and backward: causal and not, odd lengths, padding, grouped KV heads,
+the exponential key stabiliser, the softmax window, and the state carried across calls."""
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "attnzoo.ops.linear.triton_kernel" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from attnzoo.ops.linear import linear_attention, linear_attention_naive  # noqa: E402
+from attnzoo.ops.linear import triton_kernel  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(b, hq, hkv, n, f, d, gated, dtype=torch.float64, device="cpu"):
+    kw = dict(dtype=dtype, device=device)
+    t = dict(qf=torch.rand(b, hq, n, f, **kw), kf=torch.rand(b, hkv, n, f, **kw), v=torch.randn(b, hkv, n, d, **kw),
+             q=torch.randn(b, hq, n, d, **kw), k=torch.randn(b, hkv, n, d, **kw))
+    if gated:
+        t["q_log"], t["k_log"] = torch.randn(b, hq, n, **kw) * 4, torch.randn(b, hkv, n, **kw) * 4
+    valid = torch.ones(b, n, dtype=torch.bool, device=device)
+    valid[-1, : n // 4] = False
+    valid[0, n - 2:] = False
+    return t, valid
+
+
+CASES = [(c, g, w) for c in (False, True) for g in (False, True) for w in ((0, 5) if c else (0,))]
+
+
+@pytest.mark.parametrize("causal,gated,window", CASES)
+def test_chunked_matches_naive_forward_and_backward(causal, gated, window):
+    t, valid = _inputs(2, 4, 2, 29, 6, 5, gated)
+    leaves = {k: x.requires_grad_() for k, x in t.items()}
+    got = linear_attention(**leaves, causal=causal, key_padding_mask=valid, window=window, chunk=8,
+                           backend="torch")
+    ref = linear_attention_naive(**leaves, causal=causal, key_padding_mask=valid, window=window)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    wrt = [x for k, x in leaves.items() if window or k not in ("q", "k", "q_log")]
+    for a, b in zip(torch.autograd.grad(got, wrt, g), torch.autograd.grad(ref, wrt, g)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("gated,window", [(False, 0), (True, 0), (True, 7)])
+def test_state_carried_across_calls(gated, window):
+    """Prefill then more tokens with the returned state equals one call (what decoding relies on)."""
+    t, valid = _inputs(1, 2, 1, 23, 4, 3, gated)
+    full = linear_attention(**t, causal=True, key_padding_mask=valid, chunk=4)
+    s = 10
+    first = {k: x[:, :, :s] for k, x in t.items()}
+    out1, st = linear_attention(**first, causal=True, key_padding_mask=valid[:, :s], chunk=4, return_state=True)
+    rest = {k: x[:, :, s:] for k, x in t.items() if k not in ("q", "k", "q_log")}
+    out2 = linear_attention(**rest, causal=True, key_padding_mask=valid[:, s:], initial_state=st, chunk=4)
+    torch.testing.assert_close(torch.cat([out1, out2], 2), full, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.skipif(triton_kernel.available() is not None, reason="the Triton kernels cannot run here")
+@pytest.mark.parametrize("gated,window", [(False, 0), (True, 0), (True, 9)])
+def test_triton_matches_naive_forward_and_backward(gated, window):
+    """The fused kernels (chunk 16, 37 tokens: a partial last chunk; 2 query heads on 1 KV head; padding)."""
+    t, valid = _inputs(2, 2, 1, 37, 16, 16, gated, dtype=torch.float32, device=DEV)
+    leaves = {k: x.requires_grad_() for k, x in t.items()}
+    got = linear_attention(**leaves, causal=True, key_padding_mask=valid, window=window, chunk=16,
+                           backend="triton")
+    ref = linear_attention_naive(**{k: x.cpu() for k, x in leaves.items()}, causal=True,
+                                 key_padding_mask=valid.cpu(), window=window)
+    tol = dict(rtol=2e-4, atol=2e-4) if DEV == "cpu" else dict(rtol=1e-2, atol=1e-2)  # TF32 dots on a GPU
+    torch.testing.assert_close(got.double().cpu(), ref, **tol)
+    g = torch.randn_like(got)
+    wrt = [x for k, x in leaves.items() if window or k not in ("q", "k", "q_log")]
+    ga = torch.autograd.grad(got, wrt, g)
+    gb = torch.autograd.grad(ref, wrt, g.double().cpu())
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a.double().cpu(), b.double(), **tol)
+
+
+def test_op_checks_its_arguments():
+    t, valid = _inputs(1, 2, 1, 5, 4, 3, False)
+    with pytest.raises(ValueError, match="backend"):
+        linear_attention(t["qf"], t["kf"], t["v"], backend="cuda")
+    with pytest.raises(ValueError, match="window=3.*causal"):
+        linear_attention(t["qf"], t["kf"], t["v"], window=3, q=t["q"], k=t["k"])
