@@ -354,17 +354,17 @@ def test_disk_full_in_uptrain_is_one_line_and_leaves_nothing(init, checkpoints, 
 @pytest.mark.parametrize("checkpoints", [False, True])
 def test_interrupted_uptrain_keeps_partial_only_to_resume(init, checkpoints, sig, status, tmp_path, monkeypatch,
                                                           capsys):
-    from attnzoo.uptrain import loop
+    from attnzoo.uptrain.step import TrainModule
 
-    real, calls = loop.mixed_loss, []
+    real, calls = TrainModule.forward, []
 
-    def loss(*a, **k):
+    def forward(self, *a, **k):  # one call per micro-batch: the signal comes during the third
         calls.append(1)
         if len(calls) == 3:
             _stop(sig)
-        return real(*a, **k)
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(loop, "mixed_loss", loss)
+    monkeypatch.setattr(TrainModule, "forward", forward)
     out = tmp_path / "o"
     extra = ["--checkpoint-every", "1"] if checkpoints else []
     rc = main(["uptrain", "--model", str(init), "--out", str(out), *UPTRAIN, "--tokens", "256", *extra])

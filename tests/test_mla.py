@@ -101,6 +101,7 @@ def test_dense_op_serves_a_value_head_dim_unlike_the_query_one():
     from attnzoo.ops import attention, attention_reference, explain
     from attnzoo.ops.dense.backends import SDPABackend
 
+    SDPABackend._gqa_cache.pop(("sdpa_flash", "cpu"), None)  # a per-process memo: judge this test's calls only
     q, k, v = (torch.randn(2, 4, 5, 24), torch.randn(2, 2, 7, 24), torch.randn(2, 2, 7, 16))
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     want = attention_reference(q64, k64, v64, causal=True)
