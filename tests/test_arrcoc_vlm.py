@@ -258,6 +258,9 @@ def test_prompt_without_the_full_image_tokens_is_refused():
 def test_convert_refuses_a_run_time_plugin(tmp_path, capsys):
     from attnzoo.cli import main
 
-    assert main(["convert", "builtin", str(tmp_path / "out"), "--to", "arrcoc", "--budget", "256"]) == 2
+    from attnzoo.conversion.pipeline import targets
+
+    assert main(["convert", "builtin", str(tmp_path / "out"), "--to", "arrcoc"]) == 2
     err = capsys.readouterr().err
+    assert "arrcoc" not in targets()  # nor are its flags in convert's help
     assert "run-time plug-in" in err and "nothing to convert" in err and not (tmp_path / "out").exists()

@@ -39,7 +39,8 @@ def add_arguments(p):
     for specs, variants in _flags():
         helps = [s.help for s in specs]
         spec = specs[max(range(len(specs)), key=lambda i: helps.count(helps[i]))]  # the most common wording
-        text = f"{', '.join(variants)}: {spec.help}" + "".join(
+        common = [v for s, v in zip(specs, variants) if s.help == spec.help]  # the others say their own below
+        text = f"{', '.join(common)}: {spec.help}" + "".join(
             f"; {v}: {s.help}" for s, v in zip(specs, variants) if s.help != spec.help) + _defaults(specs, variants)
         if spec.type == "bool":
             g.add_argument(spec.flag, dest=spec.name, action="store_true", default=None, help=text)
@@ -60,6 +61,8 @@ def _flags():
 
     seen: dict[str, tuple[list, list]] = {}
     for name, converter in converters().items():
+        if not converter.converts_checkpoints:  # run-time plug-ins (arrcoc): convert refuses them
+            continue
         for spec in option_specs(converter.config_cls):
             specs, variants = seen.setdefault(spec.name, ([], []))
             specs.append(spec)
@@ -96,6 +99,8 @@ def run(args) -> int:
     from ..table import format_table
 
     converter = get_converter(args.to)
+    if not converter.converts_checkpoints:  # a run-time plug-in: its own one-line refusal, before its options
+        converter.stream(None, None, None, None, None)
     names = [specs[0].name for specs, _ in _flags()]
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None and getattr(args, k) is not False}
     for k in options:

@@ -20,6 +20,7 @@ class ModelLevelConverter(Converter, ABC):
     ``config_cls`` and implement :meth:`install`."""
 
     native_field = "(nothing: a run-time plug-in)"
+    converts_checkpoints = False  # `attnzoo convert` neither lists it nor shows its flags
 
     @abstractmethod
     def install(self, model, config):
