@@ -11,6 +11,9 @@
 #                   OUT=.device/out in both (an ignored folder that stays while the machine is warm) and
 #                   "--sections scaling --merge" in the second
 #   GPU_TESTS=0     skip the GPU tests
+#   GPU_TEST_FILES  test files to run (default: tests/, every GPU test: more than one 10-minute call now; e.g.
+#                   "tests/test_mla_gpu.py tests/test_linear_gpu.py tests/test_reformer_gpu.py" for one family batch)
+#   GPU_TESTS_TIMEOUT  seconds the GPU tests may take (default 420), so the bench still runs in the same call
 #   ATTNZOO_COMMIT  the commit the results name, where the tree has no .git
 set -uo pipefail
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
@@ -20,7 +23,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --f
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cudnn', torch.backends.cudnn.version())" | tee -a "$OUT/device.txt"
 echo "commit ${ATTNZOO_COMMIT:-unknown}" | tee -a "$OUT/device.txt"
 if [ "${GPU_TESTS:-1}" != 0 ]; then
-  python3 -m pytest -m gpu -q -rs -p no:cacheprovider ${1:+-k "$1"} tests/ > "$OUT/gpu_tests.log" 2>&1
+  # shellcheck disable=SC2086  # GPU_TEST_FILES is split on purpose
+  timeout "${GPU_TESTS_TIMEOUT:-420}" python3 -m pytest -m gpu -q -rs -p no:cacheprovider ${1:+-k "$1"} \
+    ${GPU_TEST_FILES:-tests/} > "$OUT/gpu_tests.log" 2>&1
   echo "pytest exit: $?"; grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -3
   grep -E "^FAILED|^ERROR" "$OUT/gpu_tests.log" | head -20
 fi
