@@ -142,3 +142,15 @@ def test_broken_plugin_does_not_break_the_zoo(monkeypatch, caplog):
     monkeypatch.setattr(md, "entry_points", lambda group=None: [EP()])
     assert "gqa" in attnzoo.list_variants()
     assert "could not load variant plugin 'broken'" in caplog.text
+
+
+def test_every_module_of_the_variants_package_is_imported_with_it():
+    """A new family file registers itself: ``attnzoo.variants`` imports each of its modules (CONTRIBUTING's
+    checklist needs no line in ``variants/__init__.py``)."""
+    import pkgutil
+    import sys
+
+    import attnzoo.variants as zoo
+
+    names = [m.name for m in pkgutil.iter_modules(zoo.__path__)]
+    assert names and all(f"attnzoo.variants.{n}" in sys.modules for n in names)

@@ -1,7 +1,11 @@
 """The zoo: one file per family of attention modules, each registering its names.
 
-Importing this package registers every built-in variant.
+Importing this package registers every built-in variant: every module of this folder is imported (a new family
+file registers its names with no line here; the names below are the package's public exports).
 """
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from .arrcoc import ArrcocConfig, RegionAttention, VisualTopKAttention, VisualTopKConfig
 from .cache import Cache, KVCache, LatentCache, StateCache
 from .config import RopeConfig, VariantConfig
@@ -23,3 +27,6 @@ from .linear import (LinearAttention, LinearConfig, LinearStateCache, LinformerA
 
 __all__ += ["LinearAttention", "LinearConfig", "LinearStateCache", "LinformerAttention", "LinformerConfig",
             "PerformerConfig"]
+
+for _module in _pkgutil.iter_modules(__path__):  # every family registers itself, listed here or not
+    _importlib.import_module(f"{__name__}.{_module.name}")
