@@ -61,7 +61,9 @@ def _rope64(x, positions, rotary_dim, base, style):
     return x
 
 
-def dense_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, positions=None, project_out=True):
+def _qkv64(m, x, context=None, positions=None):
+    """q ``[B, H, N, hd]``, k and v ``[B, H_kv, M, hd]`` in float64 from the module's ``q/k/v_proj``, RoPE applied
+    to q and k in self-attention (the shared front of the references of modules with those projections)."""
     c = m.config
     b, n, _ = x.shape
     hd = m.head_dim
@@ -73,6 +75,14 @@ def dense_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, p
         pos = torch.arange(n) if positions is None else positions
         rd = c.rope.rotary_dim or hd
         q, k = _rope64(q, pos, rd, c.rope.base, c.rope.style), _rope64(k, pos, rd, c.rope.base, c.rope.style)
+    return q, k, v
+
+
+def dense_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, positions=None, project_out=True):
+    c = m.config
+    b, n, _ = x.shape
+    hd = m.head_dim
+    q, k, v = _qkv64(m, x, context, positions)
     o = naive_attention(q, k, v, causal=c.causal and context is None, mask=attn_mask,
                         key_padding_mask=key_padding_mask)
     if not project_out:
@@ -299,13 +309,7 @@ def linear_reference(m, x, context=None, key_padding_mask=None, attn_mask=None, 
     c = m.config
     b, n, _ = x.shape
     hd = m.head_dim
-    q = _lin(x, m.q_proj).view(b, n, c.heads, hd).transpose(1, 2)
-    k = _lin(x, m.k_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
-    v = _lin(x, m.v_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
-    if c.rope is not None:
-        pos = torch.arange(n) if positions is None else positions
-        rd = c.rope.rotary_dim or hd
-        q, k = _rope64(q, pos, rd, c.rope.base, c.rope.style), _rope64(k, pos, rd, c.rope.base, c.rope.style)
+    q, k, v = _qkv64(m, x, positions=positions)
     pq, pk = _phi64(m, q, "q"), _phi64(m, k, "k")
     window = getattr(c, "window", 0)
     g = c.heads // m.kv_heads
@@ -332,13 +336,7 @@ def linformer_reference(m, x, context=None, key_padding_mask=None, attn_mask=Non
     c = m.config
     b, n, _ = x.shape
     hd = m.head_dim
-    q = _lin(x, m.q_proj).view(b, n, c.heads, hd).transpose(1, 2)
-    k = _lin(x, m.k_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
-    v = _lin(x, m.v_proj).view(b, n, m.kv_heads, hd).transpose(1, 2)
-    if c.rope is not None:
-        pos = torch.arange(n) if positions is None else positions
-        rd = c.rope.rotary_dim or hd
-        q, k = _rope64(q, pos, rd, c.rope.base, c.rope.style), _rope64(k, pos, rd, c.rope.base, c.rope.style)
+    q, k, v = _qkv64(m, x, positions=positions)
     if key_padding_mask is not None:
         keep = key_padding_mask[:, None, :, None].double()
         k, v = k * keep, v * keep
