@@ -7,7 +7,6 @@ then reads its case's result."""
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 import zlib
 
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from attnzoo.ops.context_parallel.comm import free_port
 from attnzoo.ops.context_parallel import Sharding, context_parallel_attention, context_parallel_sparse_attention
 from attnzoo.ops.dense.naive import attention_reference
 from attnzoo.ops.sparse import SlidingWindow, sparse_attention_reference
@@ -164,12 +164,6 @@ def _worker(rank, world, port, results):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 _RESULTS: dict = {}
 
 
@@ -180,7 +174,7 @@ def _results(world: int) -> dict:
             # fork, not spawn: the children inherit the imported torch and attnzoo (a spawned child spends seconds
             # importing them again); the parent runs one intra-op thread (tests/conftest.py), so forking is safe
             mp.start_processes(
-                _worker, args=(world, _free_port(), shared), nprocs=world, join=True, start_method="fork"
+                _worker, args=(world, free_port(), shared), nprocs=world, join=True, start_method="fork"
             )
             _RESULTS[world] = dict(shared)
     return _RESULTS[world]

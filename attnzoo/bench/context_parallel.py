@@ -24,7 +24,6 @@ Sections:
 from __future__ import annotations
 
 import os
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -272,20 +271,16 @@ def _maxlen_worker(rank, world, port, cuda, smoke, lengths, results):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawn(fn, world: int, *args) -> str:
     """Run ``fn(rank, world, port, *args)`` on ``world`` processes; '' or why they failed."""
+    from ..ops.context_parallel.comm import free_port
+
     import torch.multiprocessing as mp
 
     try:
         # CPU (smoke): fork, the children inherit the imports; CUDA cannot be forked once initialised
         method = "spawn" if args[0] else "fork"  # every worker's first argument: cuda
-        mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=True, start_method=method)
+        mp.start_processes(fn, args=(world, free_port(), *args), nprocs=world, join=True, start_method=method)
         return ""
     except Exception as e:  # a rank out of memory, or the group's timeout after it
         return f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}"

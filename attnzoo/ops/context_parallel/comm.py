@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Ring", "ring_of"]
+__all__ = ["Ring", "ring_of", "free_port"]
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,10 @@ def ring_of(group=None) -> Ring:
     return Ring(
         g, rank, world, dist.get_global_rank(g, (rank + 1) % world), dist.get_global_rank(g, (rank - 1) % world)
     )
+
+
+def free_port() -> int:
+    """A free TCP port on this host, for a local process group's rendezvous (tests, benchmarks)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
