@@ -32,22 +32,17 @@ import torch
 from ...hf_compat import layer_cache
 from ...kv import KVLayout
 from ...ops.masks import causal_keep
-from ...variants.cache import Cache
 from ...variants.mla import MLAAttention, MLAConfig
-from .wrapper import hf_mask_to_keep
+from .wrapper import HFCacheView, hf_mask_to_keep
 
 __all__ = ["HFLatentCacheView", "HFMLAAttention", "mla_config_of_deepseek", "absorb_deepseek_attention",
            "patch_deepseek"]
 
 
-class HFLatentCacheView(Cache):
+class HFLatentCacheView(HFCacheView):
     """One layer of a ``transformers`` ``Cache`` seen as a :class:`~attnzoo.variants.cache.LatentCache`:
-    ``update(latent [B, n, R], rope_key [B, n, Rh*Dr]) -> (latents [B, S, R], rope_keys [B, S, Rh*Dr])``."""
-
-    def __init__(self, hf_cache, layer_idx: int):
-        self.hf_cache = getattr(hf_cache, "self_attention_cache", hf_cache)
-        self.layer_idx = layer_idx
-        self.seq_len = int(self.hf_cache.get_seq_length(layer_idx))
+    ``update(latent [B, n, R], rope_key [B, n, Rh*Dr]) -> (latents [B, S, R], rope_keys [B, S, Rh*Dr])`` (the
+    latent in the keys slot, the rope keys in the values slot, as DeepSeek-V3 lays them out)."""
 
     def update(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, r = self.hf_cache.update(latent.unsqueeze(1), rope_key.unsqueeze(1), self.layer_idx)
@@ -66,13 +61,6 @@ class HFLatentCacheView(Cache):
     def layout(self) -> KVLayout:
         c, r = self.get()
         return KVLayout(latent=c.shape[-1] + r.shape[-1])
-
-    def nbytes(self) -> int:
-        c, r = self.get()
-        return c.numel() * c.element_size() + r.numel() * r.element_size()
-
-    def reset(self) -> None:
-        raise ValueError("reset the transformers cache itself")
 
 
 class HFMLAAttention(MLAAttention):
