@@ -61,7 +61,7 @@ def _flags():
 
     seen: dict[str, tuple[list, list]] = {}
     for name, converter in converters().items():
-        if not converter.converts_checkpoints:  # run-time plug-ins (arrcoc): convert refuses them
+        if converter.convert_refusal is not None:  # run-time plug-ins (arrcoc): convert refuses them
             continue
         for spec in option_specs(converter.config_cls):
             specs, variants = seen.setdefault(spec.name, ([], []))
@@ -99,8 +99,8 @@ def run(args) -> int:
     from ..table import format_table
 
     converter = get_converter(args.to)
-    if not converter.converts_checkpoints:  # a run-time plug-in: its own one-line refusal, before its options
-        converter.stream(None, None, None, None, None)
+    if converter.convert_refusal is not None:  # a run-time plug-in: its one-line refusal, before its options
+        raise ValueError(converter.convert_refusal)
     names = [specs[0].name for specs, _ in _flags()]
     options = {k: getattr(args, k) for k in names if getattr(args, k) is not None and getattr(args, k) is not False}
     for k in options:

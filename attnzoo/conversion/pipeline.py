@@ -45,7 +45,7 @@ _DTYPE_NAMES = ("float32", "float16", "bfloat16")
 def targets() -> list[str]:
     """The variants ``attnzoo convert --to`` takes (every registered converter that writes a checkpoint; a
     run-time plug-in such as ``arrcoc`` is refused with its own message)."""
-    return sorted(n for n, c in converters().items() if c.converts_checkpoints)
+    return sorted(n for n, c in converters().items() if c.convert_refusal is None)
 
 
 def parse_dtype(name) -> torch.dtype | None:

@@ -94,7 +94,7 @@ class Converter:
     name = ""
     config_cls: type[PatchConfig] = PatchConfig
     native_field = "config.json"  # where a native result keeps the change (the model card says so)
-    converts_checkpoints = True  # False: a run-time plug-in (arrcoc), not a target of `attnzoo convert`
+    convert_refusal: str | None = None  # why `attnzoo convert` cannot take it (a run-time plug-in: arrcoc), or None
     lossy_note = "expect some quality loss until the model is uptrained."
 
     def stream(self, source, config, adapter: Adapter, opts: dict, dtype) -> StreamJob | None:

@@ -20,7 +20,11 @@ class ModelLevelConverter(Converter, ABC):
     ``config_cls`` and implement :meth:`install`."""
 
     native_field = "(nothing: a run-time plug-in)"
-    converts_checkpoints = False  # `attnzoo convert` neither lists it nor shows its flags
+
+    @property
+    def convert_refusal(self) -> str:  # `attnzoo convert` neither lists it nor shows its flags, and says this
+        return (f"{self.name} is a run-time plug-in for vision-language models: it changes no weights, so there is "
+                f"nothing to convert; load the model and call attnzoo.patch(model, {self.name!r}, ...)")
 
     @abstractmethod
     def install(self, model, config):
@@ -50,6 +54,4 @@ class ModelLevelConverter(Converter, ABC):
         return ""
 
     def stream(self, source, config, adapter, opts, dtype):
-        raise ValueError(f"{self.name} is a run-time plug-in for vision-language models: it changes no weights, so "
-                         f"there is nothing to convert; load the model and call attnzoo.patch(model, {self.name!r}, "
-                         "...)")
+        raise ValueError(self.convert_refusal)
