@@ -31,9 +31,8 @@ import torch
 
 from ...hf_compat import layer_cache
 from ...kv import KVLayout
-from ...ops.masks import causal_keep
 from ...variants.mla import MLAAttention, MLAConfig
-from .wrapper import HFCacheView, hf_mask_to_keep
+from .wrapper import HFCacheView, module_masks
 
 __all__ = ["HFLatentCacheView", "HFMLAAttention", "mla_config_of_deepseek", "absorb_deepseek_attention",
            "patch_deepseek"]
@@ -125,12 +124,7 @@ class HFMLAAttention(MLAAttention):
             raise ValueError("HFMLAAttention replaces self-attention; encoder_hidden_states is not accepted")
         hf_cache = layer_cache(kwargs)
         cache = HFLatentCacheView(hf_cache, self.layer_idx) if hf_cache is not None else None
-        n = hidden_states.shape[1]
-        k_len = n + (cache.seq_len if cache is not None else 0)
-        attn_mask, kpm = hf_mask_to_keep(attention_mask, k_len)
-        if kwargs.get("is_causal") and not self.config.causal and n > 1:
-            keep = causal_keep(n, k_len, device=hidden_states.device)[None, None]
-            attn_mask = keep if attn_mask is None else attn_mask & keep
+        attn_mask, kpm = module_masks(attention_mask, hidden_states, cache, self.config.causal, kwargs)
         rope = self._tables(position_embeddings)
         position_ids = None if rope is not None else kwargs.get("position_ids")
         out = MLAAttention.forward(self, hidden_states, key_padding_mask=kpm, attn_mask=attn_mask,

@@ -64,6 +64,19 @@ def _keep_of(mask: torch.Tensor, k_len: int) -> tuple[torch.Tensor | None, torch
     return keep, None
 
 
+def module_masks(attention_mask, hidden_states: torch.Tensor, cache, module_causal: bool, kwargs: dict):
+    """``(attn_mask, key_padding_mask)`` for an attnzoo module run in place of a Hugging Face self-attention: the
+    layer's mask as keep masks over the cached and new keys, and the causal keep when the layer asks for causal
+    attention (``is_causal``) of a module that is not causal by itself (shared by the K/V and the latent wrappers)."""
+    n = hidden_states.shape[1]
+    k_len = n + (cache.seq_len if cache is not None else 0)
+    attn_mask, kpm = hf_mask_to_keep(attention_mask, k_len)
+    if kwargs.get("is_causal") and not module_causal and n > 1:
+        keep = causal_keep(n, k_len, device=hidden_states.device)[None, None]
+        attn_mask = keep if attn_mask is None else attn_mask & keep
+    return attn_mask, kpm
+
+
 class HFCacheView(Cache):
     """One layer of a ``transformers`` ``Cache`` seen through attnzoo's :class:`Cache` interface."""
 
@@ -127,12 +140,7 @@ class HFDenseAttention(DenseAttention):
                              "is not accepted here")
         hf_cache = layer_cache(kwargs)
         cache = HFCacheView(hf_cache, self.layer_idx) if hf_cache is not None else None
-        n = hidden_states.shape[1]
-        k_len = n + (cache.seq_len if cache is not None else 0)
-        attn_mask, kpm = hf_mask_to_keep(attention_mask, k_len)
-        if kwargs.get("is_causal") and not self.config.causal and n > 1:
-            keep = causal_keep(n, k_len, device=hidden_states.device)[None, None]
-            attn_mask = keep if attn_mask is None else attn_mask & keep
+        attn_mask, kpm = module_masks(attention_mask, hidden_states, cache, self.config.causal, kwargs)
         position_ids = kwargs.get("position_ids") if self.inv_freq is not None else None
         out = DenseAttention.forward(self, hidden_states, key_padding_mask=kpm, attn_mask=attn_mask,
                                      position_ids=position_ids, cache=cache)
