@@ -16,10 +16,11 @@ import torch.multiprocessing as mp
 
 from attnzoo.ops.context_parallel import Sharding, context_parallel_attention, context_parallel_sparse_attention
 from attnzoo.ops.context_parallel import ring as R
+from attnzoo.ops.context_parallel.comm import free_port
 from attnzoo.ops.dense.naive import attention_reference
 from attnzoo.ops.sparse import SlidingWindow, sparse_attention_reference
 
-from test_context_parallel import CASES, _free_port
+from test_context_parallel import CASES
 
 pytestmark = pytest.mark.gpu
 
@@ -102,7 +103,7 @@ def test_simulated_ring_bf16(kernel, causal, window, world, layout):
 
 def _one_rank_group():
     if not dist.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         dist.init_process_group("nccl", rank=0, world_size=1)
 
 
@@ -164,7 +165,7 @@ def test_nccl_cases_equal_reference():
     world = min(torch.cuda.device_count(), 4)
     with mp.Manager() as manager:
         shared = manager.dict()
-        mp.spawn(_nccl_worker, args=(world, _free_port(), shared), nprocs=world, join=True)
+        mp.spawn(_nccl_worker, args=(world, free_port(), shared), nprocs=world, join=True)
         res = dict(shared)
     bad = {k: v for k, v in res.items() if v != "ok"}
     assert len(res) == len(CASES) * 2 * world and not bad, bad
