@@ -149,7 +149,19 @@ def device_name(device: torch.device) -> str:
 
 
 def load_model(path, device: torch.device, dtype: torch.dtype = torch.float32):
-    return attnzoo.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = attnzoo.from_pretrained(path, dtype=dtype)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # setup.py before its fix copied the GGUF loader's quantization_config into the dequantized float32
+        # checkpoint's config.json; transformers then refuses save_pretrained. The weights are plain tensors.
+        if str(getattr(model.hf_quantizer.quantization_config, "quant_method", "")).lower().endswith("gguf"):
+            model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+            delattr(model.config, "quantization_config")
+    return model.to(device).eval()
+
+
+def quantization_flagged(path) -> bool:
+    """Whether the checkpoint's config.json carries a ``quantization_config`` (see :func:`load_model`)."""
+    return "quantization_config" in json.loads((Path(path) / "config.json").read_text())
 
 
 def eval_data(spec: str, sequences: int, vocab_size: int):

@@ -168,6 +168,14 @@ class Runner:
         self.train = args.train or _train_data(args.work)
         self.batch = 8 if device.type == "cuda" else 1
         self.scratch = args.scratch or args.work / "uptrain_rows"
+        if R.quantization_flagged(self.src):  # the teacher must load without it: a clean copy (see R.load_model)
+            clean = self.scratch / "original"
+            if not (clean / "config.json").is_file():
+                self.base.save_pretrained(clean)
+                self.tokenizer.save_pretrained(clean)
+            print(f"{self.src}/config.json carries a quantization_config (an old setup.py): the original is {clean}",
+                  flush=True)
+            self.src = clean
 
     # ---------------------------------------------------------------------------------- stages
     def _options(self, model: Path, out: Path, **kw) -> UptrainOptions:
