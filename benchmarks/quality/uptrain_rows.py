@@ -170,9 +170,13 @@ class Runner:
         self.scratch = args.scratch or args.work / "uptrain_rows"
         if R.quantization_flagged(self.src):  # the teacher must load without it: a clean copy (see R.load_model)
             clean = self.scratch / "original"
-            if not (clean / "config.json").is_file():
-                self.base.save_pretrained(clean)
-                self.tokenizer.save_pretrained(clean)
+            if not clean.is_dir():
+                staged = clean.with_name(clean.name + ".tmp")
+                if staged.exists():
+                    shutil.rmtree(staged)
+                self.base.save_pretrained(staged)
+                self.tokenizer.save_pretrained(staged)
+                staged.rename(clean)
             print(f"{self.src}/config.json carries a quantization_config (an old setup.py): the original is {clean}",
                   flush=True)
             self.src = clean
