@@ -24,7 +24,7 @@ def scripts():
 
 TINY = ["--model", "builtin", "--eval-data", "builtin:1", "--calib", "builtin:0", "--eval-sequences", "1",
         "--calib-sequences", "1", "--decode-tokens", "2", "--device", "cpu"]
-UPTRAIN = ["--train", "builtin:0", "--no-compile", "--tokens", "128", "--transfer-tokens", "64", "--seq-len", "32",
+UPTRAIN = ["--train", "builtin:0", "--compile", "off", "--tokens", "128", "--transfer-tokens", "64", "--seq-len", "32",
            "--batch-size", "2", "--log-every", "1"]
 ONE_PER_FAMILY = "mqa-pca,sw127,mla68-pca,hedgehog-w64,reformer"
 

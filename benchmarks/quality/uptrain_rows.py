@@ -43,7 +43,7 @@ alpha 0.5 (``attnzoo uptrain``'s default): about 2 minutes a row on an H100 at ~
 On the CPU, end to end on the built-in model in about a minute (what ``tests/test_quality_uptrain_rows.py`` runs):
 
     python benchmarks/quality/uptrain_rows.py --model builtin --eval-data builtin:1 --calib builtin:0 \\
-        --train builtin:0 --out /tmp/rows --device cpu --no-compile --tokens 512 --transfer-tokens 256 \\
+        --train builtin:0 --out /tmp/rows --device cpu --compile off --tokens 512 --transfer-tokens 256 \\
         --seq-len 64 --batch-size 2 --eval-sequences 2 --calib-sequences 2 --rows all
 """
 from __future__ import annotations
@@ -187,7 +187,8 @@ class Runner:
         cuda = self.device.type == "cuda"
         return UptrainOptions(model=str(model), out=str(out), data=str(self.train), seq_len=a.seq_len,
                               batch_size=a.batch_size, grad_accum=a.grad_accum, warmup=a.warmup,
-                              mixed_precision="bf16" if cuda else "no", compile=cuda and not a.no_compile,
+                              mixed_precision="bf16" if cuda else "no",
+                              compile=a.compile == "on" or (a.compile == "auto" and cuda),
                               cpu=not cuda, progress=False, force=True, log_every=a.log_every, seed=0, **kw)
 
     def _uptrain(self, opts: UptrainOptions, clock: Clock):
@@ -320,8 +321,7 @@ def run_rows(args, command: str) -> None:
                       "device": R.device_name(device)}
         R.upsert(results, result, order, meta)
         report(args, runner, results, command)
-        if device.type == "cuda":
-            torch._dynamo.reset()
+        torch._dynamo.reset()  # compiled blocks of this row's modules: no recompile limit reached later, memory freed
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -362,7 +362,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--warmup", type=float, default=0.05)
     ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--no-compile", action="store_true", help="no torch.compile on CUDA")
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                    help="torch.compile of the training (auto: on CUDA only)")
     ap.add_argument("--assume-tokens-per-s", type=float, default=None, help="training rate assumed before one is "
                     "measured (default: 100k on CUDA, 2k on the CPU)")
     ap.add_argument("--assume-overhead", type=float, default=60.0, help="seconds of conversion, saving and "
