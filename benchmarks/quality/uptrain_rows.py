@@ -37,8 +37,10 @@ benchmarks/results/quality_smollm2_uptrained.json) so its rows are skipped:
         --previous benchmarks/results/quality_smollm2_uptrained.json
 
 Defaults: 10M tokens per row (``--tokens``; 2M more for a linear row's transfer), sequences of 512 tokens (the
-evaluation's length), 32 per step (16,384 tokens), AdamW lr 3e-4 with 5% warmup and cosine decay, distillation
-alpha 0.5 (``attnzoo uptrain``'s default): about 2 minutes a row on an H100 at ~100k tokens/s.
+evaluation's length), 64 per step (32,768 tokens, 305 steps), AdamW lr 3e-4 with 5% warmup and cosine decay,
+distillation alpha 0.5 (``attnzoo uptrain``'s default): 2 minutes a row at most on an H100 (``attnzoo uptrain``
+measured 185k tokens/s there with distillation at 65k tokens a step, benchmarks/results/uptrain_throughput-h100.md;
+the time box assumes 100k until a row has measured it).
 
 On the CPU, end to end on the built-in model in about a minute (what ``tests/test_quality_uptrain_rows.py`` runs):
 
@@ -354,7 +356,7 @@ def main(argv=None) -> int:
     ap.add_argument("--transfer-tokens", type=int, default=2_000_000, help="attention-transfer tokens of a linear "
                     "row (%(default)s)")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--lr", type=float, default=3e-4, help="full-weight distillation (%(default)s)")
     ap.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA distillation of linear rows (%(default)s)")
