@@ -70,7 +70,7 @@ from attnzoo.uptrain import UptrainOptions, uptrain  # noqa: E402
 from attnzoo.uptrain.options import flag  # noqa: E402
 
 #: the rows uptrained, most wanted first (keys of rows.training_free_rows)
-ORDER = ("mqa-pca", "sw127", "mla68-pca", "mla87-pca", "hedgehog-w64", "hedgehog", "linear-performer", "reformer",
+ORDER = ("mqa-pca", "sw127", "mla68-transmla", "mla87-transmla", "hedgehog-w64", "hedgehog", "linear-performer", "reformer",
          "sw-reformer")
 NAME = "quality_smollm2_uptrained"
 

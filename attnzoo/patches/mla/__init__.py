@@ -51,7 +51,7 @@ class MLA(MLAOptions, CalibrationOptions, PatchConfig):
 
     variant: ClassVar[str] = "mla"
 
-    method: str = option("pca", help="how the latent and rope keys are computed: " + METHOD_HELP)
+    method: str = option("transmla", help="how the latent and rope keys are computed: " + METHOD_HELP)
     anchor_tol: float = option(1e-6, help="deepseek_v3 export: relative error allowed on the latent by the anchor "
                                           "channel that keeps kv_a_layernorm harmless (|c|^2 / 2 beta^2)")
 

@@ -17,11 +17,12 @@ METHODS = {
     "transmla": ("pca", True, True, True, False),
     "mha2mla": ("norm", True, False, False, False),
 }
-METHOD_HELP = ("'pca' (default): on calibration data, rope keys by a complex PCA of the keys across KV heads per "
-               "frequency (RoRoPE; FreqFold when rope_dim < the rotary dims) weighted by the queries, then K/V norms "
-               "balanced and a joint activation PCA of [K_nope; V]; 'svd': no data (the same on the weights, a joint "
-               "SVD); 'transmla': TransMLA's recipe (the key PCA unweighted); 'mha2mla': MHA2MLA's recipe (partial "
-               "RoPE by q.k 2-norm contribution on calibration data, joint SVD of the weights); measured in "
+METHOD_HELP = ("'transmla' (default): TransMLA's recipe on calibration data: rope keys by a complex PCA of the keys "
+               "across KV heads per frequency (RoRoPE; FreqFold when rope_dim < the rotary dims), then K/V norms "
+               "balanced and a joint activation PCA of [K_nope; V]; 'pca': the same with the rope PCA weighted by "
+               "the queries (minimises the score error; better on the built-in model, worse on SmolLM2-135M); "
+               "'svd': no data (the same on the weights, a joint SVD); 'mha2mla': MHA2MLA's recipe (partial RoPE by "
+               "q.k 2-norm contribution on calibration data, joint SVD of the weights); measured in "
                "docs/mla-conversion.md")
 
 
