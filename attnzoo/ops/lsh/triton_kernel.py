@@ -345,30 +345,79 @@ def _keep(kpm: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return q.new_zeros(1, dtype=torch.int8) if kpm is None else kpm
 
 
-def _fwd_impl(q, k, v, q_perm, k_perm, kpm, chunk: int, causal: bool, self_mode: int, scale: float,
-              own_bias: float):
-    """``(out [b, h, n, dv], stats [2, b, h, n] float32)``: the rounds' chunk attention and their combination;
-    ``stats``: the combined log-sum-exp as ``(m, log l)`` (see :func:`_combine`)."""
-    from .chunked import SEPARATE
-
+def fwd_rounds(q, k, v, q_perm, k_perm, kpm, chunk: int, causal: bool, self_mode: int, scale: float):
+    """Stage 1 of the forward: each round's chunk attention, ``(o_r [b, h, r, n, dv], lse_r [b, h, r, n] float32)``
+    in original order (``kpm``: int8 ``[b, n]`` or None)."""
     b, h, n, _ = q.shape
     r = q_perm.shape[2]
     nc = _cdiv(n, chunk)
     meta = _meta(q, v, chunk, causal, self_mode, kpm is not None)
-    keep = _keep(kpm, q)
-    o_r = torch.empty(b, h, r, n, v.shape[3], device=q.device, dtype=q.dtype)  # per round, original order
+    o_r = torch.empty(b, h, r, n, v.shape[3], device=q.device, dtype=q.dtype)
     lse_r = torch.empty(b, h, r, n, device=q.device, dtype=torch.float32)
-    st = _strides(q, k, v)
-    g = h // k.shape[1]
-    _fwd[(nc, b * h * r)](q, k, v, q_perm, k_perm, keep, o_r, lse_r, *st, n, nc, int(nc > 1), h, r, g,
-                          float(scale), SELF_SCORE, **meta)
-    out = torch.empty(b, h, n, v.shape[3], device=q.device, dtype=q.dtype)
+    _fwd[(nc, b * h * r)](q, k, v, q_perm, k_perm, _keep(kpm, q), o_r, lse_r, *_strides(q, k, v), n, nc, int(nc > 1),
+                          h, r, h // k.shape[1], float(scale), SELF_SCORE, **meta)
+    return o_r, lse_r
+
+
+def fwd_combine(o_r, lse_r, q, k, v, kpm, self_mode: int, scale: float, own_bias: float):
+    """Stage 2 of the forward: ``(out [b, h, n, dv], stats [2, b, h, n] float32)``, the rounds combined (and separate
+    QK's own key); ``stats``: the combined log-sum-exp as ``(m, log l)`` (see :func:`_combine`)."""
+    from .chunked import SEPARATE
+
+    b, h, r, n, dv = o_r.shape
+    out = torch.empty(b, h, n, dv, device=q.device, dtype=q.dtype)
     stats = torch.empty(2, b, h, n, device=q.device, dtype=torch.float32)
-    _combine[(_cdiv(n, _ROWS), b * h)](o_r, lse_r, out, stats, q, k, v, keep, *st, n, h, r, g, float(scale),
-                                       float(own_bias), b * h * n, BM=_ROWS, D=meta["D"], BD=meta["BD"], DV=meta["DV"],
-                                       BDV=meta["BDV"], OWN=self_mode == SEPARATE, HAS_KEEP=kpm is not None,
-                                       num_warps=4)
+    _combine[(_cdiv(n, _ROWS), b * h)](o_r, lse_r, out, stats, q, k, v, _keep(kpm, q), *_strides(q, k, v), n, h, r,
+                                       h // k.shape[1], float(scale), float(own_bias), b * h * n, BM=_ROWS,
+                                       D=q.shape[3], BD=_pow2(q.shape[3]), DV=dv, BDV=_pow2(dv),
+                                       OWN=self_mode == SEPARATE, HAS_KEEP=kpm is not None, num_warps=4)
     return out, stats
+
+
+def _fwd_impl(q, k, v, q_perm, k_perm, kpm, chunk: int, causal: bool, self_mode: int, scale: float,
+              own_bias: float):
+    """``(out, stats)``: :func:`fwd_rounds` then :func:`fwd_combine`."""
+    o_r, lse_r = fwd_rounds(q, k, v, q_perm, k_perm, kpm, chunk, causal, self_mode, scale)
+    return fwd_combine(o_r, lse_r, q, k, v, kpm, self_mode, scale, own_bias)
+
+
+def bwd_delta(g, out):
+    """Stage 1 of the backward: ``D = rowsum(dO * out)`` float32 ``[b, h, n]`` (``g`` contiguous)."""
+    b, h, n, dv = out.shape
+    delta = torch.empty(b, h, n, device=out.device, dtype=torch.float32)
+    _bwd_prep[(_cdiv(n, _ROWS), b * h)](g, out, delta, n, BM=_ROWS, DV=dv, BDV=_pow2(dv), num_warps=4)
+    return delta
+
+
+def bwd_rounds(q, k, v, q_perm, k_perm, kpm, stats, g, delta, chunk: int, causal: bool, self_mode: int,
+               scale: float):
+    """Stage 2 of the backward: each round's dQ, dK, dV (``[b, h, r, n, d]``, per query head, original order)."""
+    b, h, n, _ = q.shape
+    r = q_perm.shape[2]
+    nc = _cdiv(n, chunk)
+    meta = _meta(q, v, chunk, causal, self_mode, kpm is not None)
+    meta["num_warps"] = 8 if meta["BLOCK"] >= 64 else 4
+    dq_r = torch.empty(b, h, r, n, q.shape[3], device=q.device, dtype=q.dtype)
+    dk_r = torch.empty(b, h, r, n, k.shape[3], device=q.device, dtype=k.dtype)
+    dv_r = torch.empty(b, h, r, n, v.shape[3], device=q.device, dtype=v.dtype)
+    _bwd[(nc, b * h * r)](q, k, v, q_perm, k_perm, _keep(kpm, q), g, stats, delta, dq_r, dk_r, dv_r,
+                          *_strides(q, k, v), n, nc, int(nc > 1), h, r, h // k.shape[1], float(scale), SELF_SCORE,
+                          b * h * n, **meta)
+    return dq_r, dk_r, dv_r
+
+
+def bwd_sum(parts, kv_heads: int):
+    """Stage 3 of the backward: ``(dq, dk, dv)``, the partials summed over the rounds (and the query heads of a KV
+    head for dK/dV)."""
+    dq_r = parts[0]
+    b, h, r, n, _ = dq_r.shape
+    grads = []
+    for part, heads in zip(parts, (h, kv_heads, kv_heads)):
+        out = torch.empty(b, heads, n, part.shape[4], device=part.device, dtype=part.dtype)
+        _finish[(_cdiv(n, _ROWS), b * heads)](part, out, n, h, r, h // heads, BM=_ROWS, D=part.shape[4],
+                                               BD=_pow2(part.shape[4]), num_warps=4)
+        grads.append(out)
+    return grads
 
 
 def _own_grads(q, k, v, kpm, stats, delta, g, scale, own_bias):
@@ -393,30 +442,14 @@ def _own_grads(q, k, v, kpm, stats, delta, g, scale, own_bias):
 
 def _bwd_impl(q, k, v, q_perm, k_perm, kpm, out, stats, g, chunk: int, causal: bool, self_mode: int, scale: float,
               own_bias: float):
-    """``(dq, dk, dv)`` from ``dO = g`` (see the module docstring: only the combined ``out`` and ``stats``)."""
+    """``(dq, dk, dv)`` from ``dO = g`` (see the module docstring: only the combined ``out`` and ``stats``):
+    :func:`bwd_delta`, :func:`bwd_rounds`, :func:`bwd_sum` (and separate QK's own key, elementwise)."""
     from .chunked import SEPARATE
 
-    b, h, n, _ = q.shape
-    hk = k.shape[1]
-    r = q_perm.shape[2]
-    nc = _cdiv(n, chunk)
-    meta = _meta(q, v, chunk, causal, self_mode, kpm is not None)
-    keep = _keep(kpm, q)
     g = g.contiguous()
-    delta = torch.empty(b, h, n, device=q.device, dtype=torch.float32)
-    _bwd_prep[(_cdiv(n, _ROWS), b * h)](g, out, delta, n, BM=_ROWS, DV=meta["DV"], BDV=meta["BDV"], num_warps=4)
-    dq_r = torch.empty(b, h, r, n, q.shape[3], device=q.device, dtype=q.dtype)
-    dk_r = torch.empty(b, h, r, n, k.shape[3], device=q.device, dtype=k.dtype)
-    dv_r = torch.empty(b, h, r, n, v.shape[3], device=q.device, dtype=v.dtype)
-    bwd_meta = dict(meta, num_warps=8 if meta["BLOCK"] >= 64 else 4)
-    _bwd[(nc, b * h * r)](q, k, v, q_perm, k_perm, keep, g, stats, delta, dq_r, dk_r, dv_r, *_strides(q, k, v), n,
-                          nc, int(nc > 1), h, r, h // hk, float(scale), SELF_SCORE, b * h * n, **bwd_meta)
-    grads = []
-    for part, heads, group in ((dq_r, h, 1), (dk_r, hk, h // hk), (dv_r, hk, h // hk)):
-        out_g = torch.empty(b, heads, n, part.shape[4], device=q.device, dtype=part.dtype)
-        _finish[(_cdiv(n, _ROWS), b * heads)](part, out_g, n, h, r, group, BM=_ROWS, D=part.shape[4],
-                                               BD=_pow2(part.shape[4]), num_warps=4)
-        grads.append(out_g)
+    delta = bwd_delta(g, out)
+    parts = bwd_rounds(q, k, v, q_perm, k_perm, kpm, stats, g, delta, chunk, causal, self_mode, scale)
+    grads = bwd_sum(parts, k.shape[1])
     if self_mode == SEPARATE:
         own = _own_grads(q, k, v, kpm, stats, delta, g, scale, own_bias)
         grads = [(a.float() + o).to(a.dtype) for a, o in zip(grads, own)]
