@@ -228,14 +228,15 @@ def test_the_fused_log_sum_exp_is_the_combined_softmax_s():
 @needs_triton
 def test_the_fused_op_compiles_in_one_graph():
     """``torch.compile(fullgraph=True)`` (aot_eager: the fake implementations and the registered autograd) over
-    the sort and the custom ops, forward and backward."""
+    the fused hash, the sort and the fused op (custom ops), forward and backward."""
     w, q, k, v, qb, kb = _projected(True, b=1, n=17, h=1)
 
-    def f(q, v, qb):
+    def f(q, v):
+        qb = hash_vectors(q.detach(), 2, 4, seed=0, backend="triton")
         return lsh_attention(q, shared_keys(q), v, qb, None, bucket_size=8, causal=True, scale=1.0, backend="triton")
 
-    want = f(q, v, qb)
-    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, v, qb)
+    want = f(q, v)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, v)
     torch.testing.assert_close(got, want)
     grads = [torch.autograd.grad(t.sum(), w, retain_graph=True)[0] for t in (got, want)]
     torch.testing.assert_close(*grads)

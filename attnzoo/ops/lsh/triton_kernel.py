@@ -524,18 +524,27 @@ def _register_ops() -> None:
     _OPS["fwd"].register_fake(_fwd_fake)
     _OPS["bwd"].register_fake(_bwd_fake)
     torch.library.register_autograd("attnzoo::lsh_fwd", _op_backward, setup_context=_setup_context)
+    _OPS["hash"] = torch.library.custom_op("attnzoo::lsh_hash", _hash_impl, mutates_args=())
+    _OPS["hash"].register_fake(lambda x, rot: x.new_empty((*x.shape[:2], rot.shape[2], x.shape[2]),
+                                                          dtype=torch.int64))
 
-
-_register_ops()
 
 
 def hash_buckets(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """``argmax([x R; -x R])`` of ``x [b, h, n, d]`` (any strides with a contiguous last dim) and rotations
     ``rot [h, d, rounds, nb / 2]`` fused (one pass over ``x``, the projection never written): int64
-    ``[b, h, rounds, n]``, as :func:`attnzoo.ops.lsh.hashing.hash_vectors`."""
+    ``[b, h, rounds, n]``, as :func:`attnzoo.ops.lsh.hashing.hash_vectors`. Inside ``torch.compile``: the custom
+    op ``attnzoo::lsh_hash``."""
     why = available(x.device.type)
     if why is not None:
         raise RuntimeError(f"the LSH Triton kernel cannot run: {why}")
+    if torch.compiler.is_compiling() and "hash" in _OPS:
+        return torch.ops.attnzoo.lsh_hash(x, rot)
+    return _hash_impl(x, rot)
+
+
+def _hash_impl(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """``attnzoo::lsh_hash``: the fused hash kernel's launch."""
     b, h, n, d = x.shape
     rounds, nb2 = rot.shape[2], rot.shape[3]
     x = _rowwise(x)
@@ -579,3 +588,6 @@ def lsh_fused_attention(q, k, v, q_perm, k_perm, key_padding_mask, *, chunk: int
     if not return_lse:
         return out
     return out, (stats[0] + stats[1]).nan_to_num(nan=float("-inf"), posinf=float("-inf"))
+
+
+_register_ops()
