@@ -205,7 +205,8 @@ def stages(o: Options, n: int, steps: int = 30) -> list[Row]:
         mark(("fwd", "combine"))
         delta = tk.bwd_delta(dout, out)
         mark(("bwd", "delta"))
-        parts = tk.bwd_rounds(qd, kd, vd, perm, perm, None, stats, dout, delta, BUCKET, False, SHARED, 1.0)
+        parts = tk.bwd_rounds(qd, kd, vd, perm, perm, None, stats, dout, delta, BUCKET, False, SHARED, 1.0,
+                              math.log(HASHES))
         mark(("bwd", "kernel: rounds (bwd)"))
         grads = tk.bwd_sum(parts, NH)
         mark(("bwd", "sum over rounds"))

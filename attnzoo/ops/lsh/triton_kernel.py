@@ -18,7 +18,8 @@ load every row through them (pointer indirection: no sorted copies, no gathers, 
   rounds read. :func:`_bwd_prep` computes ``D``; :func:`_bwd` runs one program per (chunk, batch x head x round):
   dQ of query chunk ``c`` (key chunks ``c``, ``c - 1``) and dK/dV of key chunk ``c`` (query chunks ``c``,
   ``c + 1``), the diagonal block computed once for both; it writes per-round partial gradients in original order
-  (once each, no atomics), which :func:`_finish` sums over the rounds (and the query heads of a KV head).
+  (once each, no atomics; separate QK's own key in round 0's), which :func:`_finish` sums over the rounds (and the
+  query heads of a KV head).
 
 The chunk is one tile (``BLOCK``: the chunk rounded up to a power of two, at least 16). :func:`_hash` is the fused
 hash (one GEMM + argmax). Tested under Triton's interpreter on the CPU against the float64 reference
@@ -198,9 +199,9 @@ if triton is not None:
 
     @triton.jit
     def _bwd(Q, K, V, QPERM, KPERM, KPM, GO, STATS, DELTA, DQ, DK, DV_, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-             n, nc, two, H, R, G, scale, self_score, bhn, C: tl.constexpr, BLOCK: tl.constexpr, D: tl.constexpr,
-             BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr, SELF: tl.constexpr,
-             HAS_KEEP: tl.constexpr):
+             n, nc, two, H, R, G, scale, self_score, bhn, own_bias, C: tl.constexpr, BLOCK: tl.constexpr,
+             D: tl.constexpr, BD: tl.constexpr, DV: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
+             SELF: tl.constexpr, HAS_KEEP: tl.constexpr):
         c = tl.program_id(0)
         z = tl.program_id(1).to(tl.int64)
         bh = z // R
@@ -250,6 +251,29 @@ if triton is not None:
                              SELF, HAS_KEEP)
         dv += tl.dot(tl.trans(p3).to(g3.dtype), g3)
         dk += tl.dot(tl.trans(ds3).to(q3.dtype), q3)
+        if SELF == 2:  # separate QK's own key (score q.k scale + own_bias), once: in the partials of round 0
+            first = (tl.zeros([BLOCK], tl.int64) + z % R) == 0
+            om = rmask & first  # the queries of chunk c and their own keys
+            ko = _load_rows(K, kbase, qp, om, skn, od, D).to(tl.float32)
+            vo = _load_rows(V, vbase, qp, om, svn, odv, DV).to(tl.float32)
+            so = tl.sum(q.to(tl.float32) * ko, 1) * scale + own_bias
+            if HAS_KEEP:
+                so = tl.where(tl.load(KPM + bb * n + qp, mask=om, other=0) != 0, so, float("-inf"))
+            po = tl.where(om, tl.exp((so - mx) - logl), 0.0)
+            dq += (po * (tl.sum(g.to(tl.float32) * vo, 1) - delta))[:, None] * ko
+            km = cmask & first  # the keys of chunk c and their own queries
+            qo = _load_rows(Q, qbase, kp, km, sqn, od, D).to(tl.float32)
+            go = tl.load(GO + bh * n * DV + kp[:, None] * DV + odv[None, :], mask=km[:, None] & (odv[None, :] < DV),
+                         other=0.0).to(tl.float32)
+            mxo = tl.load(STATS + bh * n + kp, mask=km, other=0.0)
+            loglo = tl.load(STATS + bhn + bh * n + kp, mask=km, other=float("inf"))
+            deltao = tl.load(DELTA + bh * n + kp, mask=km, other=0.0)
+            sk = tl.sum(qo * k.to(tl.float32), 1) * scale + own_bias
+            if HAS_KEEP:
+                sk = tl.where(kk != 0, sk, float("-inf"))
+            pk = tl.where(km, tl.exp((sk - mxo) - loglo), 0.0)
+            dk += (pk * (tl.sum(go * v.to(tl.float32), 1) - deltao))[:, None] * qo
+            dv += pk[:, None] * go
         # per-round partials, in original order (each (round, position) written once)
         tl.store(DQ + z * n * D + qp[:, None] * D + od[None, :], (dq * scale).to(DQ.dtype.element_ty),
                  mask=rmask[:, None] & (od[None, :] < D))
@@ -390,8 +414,9 @@ def bwd_delta(g, out):
 
 
 def bwd_rounds(q, k, v, q_perm, k_perm, kpm, stats, g, delta, chunk: int, causal: bool, self_mode: int,
-               scale: float):
-    """Stage 2 of the backward: each round's dQ, dK, dV (``[b, h, r, n, d]``, per query head, original order)."""
+               scale: float, own_bias: float):
+    """Stage 2 of the backward: each round's dQ, dK, dV (``[b, h, r, n, d]``, per query head, original order;
+    separate QK's own key in round 0's)."""
     b, h, n, _ = q.shape
     r = q_perm.shape[2]
     nc = _cdiv(n, chunk)
@@ -402,7 +427,7 @@ def bwd_rounds(q, k, v, q_perm, k_perm, kpm, stats, g, delta, chunk: int, causal
     dv_r = torch.empty(b, h, r, n, v.shape[3], device=q.device, dtype=v.dtype)
     _bwd[(nc, b * h * r)](q, k, v, q_perm, k_perm, _keep(kpm, q), g, stats, delta, dq_r, dk_r, dv_r,
                           *_strides(q, k, v), n, nc, int(nc > 1), h, r, h // k.shape[1], float(scale), SELF_SCORE,
-                          b * h * n, **meta)
+                          b * h * n, float(own_bias), **meta)
     return dq_r, dk_r, dv_r
 
 
@@ -420,40 +445,14 @@ def bwd_sum(parts, kv_heads: int):
     return grads
 
 
-def _own_grads(q, k, v, kpm, stats, delta, g, scale, own_bias):
-    """Separate QK's own-key term (score ``q . k scale + own_bias``, value ``v``): its gradients (float32, ``q``'s
-    heads for dQ, the KV heads for dK/dV): elementwise per row."""
-    b, h, n, d = q.shape
-    hk = k.shape[1]
-    qf = q.float().unflatten(1, (hk, h // hk))
-    kf, vf = k.float()[:, :, None], v.float()[:, :, None]
-    gf = g.float().unflatten(1, (hk, h // hk))
-    s = (qf * kf).sum(-1) * scale + own_bias
-    if kpm is not None:
-        s = s.masked_fill(kpm[:, None, None, :] == 0, float("-inf"))
-    mx, logl = (t.unflatten(1, (hk, h // hk)) for t in stats)
-    p = torch.exp((s - mx) - logl)
-    ds = p * ((gf * vf).sum(-1) - delta.unflatten(1, (hk, h // hk)))
-    dq = (ds[..., None] * kf * scale).flatten(1, 2)
-    dk = (ds[..., None] * qf * scale).sum(2)
-    dv = (p[..., None] * gf).sum(2)
-    return dq, dk, dv
-
-
 def _bwd_impl(q, k, v, q_perm, k_perm, kpm, out, stats, g, chunk: int, causal: bool, self_mode: int, scale: float,
               own_bias: float):
     """``(dq, dk, dv)`` from ``dO = g`` (see the module docstring: only the combined ``out`` and ``stats``):
-    :func:`bwd_delta`, :func:`bwd_rounds`, :func:`bwd_sum` (and separate QK's own key, elementwise)."""
-    from .chunked import SEPARATE
-
+    :func:`bwd_delta`, :func:`bwd_rounds`, :func:`bwd_sum`."""
     g = g.contiguous()
     delta = bwd_delta(g, out)
-    parts = bwd_rounds(q, k, v, q_perm, k_perm, kpm, stats, g, delta, chunk, causal, self_mode, scale)
-    grads = bwd_sum(parts, k.shape[1])
-    if self_mode == SEPARATE:
-        own = _own_grads(q, k, v, kpm, stats, delta, g, scale, own_bias)
-        grads = [(a.float() + o).to(a.dtype) for a, o in zip(grads, own)]
-    return tuple(grads)
+    parts = bwd_rounds(q, k, v, q_perm, k_perm, kpm, stats, g, delta, chunk, causal, self_mode, scale, own_bias)
+    return tuple(bwd_sum(parts, k.shape[1]))
 
 
 class _LSHFused(torch.autograd.Function):
