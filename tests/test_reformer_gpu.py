@@ -126,6 +126,9 @@ def test_the_fused_hash_kernel_agrees_with_the_gemm_and_argmax(dtype):
     want = hash_vectors(x, 4, 256, seed=0, backend="torch")
     got = hash_vectors(x, 4, 256, seed=0)  # the default on CUDA: the fused kernel
     assert (got == want).float().mean().item() > 0.98  # near-ties fall either way (TF32 or bf16 dots)
+    e = torch.rand(1, 12, 16384, device="cuda")  # SMYRF's extra coordinate, beside x (float32 hashing)
+    want = hash_vectors(x, 4, 256, seed=0, backend="torch", extra=e)
+    assert (hash_vectors(x, 4, 256, seed=0, extra=e) == want).float().mean().item() > 0.98
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_qk", "separate_qk"])

@@ -125,10 +125,15 @@ def test_the_op_refuses_a_bad_call():
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (its interpreter on CPU)")
 def test_the_fused_hash_kernel_gives_the_buckets_of_the_gemm_and_argmax():
     x = torch.randn(2, 2, 70, 16)
+    e = torch.rand(2, 2, 70)
     for buckets in (4, 300):  # one column block, several (with a partial one)
-        want = hash_vectors(x, 3, buckets, seed=2, backend="torch")
-        got = hash_vectors(x, 3, buckets, seed=2, backend="triton")
-        assert (got == want).float().mean() > 0.995
+        for extra in (None, e):  # the vectors [x, extra] (SMYRF's transforms) without building them
+            want = hash_vectors(x, 3, buckets, seed=2, backend="torch", extra=extra)
+            got = hash_vectors(x, 3, buckets, seed=2, backend="triton", extra=extra)
+            assert (got == want).float().mean() > 0.995
+    kx = x.transpose(1, 2).contiguous().transpose(1, 2)  # strided: read in place
+    want = hash_vectors(torch.cat([x, e[..., None]], -1), 3, 300, seed=2, backend="torch")
+    assert (hash_vectors(kx, 3, 300, seed=2, backend="triton", extra=e) == want).float().mean() > 0.995
 
 
 # ---------------------------------------------------------------------------- the fused path (Triton, interpreted)

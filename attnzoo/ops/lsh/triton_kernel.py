@@ -301,10 +301,11 @@ if triton is not None:
         tl.store(OUT + bj * n * D + rows[:, None] * D + od[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _hash(X, ROT, OUT, sxb, sxh, sxn, n, H, NB2, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
-              BN: tl.constexpr, ROUNDS: tl.constexpr):
+    def _hash(X, E, ROT, OUT, sxb, sxh, sxn, n, H, NB2, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, ROUNDS: tl.constexpr, EXTRA: tl.constexpr):
         """Buckets of one block of rows for every round: ``argmax([x R; -x R])`` as a running max and min over
-        column blocks of ``x R`` (the projection is never written)."""
+        column blocks of ``x R`` (the projection is never written). ``EXTRA``: the vectors are ``[x, e]``
+        (``E [b, h, n]``; ``ROT`` has ``D + 1`` rows, the last one for ``e``)."""
         pid = tl.program_id(0)
         zh = tl.program_id(1).to(tl.int64)
         h = zh % H
@@ -312,7 +313,10 @@ if triton is not None:
         rmask = rows < n
         od = tl.arange(0, BD)
         x = tl.load(X + (zh // H) * sxb + h * sxh + rows[:, None] * sxn + od[None, :],
-                    mask=rmask[:, None] & (od[None, :] < D), other=0.0)
+                    mask=rmask[:, None] & (od[None, :] < D), other=0.0).to(ROT.dtype.element_ty)
+        DR: tl.constexpr = D + EXTRA  # rows of the rotations
+        if EXTRA:
+            e = tl.load(E + zh * n + rows, mask=rmask, other=0.0)
         for r in range(ROUNDS):
             best = tl.full([BM], float("-inf"), tl.float32)
             worst = tl.full([BM], float("inf"), tl.float32)
@@ -321,9 +325,13 @@ if triton is not None:
             for c0 in range(0, NB2, BN):
                 cols = c0 + tl.arange(0, BN)
                 cmask = cols < NB2
-                w = tl.load(ROT + h * D * ROUNDS * NB2 + od[:, None] * ROUNDS * NB2 + r * NB2 + cols[None, :],
+                w = tl.load(ROT + h * DR * ROUNDS * NB2 + od[:, None] * ROUNDS * NB2 + r * NB2 + cols[None, :],
                             mask=(od[:, None] < D) & cmask[None, :], other=0.0)
                 p = tl.dot(x, w)
+                if EXTRA:
+                    w_e = tl.load(ROT + h * DR * ROUNDS * NB2 + D * ROUNDS * NB2 + r * NB2 + cols, mask=cmask,
+                                  other=0.0)
+                    p += e[:, None] * w_e[None, :]
                 hi = tl.where(cmask[None, :], p, float("-inf"))
                 lo = tl.where(cmask[None, :], p, float("inf"))
                 bm, bi = tl.max(hi, 1, return_indices=True)
@@ -524,34 +532,37 @@ def _register_ops() -> None:
     _OPS["bwd"].register_fake(_bwd_fake)
     torch.library.register_autograd("attnzoo::lsh_fwd", _op_backward, setup_context=_setup_context)
     _OPS["hash"] = torch.library.custom_op("attnzoo::lsh_hash", _hash_impl, mutates_args=())
-    _OPS["hash"].register_fake(lambda x, rot: x.new_empty((*x.shape[:2], rot.shape[2], x.shape[2]),
-                                                          dtype=torch.int64))
+    _OPS["hash"].register_fake(lambda x, rot, extra: x.new_empty((*x.shape[:2], rot.shape[2], x.shape[2]),
+                                                                 dtype=torch.int64))
 
 
 
-def hash_buckets(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """``argmax([x R; -x R])`` of ``x [b, h, n, d]`` (any strides with a contiguous last dim) and rotations
-    ``rot [h, d, rounds, nb / 2]`` fused (one pass over ``x``, the projection never written): int64
-    ``[b, h, rounds, n]``, as :func:`attnzoo.ops.lsh.hashing.hash_vectors`. Inside ``torch.compile``: the custom
-    op ``attnzoo::lsh_hash``."""
+def hash_buckets(x: torch.Tensor, rot: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """``argmax([x R; -x R])`` of ``x [b, h, n, d]`` (any strides with a contiguous last dim, any float dtype: cast
+    to the rotations' in the kernel) and rotations ``rot [h, d, rounds, nb / 2]`` fused (one pass over ``x``, the
+    projection never written): int64 ``[b, h, rounds, n]``, as :func:`attnzoo.ops.lsh.hashing.hash_vectors`.
+    ``extra [b, h, n]``: the vectors are ``[x, extra]`` (``rot`` then has ``d + 1`` rows). Inside
+    ``torch.compile``: the custom op ``attnzoo::lsh_hash``."""
     why = available(x.device.type)
     if why is not None:
         raise RuntimeError(f"the LSH Triton kernel cannot run: {why}")
     if torch.compiler.is_compiling() and "hash" in _OPS:
-        return torch.ops.attnzoo.lsh_hash(x, rot)
-    return _hash_impl(x, rot)
+        return torch.ops.attnzoo.lsh_hash(x, rot, extra)
+    return _hash_impl(x, rot, extra)
 
 
-def _hash_impl(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+def _hash_impl(x: torch.Tensor, rot: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
     """``attnzoo::lsh_hash``: the fused hash kernel's launch."""
     b, h, n, d = x.shape
     rounds, nb2 = rot.shape[2], rot.shape[3]
     x = _rowwise(x)
-    rot = rot.to(x.dtype).contiguous()
+    rot = rot.contiguous()
+    e = extra.to(rot.dtype).contiguous() if extra is not None else rot
     out = torch.empty(b, h, rounds, n, device=x.device, dtype=torch.int64)
     bm = 64
-    _hash[(_cdiv(n, bm), b * h)](x, rot, out, x.stride(0), x.stride(1), x.stride(2), n, h, nb2, D=d, BD=_pow2(d),
-                                 BM=bm, BN=min(128, _pow2(nb2)), ROUNDS=rounds, num_warps=4)
+    _hash[(_cdiv(n, bm), b * h)](x, e, rot, out, x.stride(0), x.stride(1), x.stride(2), n, h, nb2, D=d,
+                                 BD=_pow2(d), BM=bm, BN=min(128, _pow2(nb2)), ROUNDS=rounds,
+                                 EXTRA=extra is not None, num_warps=4)
     return out
 
 
