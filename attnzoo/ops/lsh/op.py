@@ -95,8 +95,11 @@ def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: 
     r = q_buckets.shape[2]
     shared = k_buckets is None
     if _backend(q, backend) == "triton":  # the sort here, everything past it in the fused kernels
-        q_perm = _perm(padded_last(q_buckets, key_padding_mask))
-        k_perm = q_perm if shared else _perm(padded_last(_expand_heads(k_buckets, h), key_padding_mask))
+        if shared:
+            q_perm = k_perm = _perm(padded_last(q_buckets, key_padding_mask))
+        else:  # one sort for both
+            q_perm, k_perm = _perm(torch.stack([padded_last(q_buckets, key_padding_mask),
+                                                padded_last(_expand_heads(k_buckets, h), key_padding_mask)]))
         return triton_kernel.lsh_fused_attention(q, k, v, q_perm, k_perm, key_padding_mask, chunk=bucket_size,
                                                  causal=causal, self_mode=SHARED if shared else SEPARATE,
                                                  scale=scale)
