@@ -314,7 +314,6 @@ if triton is not None:
         od = tl.arange(0, BD)
         x = tl.load(X + (zh // H) * sxb + h * sxh + rows[:, None] * sxn + od[None, :],
                     mask=rmask[:, None] & (od[None, :] < D), other=0.0).to(ROT.dtype.element_ty)
-        DR: tl.constexpr = D + EXTRA  # rows of the rotations
         if EXTRA:
             e = tl.load(E + zh * n + rows, mask=rmask, other=0.0)
         for r in range(ROUNDS):
@@ -325,12 +324,12 @@ if triton is not None:
             for c0 in range(0, NB2, BN):
                 cols = c0 + tl.arange(0, BN)
                 cmask = cols < NB2
-                w = tl.load(ROT + h * DR * ROUNDS * NB2 + od[:, None] * ROUNDS * NB2 + r * NB2 + cols[None, :],
-                            mask=(od[:, None] < D) & cmask[None, :], other=0.0)
+                rot = ROT + h * (D + EXTRA) * ROUNDS * NB2 + r * NB2  # rows of D (+ 1) x (ROUNDS x NB2)
+                w = tl.load(rot + od[:, None] * ROUNDS * NB2 + cols[None, :], mask=(od[:, None] < D) & cmask[None, :],
+                            other=0.0)
                 p = tl.dot(x, w)
                 if EXTRA:
-                    w_e = tl.load(ROT + h * DR * ROUNDS * NB2 + D * ROUNDS * NB2 + r * NB2 + cols, mask=cmask,
-                                  other=0.0)
+                    w_e = tl.load(rot + D * ROUNDS * NB2 + cols, mask=cmask, other=0.0)
                     p += e[:, None] * w_e[None, :]
                 hi = tl.where(cmask[None, :], p, float("-inf"))
                 lo = tl.where(cmask[None, :], p, float("inf"))
@@ -562,7 +561,7 @@ def _hash_impl(x: torch.Tensor, rot: torch.Tensor, extra: torch.Tensor | None) -
     bm = 64
     _hash[(_cdiv(n, bm), b * h)](x, e, rot, out, x.stride(0), x.stride(1), x.stride(2), n, h, nb2, D=d,
                                  BD=_pow2(d), BM=bm, BN=min(128, _pow2(nb2)), ROUNDS=rounds,
-                                 EXTRA=extra is not None, num_warps=4)
+                                 EXTRA=int(extra is not None), num_warps=4)
     return out
 
 
