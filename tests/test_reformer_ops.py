@@ -245,3 +245,19 @@ def test_the_fused_op_compiles_in_one_graph():
     torch.testing.assert_close(got, want)
     grads = [torch.autograd.grad(t.sum(), w, retain_graph=True)[0] for t in (got, want)]
     torch.testing.assert_close(*grads)
+
+
+@needs_triton
+def test_the_fused_step_runs_no_gather_scatter_or_batched_matmul():
+    """The design's promise, checked on the host's op list: a shared-QK forward+backward through the fused path
+    (hash, sort, kernels) calls no gather, scatter, index or batched matmul (what the rows through the permutation
+    and the elementwise combination replace)."""
+    w, q, k, v, qb, kb = _projected(True, b=1, n=20, h=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        qb = hash_vectors(q.detach(), 2, 4, seed=0, backend="triton")
+        out = lsh_attention(q, shared_keys(q), v, qb, None, bucket_size=8, scale=1.0, backend="triton")
+        out.sum().backward()
+    names = {e.name for e in prof.events()}
+    banned = {n for n in names if any(b in n for b in ("gather", "scatter", "index", "bmm", "einsum", "matmul"))}
+    assert not banned, banned
+    assert "aten::sort" in names

@@ -16,8 +16,8 @@ Shapes follow the peers (``peers_bench.py`` group ``reformer``): hidden 768, 12 
 On CUDA the ``lsh`` section also says where the time goes (group ``lsh-stages``): the shared-QK forward+backward
 step run stage by stage (projection + shared keys, hash, sort, the rounds' kernel, combine; delta, the rounds'
 backward kernel, the sum over rounds, the projection's backward) between CUDA events, each stage's median over 30
-steps, its share of their sum, and for the kernels an estimate of the bytes they must move (:func:`stage_bytes`)
-with the bandwidth it implies.
+steps, its share of their sum, and for the fused stages an estimate of the bytes they must move
+(:func:`stage_bytes`: ``est_mb`` fewest-most) with the bandwidth the fewest imply (``gbps``).
 
 Sections: ``lsh`` (N=16384), ``scaling`` (N = 4k ... 128k: attnzoo shared QK vs dense cuDNN, the crossover). The
 summary checks the targets of issue 20: >= 5x faster than HF forward+backward at N=16384, and the length from
