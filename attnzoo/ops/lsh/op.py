@@ -1,5 +1,7 @@
-"""``lsh_attention``: Reformer's LSH attention given the buckets, fused (sort, gather, chunk attention with its
-log-sum-exp, unsort, rounds combined), and :func:`lsh_decode` for the last rows of a sequence (decoding)."""
+"""``lsh_attention``: Reformer's LSH attention given the buckets (sort, then the chunk attention with its
+log-sum-exp and the rounds combined: fused kernels reading the rows through the sort permutation on the ``triton``
+backend, gathers and a gather back on the ``torch`` one), and :func:`lsh_decode` for the last rows of a sequence
+(decoding)."""
 from __future__ import annotations
 
 import math
