@@ -136,7 +136,7 @@ if triton is not None:
         bh = tl.program_id(1).to(tl.int64)
         bb = bh // H
         hk = (bh % H) // G
-        rows = pid * BM + tl.arange(0, BM)
+        rows = (pid * BM + tl.arange(0, BM)).to(tl.int64)  # times the strides of q, k, v
         rmask = rows < n
         odv = tl.arange(0, BDV)
         m = tl.full([BM], float("-inf"), tl.float32)
@@ -309,7 +309,7 @@ if triton is not None:
         pid = tl.program_id(0)
         zh = tl.program_id(1).to(tl.int64)
         h = zh % H
-        rows = pid * BM + tl.arange(0, BM)
+        rows = (pid * BM + tl.arange(0, BM)).to(tl.int64)
         rmask = rows < n
         od = tl.arange(0, BD)
         x = tl.load(X + (zh // H) * sxb + h * sxh + rows[:, None] * sxn + od[None, :],
