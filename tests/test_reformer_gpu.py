@@ -126,3 +126,73 @@ def test_the_fused_hash_kernel_agrees_with_the_gemm_and_argmax(dtype):
     want = hash_vectors(x, 4, 256, seed=0, backend="torch")
     got = hash_vectors(x, 4, 256, seed=0)  # the default on CUDA: the fused kernel
     assert (got == want).float().mean().item() > 0.98  # near-ties fall either way (TF32 or bf16 dots)
+    e = torch.rand(1, 12, 16384, device="cuda")  # SMYRF's extra coordinate, beside x (float32 hashing)
+    want = hash_vectors(x, 4, 256, seed=0, backend="torch", extra=e)
+    assert (hash_vectors(x, 4, 256, seed=0, extra=e) == want).float().mean().item() > 0.98
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_qk", "separate_qk"])
+def test_the_benchmark_shape_matches_float64(shared):
+    """The bench's shape (N=16384, 12 heads, d 64, 4 rounds, chunks of 64, bf16) on strided views of one
+    projection (what the kernels read in place), 4 query heads per KV head for separate QK: forward and gradients
+    against the torch backend in float64."""
+    n, h = 16384, 12
+    hk = h if shared else 3
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(1, n, (h + 2 * hk) * 64, device="cuda", generator=g).to(torch.bfloat16)
+    nb = 256
+
+    def run(backend, dtype):
+        ww = w.detach().to(dtype).requires_grad_()
+        q, k, v = (t.unflatten(-1, (-1, 64)).transpose(1, 2) for t in ww.split([h * 64, hk * 64, hk * 64], -1))
+        if shared:
+            qb, kb = hash_vectors(q.detach().float(), 4, nb, 0), None
+            k = shared_keys(q)
+        else:
+            qb = hash_queries(q.detach().float(), 4, nb, 0)
+            kb = hash_keys(k.detach().float(), 4, nb, 0, causal=True)
+        out = lsh_attention(q, k, v, qb, kb, bucket_size=64, causal=not shared, scale=1.0 if shared else None,
+                            backend=backend)
+        go = torch.randn(out.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+        return out, torch.autograd.grad(out, ww, go.to(out.dtype))[0]
+
+    out, grad = run("triton", torch.bfloat16)
+    ref, rgrad = run("torch", torch.float64)
+    assert _rel(out, ref) < TOL[torch.bfloat16]
+    assert _rel(grad, rgrad) < 3 * TOL[torch.bfloat16]
+
+
+def test_a_compiled_training_step_equals_eager_and_replays_from_a_cuda_graph():
+    """torch.compile(fullgraph=True) over the hash, the sort and the fused op (the custom ops ``attnzoo::lsh_hash``,
+    ``lsh_fwd``, ``lsh_bwd``), forward and backward, equal to eager; then the eager forward+backward captured in a
+    CUDA graph."""
+    q, k, v, qb, kb = _case(torch.bfloat16, False, 2048)
+
+    def f(q, k, v):
+        qb = hash_queries(q.detach(), 4, 32, 0)
+        kb = hash_keys(k.detach(), 4, 32, 0, causal=True)
+        return lsh_attention(q, k, v, qb, kb, bucket_size=64, causal=True)
+
+    want = f(q, k, v)
+    gw = torch.autograd.grad(want.float().sum(), (q, k, v))
+    got = torch.compile(f, fullgraph=True)(q, k, v)
+    gg = torch.autograd.grad(got.float().sum(), (q, k, v))
+    assert _rel(got, want) < 1e-2
+    for a, b in zip(gg, gw):
+        assert _rel(a, b) < 1e-2
+
+    def step():
+        return torch.autograd.grad(f(q, k, v).float().sum(), (q, k, v))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grads = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(grads, gw):
+        assert _rel(a, b) < 1e-6

@@ -1,6 +1,7 @@
 """The LSH op (attnzoo/ops/lsh): both backends against the float64 reference, forward and backward (the Triton
 kernels under Triton's interpreter on CPU), shared and separate QK, causal and not, odd lengths, padding; decode rows;
 hashing."""
+import math
 import os
 import sys
 
@@ -124,7 +125,139 @@ def test_the_op_refuses_a_bad_call():
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (its interpreter on CPU)")
 def test_the_fused_hash_kernel_gives_the_buckets_of_the_gemm_and_argmax():
     x = torch.randn(2, 2, 70, 16)
+    e = torch.rand(2, 2, 70)
     for buckets in (4, 300):  # one column block, several (with a partial one)
-        want = hash_vectors(x, 3, buckets, seed=2, backend="torch")
-        got = hash_vectors(x, 3, buckets, seed=2, backend="triton")
-        assert (got == want).float().mean() > 0.995
+        for extra in (None, e):  # the vectors [x, extra] (SMYRF's transforms) without building them
+            want = hash_vectors(x, 3, buckets, seed=2, backend="torch", extra=extra)
+            got = hash_vectors(x, 3, buckets, seed=2, backend="triton", extra=extra)
+            assert (got == want).float().mean() > 0.995
+    kx = x.transpose(1, 2).contiguous().transpose(1, 2)  # strided: read in place
+    want = hash_vectors(torch.cat([x, e[..., None]], -1), 3, 300, seed=2, backend="torch")
+    assert (hash_vectors(kx, 3, 300, seed=2, backend="triton", extra=e) == want).float().mean() > 0.995
+
+
+# ---------------------------------------------------------------------------- the fused path (Triton, interpreted)
+needs_triton = pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (its interpreter on CPU)")
+
+
+def _projected(shared, b=2, n=23, h=2, hk=1, d=8, rounds=2, buckets=4, seed=3):
+    """q, k, v as the modules make them: non-contiguous views of one projection (the kernels read them in place),
+    grouped KV heads for separate QK."""
+    g = torch.Generator().manual_seed(seed)
+    hk = h if shared else hk
+    w = torch.randn(b, n, (h + 2 * hk) * d, generator=g, requires_grad=True)
+    q, k, v = w.split([h * d, hk * d, hk * d], dim=-1)
+    q, k, v = (t.unflatten(-1, (-1, d)).transpose(1, 2) for t in (q, k, v))
+    assert not q.is_contiguous()
+    qb = torch.randint(0, buckets, (b, h, rounds, n), generator=g)
+    kb = None if shared else torch.randint(0, buckets, (b, hk, rounds, n), generator=g)
+    return w, q, k, v, qb, kb
+
+
+@needs_triton
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_qk", "separate_qk"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_fused_path_on_strided_grouped_padded_inputs(shared, causal):
+    """Batch 2 with other padding per row (the first token padded in one: causal rows that read nothing), 2 query
+    heads on 1 KV head, chunks of 6 (not a power of two: a masked tile), inputs that are strided views of one
+    projection: forward and the gradient of the projection against float64."""
+    w, q, k, v, qb, kb = _projected(shared)
+    kpm = torch.ones(2, 23, dtype=torch.bool)
+    kpm[0, 19:] = False
+    kpm[1, 0] = False
+    kpm[1, 9] = False
+    scale = 1.0 if shared else None
+    keys = shared_keys(q) if shared else k
+    out = lsh_attention(q, keys, v, qb, kb, bucket_size=6, causal=causal, key_padding_mask=kpm, scale=scale,
+                        backend="triton")
+    ref = lsh_attention_reference(q, keys, v, qb, kb, bucket_size=6, causal=causal, key_padding_mask=kpm,
+                                  scale=scale)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, w, go, retain_graph=True)  # the keys' graph is shared with ref's
+    (want,) = torch.autograd.grad(ref, w, go.double())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("shared", [False], ids=["separate_qk"])  # shared QK: the compile test below
+def test_the_custom_ops_route_equals_the_autograd_function(shared):
+    """``attnzoo::lsh_fwd``/``lsh_bwd`` (what torch.compile traces) give the Function's output, log-sum-exp and
+    gradients; their fake implementations give the real shapes, dtypes and strides."""
+    from attnzoo.ops.lsh.chunked import SEPARATE, SHARED
+    from attnzoo.ops.lsh.op import _perm
+
+    w, q, k, v, qb, kb = _projected(shared, b=1, n=19)
+    keys = shared_keys(q) if shared else k
+    qp = _perm(qb)
+    kp = qp if shared else _perm(kb.repeat_interleave(2, dim=1))
+    kpm = torch.ones(1, 19, dtype=torch.bool)
+    kpm[0, 4] = False
+    args = (q, keys, v, qp, kp, kpm)
+    kw = dict(chunk=8, causal=True, self_mode=SHARED if shared else SEPARATE, scale=0.5, return_lse=True)
+    results = []
+    for compiled in (False, True):
+        out, lse = triton_kernel.lsh_fused_attention(*args, compiled=compiled, **kw)
+        results.append((out, lse, torch.autograd.grad(out, w, torch.ones_like(out), retain_graph=True)[0]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = [mode.from_tensor(t.detach()) for t in (q, keys, v, qp, kp)]
+        fo, fs = torch.ops.attnzoo.lsh_fwd(*fake, mode.from_tensor(kpm.to(torch.int8)), 8, True, kw["self_mode"],
+                                           0.5, 0.0)
+    ro, rs = triton_kernel._fwd_op(*(t.detach() for t in (q, keys, v, qp, kp)), kpm.to(torch.int8), 8, True,
+                                   kw["self_mode"], 0.5, 0.0)
+    for f, r in ((fo, ro), (fs, rs)):
+        assert f.shape == r.shape and f.dtype == r.dtype and f.stride() == r.stride()
+
+
+@needs_triton
+def test_the_fused_log_sum_exp_is_the_combined_softmax_s():
+    """One bucket, separate QK, 2 rounds: every round reads every other key, and the own key counts as 2 copies,
+    so the combined log-sum-exp is ``logsumexp_j(s_ij) + log 2``."""
+    from attnzoo.ops.lsh.chunked import SEPARATE
+    from attnzoo.ops.lsh.op import _perm
+
+    q, k, v, qb, kb = _case(False, n=13, rounds=2, buckets=1)
+    qb, kb = torch.zeros_like(qb), torch.zeros_like(kb)
+    out, lse = triton_kernel.lsh_fused_attention(q, k, v, _perm(qb), _perm(kb), None, chunk=16, causal=False,
+                                                 self_mode=SEPARATE, scale=0.25, return_lse=True)
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.25
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1) + math.log(2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), torch.softmax(s, -1) @ v.double(), rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_the_fused_op_compiles_in_one_graph():
+    """``torch.compile(fullgraph=True)`` (aot_eager: the fake implementations and the registered autograd) over
+    the fused hash, the sort and the fused op (custom ops), forward and backward."""
+    w, q, k, v, qb, kb = _projected(True, b=1, n=17, h=1)
+
+    def f(q, v):
+        qb = hash_vectors(q.detach(), 2, 4, seed=0, backend="triton")
+        return lsh_attention(q, shared_keys(q), v, qb, None, bucket_size=8, causal=True, scale=1.0, backend="triton")
+
+    want = f(q, v)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(q, v)
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(t.sum(), w, retain_graph=True)[0] for t in (got, want)]
+    torch.testing.assert_close(*grads)
+
+
+@needs_triton
+def test_the_fused_step_runs_no_gather_scatter_or_batched_matmul():
+    """The design's promise, checked on the host's op list: a shared-QK forward+backward through the fused path
+    (hash, sort, kernels) calls no gather, scatter, index or batched matmul (what the rows through the permutation
+    and the elementwise combination replace)."""
+    w, q, k, v, qb, kb = _projected(True, b=1, n=20, h=1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        qb = hash_vectors(q.detach(), 2, 4, seed=0, backend="triton")
+        out = lsh_attention(q, shared_keys(q), v, qb, None, bucket_size=8, scale=1.0, backend="triton")
+        out.sum().backward()
+    names = {e.name for e in prof.events()}
+    banned = {n for n in names if any(b in n for b in ("gather", "scatter", "index", "bmm", "einsum", "matmul"))}
+    assert not banned, banned
+    assert "aten::sort" in names

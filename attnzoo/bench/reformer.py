@@ -13,11 +13,20 @@ Shapes follow the peers (``peers_bench.py`` group ``reformer``): hidden 768, 12 
   measured in one run; ``--peers`` adds the peers' own rows);
 * "dense cuDNN SDPA (+qkv)": exact attention over the whole sequence with the projection.
 
+On CUDA the ``lsh`` section also says where the time goes (group ``lsh-stages``): the shared-QK forward+backward
+step run stage by stage (projection + shared keys, hash, sort, the rounds' kernel, combine; delta, the rounds'
+backward kernel, the sum over rounds, the projection's backward) between CUDA events, each stage's median over 30
+steps, its share of their sum, and for the fused stages an estimate of the bytes they must move
+(:func:`stage_bytes`: ``est_mb`` fewest-most) with the bandwidth the fewest imply (``gbps``).
+
 Sections: ``lsh`` (N=16384), ``scaling`` (N = 4k ... 128k: attnzoo shared QK vs dense cuDNN, the crossover). The
 summary checks the targets of issue 20: >= 5x faster than HF forward+backward at N=16384, and the length from
 which LSH attention beats dense cuDNN.
 """
 from __future__ import annotations
+
+import math
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +42,7 @@ SECTIONS = {
     "scaling": "attnzoo shared QK vs dense cuDNN from N=4k to 128k (the crossover)",
 }
 PEERS = ("reformer",)
-EXTRA_COLUMNS = ("chunks_read",)
+EXTRA_COLUMNS = ("chunks_read", "share", "est_mb")
 
 __all__ = ["run", "summary", "TITLE", "SECTIONS", "PEERS"]
 
@@ -135,7 +144,104 @@ def _backend(o: Options) -> str:
 def lsh(o: Options) -> list[Row]:
     n = 256 if o.smoke else 16384
     cases = [shared_case(o, n), separate_case(o, n), kernels_case(o, n), hf_case(o, n), dense_case(o, n)]
-    return measure(o, "lsh", n, cases, rep_ms=REP_MS)
+    rows = measure(o, "lsh", n, cases, rep_ms=REP_MS)
+    if o.cuda:
+        try:
+            rows += stages(o, n)
+        except Exception as e:  # noqa: BLE001 - the breakdown must not hide the section's rows
+            rows.append(Row("lsh-stages", "stages", n, "fwd+bwd", float("nan"), error=f"{type(e).__name__}: {e}"))
+    return rows
+
+
+def stage_bytes(n: int, bucket: int = BUCKET, hashes: int = HASHES, heads: int = NH, d: int = HD,
+                elem: int = 2) -> dict[str, tuple[float, float]]:
+    """(fewest, most) bytes each fused stage of the shared-QK step must move (bf16 rows, float32 statistics):
+    fewest if the neighbouring chunk a program re-reads comes from L2, most if from HBM. ``E``: one ``[heads, n, d]``
+    tensor. Forward, per round: q, k, v (k, v twice), o_r written; combine: the rounds' o_r read, out written;
+    delta: dO, out; backward, per round: q, dO, k, v (each twice: the diagonal block is shared), dQ/dK/dV partials
+    written; sum: the partials read, dQ, dK, dV written."""
+    e = heads * n * d * elem
+    stats = heads * n * 4
+    return {"kernel: rounds": (hashes * (4 * e + 2 * stats), hashes * (6 * e + 2 * stats)),
+            "combine": (hashes * (e + stats) + e + 2 * stats,) * 2,
+            "delta": (2 * e + stats,) * 2,
+            "kernel: rounds (bwd)": (hashes * (7 * e + 4 * stats), hashes * (11 * e + 4 * stats)),
+            "sum over rounds": (3 * hashes * e + 3 * e,) * 2}
+
+
+def stages(o: Options, n: int, steps: int = 30) -> list[Row]:
+    """Where the time of the shared-QK forward+backward step goes: the step of :func:`shared_case` run stage by
+    stage between CUDA events (the op's stages from :mod:`attnzoo.ops.lsh.triton_kernel`), median of ``steps``."""
+    from ..ops.lsh import triton_kernel as tk
+    from ..ops.lsh.chunked import SHARED
+    from ..ops.lsh.op import _perm
+
+    lin = torch.nn.Linear(HID, 2 * HID, bias=False, device=o.device, dtype=o.dtype)
+    x = torch.randn(1, n, HID, device=o.device, dtype=o.dtype, requires_grad=True)
+    dout = torch.randn(1, NH, n, HD, device=o.device, dtype=o.dtype)
+    nb = num_buckets_for(n, BUCKET)
+    times: dict[tuple[str, str], list[float]] = {}
+
+    def step(record: bool):
+        marks = []
+
+        def mark(key):
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            marks.append((key, e))
+
+        mark(None)
+        q, v = lin(x).view(1, n, 2, NH, HD).permute(2, 0, 3, 1, 4)
+        k = shared_keys(q)
+        mark(("fwd", "projection + shared keys"))
+        qb = hash_vectors(q.detach(), HASHES, nb, seed=0)
+        mark(("fwd", "hash"))
+        perm = _perm(qb)
+        mark(("fwd", "sort"))
+        qd, kd, vd = q.detach(), k.detach(), v.detach()
+        o_r, lse_r = tk.fwd_rounds(qd, kd, vd, perm, perm, None, BUCKET, False, SHARED, 1.0)
+        mark(("fwd", "kernel: rounds"))
+        out, stats = tk.fwd_combine(o_r, lse_r, qd, kd, vd, None, SHARED, 1.0, math.log(HASHES))
+        mark(("fwd", "combine"))
+        delta = tk.bwd_delta(dout, out)
+        mark(("bwd", "delta"))
+        parts = tk.bwd_rounds(qd, kd, vd, perm, perm, None, stats, dout, delta, BUCKET, False, SHARED, 1.0,
+                              math.log(HASHES))
+        mark(("bwd", "kernel: rounds (bwd)"))
+        grads = tk.bwd_sum(parts, NH)
+        mark(("bwd", "sum over rounds"))
+        torch.autograd.backward((q, k, v), grads)
+        mark(("bwd", "projection + shared keys"))
+        torch.cuda.synchronize()
+        if record:
+            for (_, a), (key, b) in zip(marks, marks[1:]):
+                times.setdefault(key, []).append(a.elapsed_time(b))
+
+    for i in range(steps + 5):
+        step(i >= 5)
+    med = {key: statistics.median(t) for key, t in times.items()}
+    total = sum(med.values())
+    est = stage_bytes(n)
+    rows = []
+    for (mode, name), ms in med.items():
+        lo_hi = est.get(name)
+        extra = {"share": f"{100 * ms / total:.0f}%"}
+        gbps = None
+        if lo_hi:
+            extra["est_mb"] = f"{lo_hi[0] / 2**20:.0f}-{lo_hi[1] / 2**20:.0f}" if lo_hi[0] != lo_hi[1] else \
+                f"{lo_hi[0] / 2**20:.0f}"
+            gbps = round(lo_hi[0] / ms / 1e6, 1)
+        rows.append(Row("lsh-stages", name, n, mode, round(ms, 4), backend="triton" if lo_hi else "torch",
+                        gbps=gbps, extra=extra))
+    for mode in ("fwd", "bwd"):
+        ms = sum(v for (m, _), v in med.items() if m == mode)
+        rows.append(Row("lsh-stages", "sum of the stages", n, mode, round(ms, 4),
+                        extra={"share": f"{100 * ms / total:.0f}%"}))
+    rows.append(Row("lsh-stages", "sum of the stages", n, "fwd+bwd", round(total, 4), extra={"share": "100%"}))
+    for r in rows:
+        o.log(f"lsh-stages {r.mode:7s} {r.name:28s} {r.ms:7.3f} ms {r.extra.get('share', ''):>4s} "
+              f"{r.extra.get('est_mb', '')}")
+    return rows
 
 
 def scaling(o: Options) -> list[Row]:

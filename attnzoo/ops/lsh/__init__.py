@@ -2,8 +2,8 @@
 
 * :mod:`.naive`: the float64 reference (the definition, pair by pair);
 * :mod:`.hashing`: seeded angular LSH (one GEMM + argmax), SMYRF's transforms for separate queries and keys;
-* :mod:`.chunked`: the ``torch`` backend; :mod:`.triton_kernel`: the fused ``triton`` backend (forward and
-  backward, with the log-sum-exp the rounds are combined by);
+* :mod:`.chunked`: the ``torch`` backend; :mod:`.triton_kernel`: the fused ``triton`` backend (everything past
+  the sort, forward and backward: rows read through the sort permutation, rounds combined in a kernel);
 * :mod:`.op`: :func:`lsh_attention` (a whole sequence) and :func:`lsh_decode` (its last rows).
 
 See docs/reformer.md.

@@ -1,7 +1,7 @@
 """The ``torch`` backend of the LSH op: chunk attention on the sorted rounds in plain PyTorch (any device,
 autograd, float64), ``O(n x 2 bucket_size)`` memory per round: what Hugging Face's ``LSHSelfAttention`` computes,
-without its length restriction. The Triton kernel (:mod:`.triton_kernel`) computes the same from the same
-arguments in one fused pass."""
+without its length restriction. The Triton backend (:mod:`.triton_kernel`) computes the same without the sorted
+copies: its kernels read the rows through the sort permutation."""
 from __future__ import annotations
 
 import torch

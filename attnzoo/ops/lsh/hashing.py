@@ -49,12 +49,14 @@ def rotations(heads: int, dim: int, num_hashes: int, num_buckets: int, seed: int
     return rot
 
 
-def hash_vectors(x: torch.Tensor, num_hashes: int, num_buckets: int, seed: int, backend: str | None = None
-                 ) -> torch.Tensor:
+def hash_vectors(x: torch.Tensor, num_hashes: int, num_buckets: int, seed: int, backend: str | None = None,
+                 extra: torch.Tensor | None = None) -> torch.Tensor:
     """Buckets ``[batch, heads, num_hashes, n]`` (int64) of ``x [batch, heads, n, dim]``: one GEMM + argmax.
 
-    ``backend``: ``"triton"`` (the GEMM and the argmax fused, the ``[n, num_buckets / 2]`` projection never written:
-    on CUDA, the default there) or ``"torch"``."""
+    ``extra``: one more coordinate of every vector (``[batch, heads, n]``): the vectors hashed are ``[x, extra]``
+    (rotations of ``dim + 1`` rows), hashed in float32 (float64 for float64) without building them. ``backend``:
+    ``"triton"`` (the GEMM and the argmax fused, ``x`` read in place, the ``[n, num_buckets / 2]`` projection never
+    written: on CUDA, the default there) or ``"torch"``."""
     b, h, n, d = x.shape
     if num_buckets <= 1:
         return torch.zeros(b, h, num_hashes, n, dtype=torch.long, device=x.device)
@@ -64,13 +66,28 @@ def hash_vectors(x: torch.Tensor, num_hashes: int, num_buckets: int, seed: int, 
 
     if backend is None:
         backend = "triton" if x.is_cuda and triton_kernel.available("cuda") is None else "torch"
-    dtype = x.dtype  # half inputs hash in half (the GEMM accumulates in float32)
-    rot = rotations(h, d, num_hashes, num_buckets, seed, x.device, dtype)
+    # half inputs hash in half (the GEMM accumulates in float32); with an extra coordinate in float32
+    dtype = x.dtype if extra is None else _acc(x)
+    rot = rotations(h, d + (extra is not None), num_hashes, num_buckets, seed, x.device, dtype)
     if backend == "triton":
-        return triton_kernel.hash_buckets(x, rot)
+        return triton_kernel.hash_buckets(x, rot, None if extra is None else extra.to(dtype))
+    if extra is not None:
+        x = torch.cat([x.to(dtype), extra.to(dtype)[..., None]], dim=-1)
     proj = torch.einsum("bhnd,hdrk->bhrnk", x.to(dtype), rot)
     hi, lo = proj.max(dim=-1), proj.min(dim=-1)  # argmax([xR; -xR]) without building it
     return torch.where(hi.values >= -lo.values, hi.indices, lo.indices + proj.shape[-1])
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _bound(norms: torch.Tensor, causal: bool, prior: torch.Tensor | None, keep: torch.Tensor | None) -> torch.Tensor:
+    if keep is not None:
+        norms = norms * keep[:, None, :].to(norms.dtype)
+    if prior is not None:
+        norms = torch.maximum(norms, prior.to(norms.dtype)[..., None].expand_as(norms))
+    return norms.cummax(dim=-1).values if causal else norms.amax(dim=-1, keepdim=True).expand_as(norms)
 
 
 def key_norm_bound(k: torch.Tensor, causal: bool, prior: torch.Tensor | None = None,
@@ -78,30 +95,19 @@ def key_norm_bound(k: torch.Tensor, causal: bool, prior: torch.Tensor | None = N
     """``M`` per key ``[batch, heads, n, 1]``: the running maximum of the key norms (causal; ``prior``
     ``[batch, heads]``: the maximum over the keys before these, from a cache) or their maximum; padded keys
     (``keep [batch, n]`` False) do not count."""
-    norms = k.norm(dim=-1)
-    if keep is not None:
-        norms = norms * keep[:, None, :].to(norms.dtype)
-    if prior is not None:
-        norms = torch.maximum(norms, prior.to(norms.dtype)[..., None].expand_as(norms))
-    bound = norms.cummax(dim=-1).values if causal else norms.amax(dim=-1, keepdim=True).expand_as(norms)
-    return bound.unsqueeze(-1)
-
-
-def _float(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
+    return _bound(torch.linalg.vector_norm(k, dim=-1, dtype=_acc(k)), causal, prior, keep).unsqueeze(-1)
 
 
 def hash_keys(k: torch.Tensor, num_hashes: int, num_buckets: int, seed: int, causal: bool,
               prior: torch.Tensor | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
     """SMYRF's ``G(k) = [k, sqrt(M^2 - |k|^2)]`` hashed (see the module docstring; ``prior`` and ``keep`` as
-    :func:`key_norm_bound`)."""
-    kf = _float(k)
-    m = key_norm_bound(kf, causal, prior, keep)
-    extra = (m.square() - kf.square().sum(-1, keepdim=True)).clamp_min(0).sqrt()
-    return hash_vectors(torch.cat([kf, extra], dim=-1), num_hashes, num_buckets, seed)
+    :func:`key_norm_bound`): the norms in float32, the extra coordinate passed beside ``k`` (no copy of ``k``)."""
+    norms = torch.linalg.vector_norm(k, dim=-1, dtype=_acc(k))
+    m = _bound(norms, causal, prior, keep)
+    extra = (m.square() - norms.square()).clamp_min(0).sqrt()
+    return hash_vectors(k, num_hashes, num_buckets, seed, extra=extra)
 
 
 def hash_queries(q: torch.Tensor, num_hashes: int, num_buckets: int, seed: int) -> torch.Tensor:
     """SMYRF's ``F(q)`` for a query rescaled to norm ``M``: the hash of ``[q, 0]`` (see the module docstring)."""
-    qf = _float(q)
-    return hash_vectors(torch.cat([qf, torch.zeros_like(qf[..., :1])], dim=-1), num_hashes, num_buckets, seed)
+    return hash_vectors(q, num_hashes, num_buckets, seed, extra=q.new_zeros(q.shape[:-1], dtype=_acc(q)))

@@ -1,5 +1,7 @@
-"""``lsh_attention``: Reformer's LSH attention given the buckets, fused (sort, gather, chunk attention with its
-log-sum-exp, unsort, rounds combined), and :func:`lsh_decode` for the last rows of a sequence (decoding)."""
+"""``lsh_attention``: Reformer's LSH attention given the buckets (sort, then the chunk attention with its
+log-sum-exp and the rounds combined: fused kernels reading the rows through the sort permutation on the ``triton``
+backend, gathers and a gather back on the ``torch`` one), and :func:`lsh_decode` for the last rows of a sequence
+(decoding)."""
 from __future__ import annotations
 
 import math
@@ -29,14 +31,20 @@ def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _sort(buckets: torch.Tensor):
     """(permutation, inverse) of a stable sort by bucket: order (bucket, position) per round."""
-    perm = torch.sort(buckets, dim=-1, stable=True).indices
+    perm = _perm(buckets)
     inv = torch.empty_like(perm)
     inv.scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm))
     return perm, inv
 
 
+def _perm(buckets: torch.Tensor) -> torch.Tensor:
+    """The permutation (sorted rank -> position, int64) of a stable sort by bucket: order (bucket, position) per
+    round; one sort of int32 keys (bucket ids and the padding's bucket fit in 31 bits)."""
+    return torch.sort(buckets.to(torch.int32), dim=-1, stable=True).indices
+
+
 def _gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """``x [b, h, n, d]`` in the order of ``perm [b, h, r, n]`` -> ``[b * h * r, n, d]``."""
+    """``x [b, h, n, d]`` in the order of ``perm [b, h, r, n]`` -> ``[b * h * r, n, d]`` (the torch backend)."""
     b, h, r, n = perm.shape
     d = x.shape[-1]
     out = x.unsqueeze(2).expand(b, h, r, n, d).gather(3, perm.unsqueeze(-1).expand(b, h, r, n, d))
@@ -46,20 +54,20 @@ def _gather_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 def combine_rounds(outs: torch.Tensor, lses: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_r softmax_r(lse) o_r`` over dim 2 (``outs [b, h, r, n, d]``, ``lses [b, h, r(+1), n]``); ``extra``
     ``[b, h, n, d]``: the output of one more term whose log-sum-exp is the last of ``lses`` (separate QK's own key).
-    Rows whose every term read nothing give 0. The weighted sum is one batched matmul in the outputs' dtype
-    (float32 accumulation)."""
+    Rows whose every term read nothing give 0. The weighted sum is elementwise in float32 (float64 for float64),
+    cast to the outputs' dtype (the torch backend and decoding; the Triton backend combines in a kernel)."""
     acc = torch.float64 if outs.dtype == torch.float64 else torch.float32
     lses = lses.to(acc)
     m = lses.amax(dim=2, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
     e = torch.exp(lses - m)
     total = e.sum(dim=2, keepdim=True)
-    w = (e / torch.where(total > 0, total, torch.ones_like(total))).to(outs.dtype)
+    w = e / torch.where(total > 0, total, torch.ones_like(total))
     r = outs.shape[2]
-    out = torch.einsum("bhrn,bhrnd->bhnd", w[:, :, :r], outs)
+    out = (w[:, :, :r, :, None] * outs.to(acc)).sum(2)
     if extra is not None:
-        out = out + w[:, :, r, :, None] * extra
-    return out
+        out = out + w[:, :, r, :, None] * extra.to(acc)
+    return out.to(outs.dtype)
 
 
 def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: torch.Tensor,
@@ -87,8 +95,17 @@ def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: 
                          f"{k.shape[2]}, q_buckets {q_buckets.shape[-1]}; decode with lsh_decode")
     scale = 1 / math.sqrt(d) if scale is None else float(scale)
     r = q_buckets.shape[2]
-    k, v = _expand_heads(k, h), _expand_heads(v, h)
     shared = k_buckets is None
+    if _backend(q, backend) == "triton":  # the sort here, everything past it in the fused kernels
+        if shared:
+            q_perm = k_perm = _perm(padded_last(q_buckets, key_padding_mask))
+        else:  # one sort for both
+            q_perm, k_perm = _perm(torch.stack([padded_last(q_buckets, key_padding_mask),
+                                                padded_last(_expand_heads(k_buckets, h), key_padding_mask)]))
+        return triton_kernel.lsh_fused_attention(q, k, v, q_perm, k_perm, key_padding_mask, chunk=bucket_size,
+                                                 causal=causal, self_mode=SHARED if shared else SEPARATE,
+                                                 scale=scale)
+    k, v = _expand_heads(k, h), _expand_heads(v, h)
     q_perm, q_inv = _sort(padded_last(q_buckets, key_padding_mask))
     k_perm = q_perm if shared else _sort(padded_last(_expand_heads(k_buckets, h), key_padding_mask))[0]
     qs, ks, vs = _gather_rows(q, q_perm), _gather_rows(k, k_perm), _gather_rows(v, k_perm)
@@ -96,8 +113,7 @@ def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: 
     kkeep = None
     if key_padding_mask is not None:
         kkeep = key_padding_mask.bool()[:, None, None, :].expand(b, h, r, n).gather(3, k_perm).reshape(b * h * r, n)
-    fn = triton_kernel.lsh_chunk_attention if _backend(q, backend) == "triton" else chunk_attention
-    o, lse = fn(qs, ks, vs, qpos, kpos, kkeep, chunk=bucket_size, causal=causal,
+    o, lse = chunk_attention(qs, ks, vs, qpos, kpos, kkeep, chunk=bucket_size, causal=causal,
                 self_mode=SHARED if shared else SEPARATE, scale=scale)
     o = o.view(b, h, r, n, -1).gather(3, q_inv.unsqueeze(-1).expand(b, h, r, n, o.shape[-1]))
     lse = lse.view(b, h, r, n).gather(3, q_inv)
