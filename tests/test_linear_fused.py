@@ -1,0 +1,116 @@
+"""The fused window hybrid of the linear op (the exact-softmax window and the linear part with their one
+normaliser in the Triton kernels, :func:`attnzoo.ops.linear.triton_kernel.window_fused`), under Triton's
+interpreter on CPU, against the float64 definition (:mod:`attnzoo.ops.linear.naive`): forward and backward,
+windows 1, 7 and 64 (wider than the chunk asked for), odd lengths, padding, grouped KV heads, with and without
+log-scales; the receptive field; the state for a cache; the window the kernels refuse."""
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "attnzoo.ops.linear.triton_kernel" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from attnzoo.ops.linear import linear_attention, linear_attention_naive  # noqa: E402
+from attnzoo.ops.linear import triton_kernel  # noqa: E402
+
+pytestmark = pytest.mark.skipif(triton_kernel.available() is not None, reason="the Triton kernels cannot run here")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = dict(rtol=2e-4, atol=2e-4) if DEV == "cpu" else dict(rtol=1e-2, atol=1e-2)  # TF32 dots on a GPU
+
+
+def _inputs(b, hq, hkv, n, f, d, gated, padded=True):
+    kw = dict(dtype=torch.float32, device=DEV)
+    t = dict(qf=torch.rand(b, hq, n, f, **kw), kf=torch.rand(b, hkv, n, f, **kw), v=torch.randn(b, hkv, n, d, **kw),
+             q=torch.randn(b, hq, n, d, **kw), k=torch.randn(b, hkv, n, d, **kw))
+    if gated:
+        t["q_log"], t["k_log"] = torch.randn(b, hq, n, **kw) * 4, torch.randn(b, hkv, n, **kw) * 4
+    valid = torch.ones(b, n, dtype=torch.bool, device=DEV)
+    if padded:
+        valid[-1, : n // 4] = False
+        valid[0, n - 3:] = False
+    return t, (valid if padded else None)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused window forwards (so a test knows the kernels, not the PyTorch window, ran)."""
+    calls = []
+    inner = triton_kernel._win_forward
+
+    def spy(*a, **kw):
+        calls.append(a[0].shape)
+        return inner(*a, **kw)
+    monkeypatch.setattr(triton_kernel, "_win_forward", spy)
+    return calls
+
+
+CASES = [  # window, chunk, n, hq, hkv, gated, padded
+    (1, 16, 37, 2, 1, True, True),
+    (7, 16, 37, 4, 2, True, True),
+    (7, 16, 33, 2, 2, False, False),
+    (64, 16, 131, 2, 1, True, True),  # window > chunk: the kernels' chunk grows to 64
+]
+
+
+@pytest.mark.parametrize("window,chunk,n,hq,hkv,gated,padded", CASES)
+def test_window_fused_matches_naive_forward_and_backward(fused_calls, window, chunk, n, hq, hkv, gated, padded):
+    t, valid = _inputs(2, hq, hkv, n, 16, 16, gated, padded)
+    leaves = {k: x.requires_grad_() for k, x in t.items()}
+    got = linear_attention(**leaves, causal=True, key_padding_mask=valid, window=window, chunk=chunk,
+                           backend="triton")
+    assert fused_calls, "the fused window kernels did not run"
+    cpu = {k: x.detach().cpu().double().requires_grad_() for k, x in leaves.items()}
+    vcpu = valid.cpu() if valid is not None else None
+    ref = linear_attention_naive(**cpu, causal=True, key_padding_mask=vcpu, window=window)
+    torch.testing.assert_close(got.double().cpu(), ref, **TOL)
+    g = torch.randn_like(ref)
+    ga = torch.autograd.grad(got, list(leaves.values()), g.to(got))
+    gb = torch.autograd.grad(ref, list(cpu.values()), g)
+    for name, a, b in zip(leaves, ga, gb):
+        torch.testing.assert_close(a.double().cpu(), b, **TOL, msg=lambda m: f"d{name}: {m}")
+
+
+def test_window_fused_receptive_field(fused_calls):
+    """Changing the tokens after t leaves the outputs up to t bit-identical (the key stabiliser is a running
+    maximum, the window's and the row's normaliser use nothing after the query)."""
+    t, valid = _inputs(1, 2, 1, 45, 16, 16, True)
+    a = linear_attention(**t, causal=True, key_padding_mask=valid, window=7, chunk=16, backend="triton")
+    s = 20
+    t2 = {k: torch.cat([x[:, :, :s], torch.randn_like(x[:, :, s:]) * 5 + 3 * (x.dim() == 3)], 2)
+          for k, x in t.items()}
+    t2["qf"], t2["kf"] = t2["qf"].abs(), t2["kf"].abs()
+    b = linear_attention(**t2, causal=True, key_padding_mask=valid, window=7, chunk=16, backend="triton")
+    assert torch.equal(a[:, :, :s], b[:, :, :s])
+    assert len(fused_calls) == 2
+
+
+def test_window_fused_state_for_a_cache(fused_calls):
+    """Prefill with ``return_state`` then the rest with the state and the last ``window`` keys prepended (as
+    the module's cache does) equals one call; the state's keys stop ``window`` before the end."""
+    W = 7
+    t, valid = _inputs(1, 2, 1, 41, 16, 16, True)
+    full = linear_attention_naive(**t, causal=True, key_padding_mask=valid, window=W)
+    s = 22
+    first = {k: x[:, :, :s] for k, x in t.items()}
+    o1, st = linear_attention(**first, causal=True, key_padding_mask=valid[:, :s], window=W, chunk=16,
+                              return_state=True, backend="triton")
+    rest = {k: x[:, :, s - W:] for k, x in t.items()}
+    o2 = linear_attention(**rest, causal=True, key_padding_mask=valid[:, s - W:], window=W, chunk=16,
+                          initial_state=st, backend="triton")
+    torch.testing.assert_close(torch.cat([o1, o2[:, :, W:]], 2).double().cpu(), full.cpu(), **TOL)
+    assert len(fused_calls) == 2
+    _, st_torch = linear_attention(**{k: x.double() for k, x in first.items()}, causal=True,
+                                   key_padding_mask=valid[:, :s], window=W, chunk=16, return_state=True,
+                                   backend="torch")
+    real = st_torch.kv * st_torch.m.exp()[..., None, None]
+    torch.testing.assert_close((st.kv.double() * st.m.double().exp()[..., None, None]), real, **TOL)
+
+
+def test_window_too_wide_for_the_kernels():
+    t, _ = _inputs(1, 2, 1, 20, 16, 16, False)
+    with pytest.raises(ValueError, match=r"window=200.*window <= 128.*backend='auto'"):
+        linear_attention(**t, causal=True, window=200, backend="triton")
