@@ -36,7 +36,8 @@ def _inputs(b, hq, hkv, n, f, d, dtype, gated):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("f,gated,window", [(64, False, 0), (256, True, 0), (128, True, 64)])
+@pytest.mark.parametrize("f,gated,window", [(64, False, 0), (256, True, 0), (128, True, 64), (128, True, 7),
+                                            (64, False, 128)])
 def test_fused_matches_float64_forward_and_backward(dtype, f, gated, window):
     t, valid = _inputs(2, 8, 2, 1000, f, 64, dtype, gated)
     leaves = {k: x.requires_grad_() for k, x in t.items()}
@@ -65,6 +66,34 @@ def test_fused_equals_torch_backend_and_state_round_trip():
     rest = {k: x[:, :, s:] for k, x in t.items() if k not in ("q", "k", "q_log")}
     o2 = linear_attention(**rest, causal=True, key_padding_mask=valid[:, s:], initial_state=st, backend="triton")
     assert _rel(torch.cat([o1, o2], 2), a) < 1e-2
+
+
+@pytest.mark.parametrize("window", [1, 64])
+def test_fused_window_equals_window_in_torch_and_state_round_trip(window, monkeypatch):
+    """The fused window hybrid (checked to run) against the path with the window part in PyTorch beside the
+    linear kernels, and prefill + continuation with its state (the module's cache convention: the last
+    ``window`` keys prepended, their outputs dropped) against one call."""
+    from attnzoo.ops.linear import triton_kernel
+    from attnzoo.ops.linear.chunked import linear_attention_chunked
+
+    calls = []
+    inner = triton_kernel._win_forward
+    monkeypatch.setattr(triton_kernel, "_win_forward", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
+    t, valid = _inputs(2, 8, 2, 2000, 128, 64, torch.bfloat16, True)
+    a = linear_attention(**t, causal=True, key_padding_mask=valid, window=window, backend="triton")
+    assert calls
+    b = linear_attention_chunked(**t, causal=True, valid=valid, window=window,
+                                 causal_fn=triton_kernel.causal_parts_fused)
+    assert _rel(a, b) < 1e-2
+    s = 1100
+    first = {k: x[:, :, :s] for k, x in t.items()}
+    o1, st = linear_attention(**first, causal=True, key_padding_mask=valid[:, :s], window=window,
+                              return_state=True, backend="triton")
+    rest = {k: x[:, :, s - window:] for k, x in t.items()}
+    o2 = linear_attention(**rest, causal=True, key_padding_mask=valid[:, s - window:], window=window,
+                          initial_state=st, backend="triton")
+    assert _rel(torch.cat([o1, o2[:, :, window:]], 2), a) < 1e-2
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("name,opts", [("performer", {"features": 64, "causal": True}),

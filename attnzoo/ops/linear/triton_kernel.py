@@ -296,9 +296,11 @@ if triton is not None:
 
     @triton.jit
     def _key_ok(VALID, bi, n, rows, m, HAS_VALID: tl.constexpr):
+        """The keys at ``rows`` that exist (``m``) and are not padding."""
+        ok = m
         if HAS_VALID:
-            return m & (tl.load(VALID + bi * n + rows, mask=m, other=0) != 0)
-        return m
+            ok = ok & (tl.load(VALID + bi * n + rows, mask=m, other=0) != 0)
+        return ok
 
     @triton.jit
     def _win_fwd(QF, KT, V, QR, KR, QL, VALID, G, G0, H, Z, OUT, LSE, CL, n, NC, GROUP, HQ, W, scale,
