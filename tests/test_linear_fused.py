@@ -114,3 +114,50 @@ def test_window_too_wide_for_the_kernels():
     t, _ = _inputs(1, 2, 1, 20, 16, 16, False)
     with pytest.raises(ValueError, match=r"window=200.*window <= 128.*backend='auto'"):
         linear_attention(**t, causal=True, window=200, backend="triton")
+
+
+# ------------------------------------------------------------------ non-causal FAVOR+, the feature map fused
+def _favor_reference(q, k, v, projection, scale, valid):
+    from attnzoo.variants.feature_maps import favor_features
+
+    qf, ql = favor_features(q, projection.double(), scale)
+    kf, kl = favor_features(k, projection.double(), scale)
+    return linear_attention_naive(qf, kf, v, q_log=ql, k_log=kl, key_padding_mask=valid)
+
+
+@pytest.mark.parametrize("hq,hkv,n,m,padded", [(4, 2, 77, 80, True), (2, 2, 64, 64, False)])
+def test_favor_fused_matches_naive_forward_and_backward(hq, hkv, n, m, padded):
+    """``m`` = 80: a partial block of features; 77 tokens: a partial block of rows; padding; GQA."""
+    from attnzoo.ops.linear.favor import favor_attention, favor_fits
+    from attnzoo.variants.feature_maps import orthogonal_gaussian
+
+    d, scale = 16, 16**-0.5
+    proj = orthogonal_gaussian(m, d, 0).to(DEV)
+    q, k, v = torch.randn(2, hq, n, d, device=DEV), torch.randn(2, hkv, n, d, device=DEV), \
+        torch.randn(2, hkv, n, d, device=DEV)
+    valid = None
+    if padded:
+        valid = torch.ones(2, n, dtype=torch.bool, device=DEV)
+        valid[1, :20] = False
+        valid[0, n - 7:] = False
+    assert favor_fits(q, v, proj, backend="triton") and not favor_fits(q, v, proj, backend="torch")
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    out = favor_attention(*leaves, proj, scale=scale, key_padding_mask=valid)
+    ref_leaves = [x.detach().cpu().double().requires_grad_() for x in leaves]
+    ref = _favor_reference(*ref_leaves, proj.cpu(), scale, valid.cpu() if valid is not None else None)
+    torch.testing.assert_close(out.double().cpu(), ref, **TOL)
+    g = torch.randn_like(ref)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, leaves, g.to(out)), torch.autograd.grad(ref, ref_leaves, g)):
+        torch.testing.assert_close(a.double().cpu(), b, **TOL, msg=lambda msg: f"d{name}: {msg}")
+
+
+def test_favor_fused_only_for_a_fixed_projection():
+    """A learned projection (the ``linear`` variant's performer map) takes the unfused path (its gradient)."""
+    from attnzoo.ops.linear.favor import favor_fits
+
+    q = torch.randn(1, 2, 8, 16, device=DEV)
+    learned = torch.randn(32, 16, device=DEV, requires_grad=True)
+    assert not favor_fits(q, q, learned, backend="triton")
+    with torch.no_grad():
+        assert favor_fits(q, q, learned, backend="triton")
+    assert not favor_fits(q, q, torch.randn(2, 32, 16, device=DEV), backend="triton")  # per head: unfused

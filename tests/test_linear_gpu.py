@@ -96,6 +96,33 @@ def test_fused_window_equals_window_in_torch_and_state_round_trip(window, monkey
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_favor_fused_matches_float64_forward_and_backward(dtype):
+    """Non-causal FAVOR+ with the feature map fused into the two GEMMs (m = 256, head_dim 64, GQA, padding)."""
+    from attnzoo.ops.linear.favor import favor_attention, favor_fits
+    from attnzoo.variants.feature_maps import favor_features, orthogonal_gaussian
+
+    b, hq, hkv, n, d, m = 2, 8, 2, 1000, 64, 256
+    proj = orthogonal_gaussian(m, d, 0).cuda()
+    kw = dict(device="cuda", dtype=dtype)
+    leaves = [torch.randn(b, hq, n, d, **kw), torch.randn(b, hkv, n, d, **kw), torch.randn(b, hkv, n, d, **kw)]
+    leaves = [x.requires_grad_() for x in leaves]
+    valid = torch.ones(b, n, dtype=torch.bool, device="cuda")
+    valid[-1, : n // 5] = False
+    assert favor_fits(leaves[0], leaves[2], proj)
+    out = favor_attention(*leaves, proj, scale=d**-0.5, key_padding_mask=valid)
+    ref_leaves = [x.detach().cpu().double().requires_grad_() for x in leaves]
+    qf, ql = favor_features(ref_leaves[0], proj.cpu().double(), d**-0.5)
+    kf, kl = favor_features(ref_leaves[1], proj.cpu().double(), d**-0.5)
+    ref = linear_attention_naive(qf, kf, ref_leaves[2], q_log=ql, k_log=kl, key_padding_mask=valid.cpu())
+    assert _rel(out, ref) < TOL
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(ref, ref_leaves, g.double().cpu())
+    for name, a, w in zip("qkv", got, want):
+        assert _rel(a, w) < 3 * TOL, name
+
+
 @pytest.mark.parametrize("name,opts", [("performer", {"features": 64, "causal": True}),
                                        ("performer", {"features": 64}),
                                        ("linear", {"feature_map": "hedgehog", "causal": True, "window": 16}),

@@ -33,6 +33,7 @@ from ..errors import check_choice, check_positive_int, check_type
 from ..kv import KVLayout
 from ..ops import apply_rope, attention, rope_cos_sin
 from ..ops.linear import LinearState, linear_attention
+from ..ops.linear.favor import favor_attention, favor_fits
 from ..registry import register
 from ..options import option
 from .cache import Cache, StateCache
@@ -314,6 +315,8 @@ class LinearAttention(DenseAttention):
         self._maybe_redraw()
         causal, W = self.config.causal, self.window
         if cache is None:
+            if not causal and self.projection is not None and favor_fits(q, v, self.projection):
+                return favor_attention(q, k, v, self.projection, scale=self.scale, key_padding_mask=valid)
             qf, ql, kf, kl = self.features(q, k)
             return linear_attention(qf, kf, v, causal=causal, key_padding_mask=valid, q_log=ql, k_log=kl, window=W,
                                     q=q, k=k, scale=self.scale)
