@@ -13,6 +13,8 @@ Sections:
   also the window hybrid (``linear``, hedgehog features, ``window=64``) and where its time goes: the module with
   and without the window, the op alone at the hedgehog width (2 x head_dim = 128) with the window fused, without
   the window, and with the window part in PyTorch beside the linear kernels (the path before the fused window);
+  non-causal also FAVOR+ after the projections with the feature map fused into the two GEMMs and the unfused
+  way (the ``[b, h, n, m]`` feature rows written and read: what the fusion removes);
 * ``linformer``: N=16384: the ``linformer`` module (k=256) against dense cuDNN + qkv (non-causal);
 * ``crossover``: N = 4k, 16k, 64k: performer (causal and not) and linformer against dense cuDNN + qkv; the summary
   reports where each becomes faster (the crossover length, interpolated on log N).
@@ -69,7 +71,7 @@ def _module_case(o: Options, label: str, name: str, n: int, causal: bool) -> Cas
         m = _module(o, name, n, causal)
         x = torch.randn(1, n, _dims(o)[0], device=o.device, dtype=o.dtype, requires_grad=True)
         return lambda: m(x)
-    return Case(label, make, backend="triton" if o.cuda and causal and name == "performer" else "torch")
+    return Case(label, make, backend="triton" if o.cuda and name == "performer" else "torch")
 
 
 def _op_case(o: Options, n: int) -> Case:
@@ -81,6 +83,39 @@ def _op_case(o: Options, n: int) -> Case:
         v = torch.randn(1, nh, n, hd, device=o.device, dtype=o.dtype, requires_grad=True)
         return lambda: linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, causal=True)
     return Case(f"attnzoo-linear-op(K{feats},causal)", make, backend="triton" if o.cuda else "torch")
+
+
+def _favor_cases(o: Options, n: int) -> list[Case]:
+    """Non-causal FAVOR+ on ``q, k, v`` (after the projections): the feature map fused into the two GEMMs
+    (``favor_attention``; CUDA) and the unfused way (``favor_features`` materialising ``[b, h, n, m]`` rows, then
+    the op), the difference being the bytes of the feature rows."""
+    from attnzoo.ops.linear.favor import favor_attention
+    from attnzoo.variants.feature_maps import favor_features, orthogonal_gaussian
+
+    hid, nh, feats, _ = _dims(o)
+    hd = hid // nh
+
+    def make_inputs():
+        proj = orthogonal_gaussian(feats, hd, 0).to(device=o.device, dtype=o.dtype)
+        return proj, [torch.randn(1, nh, n, hd, device=o.device, dtype=o.dtype, requires_grad=True) for _ in range(3)]
+
+    def fused():
+        proj, (q, k, v) = make_inputs()
+        return lambda: favor_attention(q, k, v, proj, scale=hd**-0.5)
+
+    def unfused():
+        proj, (q, k, v) = make_inputs()
+
+        def fwd():
+            qf, ql = favor_features(q, proj, hd**-0.5)
+            kf, kl = favor_features(k, proj, hd**-0.5)
+            return linear_attention(qf, kf, v, q_log=ql, k_log=kl)
+        return fwd
+
+    cases = [Case(f"attnzoo-favor-op(m{feats},features-materialised)", unfused, backend="torch")]
+    if o.cuda:
+        cases.insert(0, Case(f"attnzoo-favor-op(m{feats},fused)", fused, backend="triton"))
+    return cases
 
 
 def _hybrid_cases(o: Options, n: int) -> list[Case]:
@@ -135,6 +170,8 @@ def performer_cases(o: Options) -> list[Row]:
         if causal:
             cases.append(_op_case(o, n))
             cases += _hybrid_cases(o, n)
+        else:
+            cases += _favor_cases(o, n)
         rows += measure(o, "performer", n, cases)
     return rows
 
@@ -227,6 +264,14 @@ def summary(rows: list[Row], peers: list[Row], out_dir: str | None = None, stem:
             check(f"linear op (K=256, causal) N={n} {mode} within 1.2x of fla chunk_linear_attn", op.ms <= 1.2 * fla.ms,
                   f"{op.ms:.3f} vs {fla.ms:.3f} ms = {op.ms / fla.ms:.2f}x its time")
     out += _hybrid_breakdown(rows)
+    for mode in ("fwd", "fwd+bwd"):
+        fused = [r for r in rows if r.name.startswith("attnzoo-favor-op(") and r.name.endswith(",fused)")
+                 and r.mode == mode and r.ok]
+        for r in fused:
+            un = _find(rows, r.group, r.name.replace(",fused)", ",features-materialised)"), r.n, mode)
+            if un is not None and un.ok:
+                out.append(f"- FAVOR+ non-causal N={r.n} {mode}: feature map fused {r.ms:.3f} ms vs the feature rows "
+                           f"materialised {un.ms:.3f} ms ({un.ms / r.ms:.2f}x)")
     mine = _find(rows, "linformer", f"attnzoo-linformer(k{SLOTS})", n, "fwd+bwd")
     lr = peer("lucidrains-linformer(k256)", n, "fwd+bwd")
     if mine and mine.ok and lr:

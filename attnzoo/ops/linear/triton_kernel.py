@@ -670,6 +670,12 @@ def window_fits(qf, v, q, window: int) -> str | None:
     return None
 
 
+def _launch(C: int) -> dict:
+    """Launch options of the window kernels: chunks of 128 hold several [128, 128] float32 tiles (8 warps, no
+    software pipelining, so that the shared memory of the dots' operands fits)."""
+    return dict(num_warps=8, num_stages=1) if C > 64 else dict(num_warps=4)
+
+
 def _win_chunk(chunk: int, window: int) -> int:
     return max(_pow2(chunk, 16, 128), triton.next_power_of_2(window))
 
@@ -696,7 +702,7 @@ def _win_forward(qf, kt, v, q, k, G, G0, S0, valid, q_log, scale, W, chunk):
     _win_fwd[(nc, b * hq, triton.cdiv(dv, BV))](
         qf, kt, v, q, k, q_log if q_log is not None else G, valid if valid is not None else G, G, G0, H, Z, out, lse,
         cl, n, nc, hq // hkv, hq, W, scale, F=f, D=d, DV=dv, C=C, BK=BK, BD=BD, BV=BV, HAS_QL=q_log is not None,
-        HAS_VALID=valid is not None, num_warps=8 if C > 64 else 4)
+        HAS_VALID=valid is not None, **_launch(C))
     return out, lse, cl, H, Z
 
 
@@ -718,19 +724,18 @@ def _win_backward(qf, kt, v, q, k, G, G0, valid, scale, W, chunk, out, lse, cl, 
         qf, dout, ndelta, G, Gq, cl, G0, zero, zero_z, DH, DZ, n, nc, g, F=f, DV=dv, C=C, BK=BK,
         BV=_pow2(dv), LAG=1, HAS_ROW=True)
     vmask = valid if valid is not None else G
-    warps = 8 if C > 64 else 4
     dqf = torch.empty(b, hq, n, f, dtype=torch.float32, device=dev)
     dq = torch.empty(b, hq, n, d, dtype=torch.float32, device=dev)
     dql = torch.empty(b, hq, n, dtype=torch.float32, device=dev)
     _win_dq[(nc, b * hq)](qf, kt, v, q, k, vmask, G, G0, H, Z, dout, delta, lse, cl, dqf, dq, dql, n, nc, g, hq, W,
                           scale, F=f, D=d, DV=dv, C=C, BK=BK, BD=BD, BV=BV, HAS_VALID=valid is not None,
-                          num_warps=warps)
+                          **_launch(C))
     dkt = torch.empty(b, hkv, n, f, dtype=torch.float32, device=dev)
     dk = torch.empty(b, hkv, n, d, dtype=torch.float32, device=dev)
     dvv = torch.empty(b, hkv, n, dv, dtype=torch.float32, device=dev)
     _win_dkv[(nc, b * hkv)](qf, kt, v, q, k, vmask, G, G0, DH, DZ, dout, delta, lse, cl, dkt, dk, dvv, n, nc, g, hq,
                             W, scale, F=f, D=d, DV=dv, C=C, BK=BK, BD=BD, BV=BV, HAS_VALID=valid is not None,
-                            num_warps=warps)
+                            **_launch(C))
     return dqf, dkt, dvv, dq, dk, dql
 
 
