@@ -303,6 +303,20 @@ if triton is not None:
         return ok
 
     @triton.jit
+    def _win_e(qr, kr, lse, cl, gq, g, win, lin, scale):
+        """The normalised weights' factor ``E`` of a tile: ``exp(scale q.k - lse)`` in the window, ``exp(GQ_i -
+        G_j + CL_i)`` for the linear pairs (the feature product left out), 0 elsewhere."""
+        keep = win | lin
+        x = tl.where(win, tl.dot(qr, tl.trans(kr)).to(tl.float32) * scale - lse[:, None],
+                     gq[:, None] - g[None, :] + cl[:, None])
+        return tl.where(keep, tl.exp(tl.where(keep, x, 0.0)), 0.0)
+
+    @triton.jit
+    def _win_dp(do, v, delta):
+        """``dP_ij = dO_i . v_j - Delta_i``."""
+        return tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None]
+
+    @triton.jit
     def _win_fwd(QF, KT, V, QR, KR, QL, VALID, G, G0, H, Z, OUT, LSE, CL, n, NC, GROUP, HQ, W, scale,
                  F: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
                  BD: tl.constexpr, BV: tl.constexpr, HAS_QL: tl.constexpr, HAS_VALID: tl.constexpr):
@@ -340,11 +354,6 @@ if triton is not None:
             a_c += tl.dot(q, tl.trans(kc)).to(tl.float32)
             oi += tl.dot(q, h.to(q.dtype)).to(tl.float32)
             zi += tl.sum(q.to(tl.float32) * z[None, :], 1)
-        qr = tl.load(QR + bhq * n * D + rows[:, None] * D + rd[None, :], mask=mr[:, None] & md[None, :], other=0.0)
-        krp = tl.load(KR + bh * n * D + prow[:, None] * D + rd[None, :], mask=mp[:, None] & md[None, :], other=0.0)
-        krc = tl.load(KR + bh * n * D + rows[:, None] * D + rd[None, :], mask=mr[:, None] & md[None, :], other=0.0)
-        s_p = tl.dot(qr, tl.trans(krp)).to(tl.float32) * scale
-        s_c = tl.dot(qr, tl.trans(krc)).to(tl.float32) * scale
         g_p = tl.load(G + bh * n + prow, mask=mp, other=0.0).to(tl.float32)
         g_c = tl.load(G + bh * n + rows, mask=mr, other=0.0).to(tl.float32)
         gq = _gate_q(G, G0, bh, n, rows, mr, W)
@@ -358,24 +367,27 @@ if triton is not None:
         win_c = (dist >= 0) & (dist < W) & ok_c[None, :]
         lin_p = (dist + C >= W) & mp[None, :]
         lin_c = (dist >= W) & mr[None, :]
-        # the linear part's denominator at the queries' gate, then the shared stabiliser T
-        x_p = gq[:, None] - g_p[None, :]
-        x_c = gq[:, None] - g_c[None, :]
+        # one tile per key block (few live tiles: no spills): the linear weights at the queries' gate, then the
+        # window's raw scores in their places
+        x_p = tl.where(lin_p, a_p * tl.exp(tl.where(lin_p, gq[:, None] - g_p[None, :], 0.0)), 0.0)
+        x_c = tl.where(lin_c, a_c * tl.exp(tl.where(lin_c, gq[:, None] - g_c[None, :], 0.0)), 0.0)
+        qr = tl.load(QR + bhq * n * D + rows[:, None] * D + rd[None, :], mask=mr[:, None] & md[None, :], other=0.0)
+        krp = tl.load(KR + bh * n * D + prow[:, None] * D + rd[None, :], mask=mp[:, None] & md[None, :], other=0.0)
+        x_p = tl.where(win_p, tl.dot(qr, tl.trans(krp)).to(tl.float32) * scale, x_p)
+        krc = tl.load(KR + bh * n * D + rows[:, None] * D + rd[None, :], mask=mr[:, None] & md[None, :], other=0.0)
+        x_c = tl.where(win_c, tl.dot(qr, tl.trans(krc)).to(tl.float32) * scale, x_c)
+        # the linear part's denominator, the window's maximum, the shared stabiliser T
         fi = tl.exp(gq - gprev)
-        dl = zi * fi + tl.sum(tl.where(lin_p, a_p * tl.exp(tl.where(lin_p, x_p, 0.0)), 0.0), 1) + \
-            tl.sum(tl.where(lin_c, a_c * tl.exp(tl.where(lin_c, x_c, 0.0)), 0.0), 1)
+        dl = zi * fi + tl.sum(tl.where(win_p, 0.0, x_p), 1) + tl.sum(tl.where(win_c, 0.0, x_c), 1)
         has_l = dl > 0
-        mx = tl.maximum(tl.max(tl.where(win_p, s_p, float("-inf")), 1), tl.max(tl.where(win_c, s_c, float("-inf")), 1))
+        mx = tl.maximum(tl.max(tl.where(win_p, x_p, float("-inf")), 1), tl.max(tl.where(win_c, x_c, float("-inf")), 1))
         T = tl.maximum(mx, tl.where(has_l, L + tl.log(tl.maximum(dl, 1e-30)), float("-inf")))
         T = tl.where(T > float("-inf"), T, 0.0)
         lt = tl.where(has_l, L - T, 0.0)
-        keep_p = win_p | (lin_p & has_l[:, None])
-        keep_c = win_c | (lin_c & has_l[:, None])
-        e_p = tl.where(keep_p, tl.exp(tl.where(keep_p, tl.where(win_p, s_p - T[:, None], x_p + lt[:, None]), 0.0)), 0.0)
-        e_c = tl.where(keep_c, tl.exp(tl.where(keep_c, tl.where(win_c, s_c - T[:, None], x_c + lt[:, None]), 0.0)), 0.0)
-        p_p = tl.where(win_p, e_p, e_p * a_p)
-        p_c = tl.where(win_c, e_c, e_c * a_c)
-        fi = tl.where(has_l, tl.exp(gq - gprev + lt), 0.0)
+        el = tl.exp(lt)  # <= 1 / max(dl, 1e-30): every linear weight times it is <= 1
+        p_p = tl.where(win_p, tl.exp(tl.where(win_p, x_p - T[:, None], 0.0)), x_p * el[:, None])
+        p_c = tl.where(win_c, tl.exp(tl.where(win_c, x_c - T[:, None], 0.0)), x_c * el[:, None])
+        fi = fi * el
         vp = tl.load(V + bh * n * DV + prow[:, None] * DV + rv[None, :], mask=mp[:, None] & mv[None, :], other=0.0)
         vc = tl.load(V + bh * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
         o = tl.dot(p_p.to(vp.dtype), vp).to(tl.float32) + tl.dot(p_c.to(vc.dtype), vc).to(tl.float32) + \
@@ -421,8 +433,6 @@ if triton is not None:
         qr = tl.load(QR + bhq * n * D + rows[:, None] * D + rd[None, :], mask=mr[:, None] & md[None, :], other=0.0)
         krp = tl.load(KR + bh * n * D + prow[:, None] * D + rd[None, :], mask=mp[:, None] & md[None, :], other=0.0)
         krc = tl.load(KR + bh * n * D + rows[:, None] * D + rd[None, :], mask=mr[:, None] & md[None, :], other=0.0)
-        s_p = tl.dot(qr, tl.trans(krp)).to(tl.float32) * scale
-        s_c = tl.dot(qr, tl.trans(krc)).to(tl.float32) * scale
         g_p = tl.load(G + bh * n + prow, mask=mp, other=0.0).to(tl.float32)
         g_c = tl.load(G + bh * n + rows, mask=mr, other=0.0).to(tl.float32)
         gq = _gate_q(G, G0, bh, n, rows, mr, W)
@@ -433,14 +443,8 @@ if triton is not None:
         win_c = (dist >= 0) & (dist < W) & ok_c[None, :]
         lin_p = (dist + C >= W) & mp[None, :]
         lin_c = (dist >= W) & mr[None, :]
-        keep_p = win_p | lin_p
-        keep_c = win_c | lin_c
-        x_p = tl.where(win_p, s_p - lse[:, None], gq[:, None] - g_p[None, :] + cl[:, None])
-        x_c = tl.where(win_c, s_c - lse[:, None], gq[:, None] - g_c[None, :] + cl[:, None])
-        dp_p = tl.dot(do, tl.trans(vp)).to(tl.float32) - delta[:, None]
-        dp_c = tl.dot(do, tl.trans(vc)).to(tl.float32) - delta[:, None]
-        gm_p = tl.where(keep_p, tl.exp(tl.where(keep_p, x_p, 0.0)), 0.0) * dp_p
-        gm_c = tl.where(keep_c, tl.exp(tl.where(keep_c, x_c, 0.0)), 0.0) * dp_c
+        gm_p = _win_e(qr, krp, lse, cl, gq, g_p, win_p, lin_p, scale) * _win_dp(do, vp, delta)
+        gm_c = _win_e(qr, krc, lse, cl, gq, g_c, win_c, lin_c, scale) * _win_dp(do, vc, delta)
         dqr = tl.dot(tl.where(win_p, gm_p, 0.0).to(krp.dtype), krp).to(tl.float32) + \
             tl.dot(tl.where(win_c, gm_c, 0.0).to(krc.dtype), krc).to(tl.float32)
         tl.store(DQR + bhq * n * D + rows[:, None] * D + rd[None, :], dqr * scale, mask=mr[:, None] & md[None, :])
@@ -498,17 +502,12 @@ if triton is not None:
             dist = rc[:, None] - rc[None, :] + t * C
             win = (dist >= 0) & (dist < W) & ok[None, :] & mq[:, None]
             lin = (dist >= W) & mr[None, :] & mq[:, None]
-            keep = win | lin
             lse = tl.load(LSE + bhq * n + qrow, mask=mq, other=float("inf"))
             cl = tl.load(CL + bhq * n + qrow, mask=mq, other=float("-inf"))
             delta = tl.load(DELTA + bhq * n + qrow, mask=mq, other=0.0)
             gq = _gate_q(G, G0, bh, n, qrow, mq, W)
             do = tl.load(DO + bhq * n * DV + qrow[:, None] * DV + rv[None, :], mask=mq[:, None] & mv[None, :],
                          other=0.0)
-            qr = tl.load(QR + bhq * n * D + qrow[:, None] * D + rd[None, :], mask=mq[:, None] & md[None, :], other=0.0)
-            s = tl.dot(qr, tl.trans(kr)).to(tl.float32) * scale
-            x = tl.where(win, s - lse[:, None], gq[:, None] - g[None, :] + cl[:, None])
-            e = tl.where(keep, tl.exp(tl.where(keep, x, 0.0)), 0.0)
             a = tl.zeros([C, C], dtype=tl.float32)
             for k0 in range(0, F, BK):
                 rk = k0 + tl.arange(0, BK)
@@ -518,10 +517,11 @@ if triton is not None:
                 k = tl.load(KT + bh * n * F + rows[:, None] * F + rk[None, :], mask=mr[:, None] & mk[None, :],
                             other=0.0)
                 a += tl.dot(q, tl.trans(k)).to(tl.float32)
-            p = tl.where(win, e, e * a)
-            dp = tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None]
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do).to(tl.float32)
-            dkr += tl.dot(tl.trans(tl.where(win, e * dp, 0.0).to(qr.dtype)), qr).to(tl.float32)
+            qr = tl.load(QR + bhq * n * D + qrow[:, None] * D + rd[None, :], mask=mq[:, None] & md[None, :], other=0.0)
+            e = _win_e(qr, kr, lse, cl, gq, g, win, lin, scale)
+            dv += tl.dot(tl.trans(tl.where(win, e, e * a).to(do.dtype)), do).to(tl.float32)
+            gm = tl.where(win, e * _win_dp(do, v, delta), 0.0)
+            dkr += tl.dot(tl.trans(gm.to(qr.dtype)), qr).to(tl.float32)
         tl.store(DKR + bh * n * D + rows[:, None] * D + rd[None, :], dkr * scale, mask=mr[:, None] & md[None, :])
         for k0 in range(0, F, BK):
             rk = k0 + tl.arange(0, BK)
@@ -547,8 +547,7 @@ if triton is not None:
                 q = tl.load(QF + bhq * n * F + qrow[:, None] * F + rk[None, :], mask=mq[:, None] & mk[None, :],
                             other=0.0)
                 x = gq[:, None] - g[None, :] + cl[:, None]
-                dp = tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None]
-                gm = tl.where(lin, tl.exp(tl.where(lin, x, 0.0)) * dp, 0.0)
+                gm = tl.where(lin, tl.exp(tl.where(lin, x, 0.0)) * _win_dp(do, v, delta), 0.0)
                 dk += tl.dot(tl.trans(gm.to(q.dtype)), q).to(tl.float32)
             tl.store(DKT + bh * n * F + rows[:, None] * F + rk[None, :], dk, mask=mr[:, None] & mk[None, :])
         tl.store(DV_ + bh * n * DV + rows[:, None] * DV + rv[None, :], dv, mask=mr[:, None] & mv[None, :])
@@ -671,9 +670,10 @@ def window_fits(qf, v, q, window: int) -> str | None:
 
 
 def _launch(C: int) -> dict:
-    """Launch options of the window kernels: chunks of 128 hold several [128, 128] float32 tiles (8 warps, no
-    software pipelining, so that the shared memory of the dots' operands fits)."""
-    return dict(num_warps=8, num_stages=1) if C > 64 else dict(num_warps=4)
+    """Launch options of the window kernels. They hold several [C, C] float32 tiles: 8 warps (compiled for sm_90,
+    chunks of 64 spill 300-700 bytes a thread with 8 warps against 1-1.3 KB with 4); chunks of 128 without
+    software pipelining, so that the dots' operands fit in shared memory."""
+    return dict(num_warps=8, num_stages=1) if C > 64 else dict(num_warps=8)
 
 
 def _win_chunk(chunk: int, window: int) -> int:
