@@ -128,7 +128,7 @@ def _favor_reference(q, k, v, projection, scale, valid):
 @pytest.mark.parametrize("hq,hkv,n,m,padded", [(4, 2, 77, 80, True), (2, 2, 64, 64, False)])
 def test_favor_fused_matches_naive_forward_and_backward(hq, hkv, n, m, padded):
     """``m`` = 80: a partial block of features; 77 tokens: a partial block of rows; padding; GQA."""
-    from attnzoo.ops.linear.favor import favor_attention, favor_fits
+    from attnzoo.ops.linear.favor import exp_map_fits, favor_attention, favor_map
     from attnzoo.variants.feature_maps import orthogonal_gaussian
 
     d, scale = 16, 16**-0.5
@@ -140,7 +140,8 @@ def test_favor_fused_matches_naive_forward_and_backward(hq, hkv, n, m, padded):
         valid = torch.ones(2, n, dtype=torch.bool, device=DEV)
         valid[1, :20] = False
         valid[0, n - 7:] = False
-    assert favor_fits(q, v, proj, backend="triton") and not favor_fits(q, v, proj, backend="torch")
+    mp = favor_map(proj, scale)
+    assert exp_map_fits(q, v, mp, mp, backend="triton") and not exp_map_fits(q, v, mp, mp, backend="torch")
     leaves = [x.requires_grad_() for x in (q, k, v)]
     out = favor_attention(*leaves, proj, scale=scale, key_padding_mask=valid)
     ref_leaves = [x.detach().cpu().double().requires_grad_() for x in leaves]
@@ -151,13 +152,50 @@ def test_favor_fused_matches_naive_forward_and_backward(hq, hkv, n, m, padded):
         torch.testing.assert_close(a.double().cpu(), b, **TOL, msg=lambda msg: f"d{name}: {msg}")
 
 
-def test_favor_fused_only_for_a_fixed_projection():
-    """A learned projection (the ``linear`` variant's performer map) takes the unfused path (its gradient)."""
-    from attnzoo.ops.linear.favor import favor_fits
+@pytest.mark.parametrize("kind", ["hedgehog", "performer"])
+def test_learned_exp_maps_fused_match_naive(kind):
+    """The ``linear`` variant's exponential maps (per head, queries and keys apart; hedgehog with its bias) fused
+    into the non-causal kernels, forward and backward to q, k, v, when the maps take no gradient."""
+    from attnzoo.ops.linear.favor import exp_map_attention, exp_map_fits
+    from attnzoo.variants.feature_maps import FeatureMap
 
-    q = torch.randn(1, 2, 8, 16, device=DEV)
-    learned = torch.randn(32, 16, device=DEV, requires_grad=True)
-    assert not favor_fits(q, q, learned, backend="triton")
+    hq, hkv, n, d = 4, 2, 45, 16
+    fq, fk = (FeatureMap(kind, h, d, features=48, scale=d**-0.5, seed=s) for h, s in ((hq, 1), (hkv, 2)))
     with torch.no_grad():
-        assert favor_fits(q, q, learned, backend="triton")
-    assert not favor_fits(q, q, torch.randn(2, 32, 16, device=DEV), backend="triton")  # per head: unfused
+        for fm in (fq, fk):
+            fm.weight.add_(torch.randn_like(fm.weight) * 0.3)
+            if fm.bias is not None:
+                fm.bias.add_(torch.randn_like(fm.bias) * 0.3)
+    fq, fk = fq.to(DEV), fk.to(DEV)
+    q, k, v = torch.randn(2, hq, n, d, device=DEV), torch.randn(2, hkv, n, d, device=DEV), \
+        torch.randn(2, hkv, n, d, device=DEV)
+    valid = torch.ones(2, n, dtype=torch.bool, device=DEV)
+    valid[0, :9] = False
+    assert not exp_map_fits(q, v, fq.exp_map(), fk.exp_map(), backend="triton")  # the maps' weights train
+    with torch.no_grad():
+        qm, km = fq.exp_map(), fk.exp_map()
+    assert exp_map_fits(q, v, qm, km, backend="triton")
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    out = exp_map_attention(*leaves, qm, km, key_padding_mask=valid)
+    ref_leaves = [x.detach().cpu().double().requires_grad_() for x in leaves]
+    fq64, fk64 = fq.cpu().double(), fk.cpu().double()
+    qf, ql = fq64(ref_leaves[0])
+    kf, kl = fk64(ref_leaves[1])
+    ref = linear_attention_naive(qf, kf, ref_leaves[2], q_log=ql, k_log=kl, key_padding_mask=valid.cpu())
+    torch.testing.assert_close(out.double().cpu(), ref, **TOL)
+    g = torch.randn_like(ref)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, leaves, g.to(out)), torch.autograd.grad(ref, ref_leaves, g)):
+        torch.testing.assert_close(a.double().cpu(), b, **TOL, msg=lambda msg: f"d{name}: {msg}")
+
+
+def test_exp_maps_fused_only_where_they_apply():
+    """t2r/elu are not exponential; a per-head map must match the heads; float64 goes the unfused way."""
+    from attnzoo.ops.linear.favor import exp_map_fits, favor_map
+    from attnzoo.variants.feature_maps import FeatureMap
+
+    assert FeatureMap("t2r", 2, 16).exp_map() is None and FeatureMap("elu", 2, 16).exp_map() is None
+    q = torch.randn(1, 2, 8, 16, device=DEV)
+    mp = favor_map(torch.randn(32, 16, device=DEV), 0.25)
+    assert exp_map_fits(q, q, mp, mp, backend="triton")
+    assert not exp_map_fits(q.double(), q.double(), mp, mp, backend="triton")
+    assert not exp_map_fits(q, q, mp, favor_map(torch.randn(48, 16, device=DEV), 0.25), backend="triton")

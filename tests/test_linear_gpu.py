@@ -99,7 +99,7 @@ def test_fused_window_equals_window_in_torch_and_state_round_trip(window, monkey
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_favor_fused_matches_float64_forward_and_backward(dtype):
     """Non-causal FAVOR+ with the feature map fused into the two GEMMs (m = 256, head_dim 64, GQA, padding)."""
-    from attnzoo.ops.linear.favor import favor_attention, favor_fits
+    from attnzoo.ops.linear.favor import exp_map_fits, favor_attention, favor_map
     from attnzoo.variants.feature_maps import favor_features, orthogonal_gaussian
 
     b, hq, hkv, n, d, m = 2, 8, 2, 1000, 64, 256
@@ -109,7 +109,7 @@ def test_favor_fused_matches_float64_forward_and_backward(dtype):
     leaves = [x.requires_grad_() for x in leaves]
     valid = torch.ones(b, n, dtype=torch.bool, device="cuda")
     valid[-1, : n // 5] = False
-    assert favor_fits(leaves[0], leaves[2], proj)
+    assert exp_map_fits(leaves[0], leaves[2], favor_map(proj, d**-0.5), favor_map(proj, d**-0.5))
     out = favor_attention(*leaves, proj, scale=d**-0.5, key_padding_mask=valid)
     ref_leaves = [x.detach().cpu().double().requires_grad_() for x in leaves]
     qf, ql = favor_features(ref_leaves[0], proj.cpu().double(), d**-0.5)
@@ -126,6 +126,7 @@ def test_favor_fused_matches_float64_forward_and_backward(dtype):
 @pytest.mark.parametrize("name,opts", [("performer", {"features": 64, "causal": True}),
                                        ("performer", {"features": 64}),
                                        ("linear", {"feature_map": "hedgehog", "causal": True, "window": 16}),
+                                       ("linear", {"feature_map": "hedgehog"}),  # non-causal: the map fused
                                        ("linformer", {"k": 32, "max_len": 512})])
 def test_modules_on_cuda_match_float64(name, opts):
     m = attnzoo.create(name, dim=256, heads=4, groups=2, **opts).cuda().to(torch.bfloat16)
