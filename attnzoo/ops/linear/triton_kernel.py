@@ -16,6 +16,12 @@ are masked. Backward (:class:`_ChunkCore`), three kernels: ``_states_bwd`` walks
 gradient of the state after each chunk (``dH_c = a_c dH_{c+1} + sum_i D_i q_i dO_i^T``, the denominator's
 gradient beside it as ``dz``), then ``_dq`` (per chunk and query head) and ``_dkv`` (per chunk and KV head, over
 its query heads: no atomics) in parallel. The forward keeps the per-chunk states for them.
+
+The window hybrid (:func:`window_fused`): the same ``_states`` on the keys, then ``_win_fwd`` (a query chunk
+against the keys of its own chunk and the previous one, window pairs by ``exp(scale q.k)`` and linear pairs by
+the features, the state entering the previous chunk for the rest, the one normaliser in the kernel), backward
+``_states_bwd`` with a lag of one chunk, ``_win_dq`` and ``_win_dkv`` (docs/linear.md, "the window hybrid is
+fused").
 """
 from __future__ import annotations
 
