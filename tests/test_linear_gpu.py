@@ -36,7 +36,8 @@ def _inputs(b, hq, hkv, n, f, d, dtype, gated):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("f,gated,window", [(64, False, 0), (256, True, 0), (128, True, 64)])
+@pytest.mark.parametrize("f,gated,window", [(64, False, 0), (256, True, 0), (128, True, 64), (128, True, 7),
+                                            (64, False, 128)])
 def test_fused_matches_float64_forward_and_backward(dtype, f, gated, window):
     t, valid = _inputs(2, 8, 2, 1000, f, 64, dtype, gated)
     leaves = {k: x.requires_grad_() for k, x in t.items()}
@@ -67,9 +68,65 @@ def test_fused_equals_torch_backend_and_state_round_trip():
     assert _rel(torch.cat([o1, o2], 2), a) < 1e-2
 
 
+@pytest.mark.parametrize("window", [1, 64])
+def test_fused_window_equals_window_in_torch_and_state_round_trip(window, monkeypatch):
+    """The fused window hybrid (checked to run) against the path with the window part in PyTorch beside the
+    linear kernels, and prefill + continuation with its state (the module's cache convention: the last
+    ``window`` keys prepended, their outputs dropped) against one call."""
+    from attnzoo.ops.linear import triton_kernel
+    from attnzoo.ops.linear.chunked import linear_attention_chunked
+
+    calls = []
+    inner = triton_kernel._win_forward
+    monkeypatch.setattr(triton_kernel, "_win_forward", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
+    t, valid = _inputs(2, 8, 2, 2000, 128, 64, torch.bfloat16, True)
+    a = linear_attention(**t, causal=True, key_padding_mask=valid, window=window, backend="triton")
+    assert calls
+    b = linear_attention_chunked(**t, causal=True, valid=valid, window=window,
+                                 causal_fn=triton_kernel.causal_parts_fused)
+    assert _rel(a, b) < 1e-2
+    s = 1100
+    first = {k: x[:, :, :s] for k, x in t.items()}
+    o1, st = linear_attention(**first, causal=True, key_padding_mask=valid[:, :s], window=window,
+                              return_state=True, backend="triton")
+    rest = {k: x[:, :, s - window:] for k, x in t.items()}
+    o2 = linear_attention(**rest, causal=True, key_padding_mask=valid[:, s - window:], window=window,
+                          initial_state=st, backend="triton")
+    assert _rel(torch.cat([o1, o2[:, :, window:]], 2), a) < 1e-2
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_favor_fused_matches_float64_forward_and_backward(dtype):
+    """Non-causal FAVOR+ with the feature map fused into the two GEMMs (m = 256, head_dim 64, GQA, padding)."""
+    from attnzoo.ops.linear.favor import exp_map_fits, favor_attention, favor_map
+    from attnzoo.variants.feature_maps import favor_features, orthogonal_gaussian
+
+    b, hq, hkv, n, d, m = 2, 8, 2, 1000, 64, 256
+    proj = orthogonal_gaussian(m, d, 0).cuda()
+    kw = dict(device="cuda", dtype=dtype)
+    leaves = [torch.randn(b, hq, n, d, **kw), torch.randn(b, hkv, n, d, **kw), torch.randn(b, hkv, n, d, **kw)]
+    leaves = [x.requires_grad_() for x in leaves]
+    valid = torch.ones(b, n, dtype=torch.bool, device="cuda")
+    valid[-1, : n // 5] = False
+    assert exp_map_fits(leaves[0], leaves[2], favor_map(proj, d**-0.5), favor_map(proj, d**-0.5))
+    out = favor_attention(*leaves, proj, scale=d**-0.5, key_padding_mask=valid)
+    ref_leaves = [x.detach().cpu().double().requires_grad_() for x in leaves]
+    qf, ql = favor_features(ref_leaves[0], proj.cpu().double(), d**-0.5)
+    kf, kl = favor_features(ref_leaves[1], proj.cpu().double(), d**-0.5)
+    ref = linear_attention_naive(qf, kf, ref_leaves[2], q_log=ql, k_log=kl, key_padding_mask=valid.cpu())
+    assert _rel(out, ref) < TOL
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(ref, ref_leaves, g.double().cpu())
+    for name, a, w in zip("qkv", got, want):
+        assert _rel(a, w) < 3 * TOL, name
+
+
 @pytest.mark.parametrize("name,opts", [("performer", {"features": 64, "causal": True}),
                                        ("performer", {"features": 64}),
                                        ("linear", {"feature_map": "hedgehog", "causal": True, "window": 16}),
+                                       ("linear", {"feature_map": "hedgehog"}),  # non-causal: the map fused
                                        ("linformer", {"k": 32, "max_len": 512})])
 def test_modules_on_cuda_match_float64(name, opts):
     m = attnzoo.create(name, dim=256, heads=4, groups=2, **opts).cuda().to(torch.bfloat16)

@@ -9,7 +9,12 @@ at equal feature width with fla's raw kernel.
 
 Sections:
 
-* ``performer``: N=16384, causal and not: the ``performer`` module, the op (causal), dense cuDNN + qkv;
+* ``performer``: N=16384, causal and not: the ``performer`` module, the op (causal), dense cuDNN + qkv; causal
+  also the window hybrid (``linear``, hedgehog features, ``window=64``) and where its time goes: the module with
+  and without the window, the op alone at the hedgehog width (2 x head_dim = 128) with the window fused, without
+  the window, and with the window part in PyTorch beside the linear kernels (the path before the fused window);
+  non-causal also FAVOR+ after the projections with the feature map fused into the two GEMMs and the unfused
+  way (the ``[b, h, n, m]`` feature rows written and read: what the fusion removes);
 * ``linformer``: N=16384: the ``linformer`` module (k=256) against dense cuDNN + qkv (non-causal);
 * ``crossover``: N = 4k, 16k, 64k: performer (causal and not) and linformer against dense cuDNN + qkv; the summary
   reports where each becomes faster (the crossover length, interpolated on log N).
@@ -43,6 +48,7 @@ EXTRA_COLUMNS = ("vs_dense",)
 __all__ = ["run", "summary", "TITLE", "SECTIONS", "PEERS"]
 
 HID, NH, FEATS, SLOTS = 768, 12, 256, 256
+WINDOW = 64
 
 
 def _dims(o: Options):
@@ -65,7 +71,7 @@ def _module_case(o: Options, label: str, name: str, n: int, causal: bool) -> Cas
         m = _module(o, name, n, causal)
         x = torch.randn(1, n, _dims(o)[0], device=o.device, dtype=o.dtype, requires_grad=True)
         return lambda: m(x)
-    return Case(label, make, backend="triton" if o.cuda and causal and name == "performer" else "torch")
+    return Case(label, make, backend="triton" if o.cuda and name == "performer" else "torch")
 
 
 def _op_case(o: Options, n: int) -> Case:
@@ -77,6 +83,78 @@ def _op_case(o: Options, n: int) -> Case:
         v = torch.randn(1, nh, n, hd, device=o.device, dtype=o.dtype, requires_grad=True)
         return lambda: linear_attention(F.elu(q) + 1, F.elu(k) + 1, v, causal=True)
     return Case(f"attnzoo-linear-op(K{feats},causal)", make, backend="triton" if o.cuda else "torch")
+
+
+def _favor_cases(o: Options, n: int) -> list[Case]:
+    """Non-causal FAVOR+ on ``q, k, v`` (after the projections): the feature map fused into the two GEMMs
+    (``favor_attention``; CUDA) and the unfused way (``favor_features`` materialising ``[b, h, n, m]`` rows, then
+    the op), the difference being the bytes of the feature rows."""
+    from attnzoo.ops.linear.favor import favor_attention
+    from attnzoo.variants.feature_maps import favor_features, orthogonal_gaussian
+
+    hid, nh, feats, _ = _dims(o)
+    hd = hid // nh
+
+    def make_inputs():
+        proj = orthogonal_gaussian(feats, hd, 0).to(device=o.device, dtype=o.dtype)
+        return proj, [torch.randn(1, nh, n, hd, device=o.device, dtype=o.dtype, requires_grad=True) for _ in range(3)]
+
+    def fused():
+        proj, (q, k, v) = make_inputs()
+        return lambda: favor_attention(q, k, v, proj, scale=hd**-0.5)
+
+    def unfused():
+        proj, (q, k, v) = make_inputs()
+
+        def fwd():
+            qf, ql = favor_features(q, proj, hd**-0.5)
+            kf, kl = favor_features(k, proj, hd**-0.5)
+            return linear_attention(qf, kf, v, q_log=ql, k_log=kl)
+        return fwd
+
+    cases = [Case(f"attnzoo-favor-op(m{feats},features-materialised)", unfused, backend="torch")]
+    if o.cuda:
+        cases.insert(0, Case(f"attnzoo-favor-op(m{feats},fused)", fused, backend="triton"))
+    return cases
+
+
+def _hybrid_cases(o: Options, n: int) -> list[Case]:
+    """The window hybrid (causal): modules ``linear`` (hedgehog) with and without the window, and the op alone at
+    the hedgehog width (elu features inside the timed call, as the other op row): fused, without the window, and
+    (CUDA) the window part in PyTorch beside the linear kernels. Module minus op: projections and feature maps;
+    op with minus op without the window: the window's cost."""
+    from attnzoo.ops.linear import triton_kernel
+    from attnzoo.ops.linear.chunked import linear_attention_chunked
+
+    hid, nh, _, _ = _dims(o)
+    hd = hid // nh
+    f = 2 * hd
+
+    def module(window: int) -> Case:
+        def make():
+            m = attnzoo.create("linear", dim=hid, heads=nh, causal=True, feature_map="hedgehog", window=window)
+            m = m.to(device=o.device, dtype=o.dtype)
+            x = torch.randn(1, n, hid, device=o.device, dtype=o.dtype, requires_grad=True)
+            return lambda: m(x)
+        tag = f",window{window}" if window else ""
+        return Case(f"attnzoo-linear(hedgehog{tag},causal)", make, backend="triton" if o.cuda else "torch")
+
+    def op(window: int, unfused: bool = False) -> Case:
+        def make():
+            qx, kx = (torch.randn(1, nh, n, f, device=o.device, dtype=o.dtype, requires_grad=True) for _ in range(2))
+            q, k, v = (torch.randn(1, nh, n, hd, device=o.device, dtype=o.dtype, requires_grad=True) for _ in range(3))
+            if unfused:
+                return lambda: linear_attention_chunked(F.elu(qx) + 1, F.elu(kx) + 1, v, causal=True, window=window,
+                                                        q=q, k=k, causal_fn=triton_kernel.causal_parts_fused)
+            return lambda: linear_attention(F.elu(qx) + 1, F.elu(kx) + 1, v, causal=True, window=window, q=q, k=k)
+        tag = f",window{window}" if window else ""
+        return Case(f"attnzoo-linear-op(K{f}{tag},causal{',window-in-torch' if unfused else ''})", make,
+                     backend="triton" if o.cuda else "torch")
+
+    cases = [module(WINDOW), module(0), op(WINDOW), op(0)]
+    if o.cuda:
+        cases.append(op(WINDOW, unfused=True))
+    return cases
 
 
 def _tag(causal: bool) -> str:
@@ -91,6 +169,9 @@ def performer_cases(o: Options) -> list[Row]:
                  _module_case(o, f"dense-cudnn+qkv{'(causal)' if causal else ''}", "mha", n, causal)]
         if causal:
             cases.append(_op_case(o, n))
+            cases += _hybrid_cases(o, n)
+        else:
+            cases += _favor_cases(o, n)
         rows += measure(o, "performer", n, cases)
     return rows
 
@@ -182,6 +263,15 @@ def summary(rows: list[Row], peers: list[Row], out_dir: str | None = None, stem:
         if op and op.ok and fla:
             check(f"linear op (K=256, causal) N={n} {mode} within 1.2x of fla chunk_linear_attn", op.ms <= 1.2 * fla.ms,
                   f"{op.ms:.3f} vs {fla.ms:.3f} ms = {op.ms / fla.ms:.2f}x its time")
+    out += _hybrid_breakdown(rows)
+    for mode in ("fwd", "fwd+bwd"):
+        fused = [r for r in rows if r.name.startswith("attnzoo-favor-op(") and r.name.endswith(",fused)")
+                 and r.mode == mode and r.ok]
+        for r in fused:
+            un = _find(rows, r.group, r.name.replace(",fused)", ",features-materialised)"), r.n, mode)
+            if un is not None and un.ok:
+                out.append(f"- FAVOR+ non-causal N={r.n} {mode}: feature map fused {r.ms:.3f} ms vs the feature rows "
+                           f"materialised {un.ms:.3f} ms ({un.ms / r.ms:.2f}x)")
     mine = _find(rows, "linformer", f"attnzoo-linformer(k{SLOTS})", n, "fwd+bwd")
     lr = peer("lucidrains-linformer(k256)", n, "fwd+bwd")
     if mine and mine.ok and lr:
@@ -190,3 +280,36 @@ def summary(rows: list[Row], peers: list[Row], out_dir: str | None = None, stem:
     if not peers:
         out.append("- (no peers in this run: the peer ratios are not checked; pass `--peers PATH/peers_bench.py`)")
     return out
+
+
+def _hybrid_breakdown(rows: list[Row]) -> list[str]:
+    """Where the window hybrid's time goes (ms, from the performer section's rows)."""
+    from ..table import markdown_table
+
+    widths = {r.name[len("attnzoo-linear-op(K"):].split(",")[0] for r in rows
+              if r.name.startswith("attnzoo-linear-op(K") and f",window{WINDOW}," in r.name}
+    if len(widths) != 1:
+        return []
+    f = widths.pop()
+    names = {"module": f"attnzoo-linear(hedgehog,window{WINDOW},causal)",
+             "module, no window": "attnzoo-linear(hedgehog,causal)",
+             "op": f"attnzoo-linear-op(K{f},window{WINDOW},causal)",
+             "op, no window": f"attnzoo-linear-op(K{f},causal)",
+             "op, window in PyTorch": f"attnzoo-linear-op(K{f},window{WINDOW},causal,window-in-torch)"}
+    table = []
+    for n, mode in sorted({(r.n, r.mode) for r in rows if r.group == "performer" and r.name == names["module"]}):
+        ms = {k: r.ms for k, name in names.items() for r in [_find(rows, "performer", name, n, mode)] if r and r.ok}
+        if "module" not in ms or "op" not in ms:
+            continue
+
+        def diff(a, b):
+            return f"{ms[a] - ms[b]:.3f}" if a in ms and b in ms else "-"
+        table.append({"n": n, "mode": mode, "module ms": f"{ms['module']:.3f}",
+                      "projections + feature maps": diff("module", "op"), "op ms": f"{ms['op']:.3f}",
+                      "the window (op - op without)": diff("op", "op, no window"),
+                      "window in PyTorch / fused": f"{ms['op, window in PyTorch'] / ms['op']:.2f}x"
+                      if "op, window in PyTorch" in ms else "-"})
+    if not table:
+        return []
+    return ["", f"## where the window hybrid's time goes (hedgehog features, window {WINDOW}, ms)", "",
+            markdown_table(table), ""]

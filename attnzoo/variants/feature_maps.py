@@ -92,6 +92,19 @@ class FeatureMap(nn.Module):
         gain = self.log_gain.to(feats.dtype)[None, :, None].expand(feats.shape[:-1])
         return feats, gain if log is None else log + gain
 
+    def exp_map(self):
+        """This map as an :class:`attnzoo.ops.linear.favor.ExpMap` (the fused non-causal kernels), or None when
+        it is not exponential (t2r, elu). ``log_gain`` is left out: a per-head constant, it cancels without a
+        window (and a window is causal)."""
+        from ..ops.linear.favor import ExpMap, favor_map
+
+        if self.kind == "performer":
+            return favor_map(self.weight, self.scale)
+        if self.kind != "hedgehog":
+            return None
+        wt = self.weight.transpose(-1, -2)  # u = x W: rows of W^T
+        return ExpMap(torch.cat([wt, -wt], -2), torch.cat([self.bias, -self.bias], -1))
+
     def _features(self, x: torch.Tensor):
         if self.kind == "performer":
             return favor_features(x, self.weight, self.scale)

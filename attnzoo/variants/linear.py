@@ -33,6 +33,7 @@ from ..errors import check_choice, check_positive_int, check_type
 from ..kv import KVLayout
 from ..ops import apply_rope, attention, rope_cos_sin
 from ..ops.linear import LinearState, linear_attention
+from ..ops.linear.favor import exp_map_attention, exp_map_fits, favor_map
 from ..registry import register
 from ..options import option
 from .cache import Cache, StateCache
@@ -263,6 +264,15 @@ class LinearAttention(DenseAttention):
             self.q_feature_map(q)
         return (qf, ql, *self.key_features(k))
 
+    def exp_maps(self):
+        """``(q_map, k_map)`` as :class:`attnzoo.ops.linear.favor.ExpMap` when both maps are exponential
+        (FAVOR+, the performer and hedgehog maps), else None."""
+        if self.projection is not None:
+            mp = favor_map(self.projection, self.scale)
+            return mp, mp
+        qm, km = self.q_feature_map.exp_map(), self.k_feature_map.exp_map()
+        return (qm, km) if qm is not None and km is not None else None
+
     def key_features(self, k: torch.Tensor):
         """``(kf, k_log)`` of projected keys."""
         return favor_features(k, self.projection, self.scale) if self.projection is not None else \
@@ -314,6 +324,9 @@ class LinearAttention(DenseAttention):
         self._maybe_redraw()
         causal, W = self.config.causal, self.window
         if cache is None:
+            maps = self.exp_maps() if not causal else None
+            if maps is not None and exp_map_fits(q, v, *maps):  # the feature maps fused into the two GEMMs
+                return exp_map_attention(q, k, v, *maps, key_padding_mask=valid)
             qf, ql, kf, kl = self.features(q, k)
             return linear_attention(qf, kf, v, causal=causal, key_padding_mask=valid, q_log=ql, k_log=kl, window=W,
                                     q=q, k=k, scale=self.scale)

@@ -3,7 +3,8 @@ hybrid with an exact-softmax window, with a recurrent state for decoding.
 
 * :mod:`.naive`: the float64 reference (the definition);
 * :mod:`.chunked`: the stabilised chunkwise form in PyTorch (CPU, and autograd);
-* :mod:`.triton_kernel`: the fused causal kernels (CUDA);
+* :mod:`.triton_kernel`: the fused causal kernels (CUDA), the window hybrid included;
+* :mod:`.favor`: non-causal FAVOR+ with the feature map fused into the two GEMMs (CUDA);
 * :mod:`.op`: :func:`linear_attention`, which picks between them.
 """
 from .chunked import LinearState

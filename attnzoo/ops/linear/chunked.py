@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["LinearState", "linear_attention_chunked", "causal_parts", "chunk_core", "window_parts", "combine_parts",
-           "shift_keys"]
+           "shift_keys", "stabilised_keys", "state_after"]
 
 NEG = float("-inf")
 
@@ -81,6 +81,54 @@ def _running_max(k_log: torch.Tensor, m0: torch.Tensor | None):
     return torch.where(seen, m, first), seen
 
 
+def stabilised_keys(kf, *, valid=None, k_log=None, initial_state: LinearState | None = None):
+    """The keys as the causal state stores them: ``(kt, m, seen, gated)``, ``kt = kf exp(k_log - m)`` (0 for
+    padding), ``m [b, hkv, n]`` the running maximum of the log-scales (from ``initial_state.m``; zeros when not
+    ``gated``, i.e. without log-scales), ``seen`` whether any key is at or before each position. Per-row scales in
+    float32 (float64 for float64); the feature rows keep their dtype. ``m`` is detached (a stabiliser)."""
+    ct = _compute_dtype(kf)
+    b, hkv, n, _ = kf.shape
+    if valid is not None:
+        kf = kf * valid[:, None, :, None].to(kf.dtype)
+    gated = k_log is not None or (initial_state is not None and bool((initial_state.m != 0).any()))
+    if gated:
+        r = (k_log.to(ct) if k_log is not None else torch.zeros(b, hkv, n, dtype=ct, device=kf.device))
+        if valid is not None:
+            r = r.masked_fill(~valid[:, None, :], NEG)
+        m, seen = _running_max(r.detach(), None if initial_state is None else initial_state.m.to(ct))
+        kt = kf * torch.exp(r - m)[..., None].to(kf.dtype)  # m, a stabiliser, is detached: the output does not depend on it
+    else:
+        m = torch.zeros(b, hkv, n, dtype=ct, device=kf.device)
+        seen = torch.ones(b, hkv, n, dtype=torch.bool, device=kf.device) if valid is None else \
+            torch.cummax(valid[:, None, :].expand(b, hkv, n).to(torch.int8), -1).values.bool()
+        kt = kf
+    return kt, m, seen, gated
+
+
+def state_after(kt, v, m, upto: int, initial_state: LinearState | None = None, seen=None) -> LinearState:
+    """The state of the first ``upto`` keys (and ``initial_state``'s before them) from :func:`stabilised_keys`'
+    ``kt``, ``m``: ``sum_j kt_j exp(m_j - m_p) [v_j | 1]^T`` at log-scale ``m_p``, ``p = upto - 1`` (one GEMM;
+    the windowed kernels' state for a cache, whose keys stop ``window`` before the end)."""
+    ct = m.dtype
+    b, hkv = kt.shape[:2]
+    if upto <= 0:
+        if initial_state is not None:
+            return LinearState(initial_state.kv.to(ct), initial_state.m.to(ct))
+        return LinearState(torch.zeros(b, hkv, kt.shape[-1], v.shape[-1] + 1, dtype=ct, device=kt.device),
+                           torch.zeros(b, hkv, dtype=ct, device=kt.device))
+    mp = m[..., upto - 1]
+    if seen is not None:  # no key yet: keep the scale a later key would not set (its keys are all zero here)
+        mp = torch.where(seen[..., upto - 1], mp, initial_state.m.to(ct) if initial_state is not None else 0.0)
+    w = (m[..., :upto] - mp[..., None]).exp()
+    if seen is not None:
+        w = w.masked_fill(~seen[..., :upto], 0.0)
+    v1 = torch.cat([v[:, :, :upto].to(ct), torch.ones(b, hkv, upto, 1, dtype=ct, device=v.device)], -1)
+    S = torch.einsum("bhjf,bhje->bhfe", kt[:, :, :upto].to(ct) * w[..., None], v1)
+    if initial_state is not None:
+        S = S + initial_state.kv.to(ct) * (initial_state.m.to(ct) - mp).exp()[..., None, None]
+    return LinearState(S, mp)
+
+
 def causal_parts(qf, kf, v, *, valid=None, k_log=None, initial_state: LinearState | None = None, chunk: int = 64,
                  core=None):
     """Causal linear attention, unnormalised: ``(num [b, hq, n, dv], den [b, hq, n], m [b, hkv, n], seen
@@ -88,23 +136,8 @@ def causal_parts(qf, kf, v, *, valid=None, k_log=None, initial_state: LinearStat
     False where no key was read yet. ``qf [b, hq, n, f]``, ``kf [b, hkv, n, f]``, ``v [b, hkv, n, dv]``,
     ``valid [b, n]`` bool, ``k_log [b, hkv, n]`` or None. ``core``: the chunk computation (:func:`chunk_core`,
     or the fused kernels' with the same signature)."""
-    ct = _compute_dtype(qf)  # per-row scales in float32 (float64 for float64); feature rows keep their dtype
-    b, hq, n, f = qf.shape
-    hkv = kf.shape[1]
-    if valid is not None:
-        kf = kf * valid[:, None, :, None].to(kf.dtype)
-    gated = k_log is not None or (initial_state is not None and bool((initial_state.m != 0).any()))
-    if gated:
-        r = (k_log.to(ct) if k_log is not None else torch.zeros(b, hkv, n, dtype=ct, device=qf.device))
-        if valid is not None:
-            r = r.masked_fill(~valid[:, None, :], NEG)
-        m, seen = _running_max(r.detach(), None if initial_state is None else initial_state.m.to(ct))
-        kt = kf * torch.exp(r - m)[..., None].to(kf.dtype)  # m, a stabiliser, is detached: the output does not depend on it
-    else:
-        m = torch.zeros(b, hkv, n, dtype=ct, device=qf.device)
-        seen = torch.ones(b, hkv, n, dtype=torch.bool, device=qf.device) if valid is None else \
-            torch.cummax(valid[:, None, :].expand(b, hkv, n).to(torch.int8), -1).values.bool()
-        kt = kf
+    kt, m, seen, gated = stabilised_keys(kf, valid=valid, k_log=k_log, initial_state=initial_state)
+    ct = m.dtype
     if initial_state is not None:
         seen = seen | (initial_state.kv[..., -1].abs().sum(-1) > 0)[..., None]
         G0, S0 = -initial_state.m.to(ct), initial_state.kv.to(ct)
@@ -205,11 +238,12 @@ def combine_parts(parts) -> torch.Tensor:
 def linear_attention_chunked(qf, kf, v, *, causal: bool = False, valid=None, q_log=None, k_log=None,
                              window: int = 0, q=None, k=None, scale: float | None = None,
                              initial_state: LinearState | None = None, return_state: bool = False,
-                             chunk: int = 64, causal_fn=None):
+                             chunk: int = 64, causal_fn=None, window_fn=None):
     """The op of :mod:`.naive` (arguments as :func:`.naive.linear_attention_naive`, ``valid`` = the key padding
     mask, queries and keys at the same positions), stabilised and chunked. ``initial_state``: the state of the
     keys before these (causal); ``return_state``: also return the state after them (keys up to ``n - window``
-    with a window). ``causal_fn``: a replacement for :func:`chunk_core` (the fused kernels)."""
+    with a window). ``causal_fn``: a replacement for :func:`chunk_core` (the fused kernels); ``window_fn``: the
+    whole causal window hybrid in one (the fused kernels' :func:`.triton_kernel.window_fused`, same arguments)."""
     out_dtype = v.dtype
     if not causal:
         if window:
@@ -226,6 +260,14 @@ def linear_attention_chunked(qf, kf, v, *, causal: bool = False, valid=None, q_l
         out = torch.where((den > 0)[..., None], num / safe[..., None], torch.zeros_like(num)).to(out_dtype)
         return (out, state) if return_state else out
     W = window
+    sc = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if window_fn is not None:
+        kt, m, seen, _ = stabilised_keys(kf, valid=valid, k_log=k_log, initial_state=initial_state)
+        G0 = -initial_state.m.to(m.dtype) if initial_state is not None else -m[..., 0]
+        S0 = initial_state.kv.to(m.dtype) if initial_state is not None else None
+        out = window_fn(qf, kt, v, q, k, -m, G0, S0, valid=valid, q_log=q_log, scale=sc, window=W,
+                        chunk=chunk).to(out_dtype)
+        return (out, state_after(kt, v, m, kf.shape[2] - W, initial_state, seen)) if return_state else out
     kf_s, v_s = shift_keys(kf, W, 2), shift_keys(v, W, 2)
     ones = torch.ones(kf.shape[0], kf.shape[2], dtype=torch.bool, device=kf.device)
     valid_s = shift_keys(valid if valid is not None else ones, W, 1, False)
@@ -235,7 +277,6 @@ def linear_attention_chunked(qf, kf, v, *, causal: bool = False, valid=None, q_l
     g = qf.shape[1] // kf.shape[1]
     L = m.repeat_interleave(g, 1) + (q_log.to(m.dtype) if q_log is not None else 0.0)
     L = L.masked_fill(~seen.repeat_interleave(g, 1), NEG)
-    sc = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     num_w, den_w, M = window_parts(q, k, v, window=W, valid=valid, scale=sc)
     out = combine_parts([(num_l, den_l, L), (num_w, den_w, M)]).to(out_dtype)
     return (out, state) if return_state else out

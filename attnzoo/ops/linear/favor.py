@@ -1,0 +1,379 @@
+"""Non-causal FAVOR+ attention with the feature map fused into the two GEMMs (Triton), forward and backward.
+
+``favor_attention(q, k, v, projection, scale=..., key_padding_mask=...)`` equals
+``linear_attention(phi(q), phi(k), v)`` with FAVOR+'s ``phi(x) = exp(w.x' - |x'|^2 / 2)``, ``x' = x sqrt(scale)``
+(``attnzoo.variants.feature_maps.favor_features``; its constant ``1/sqrt(m)`` cancels), without ever writing the
+``[b, h, n, m]`` feature rows: the features are computed in registers from ``q``/``k`` (``[n, d]``, ``d`` = 64
+where ``m`` = 256: a quarter of the bytes) and consumed there.
+
+* ``_kv_state``: per KV head, block of features and split of the keys: ``u = k' W^T - |k'|^2 / 2`` on tensor
+  cores, ``phi~ = exp(u - running max)`` (padding keys 0), ``S += phi~^T V``, ``z += sum phi~``; the splits'
+  partial states are combined at the global maximum in PyTorch (small: ``[splits, m, dv]``). The global maximum
+  over keys and features is the op's non-causal key stabiliser (:mod:`.chunked`).
+* ``_out``: per query head and block of queries, over blocks of features with an online row maximum (it cancels
+  between numerator and denominator): ``num = phi~ S``, ``den = phi~ z``, the output ``num / den``; keeps the
+  row maximum and ``den`` for the backward.
+* backward: ``_dstate`` (``dS = sum_i phi~_i dO_i^T / den_i``, ``dz = -sum_i phi~_i Delta_i / den_i``, per KV head
+  over its query heads, split like ``_kv_state``), ``_dq`` and ``_dk`` (``dphi`` times ``phi`` is the gradient of
+  ``u``; ``dx = (du W - sum(du) x') sqrt(scale)``, and ``dv = phi~ dS``).
+
+The projection takes no gradient here (the ``performer`` variant's buffer); learned maps go the unfused way.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ...errors import check_choice
+from ..sparse.triton_kernel.kernels import interpreted
+from .op import BACKENDS
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton is a dependency of torch on Linux
+    triton = None
+
+__all__ = ["ExpMap", "exp_map_attention", "exp_map_fits", "favor_map", "favor_attention"]
+
+
+class ExpMap(NamedTuple):
+    """An exponential feature map, ``phi(x) = exp(x W^T + bias - norm |x|^2 / 2)`` up to a constant factor per
+    row: ``weight [m, d]`` (shared) or ``[heads, m, d]``, ``bias [m]`` / ``[heads, m]`` or None. FAVOR+:
+    :func:`favor_map`; hedgehog's ``[exp(xW + b), exp(-(xW + b))]``: ``weight = [W^T; -W^T]``, ``bias = [b;
+    -b]`` (``attnzoo.variants.feature_maps.FeatureMap.exp_map``)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    norm: float = 0.0
+
+
+def exp_map_fits(q, v, q_map: ExpMap, k_map: ExpMap, backend: str = "auto") -> bool:
+    """Whether :func:`exp_map_attention` runs here: Triton on CUDA (``backend="triton"``: or its interpreter),
+    head and value widths in [16, 128], half precision or float32, maps of one width whose weights take no
+    gradient; ``backend="torch"``: never."""
+    check_choice("backend", backend, BACKENDS)
+    if triton is None or backend == "torch" or not (q.is_cuda or (backend == "triton" and interpreted())):
+        return False
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for mp in (q_map, k_map) for t in (mp.weight, mp.bias))
+    return (16 <= q.shape[-1] <= 128 and 16 <= v.shape[-1] <= 128 and q.dtype != torch.float64 and not grad
+            and q_map.weight.shape[-2:] == k_map.weight.shape[-2:] == (q_map.weight.shape[-2], q.shape[-1]))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rows(X, bh, rows, mr, n, D: tl.constexpr, BD: tl.constexpr):
+        rd = tl.arange(0, BD)
+        return tl.load(X + bh * n * D + rows[:, None] * D + rd[None, :], mask=mr[:, None] & (rd < D)[None, :],
+                       other=0.0)
+
+    @triton.jit
+    def _features(x, P, B, rm, M, sc, D: tl.constexpr, BD: tl.constexpr, HAS_B: tl.constexpr):
+        """``x W^T + b - sc |x|^2 / 2`` ``[BN, BM]`` for the rows ``x [BN, BD]`` (``P``, ``B``: this head's
+        ``W``, ``b``; -inf past the last feature)."""
+        rd = tl.arange(0, BD)
+        w = tl.load(P + rm[:, None] * D + rd[None, :], mask=(rm < M)[:, None] & (rd < D)[None, :], other=0.0)
+        xf = x.to(tl.float32)
+        u = tl.dot(x, tl.trans(w.to(x.dtype))).to(tl.float32) - 0.5 * sc * tl.sum(xf * xf, 1)[:, None]
+        if HAS_B:
+            u += tl.load(B + rm, mask=rm < M, other=0.0).to(tl.float32)[None, :]
+        return tl.where((rm < M)[None, :], u, float("-inf"))
+
+    @triton.jit
+    def _kv_state(K, V, P, B, VALID, SP, ZP, MP, n, HKV, per, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
+                  BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_VALID: tl.constexpr,
+                  HAS_B: tl.constexpr):
+        bh = tl.program_id(0)
+        P += (bh % HKV) * PS * D
+        B += (bh % HKV) * PS
+        mb = tl.program_id(1)
+        sp = tl.program_id(2)
+        nmb = tl.num_programs(1)
+        rm = mb * BM + tl.arange(0, BM)
+        rv = tl.arange(0, BV)
+        mv = rv < DV
+        S = tl.zeros([BM, BV], dtype=tl.float32)
+        z = tl.zeros([BM], dtype=tl.float32)
+        run = tl.max(tl.full([BM], float("-inf"), dtype=tl.float32), 0)
+        for j0 in range(sp * per, tl.minimum(sp * per + per, n), BN):
+            rows = j0 + tl.arange(0, BN)
+            mr = rows < n
+            ok = mr
+            if HAS_VALID:
+                ok = ok & (tl.load(VALID + (bh // HKV) * n + rows, mask=mr, other=0) != 0)
+            x = _rows(K, bh, rows, mr, n, D, BD)
+            keep = ok[:, None] & (rm < M)[None, :]
+            u = tl.where(keep, _features(x, P, B, rm, M, sc, D, BD, HAS_B), float("-inf"))
+            new = tl.maximum(run, tl.max(tl.max(u, 1), 0))
+            seen = new > float("-inf")  # else nothing so far: keep everything at 0
+            a = tl.where(seen, tl.exp(tl.where(seen, run - new, 0.0)), 1.0)
+            phi = tl.where(keep, tl.exp(tl.where(keep, u - new, 0.0)), 0.0)
+            v = tl.load(V + bh * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :],
+                        other=0.0)
+            S = S * a + tl.dot(tl.trans(phi.to(v.dtype)), v).to(tl.float32)
+            z = z * a + tl.sum(phi, 0)
+            run = new
+        base = (bh * nmb + mb) * tl.num_programs(2) + sp
+        tl.store(SP + base * BM * BV + tl.arange(0, BM)[:, None] * BV + rv[None, :], S)
+        tl.store(ZP + base * BM + tl.arange(0, BM), z)
+        tl.store(MP + base, run)
+
+    @triton.jit
+    def _out(Q, P, B, S, Z, OUT, RM, DEN, n, GROUP, HQ, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
+             BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_B: tl.constexpr):
+        bhq = tl.program_id(0)
+        P += (bhq % HQ) * PS * D
+        B += (bhq % HQ) * PS
+        rows = tl.program_id(1) * BN + tl.arange(0, BN)
+        mr = rows < n
+        bh = bhq // GROUP
+        rv = tl.arange(0, BV)
+        mv = rv < DV
+        acc = tl.zeros([BN, BV], dtype=tl.float32)
+        den = tl.zeros([BN], dtype=tl.float32)
+        run = tl.full([BN], float("-inf"), dtype=tl.float32)
+        x = _rows(Q, bhq, rows, mr, n, D, BD)
+        for m0 in range(0, M, BM):
+            rm = m0 + tl.arange(0, BM)
+            u = _features(x, P, B, rm, M, sc, D, BD, HAS_B)
+            new = tl.maximum(run, tl.max(u, 1))
+            a = tl.exp(run - new)
+            phi = tl.exp(u - new[:, None])
+            s = tl.load(S + bh * M * DV + rm[:, None] * DV + rv[None, :], mask=(rm < M)[:, None] & mv[None, :],
+                        other=0.0)
+            zb = tl.load(Z + bh * M + rm, mask=rm < M, other=0.0)
+            acc = acc * a[:, None] + tl.dot(phi.to(x.dtype), s.to(x.dtype)).to(tl.float32)
+            den = den * a + tl.sum(phi * zb[None, :], 1)
+            run = new
+        ok = den > 0
+        safe = tl.where(ok, den, 1.0)
+        tl.store(OUT + bhq * n * DV + rows[:, None] * DV + rv[None, :], acc / safe[:, None],
+                 mask=mr[:, None] & mv[None, :])
+        tl.store(RM + bhq * n + rows, run, mask=mr)
+        tl.store(DEN + bhq * n + rows, den, mask=mr)
+
+    @triton.jit
+    def _dstate(Q, P, B, DO, DELTA, RM, DEN, DSP, DZP, n, GROUP, HQ, per, M, sc, PS, D: tl.constexpr,
+                DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                HAS_B: tl.constexpr):
+        bh = tl.program_id(0)
+        mb = tl.program_id(1)
+        sp = tl.program_id(2)
+        rm = mb * BM + tl.arange(0, BM)
+        rv = tl.arange(0, BV)
+        mv = rv < DV
+        dS = tl.zeros([BM, BV], dtype=tl.float32)
+        dz = tl.zeros([BM], dtype=tl.float32)
+        for h in range(GROUP):
+            bhq = bh * GROUP + h
+            for i0 in range(sp * per, tl.minimum(sp * per + per, n), BN):
+                rows = i0 + tl.arange(0, BN)
+                mr = rows < n
+                hp = (bhq % HQ) * PS
+                u = _features(_rows(Q, bhq, rows, mr, n, D, BD), P + hp * D, B + hp, rm, M, sc, D, BD, HAS_B)
+                run = tl.load(RM + bhq * n + rows, mask=mr, other=0.0)
+                den = tl.load(DEN + bhq * n + rows, mask=mr, other=0.0)
+                w = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+                phi = tl.where(mr[:, None] & (rm < M)[None, :], tl.exp(u - run[:, None]), 0.0) * w[:, None]
+                do = tl.load(DO + bhq * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :],
+                             other=0.0)
+                dl = tl.load(DELTA + bhq * n + rows, mask=mr, other=0.0)
+                dS += tl.dot(tl.trans(phi.to(do.dtype)), do).to(tl.float32)
+                dz -= tl.sum(phi * dl[:, None], 0)
+        base = (bh * tl.num_programs(1) + mb) * tl.num_programs(2) + sp
+        tl.store(DSP + base * BM * BV + tl.arange(0, BM)[:, None] * BV + rv[None, :], dS)
+        tl.store(DZP + base * BM + tl.arange(0, BM), dz)
+
+    @triton.jit
+    def _dq(Q, P, B, S, Z, DO, DELTA, RM, DEN, DQ, n, GROUP, HQ, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
+            BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_B: tl.constexpr):
+        bhq = tl.program_id(0)
+        P += (bhq % HQ) * PS * D
+        B += (bhq % HQ) * PS
+        rows = tl.program_id(1) * BN + tl.arange(0, BN)
+        mr = rows < n
+        bh = bhq // GROUP
+        rv = tl.arange(0, BV)
+        mv = rv < DV
+        rd = tl.arange(0, BD)
+        run = tl.load(RM + bhq * n + rows, mask=mr, other=0.0)
+        den = tl.load(DEN + bhq * n + rows, mask=mr, other=0.0)
+        w = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+        do = tl.load(DO + bhq * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
+        dl = tl.load(DELTA + bhq * n + rows, mask=mr, other=0.0)
+        dx = tl.zeros([BN, BD], dtype=tl.float32)
+        tot = tl.zeros([BN], dtype=tl.float32)
+        x = _rows(Q, bhq, rows, mr, n, D, BD)
+        for m0 in range(0, M, BM):
+            rm = m0 + tl.arange(0, BM)
+            u = _features(x, P, B, rm, M, sc, D, BD, HAS_B)
+            phi = tl.where((rm < M)[None, :], tl.exp(u - run[:, None]), 0.0)
+            s = tl.load(S + bh * M * DV + rm[:, None] * DV + rv[None, :], mask=(rm < M)[:, None] & mv[None, :],
+                        other=0.0)
+            zb = tl.load(Z + bh * M + rm, mask=rm < M, other=0.0)
+            dphi = (tl.dot(do, tl.trans(s.to(do.dtype))).to(tl.float32) - dl[:, None] * zb[None, :]) * w[:, None]
+            du = phi * dphi
+            wp = tl.load(P + rm[:, None] * D + rd[None, :], mask=(rm < M)[:, None] & (rd < D)[None, :], other=0.0)
+            dx += tl.dot(du.to(x.dtype), wp.to(x.dtype)).to(tl.float32)
+            tot += tl.sum(du, 1)
+        dx -= sc * tot[:, None] * x.to(tl.float32)
+        tl.store(DQ + bhq * n * D + rows[:, None] * D + rd[None, :], dx, mask=mr[:, None] & (rd < D)[None, :])
+
+    @triton.jit
+    def _dk(K, V, P, B, VALID, MG, DS, DZ, DK, DVV, n, HKV, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
+            BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_VALID: tl.constexpr,
+            HAS_B: tl.constexpr):
+        bh = tl.program_id(0)
+        P += (bh % HKV) * PS * D
+        B += (bh % HKV) * PS
+        rows = tl.program_id(1) * BN + tl.arange(0, BN)
+        mr = rows < n
+        ok = mr
+        if HAS_VALID:
+            ok = ok & (tl.load(VALID + (bh // HKV) * n + rows, mask=mr, other=0) != 0)
+        rv = tl.arange(0, BV)
+        mv = rv < DV
+        rd = tl.arange(0, BD)
+        mg = tl.load(MG + bh)
+        v = tl.load(V + bh * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
+        dx = tl.zeros([BN, BD], dtype=tl.float32)
+        dv = tl.zeros([BN, BV], dtype=tl.float32)
+        tot = tl.zeros([BN], dtype=tl.float32)
+        x = _rows(K, bh, rows, mr, n, D, BD)
+        for m0 in range(0, M, BM):
+            rm = m0 + tl.arange(0, BM)
+            u = _features(x, P, B, rm, M, sc, D, BD, HAS_B)
+            keep = ok[:, None] & (rm < M)[None, :]
+            phi = tl.where(keep, tl.exp(tl.where(keep, u - mg, 0.0)), 0.0)
+            ds = tl.load(DS + bh * M * DV + rm[:, None] * DV + rv[None, :], mask=(rm < M)[:, None] & mv[None, :],
+                         other=0.0)
+            dzb = tl.load(DZ + bh * M + rm, mask=rm < M, other=0.0)
+            dphi = tl.dot(v, tl.trans(ds.to(v.dtype))).to(tl.float32) + dzb[None, :]
+            dv += tl.dot(phi.to(v.dtype), ds.to(v.dtype)).to(tl.float32)
+            du = phi * dphi
+            wp = tl.load(P + rm[:, None] * D + rd[None, :], mask=(rm < M)[:, None] & (rd < D)[None, :], other=0.0)
+            dx += tl.dot(du.to(x.dtype), wp.to(x.dtype)).to(tl.float32)
+            tot += tl.sum(du, 1)
+        dx -= sc * tot[:, None] * x.to(tl.float32)
+        tl.store(DK + bh * n * D + rows[:, None] * D + rd[None, :], dx, mask=mr[:, None] & (rd < D)[None, :])
+        tl.store(DVV + bh * n * DV + rows[:, None] * DV + rv[None, :], dv, mask=mr[:, None] & mv[None, :])
+
+
+BN, BM = 64, 64
+
+
+def _pow2(x: int) -> int:
+    return max(16, triton.next_power_of_2(x))
+
+
+def _splits(n: int) -> tuple[int, int]:
+    """(splits, keys per split): up to 16 splits of whole blocks."""
+    blocks = -(-n // BN)
+    sp = min(16, blocks)
+    per = -(-blocks // sp) * BN
+    return -(-n // per), per
+
+
+def _map_args(mp: ExpMap, dt):
+    """``(W, b or W as a placeholder, rows per head (0: shared), has_b, norm)`` for the kernels."""
+    w = mp.weight.detach().to(dt).contiguous()
+    b = mp.bias.detach().float().contiguous() if mp.bias is not None else w
+    return w, b, (w.shape[-2] if w.dim() == 3 else 0), mp.bias is not None, float(mp.norm)
+
+
+def _state(k, v, kmap, valid):
+    """``(S [b*hkv, m, dv], z [b*hkv, m], Mg [b*hkv])``: the keys' state at the global maximum ``Mg``."""
+    b, hkv, n, d = k.shape
+    w, bias, ps, has_b, norm = kmap
+    dv, m = v.shape[-1], w.shape[-2]
+    nmb = -(-m // BM)
+    sp, per = _splits(n)
+    BV = _pow2(dv)
+    dev = k.device
+    SP = torch.empty(b * hkv, nmb, sp, BM, BV, dtype=torch.float32, device=dev)
+    ZP = torch.empty(b * hkv, nmb, sp, BM, dtype=torch.float32, device=dev)
+    MP = torch.empty(b * hkv, nmb, sp, dtype=torch.float32, device=dev)
+    _kv_state[(b * hkv, nmb, sp)](k, v, w, bias, valid if valid is not None else MP, SP, ZP, MP, n, hkv, per, m,
+                                  norm, ps, D=d, DV=dv, BN=BN, BM=BM, BD=_pow2(d), BV=BV,
+                                  HAS_VALID=valid is not None, HAS_B=has_b)
+    Mg = MP.amax((1, 2))
+    Mg = Mg.masked_fill(torch.isinf(Mg), 0.0)
+    f = (MP - Mg[:, None, None]).exp()  # exp(-inf) = 0: splits without a key
+    S = (SP * f[..., None, None]).sum(2).reshape(b * hkv, nmb * BM, BV)[:, :m, :dv].contiguous()
+    z = (ZP * f[..., None]).sum(2).reshape(b * hkv, nmb * BM)[:, :m].contiguous()
+    return S, z, Mg.contiguous()
+
+
+class _ExpMapAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, valid, qmap, kmap):
+        b, hq, n, d = q.shape
+        hkv, dv = k.shape[1], v.shape[-1]
+        S, z, Mg = _state(k, v, kmap, valid)
+        w, bias, ps, has_b, norm = qmap
+        m = w.shape[-2]
+        out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
+        rm = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
+        den = torch.empty_like(rm)
+        _out[(b * hq, triton.cdiv(n, BN))](q, w, bias, S, z, out, rm, den, n, hq // hkv, hq, m, norm, ps, D=d, DV=dv,
+                                           BN=BN, BM=BM, BD=_pow2(d), BV=_pow2(dv), HAS_B=has_b)
+        ctx.save_for_backward(q, k, v, valid, S, z, Mg, out, rm, den)
+        ctx.maps = qmap, kmap
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, valid, S, z, Mg, out, rm, den = ctx.saved_tensors
+        (wq, bq, psq, hbq, nq), (wk, bk, psk, hbk, nk) = ctx.maps
+        b, hq, n, d = q.shape
+        hkv, dv, m = k.shape[1], v.shape[-1], wq.shape[-2]
+        dout = dout.to(q.dtype).contiguous()
+        delta = (dout.float() * out.float()).sum(-1).contiguous()
+        nmb = -(-m // BM)
+        sp, per = _splits(n)
+        BV, BD = _pow2(dv), _pow2(d)
+        dev = q.device
+        DSP = torch.empty(b * hkv, nmb, sp, BM, BV, dtype=torch.float32, device=dev)
+        DZP = torch.empty(b * hkv, nmb, sp, BM, dtype=torch.float32, device=dev)
+        _dstate[(b * hkv, nmb, sp)](q, wq, bq, dout, delta, rm, den, DSP, DZP, n, hq // hkv, hq, per, m, nq, psq,
+                                    D=d, DV=dv, BN=BN, BM=BM, BD=BD, BV=BV, HAS_B=hbq)
+        dS = DSP.sum(2).reshape(b * hkv, nmb * BM, BV)[:, :m, :dv].contiguous()
+        dz = DZP.sum(2).reshape(b * hkv, nmb * BM)[:, :m].contiguous()
+        dq = torch.empty(b, hq, n, d, dtype=torch.float32, device=dev)
+        _dq[(b * hq, triton.cdiv(n, BN))](q, wq, bq, S, z, dout, delta, rm, den, dq, n, hq // hkv, hq, m, nq, psq,
+                                          D=d, DV=dv, BN=BN, BM=BM, BD=BD, BV=BV, HAS_B=hbq)
+        dk = torch.empty(b, hkv, n, d, dtype=torch.float32, device=dev)
+        dvv = torch.empty(b, hkv, n, dv, dtype=torch.float32, device=dev)
+        _dk[(b * hkv, triton.cdiv(n, BN))](k, v, wk, bk, valid if valid is not None else Mg, Mg, dS, dz, dk, dvv, n,
+                                           hkv, m, nk, psk, D=d, DV=dv, BN=BN, BM=BM, BD=BD, BV=BV,
+                                           HAS_VALID=valid is not None, HAS_B=hbk)
+        return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None, None
+
+
+def exp_map_attention(q, k, v, q_map: ExpMap, k_map: ExpMap, *, key_padding_mask=None) -> torch.Tensor:
+    """Non-causal linear attention of ``q [b, hq, n, d]``, ``k [b, hkv, n, d]``, ``v [b, hkv, n, dv]`` with the
+    exponential feature maps ``q_map`` (heads: 1 or ``hq``) and ``k_map`` (1 or ``hkv``), the same width ``m``;
+    ``key_padding_mask [b, n]`` True = keep; the maps fused into the two GEMMs (see the module docstring;
+    :func:`exp_map_fits` says where it runs). Returns ``[b, hq, n, dv]`` in ``v``'s dtype."""
+    dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    valid = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
+    out = _ExpMapAttention.apply(q.to(dt).contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(), valid,
+                                 _map_args(q_map, dt), _map_args(k_map, dt))
+    return out.to(v.dtype)
+
+
+def favor_map(projection: torch.Tensor, scale: float) -> ExpMap:
+    """FAVOR+'s map (``projection [m, d]`` or ``[heads, m, d]``): ``exp(w.x' - |x'|^2/2)``, ``x' = x
+    sqrt(scale)`` (its constant ``1/sqrt(m)`` cancels)."""
+    return ExpMap(projection * math.sqrt(scale), None, float(scale))
+
+
+def favor_attention(q, k, v, projection, *, scale: float, key_padding_mask=None) -> torch.Tensor:
+    """Non-causal FAVOR+ attention (the ``performer`` variant): :func:`exp_map_attention` with
+    :func:`favor_map` for queries and keys."""
+    mp = favor_map(projection, scale)
+    return exp_map_attention(q, k, v, mp, mp, key_padding_mask=key_padding_mask)
