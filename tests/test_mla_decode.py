@@ -187,3 +187,35 @@ def test_the_shipped_table_is_well_formed():
     for e in td.load_table():
         assert {"device", "arch", "group", "kv_rank", "rope_dim", "dtype", "batch", "k_len"} <= set(e)
         assert td.DecodeConfig(**e["config"]).kernel_fields_set()
+
+
+def test_the_sweep_s_space_and_table_round_trip(tmp_path):
+    """benchmarks/mla_decode_sweep.py: 72 kernel configs (2 variants x 2 head tiles x 3 key tiles x 2 warps x 3
+    stages); ``write_table`` replaces this card's entries of the swept family, keeps the rest, and the library reads
+    the result back (the measured shape runs its measured config)."""
+    import importlib.util
+    import pathlib
+
+    from attnzoo.ops.mla import triton_decode as td
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "mla_decode_sweep.py"
+    spec = importlib.util.spec_from_file_location("mla_decode_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    space = sweep.kernel_space(False)
+    assert len(space) == 72 and len({sweep._name(k) for k in space}) == 72
+    table = tmp_path / "decode_configs.json"
+    other = dict(device="cpu", arch="cpu", group=16, kv_rank=512, rope_dim=64, dtype="bfloat16", batch=8, k_len=4096,
+                 config=dict(block_h=16, block_n=32, num_warps=4, num_stages=2, value_split=1, splits=2))
+    table.write_text(__import__("json").dumps({"entries": [other]}))
+    win = dict(batch=32, k_len=8192, ms=0.2, gpu_ms=0.19, gbps=1500.0, pct_of_copy=50.0, block_h=64, block_n=16,
+               num_warps=4, num_stages=3, value_split=2, splits=6)
+    report = dict(commit="abc", date="today", torch="t", triton="tr")
+    for _ in range(2):  # twice: the second replaces the first
+        sweep.write_table(str(table), [win], "cpu", "cpu", report)
+    entries = td.load_table(table)
+    assert len(entries) == 2 and entries[0] == other
+    e = td.table_entry(torch.device("cpu"), 128, 512, 64, torch.bfloat16, 32, 8192, entries)
+    cfg = td._from_entry(e, 32, 128, 1, 8192, 512, 64, 2, 4)
+    assert (cfg.block_h, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.value_split, cfg.splits) == (64, 16, 4, 3,
+                                                                                                      2, 6)

@@ -314,7 +314,8 @@ def unavailable_reason(call) -> str | None:
 
 if triton is not None:
 
-    @triton.jit
+    # lengths and the split count change from call to call (every decode step): one compiled kernel serves them all
+    @triton.jit(do_not_specialize=["k_len", "split_len", "splits"])
     def _split_kernel(QL, QR, C, KR, KPM, PO, PL, O,
                       s_qlb, s_qlh, s_qrb, s_qrh, s_cb, s_cn, s_kb, s_kn, s_kg, s_mb, s_ob, s_oh,
                       k_len, split_len, splits, scale_log2,
@@ -395,7 +396,7 @@ if triton is not None:
                      mask=h_ok[:, None] & v_ok[None, :])
             tl.store(PL + row, lse, mask=h_ok & ((hh * 0 + vp) == 0))  # one value part writes it
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["splits"])
     def _combine_kernel(PO, PL, O, s_ob, s_oh, splits, HEADS: tl.constexpr, R: tl.constexpr, BLOCK_S: tl.constexpr,
                         BLOCK_R: tl.constexpr):
         pid = tl.program_id(0)  # b * HEADS + h
