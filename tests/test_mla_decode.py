@@ -46,7 +46,7 @@ def test_absorbed_equals_expanded_in_float64():
     dict(h=8, rh=2, s=70, cfg=DecodeConfig(block_h=16, splits=2)),  # per-head rope keys
     dict(h=40, s=9, r=24, dr=4, cfg=DecodeConfig(block_h=16)),  # heads over several tiles, odd widths
     dict(s=64, kpm=True, cfg=DecodeConfig(splits=4, block_n=16)),  # padding, one sequence's first pieces empty
-    dict(s=200, r=32, cfg=DecodeConfig(splits=3, block_n=16, value_split=2)),  # value halves, several pieces
+    dict(s=200, r=32, dr=16, cfg=DecodeConfig(splits=3, block_n=16, value_split=2)),  # halves, pow2 widths
     dict(h=40, s=9, r=24, dr=4, cfg=DecodeConfig(block_h=16, value_split=2)),  # value halves of an odd width
     dict(h=8, rh=2, s=64, r=40, kpm=True, cfg=DecodeConfig(block_h=16, splits=4, block_n=16, value_split=2)),
 ], ids=["one-split", "splits", "per-head-rope", "head-tiles", "padding", "vsplit", "vsplit-odd", "vsplit-padding"])

@@ -357,12 +357,23 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             n = n0 + nn
             n_ok = n < end
-            c = tl.load(c_base + n[:, None] * s_cn + rr[None, :], mask=n_ok[:, None] & (rr[None, :] < R), other=0.0)
-            kr = tl.load(k_base + n[:, None] * s_kn + dd[None, :], mask=n_ok[:, None] & (dd[None, :] < DR),
-                         other=0.0)
+            # column masks only where a width is not a power of two (DeepSeek's 512 and 64 need none): row masks
+            # alone keep the loads vectorised along the row
+            if R == BLOCK_R:
+                c = tl.load(c_base + n[:, None] * s_cn + rr[None, :], mask=n_ok[:, None], other=0.0)
+            else:
+                c = tl.load(c_base + n[:, None] * s_cn + rr[None, :], mask=n_ok[:, None] & (rr[None, :] < R),
+                            other=0.0)
+            if DR == BLOCK_DR:
+                kr = tl.load(k_base + n[:, None] * s_kn + dd[None, :], mask=n_ok[:, None], other=0.0)
+            else:
+                kr = tl.load(k_base + n[:, None] * s_kn + dd[None, :], mask=n_ok[:, None] & (dd[None, :] < DR),
+                             other=0.0)
             if VSPLIT == 1:
                 cv = c
-            else:  # the same rows again, this program's columns (from L1/L2: the tile was just read)
+            elif R == BLOCK_V * VSPLIT:  # the same rows again, this program's columns (from L1/L2: just read)
+                cv = tl.load(c_base + n[:, None] * s_cn + vv[None, :], mask=n_ok[:, None], other=0.0)
+            else:
                 cv = tl.load(c_base + n[:, None] * s_cn + vv[None, :], mask=n_ok[:, None] & (vv[None, :] < R),
                              other=0.0)
             if UPCAST:
