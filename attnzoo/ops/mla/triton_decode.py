@@ -58,7 +58,7 @@ except ImportError:  # optional: attnzoo works without Triton
 
 __all__ = ["DecodeConfig", "choose_config", "choose_splits", "candidates", "plan", "latent_decode",
            "unavailable_reason", "interpreted", "device_key", "TABLE_PATH", "load_table", "table_entry",
-           "PROGRAMS_PER_SM", "config_dict"]
+           "PROGRAMS_PER_SM", "config_dict", "last_plan"]
 
 #: the split heuristic's default target: programs per SM (one program per SM leaves no latency hiding)
 PROGRAMS_PER_SM = 3.0
@@ -492,10 +492,21 @@ def _decode_impl(q_lat, q_rope, c, k_rope, keep, scale: float, config: DecodeCon
         tuned = _tune(fam, lambda cf: _launch(q_lat, q_rope, c, k_rope, keep, scale, cf, out), q_lat, c, rh, dr,
                       config)
         if tuned is not None:
+            source = "tuned"
             cfg = choose_config(b, heads, rh, c.shape[1], r, dr, c.element_size(), c.device,
                                 (config or DecodeConfig()).filled_from(tuned))
     _launch(q_lat, q_rope, c, k_rope, keep, scale, cfg, out)
+    _LAST["plan"] = (cfg, source)
     return out
+
+
+_LAST: dict = {}
+
+
+def last_plan() -> tuple[DecodeConfig, str] | None:
+    """The configuration the last decode call in this process ran and where it came from (``"given"``,
+    ``"table"``, ``"tuned"``, ``"heuristic"``); None before the first."""
+    return _LAST.get("plan")
 
 
 # ---------------------------------------------------------------------------------------------- the custom op
