@@ -261,3 +261,24 @@ def test_deepseek_v3_decode_step_makes_no_host_sync():
             finally:
                 torch.cuda.set_sync_debug_mode(0)
     assert last_latent_decision().backend == "triton"
+
+
+@pytest.mark.gpu
+def test_latent_attention_under_torch_compile_with_cuda_graphs():
+    """``torch.compile(mode="reduce-overhead")`` (Inductor + CUDA graphs) of a function around ``latent_attention``:
+    the kernel is the ``attnzoo::mla_decode`` custom op inside the graph, replays equal eager."""
+    b, h, r, dr, s = 2, 16, 512, 64, 3000
+    args = (torch.randn(b, h, 1, r, device="cuda", dtype=torch.bfloat16) / 4,
+            torch.randn(b, h, 1, dr, device="cuda", dtype=torch.bfloat16),
+            torch.randn(b, s, r, device="cuda", dtype=torch.bfloat16),
+            torch.randn(b, s, 1, dr, device="cuda", dtype=torch.bfloat16))
+
+    def fn(q, qr, c, kr):
+        return latent_attention(q * 1.0, qr, c, kr, scale=0.1, backend="triton") * 2.0
+
+    with torch.no_grad():
+        want = fn(*args)
+        compiled = torch.compile(fn, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, record, replay
+            got = compiled(*args)
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
