@@ -340,8 +340,15 @@ if triton is not None:
         dd = tl.arange(0, BLOCK_DR)
         nn = tl.arange(0, BLOCK_N)
         vv = vp * BLOCK_V + tl.arange(0, BLOCK_V)  # this program's value columns
-        ql = tl.load(QL + b * s_qlb + heads[:, None] * s_qlh + rr[None, :], mask=h_ok[:, None] & (rr[None, :] < R),
-                     other=0.0)
+        vo = (1 - vp) * BLOCK_V + tl.arange(0, BLOCK_V)  # the other part's (value_split=2)
+        q_base = QL + b * s_qlb + heads[:, None] * s_qlh
+        if VSPLIT == 1:
+            ql = tl.load(q_base + rr[None, :], mask=h_ok[:, None] & (rr[None, :] < R), other=0.0)
+        else:  # the query in two halves: this program's value columns and the other part's
+            ql = tl.load(q_base + vv[None, :], mask=h_ok[:, None] & (vv[None, :] < R), other=0.0)
+            qo = tl.load(q_base + vo[None, :], mask=h_ok[:, None] & (vo[None, :] < R), other=0.0)
+            if UPCAST:
+                qo = qo.to(tl.float32)
         qr = tl.load(QR + b * s_qrb + heads[:, None] * s_qrh + dd[None, :], mask=h_ok[:, None] & (dd[None, :] < DR),
                      other=0.0)
         if UPCAST:  # Triton's interpreter computes bfloat16 dots wrongly: float32 dots of the same values
@@ -357,30 +364,36 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             n = n0 + nn
             n_ok = n < end
+            c_rows = c_base + n[:, None] * s_cn
             # column masks only where a width is not a power of two (DeepSeek's 512 and 64 need none): row masks
             # alone keep the loads vectorised along the row
-            if R == BLOCK_R:
-                c = tl.load(c_base + n[:, None] * s_cn + rr[None, :], mask=n_ok[:, None], other=0.0)
-            else:
-                c = tl.load(c_base + n[:, None] * s_cn + rr[None, :], mask=n_ok[:, None] & (rr[None, :] < R),
-                            other=0.0)
             if DR == BLOCK_DR:
                 kr = tl.load(k_base + n[:, None] * s_kn + dd[None, :], mask=n_ok[:, None], other=0.0)
             else:
                 kr = tl.load(k_base + n[:, None] * s_kn + dd[None, :], mask=n_ok[:, None] & (dd[None, :] < DR),
                              other=0.0)
-            if VSPLIT == 1:
-                cv = c
-            elif R == BLOCK_V * VSPLIT:  # the same rows again, this program's columns (from L1/L2: just read)
-                cv = tl.load(c_base + n[:, None] * s_cn + vv[None, :], mask=n_ok[:, None], other=0.0)
-            else:
-                cv = tl.load(c_base + n[:, None] * s_cn + vv[None, :], mask=n_ok[:, None] & (vv[None, :] < R),
-                             other=0.0)
-            if UPCAST:
-                c = c.to(tl.float32)
-                kr = kr.to(tl.float32)
-                cv = cv.to(tl.float32)
-            s = tl.dot(ql, tl.trans(c), input_precision=PREC)
+            if VSPLIT == 1:  # one [BLOCK_N, R] tile: the keys of the score and the values
+                if R == BLOCK_R:
+                    cv = tl.load(c_rows + rr[None, :], mask=n_ok[:, None], other=0.0)
+                else:
+                    cv = tl.load(c_rows + rr[None, :], mask=n_ok[:, None] & (rr[None, :] < R), other=0.0)
+                if UPCAST:
+                    cv = cv.to(tl.float32)
+                    kr = kr.to(tl.float32)
+                s = tl.dot(ql, tl.trans(cv), input_precision=PREC)
+            else:  # the tile as two column halves, each read once: the score takes both, the values this one
+                if R == BLOCK_V * 2:
+                    cv = tl.load(c_rows + vv[None, :], mask=n_ok[:, None], other=0.0)
+                    co = tl.load(c_rows + vo[None, :], mask=n_ok[:, None], other=0.0)
+                else:
+                    cv = tl.load(c_rows + vv[None, :], mask=n_ok[:, None] & (vv[None, :] < R), other=0.0)
+                    co = tl.load(c_rows + vo[None, :], mask=n_ok[:, None] & (vo[None, :] < R), other=0.0)
+                if UPCAST:
+                    cv = cv.to(tl.float32)
+                    co = co.to(tl.float32)
+                    kr = kr.to(tl.float32)
+                s = tl.dot(ql, tl.trans(cv), input_precision=PREC)
+                s += tl.dot(qo, tl.trans(co), input_precision=PREC)
             s += tl.dot(qr, tl.trans(kr), input_precision=PREC)
             s = s * scale_log2
             keep = n_ok
