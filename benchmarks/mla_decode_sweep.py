@@ -52,6 +52,34 @@ import torch  # noqa: E402
 HEADS, R, DR = 128, 512, 64
 SHAPES = [(32, 8192), (64, 8192), (32, 16384), (64, 16384), (32, 32768), (64, 32768)]
 SPLITS = (1, 2, 4, 8, 16)
+DEV = "cuda"
+
+
+def _cpu_check_mode() -> None:
+    """``--cpu-check``: the whole flow on CPU under Triton's interpreter at toy widths (16 heads, 32 + 16), a few
+    configs, wall-clock timers: a test of the script, not a measurement (tests/test_mla_decode.py runs it)."""
+    global HEADS, R, DR, SHAPES, SPLITS, DEV
+    HEADS, R, DR, SHAPES, SPLITS, DEV = 16, 32, 16, [(2, 128)], (1, 2), "cpu"
+
+
+def _timer(fn, rep_ms: float) -> float:
+    """Median ms of ``fn``: ``do_bench`` on the GPU, one call's wall clock under ``--cpu-check``."""
+    if DEV == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=3, rep=rep_ms, return_mode="median")
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def _graph_timer(fn, rep_ms: float) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (``do_bench_cudagraph``); the wall clock under --cpu-check."""
+    if DEV == "cuda":
+        from triton.testing import do_bench_cudagraph
+
+        return do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+    return _timer(fn, rep_ms)
 
 
 def parse_args(argv=None):
@@ -65,10 +93,14 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default=None, help="e.g. 32x8192,64x32768 (default: the six)")
     p.add_argument("--write-table", action="store_true", help="write the winners into the tuned table")
     p.add_argument("--table", default=None, help="the table to write (default: the one attnzoo reads)")
+    p.add_argument("--cpu-check", action="store_true", help="run the flow on CPU at toy sizes (a test of the script)")
     return p.parse_args(argv)
 
 
 def kernel_space(quick: bool) -> list[dict]:
+    if DEV == "cpu":
+        return [dict(value_split=vs, block_h=16, block_n=bn, num_warps=4, num_stages=1) for vs in (1, 2)
+                for bn in (16, 32)]
     space = []
     for vs, bh, bn, w, st in itertools.product((1, 2), (32, 64), (16, 32, 64), (4, 8), (1, 2, 3)):
         if quick and (bh != 64 or st == 1):
@@ -124,13 +156,11 @@ def precompile(space: list[dict], workers: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ timing
 def copy_ceiling(rep_ms: float) -> dict:
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    n = 1 << 30 if DEV == "cuda" else 1 << 24
+    src = torch.empty(n, dtype=torch.uint8, device=DEV)
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=max(rep_ms, 50), return_mode="median")
-    gms = do_bench_cudagraph(lambda: dst.copy_(src), rep=50, return_mode="median")
+    ms = _timer(lambda: dst.copy_(src), max(rep_ms, 50))
+    gms = _graph_timer(lambda: dst.copy_(src), 50)
     return dict(ms=ms, gpu_ms=gms, gbps=2 * n / ms / 1e6, gbps_graph=2 * n / gms / 1e6)
 
 
@@ -139,8 +169,8 @@ class Shape:
         from attnzoo.ops.mla import latent_attention_reference
 
         self.batch, self.k_len = batch, k_len
-        g = torch.Generator(device="cuda").manual_seed(batch * 100003 + k_len)
-        bf = dict(device="cuda", dtype=torch.bfloat16)
+        g = torch.Generator(device=DEV).manual_seed(batch * 100003 + k_len)
+        bf = dict(device=DEV, dtype=torch.bfloat16)
         self.q = torch.randn(batch, HEADS, 1, R, generator=g, **bf) / 8
         self.qr = torch.randn(batch, HEADS, 1, DR, generator=g, **bf)
         self.c = torch.randn(batch, k_len, R, generator=g, **bf)
@@ -179,11 +209,12 @@ def main(argv=None) -> int:
         _compile_worker(sys.argv[2])
         return 0
     a = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("mla_decode_sweep: needs a CUDA GPU")
+    if a.cpu_check:
+        _cpu_check_mode()
+    elif not torch.cuda.is_available():
+        print("mla_decode_sweep: needs a CUDA GPU (or --cpu-check under TRITON_INTERPRET=1)")
         return 2
     import triton
-    from triton.testing import do_bench, do_bench_cudagraph
 
     from attnzoo.ops.mla import triton_decode as td
     from attnzoo.table import format_table
@@ -196,15 +227,15 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.time() - t0:7.1f}s] {msg}", flush=True)
 
-    name, arch, sms = td.device_key(torch.device("cuda"))
-    shapes = [(32, 8192)] if a.quick else SHAPES
+    name, arch, sms = td.device_key(torch.device(DEV))
+    shapes = [(32, 8192)] if a.quick and DEV == "cuda" else SHAPES
     if a.shapes:
         shapes = [tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
     space = kernel_space(a.quick)
     log(f"{name} ({arch}, {sms} SMs), torch {torch.__version__}, triton {triton.__version__}: {len(space)} kernel "
         f"configs, shapes {shapes}, budget {a.budget_s:.0f} s")
     workers = a.workers or max(1, min(12, (os.cpu_count() or 4) - 2))
-    failed = precompile(space, workers)
+    failed = precompile(space, workers) if DEV == "cuda" else {}
     space = [k for k in space if _name(k) not in failed]
     log(f"compiled in {workers} processes; {len(failed)} configs do not run here: "
         + ", ".join(f"{n} ({e[:60]})" for n, e in list(failed.items())[:6]))
@@ -212,7 +243,7 @@ def main(argv=None) -> int:
     log(f"copy ceiling: {ceiling['gbps']:.0f} GB/s (do_bench), {ceiling['gbps_graph']:.0f} GB/s (CUDA graph)")
 
     def timed(shape: Shape, cfg) -> float:
-        return do_bench(lambda: shape.run(cfg), warmup=3, rep=a.rep_ms, return_mode="median")
+        return _timer(lambda: shape.run(cfg), a.rep_ms)
 
     results, winners, rows, truncated = [], [], [], False
     for batch, k_len in shapes:
@@ -278,7 +309,7 @@ def main(argv=None) -> int:
                 break
             k = {f: r[f] for f in ("value_split", "block_h", "block_n", "num_warps", "num_stages")}
             cfg = td.DecodeConfig(**k, splits=r["splits"])
-            r["gpu_ms"] = do_bench_cudagraph(lambda cfg=cfg: shape.run(cfg), rep=20, return_mode="median")
+            r["gpu_ms"] = _graph_timer(lambda cfg=cfg: shape.run(cfg), 20)
             r["gbps_graph"] = shape.bytes / r["gpu_ms"] / 1e6
             r["pct_of_copy_graph"] = 100 * r["gbps_graph"] / ceiling["gbps_graph"]
         timed_c = [r for r in finalists if "gpu_ms" in r] or ok[:1]
@@ -298,7 +329,8 @@ def main(argv=None) -> int:
                 f"({best['pct_of_copy']:.0f}% of copy, {best['tflops']:.0f} TF/s); library {lib.get('ms', 'n/a')}; "
                 f"{len(done)} candidates, {sum('error' in r for r in done.values())} rejected")
         shape.free()
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
 
     print()
     print(format_table(rows, ["shape", "row", "config", "splits", "ms", "gpu_ms", "GB/s", "% of copy", "TF/s",

@@ -219,3 +219,29 @@ def test_the_sweep_s_space_and_table_round_trip(tmp_path):
     cfg = td._from_entry(e, 32, 128, 1, 8192, 512, 64, 2, 4)
     assert (cfg.block_h, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.value_split, cfg.splits) == (64, 16, 4, 3,
                                                                                                       2, 6)
+
+
+def test_the_sweep_runs_end_to_end_on_cpu(tmp_path):
+    """``benchmarks/mla_decode_sweep.py --cpu-check``: the whole flow (library choice, stages A-C, the reference
+    check, the table and the JSON) at toy widths under Triton's interpreter; the table it writes is read back."""
+    import importlib.util
+    import json
+    import pathlib
+
+    from attnzoo.ops.mla import triton_decode as td
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "mla_decode_sweep.py"
+    spec = importlib.util.spec_from_file_location("mla_decode_sweep_e2e", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    table = tmp_path / "decode_configs.json"
+    assert sweep.main(["--cpu-check", "--out", str(tmp_path), "--write-table", "--table", str(table),
+                       "--top", "2"]) == 0
+    report = json.loads((tmp_path / "mla_decode_sweep.json").read_text())
+    assert len(report["winners"]) == 1 and not report["truncated"]
+    assert all("ms" in r for r in report["results"])  # every candidate passed the reference check
+    assert {r["stage"] for r in report["results"]} >= {"A", "B"}
+    (entry,) = td.load_table(table)
+    assert (entry["group"], entry["kv_rank"], entry["rope_dim"], entry["batch"], entry["k_len"]) == (16, 32, 16, 2,
+                                                                                                      128)
+    assert td.DecodeConfig(**entry["config"]).kernel_fields_set()
