@@ -2,6 +2,7 @@
 ``torch.compile`` decode with), no tensor value read on the host by attnzoo's code during a decode step, and on a
 GPU the step captured in a CUDA graph, replayed, and compared with eager."""
 import copy
+import gc
 import inspect
 
 import pytest
@@ -194,6 +195,7 @@ def _capture_step(model, cache, tok, pos):
     torch.cuda.current_stream().wait_stream(side)
     _restore(cache, snap)
     torch.cuda.synchronize()
+    gc.collect()  # not inside the capture (see attnzoo.bench.timing.gpu_ms)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         logits = model(input_ids=tok, use_cache=True, **{key: cache}, **_step_kwargs(model, pos)).logits
