@@ -21,7 +21,7 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 HOST_READS = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.equal")
 
 
-def _model(impl: str = "sdpa", layers: int = 2, dtype=torch.float32, device="cpu"):
+def _model(impl: str = "sdpa", layers: int = 2, dtype=torch.float32, device=DEV):
     torch.manual_seed(0)
     cfg = _deepseek_config(None, layers=layers)
     cfg._attn_implementation = impl
@@ -53,8 +53,8 @@ def test_static_cache_decode_equals_full_recomputation(impl, padded):
     hf = _model(impl)
     ours = copy.deepcopy(hf)
     attnzoo.patch(ours, "mla")
-    ids = torch.randint(3, 97, (2, 6))
-    mask = torch.ones(2, 10, dtype=torch.long)
+    ids = torch.randint(3, 97, (2, 6), device=DEV)
+    mask = torch.ones(2, 10, dtype=torch.long, device=DEV)
     if padded:
         mask[1, :2] = 0
     key = attnzoo.hf_compat.model_cache_kwarg(ours)
@@ -63,13 +63,13 @@ def test_static_cache_decode_equals_full_recomputation(impl, padded):
         with torch.no_grad():
             seq = ids
             out = ours(input_ids=ids, attention_mask=mask[:, :6] if padded else None, use_cache=True,
-                       **{key: cache}, **_step_kwargs(ours, torch.arange(6)))
+                       **{key: cache}, **_step_kwargs(ours, torch.arange(6, device=DEV)))
             for t in range(6, 10):
                 nxt = out.logits[:, -1:].argmax(-1)
                 seq = torch.cat([seq, nxt], 1)
                 with use_latent_backend(backend):
                     out = ours(input_ids=nxt, attention_mask=mask[:, :t + 1] if padded else None, use_cache=True,
-                               **{key: cache}, **_step_kwargs(ours, torch.tensor([t])))
+                               **{key: cache}, **_step_kwargs(ours, torch.tensor([t], device=DEV)))
                 assert last_latent_decision().backend == backend
                 want = hf(input_ids=seq, attention_mask=mask[:, :t + 1] if padded else None).logits[:, -1]
                 rows = [1] if padded else [0, 1]  # a left-padded row's logits are compared past its padding
@@ -111,13 +111,13 @@ def test_a_decode_step_of_the_patched_attention_reads_no_tensor_on_the_host(cach
     model = _model("eager")  # float additive masks: the mask check that reads the GPU in eager mode
     attnzoo.patch(model, "mla")
     key = attnzoo.hf_compat.model_cache_kwarg(model)
-    ids = torch.randint(3, 97, (2, 6))
-    mask = torch.ones(2, 7, dtype=torch.long)
+    ids = torch.randint(3, 97, (2, 6), device=DEV)
+    mask = torch.ones(2, 7, dtype=torch.long, device=DEV)
     mask[1, :2] = 0
     cache = _static(model, 2, 12) if cache_kind == "static" else None
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask[:, :6], use_cache=True, **({key: cache} if cache else {}),
-                    **_step_kwargs(model, torch.arange(6)))
+                    **_step_kwargs(model, torch.arange(6, device=DEV)))
         cache = attnzoo.hf_compat.output_cache(out)
         spy = _HostReads()
         original = hf_mla.HFMLAAttention.forward
@@ -129,7 +129,7 @@ def test_a_decode_step_of_the_patched_attention_reads_no_tensor_on_the_host(cach
         monkeypatch.setattr(wrapper, "_capturing_or_compiling", lambda: True)
         with use_latent_backend("triton"):
             model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **{key: cache},
-                  **_step_kwargs(model, torch.tensor([6])))
+                  **_step_kwargs(model, torch.tensor([6], device=DEV)))
     assert last_latent_decision().backend == "triton"
     assert spy.seen == []
 

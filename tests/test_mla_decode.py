@@ -221,6 +221,7 @@ def test_the_sweep_s_space_and_table_round_trip(tmp_path):
                                                                                                       2, 6)
 
 
+@pytest.mark.skipif(not interpreted(), reason="--cpu-check runs the kernel under Triton's interpreter (CPU only)")
 def test_the_sweep_runs_end_to_end_on_cpu(tmp_path):
     """``benchmarks/mla_decode_sweep.py --cpu-check``: the whole flow (library choice, stages A-C, the reference
     check, the table and the JSON) at toy widths under Triton's interpreter; the table it writes is read back."""
