@@ -332,11 +332,12 @@ def main(argv=None) -> int:
         if DEV == "cuda":
             torch.cuda.empty_cache()
 
-    print()
-    print(format_table(rows, ["shape", "row", "config", "splits", "ms", "gpu_ms", "GB/s", "% of copy", "TF/s",
-                              "stage"], title="MLA split-KV decode sweep: best per shape and the library's choice"))
-    print(f"\ncopy ceiling {ceiling['gbps']:.0f} GB/s (do_bench) / {ceiling['gbps_graph']:.0f} GB/s (graph); "
-          f"{len(results)} candidates in {time.time() - t0:.0f} s" + (" (budget cut the sweep)" if truncated else ""))
+    text = format_table(rows, ["shape", "row", "config", "splits", "ms", "gpu_ms", "GB/s", "% of copy", "TF/s",
+                               "stage"], title="MLA split-KV decode sweep: best per shape and the library's choice")
+    footer = (f"copy ceiling {ceiling['gbps']:.0f} GB/s (do_bench) / {ceiling['gbps_graph']:.0f} GB/s (graph); "
+              f"{len(results)} candidates in {time.time() - t0:.0f} s" + (" (budget cut the sweep)" if truncated
+                                                                         else ""))
+    print("\n" + text + "\n\n" + footer)
     report = dict(device=name, arch=arch, sms=sms, torch=torch.__version__, triton=triton.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=_commit(), ceiling=ceiling,
                   failed_to_compile=failed, truncated=truncated, winners=winners, results=results)
@@ -345,7 +346,12 @@ def main(argv=None) -> int:
         path = os.path.join(a.out, "mla_decode_sweep.json")
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
-        print(f"wrote {path}")
+        md = os.path.join(a.out, "mla_decode_sweep.md")
+        with open(md, "w") as f:
+            f.write(f"# MLA split-KV decode sweep ({name})\n\ndevice: {name} ({arch}, {sms} SMs), commit "
+                    f"{report['commit']}, {report['date']}, torch {report['torch']}, triton {report['triton']}; "
+                    "written by benchmarks/mla_decode_sweep.py\n\n```\n" + text + "\n```\n\n" + footer + "\n")
+        print(f"wrote {path}, {md}")
     if a.write_table and winners:
         path = a.table or str(td.TABLE_PATH)
         write_table(path, winners, name, arch, report)
