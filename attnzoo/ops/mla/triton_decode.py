@@ -13,10 +13,11 @@ the pieces per head. With one piece the first kernel writes the output itself.
 * ``value_split=1``: one program accumulates all ``R`` value columns of its heads (``[block_h, R]`` float32: 128
   registers a thread for 64 heads x 512 at 8 warps);
 * ``value_split=2``: two programs share a (head tile, piece) and each accumulates half of the value columns
-  (FlashMLA gives each of its two warpgroups half of the 512 columns; here they are two programs). Each still
-  scores the whole ``R + Dr`` width, so the score FLOPs double (the ``[BLOCK_N, R]`` latent tile comes from L2 for
-  the second); in exchange the accumulator halves (64 registers a thread at 8 warps, or 64 heads at 4 warps
-  without spilling) and twice as many programs hide the memory latency.
+  (FlashMLA gives each of its two warpgroups half of the 512 columns; here they are two programs). Each reads the
+  latent tile as two column halves (its own: score and values; the other's: score only) and still scores the
+  whole ``R + Dr`` width, so the score FLOPs double (the second program of a pair gets the tile from L2); in
+  exchange the accumulator halves (64 registers a thread at 8 warps) and twice as many programs hide the memory
+  latency.
 
 The programs of one piece's head tiles and value parts are launched next to each other, so the cache tile they
 all read is fetched from memory once and served from L2 to the others.
@@ -251,7 +252,7 @@ def _capturing() -> bool:
 
 
 def plan(q_lat: torch.Tensor, c: torch.Tensor, rope_heads: int, rope_dim: int, has_kpm: bool,
-         given: DecodeConfig | None = None, tune: bool = True) -> tuple[DecodeConfig, str]:
+         given: DecodeConfig | None = None) -> tuple[DecodeConfig, str]:
     """The configuration a call runs and where it came from (``"given"``, ``"table"``, ``"tuned"``,
     ``"heuristic"``). Reads shapes, dtypes and device properties only."""
     b, heads, _, r = q_lat.shape
