@@ -254,20 +254,37 @@ def _capturing() -> bool:
 def plan(q_lat: torch.Tensor, c: torch.Tensor, rope_heads: int, rope_dim: int, has_kpm: bool,
          given: DecodeConfig | None = None) -> tuple[DecodeConfig, str]:
     """The configuration a call runs and where it came from (``"given"``, ``"table"``, ``"tuned"``,
-    ``"heuristic"``). Reads shapes, dtypes and device properties only."""
+    ``"heuristic"``). Reads shapes, dtypes and device properties only; remembered per shape (a static cache's
+    decode steps, all of one length, plan once)."""
     b, heads, _, r = q_lat.shape
     k_len, elem, dev = c.shape[1], c.element_size(), c.device
     given = given or DecodeConfig()
+    key = (dev, b, heads, rope_heads, k_len, r, rope_dim, c.dtype, has_kpm, given)
+    hit = _PLANS.get(key)
+    if hit is not None:
+        return hit
+    found = _plan(b, heads, rope_heads, k_len, r, rope_dim, elem, dev, c.dtype, has_kpm, given)
+    if found[1] != "heuristic" or dev.type != "cuda" or interpreted():  # a heuristic choice may be tuned later
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        _PLANS[key] = found
+    return found
+
+
+_PLANS: dict = {}  # (device, shapes, dtype, padding, given) -> (config, source): the plan of each shape, once
+
+
+def _plan(b, heads, rope_heads, k_len, r, rope_dim, elem, dev, dtype, has_kpm, given):
     sms = device_key(dev)[2]
     if given.kernel_fields_set() or interpreted() or dev.type != "cuda":
         return choose_config(b, heads, rope_heads, k_len, r, rope_dim, elem, dev, given), "given" if \
             given.kernel_fields_set() else "heuristic"
     group = heads // rope_heads
-    entry = table_entry(dev, group, r, rope_dim, c.dtype, b, k_len)
+    entry = table_entry(dev, group, r, rope_dim, dtype, b, k_len)
     if entry is not None:
         cfg = _from_entry(entry, b, heads, rope_heads, k_len, r, rope_dim, elem, sms)
         return given.filled_from(cfg) if given != DecodeConfig() else cfg, "table"
-    fam = _family(dev, heads, rope_heads, r, rope_dim, c.dtype, has_kpm)
+    fam = _family(dev, heads, rope_heads, r, rope_dim, dtype, has_kpm)
     tuned = _tuned.get(fam)
     if tuned is not None:
         return choose_config(b, heads, rope_heads, k_len, r, rope_dim, elem, dev, given.filled_from(tuned)), "tuned"
