@@ -64,6 +64,8 @@ def test_static_cache_decode_equals_full_recomputation(impl, padded):
             seq = ids
             out = ours(input_ids=ids, attention_mask=mask[:, :6] if padded else None, use_cache=True,
                        **{key: cache}, **_step_kwargs(ours, torch.arange(6, device=DEV)))
+            want = hf(input_ids=ids, attention_mask=mask[:, :6] if padded else None).logits
+            torch.testing.assert_close(out.logits[1, 2:], want[1, 2:], rtol=1e-4, atol=1e-4)  # the prefill too
             for t in range(6, 10):
                 nxt = out.logits[:, -1:].argmax(-1)
                 seq = torch.cat([seq, nxt], 1)

@@ -52,6 +52,7 @@ class HFLatentCacheView(HFCacheView):
         self.hf_cache = getattr(hf_cache, "self_attention_cache", hf_cache)  # EncoderDecoderCache
         self.layer_idx = layer_idx
         self.cache_position = cache_position
+        self.keep_first = None  # a static layer: hand back only the first positions (a prefill from position 0)
         layers = getattr(self.hf_cache, "layers", None)
         layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
         self.static = layer is not None and bool(getattr(layer, "is_compileable", False))
@@ -71,6 +72,8 @@ class HFLatentCacheView(HFCacheView):
         extra = () if self.cache_position is None else ({"cache_position": self.cache_position},)
         c, r = self.hf_cache.update(latent.unsqueeze(1), rope_key.unsqueeze(1), self.layer_idx, *extra)
         if self.static:
+            if self.keep_first is not None:
+                c, r = c[..., :self.keep_first, :], r[..., :self.keep_first, :]
             return c.squeeze(1), r.squeeze(1)
         seen = self.seq_len + latent.shape[1]
         if c.shape[-2] > seen:  # a sliding-window layer hands back fewer (its window), which the mask then matches
@@ -168,15 +171,19 @@ class HFMLAAttention(MLAAttention):
 
     def _static_masks(self, attention_mask, hidden_states, cache):
         """Masks over a static layer's whole buffer: transformers' mask (it holds causality and the positions not
-        filled yet), or, where transformers left it out (SDPA at a prefill from position 0: ``is_causal``), the
-        top-left causal mask it stands for. Absorbed decode for one new token, the expanded form otherwise; the
-        module's own bottom-right causality off (the buffer runs past the new tokens)."""
+        filled yet; the module's own bottom-right causality off: the buffer runs past the new tokens). Where
+        transformers left the mask out (SDPA at a prefill: ``is_causal``, which means the prompt fills positions
+        0..n-1), only those n positions are read, causally. Absorbed decode for one new token, the expanded form
+        otherwise."""
         n = hidden_states.shape[1]
         attn_mask, kpm = hf_mask_to_keep(attention_mask, cache.max_len)
-        if attn_mask is None:
+        if attn_mask is None and kpm is None:
             if n == 1:
                 raise ValueError(f"layer {self.layer_idx}: a decode step over a static cache needs the attention "
                                  "mask transformers builds for it (it says which positions are filled); got none")
+            cache.keep_first = n
+            return None, None, False, True
+        if attn_mask is None and n > 1:  # a 2-d padding mask alone: the top-left causality it goes with
             i = torch.arange(n, device=hidden_states.device)[:, None]
             j = torch.arange(cache.max_len, device=hidden_states.device)[None, :]
             attn_mask = (j <= i)[None, None]
