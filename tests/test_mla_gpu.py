@@ -98,7 +98,7 @@ def test_decode_kernel_compiled_against_float64(shape, dtype):
 
 @pytest.mark.parametrize("cfg", [dict(value_split=1, block_h=64, block_n=32, num_warps=8, num_stages=2),
                                  dict(value_split=2, block_h=64, block_n=32, num_warps=4, num_stages=2),
-                                 dict(value_split=2, block_h=32, block_n=64, num_warps=8, num_stages=3),
+                                 dict(value_split=2, block_h=32, block_n=64, num_warps=8, num_stages=2),
                                  dict(value_split=1, block_h=32, block_n=16, num_warps=4, num_stages=1)],
                          ids=["whole-h64", "vhalf-h64", "vhalf-h32", "whole-h32-n16"])
 @pytest.mark.parametrize("splits", [1, 5])
