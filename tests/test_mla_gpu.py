@@ -96,6 +96,32 @@ def test_decode_kernel_compiled_against_float64(shape, dtype):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("cfg", [dict(value_split=1, block_h=64, block_n=32, num_warps=8, num_stages=2),
+                                 dict(value_split=2, block_h=64, block_n=32, num_warps=4, num_stages=2),
+                                 dict(value_split=2, block_h=32, block_n=64, num_warps=8, num_stages=2),
+                                 dict(value_split=1, block_h=32, block_n=16, num_warps=4, num_stages=1)],
+                         ids=["whole-h64", "vhalf-h64", "vhalf-h32", "whole-h32-n16"])
+@pytest.mark.parametrize("splits", [1, 5])
+def test_decode_variants_compiled_at_deepseek_shapes_against_float64(cfg, splits):
+    """Both kernel variants (all value columns in one program, or half in each of two), one piece or several,
+    bf16 at DeepSeek's widths with left padding, against the expanded float64 reference (2e-2 of the largest)."""
+    from attnzoo.ops.mla.triton_decode import DecodeConfig, latent_decode
+
+    b, h, r, dr, s, dn, dv = 3, 128, 512, 64, 3001, 128, 128
+    q_nope, q_rope = torch.randn(b, h, 1, dn, dtype=torch.float64), torch.randn(b, h, 1, dr, dtype=torch.float64)
+    c, k_rope = torch.randn(b, s, r, dtype=torch.float64), torch.randn(b, s, 1, dr, dtype=torch.float64)
+    w_kb, w_vb = torch.randn(h, dn, r, dtype=torch.float64) / r ** 0.5, torch.randn(h, dv, r, dtype=torch.float64)
+    kpm = torch.ones(b, s, dtype=torch.bool)
+    kpm[2, : s // 3] = False
+    scale = (dn + dr) ** -0.5
+    want = mla_expanded_reference(q_nope, q_rope, c, k_rope, w_kb, w_vb, scale=scale, key_padding_mask=kpm)
+    to = dict(device=DEV, dtype=torch.bfloat16)
+    o_lat = latent_decode(absorb_query(q_nope, w_kb).to(**to), q_rope.to(**to), c.to(**to), k_rope.to(**to),
+                          scale=scale, key_padding_mask=kpm.to(DEV), config=DecodeConfig(**cfg, splits=splits))
+    got = absorbed_output(o_lat.double().cpu(), w_vb)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
 def test_deepseek_v3_generate_on_the_kernel_equals_full_recomputation():
     from test_mla_generate import _deepseek, _greedy, _prompt
 

@@ -60,8 +60,22 @@ def _sdpa(kernel: str, q, k, v):
 
 
 def _latent_backend() -> str:
+    """The latent op's backend, and for the split-KV kernel the configuration it ran and where that came from
+    (the tuned table, the first-call tuner, the heuristic)."""
     d = last_latent_decision()
-    return d.backend if d is not None else ""
+    if d is None:
+        return ""
+    if d.backend != "triton":
+        return d.backend
+    from attnzoo.ops.mla.triton_decode import last_plan
+
+    plan = last_plan()
+    if plan is None:
+        return d.backend
+    c, source = plan
+    variant = "vhalf" if c.value_split == 2 else "whole"
+    return (f"triton {source}: {variant} h{c.block_h} n{c.block_n} w{c.num_warps} s{c.num_stages} "
+            f"x{c.splits}")
 
 
 def _dense_backend() -> str:

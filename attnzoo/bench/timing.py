@@ -31,9 +31,20 @@ def gpu_ms(fn: Callable[[], object], *, rep_ms: float = 100) -> float:
     """Device time: median ms of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``), no host
     launch cost between kernels: what the step costs when a larger model keeps the GPU busy. CUDA only; raises
     where ``fn`` cannot be captured (a host sync inside, ...)."""
+    import gc
+
     import triton.testing
 
-    return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    # Python's cyclic collector running inside the capture can free a compiled kernel of an earlier case (its
+    # module unload is not allowed while a stream captures: the capture is invalidated): collect first, not during
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return float(triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def peak_mb(fn: Callable[[], object]) -> float | None:

@@ -249,7 +249,8 @@ class MLAAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: Cache | None = None,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                decode: bool | None = None, causal: bool | None = None) -> torch.Tensor:
         """Attend and project back.
 
         Args:
@@ -261,6 +262,10 @@ class MLAAttention(nn.Module):
                 same ``update(latent, rope_key)``) for incremental decoding.
             position_embeddings: ``(cos, sin)`` rotate-half tables ``[.., seq, rope_dim]`` to use instead of the
                 module's own frequencies (what a Hugging Face DeepSeek-V3 layer passes).
+            decode: run the absorbed form (None: when the cache holds past tokens). A cache whose length the host
+                does not know (a static cache: ``cache.seq_len`` None) needs it.
+            causal: None: the config's. False where ``attn_mask`` holds the causality itself (a static cache,
+                whose keys run past the new tokens to the buffer's end).
 
         Returns:
             ``[batch, seq, dim]``.
@@ -271,9 +276,17 @@ class MLAAttention(nn.Module):
         c = self.config
         q_nope, q_rope, lat, k_rope = self.project(hidden_states)
         past = cache.seq_len if cache is not None else 0
+        if decode is None:
+            if past is None:
+                raise ValueError("this cache does not tell its length on the host (a static cache): pass decode=")
+            decode = past > 0
+        causal = c.causal if causal is None else bool(causal)
         if position_embeddings is None:
+            if position_ids is None and past is None:
+                raise ValueError("this cache does not tell its length on the host (a static cache): pass "
+                                 "position_ids or position_embeddings")
             table = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
-            cos, sin = self.cos_sin(position_ids, n, past, hidden_states.device, table)
+            cos, sin = self.cos_sin(position_ids, n, past or 0, hidden_states.device, table)
         else:
             cos, sin = position_embeddings
         q_rope, k_rope = self.rotate(q_rope, cos, sin), self.rotate(k_rope, cos, sin)
@@ -282,19 +295,19 @@ class MLAAttention(nn.Module):
             lat, k_rope = cache.update(lat, k_rope.reshape(b, n, self.rope_heads * self.rope_dim))
             k_rope = k_rope.view(b, k_rope.shape[1], self.rope_heads, self.rope_dim)
         dropout = c.dropout if self.training else 0.0
-        if past == 0:
-            out = self._expanded(q_nope, q_rope, lat, k_rope, attn_mask, key_padding_mask, dropout)
+        if not decode:
+            out = self._expanded(q_nope, q_rope, lat, k_rope, attn_mask, key_padding_mask, dropout, causal)
         else:
             if dropout:
                 raise ValueError("mla decodes from a cache without attention dropout: call model.eval() (dropout="
                                  f"{c.dropout})")
             w_kb, w_vb = self.kv_b_weights()
             o_lat = latent_attention(absorb_query(q_nope, w_kb), q_rope, lat, k_rope, scale=c.scale_,
-                                     causal=c.causal, mask=attn_mask, key_padding_mask=key_padding_mask)
+                                     causal=causal, mask=attn_mask, key_padding_mask=key_padding_mask)
             out = absorbed_output(o_lat, w_vb)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.v_dim))
 
-    def _expanded(self, q_nope, q_rope, lat, k_rope, attn_mask, key_padding_mask, dropout):
+    def _expanded(self, q_nope, q_rope, lat, k_rope, attn_mask, key_padding_mask, dropout, causal):
         """Prefill/training: per-head keys ``[k_nope; k_rope]`` and values from ``kv_b_proj``, on the dense op."""
         b, s = lat.shape[:2]
         kv = self.kv_b_proj(lat).view(b, s, self.heads, self.nope_dim + self.v_dim).transpose(1, 2)
@@ -304,7 +317,7 @@ class MLAAttention(nn.Module):
             kr = kr.repeat_interleave(self.heads // self.rope_heads, dim=1)
         k = torch.cat([k_nope, kr], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        return attention(q, k, v, causal=self.config.causal, mask=attn_mask, key_padding_mask=key_padding_mask,
+        return attention(q, k, v, causal=causal, mask=attn_mask, key_padding_mask=key_padding_mask,
                          scale=self.config.scale_, dropout_p=dropout)
 
     def make_cache(self) -> LatentCache:

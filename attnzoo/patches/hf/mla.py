@@ -32,7 +32,7 @@ import torch
 from ...hf_compat import layer_cache
 from ...kv import KVLayout
 from ...variants.mla import MLAAttention, MLAConfig
-from .wrapper import HFCacheView, module_masks
+from .wrapper import HFCacheView, hf_mask_to_keep, module_masks
 
 __all__ = ["HFLatentCacheView", "HFMLAAttention", "mla_config_of_deepseek", "absorb_deepseek_attention",
            "patch_deepseek"]
@@ -41,15 +41,46 @@ __all__ = ["HFLatentCacheView", "HFMLAAttention", "mla_config_of_deepseek", "abs
 class HFLatentCacheView(HFCacheView):
     """One layer of a ``transformers`` ``Cache`` seen as a :class:`~attnzoo.variants.cache.LatentCache`:
     ``update(latent [B, n, R], rope_key [B, n, Rh*Dr]) -> (latents [B, S, R], rope_keys [B, S, Rh*Dr])`` (the
-    latent in the keys slot, the rope keys in the values slot, as DeepSeek-V3 lays them out)."""
+    latent in the keys slot, the rope keys in the values slot, as DeepSeek-V3 lays them out).
+
+    A static layer (``StaticCache``: fixed buffers, what CUDA graphs and ``torch.compile`` decode with) hands back
+    its whole buffer of ``max_len`` positions; how many are filled lives on the GPU, so ``static`` is True,
+    ``seq_len`` None (reading it would sync the host) and the layer's attention mask says which positions a query
+    sees. ``cache_position`` (what older transformers' static layers index by) is passed on when given."""
+
+    def __init__(self, hf_cache, layer_idx: int, cache_position: torch.Tensor | None = None):
+        self.hf_cache = getattr(hf_cache, "self_attention_cache", hf_cache)  # EncoderDecoderCache
+        self.layer_idx = layer_idx
+        self.cache_position = cache_position
+        self.keep_first = None  # a static layer: hand back only the first positions (a prefill from position 0)
+        layers = getattr(self.hf_cache, "layers", None)
+        layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+        self.static = layer is not None and bool(getattr(layer, "is_compileable", False))
+        if self.static:
+            if getattr(layer, "is_sliding", False):
+                raise ValueError(f"layer {layer_idx}: a static sliding-window cache layer "
+                                 f"({type(layer).__name__}) is not supported for MLA; use StaticCache without "
+                                 "sliding layers or transformers' dynamic caches")
+            self.max_len = int(layer.max_cache_len)
+            self.seq_len = self.past_len = None
+        else:
+            self.max_len = None
+            self.seq_len = int(self.hf_cache.get_seq_length(layer_idx))
+            self.past_len = self.seq_len
 
     def update(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c, r = self.hf_cache.update(latent.unsqueeze(1), rope_key.unsqueeze(1), self.layer_idx)
+        extra = () if self.cache_position is None else ({"cache_position": self.cache_position},)
+        c, r = self.hf_cache.update(latent.unsqueeze(1), rope_key.unsqueeze(1), self.layer_idx, *extra)
+        if self.static:
+            if self.keep_first is not None:
+                c, r = c[..., :self.keep_first, :], r[..., :self.keep_first, :]
+            return c.squeeze(1), r.squeeze(1)
         seen = self.seq_len + latent.shape[1]
         if c.shape[-2] > seen:  # a sliding-window layer hands back fewer (its window), which the mask then matches
             raise ValueError(f"layer {self.layer_idx}: the transformers cache returned {c.shape[-2]} positions for "
-                             f"{self.seq_len} past and {latent.shape[1]} new tokens (a static cache?); MLA decodes "
-                             "with transformers' dynamic caches (generate()'s default)")
+                             f"{self.seq_len} past and {latent.shape[1]} new tokens from a "
+                             f"{type(self.hf_cache).__name__}; MLA decodes with transformers' dynamic caches "
+                             "(generate()'s default) and StaticCache")
         self.seq_len = seen
         return c.squeeze(1), r.squeeze(1)
 
@@ -123,13 +154,40 @@ class HFMLAAttention(MLAAttention):
         if kwargs.get("encoder_hidden_states") is not None:
             raise ValueError("HFMLAAttention replaces self-attention; encoder_hidden_states is not accepted")
         hf_cache = layer_cache(kwargs)
-        cache = HFLatentCacheView(hf_cache, self.layer_idx) if hf_cache is not None else None
-        attn_mask, kpm = module_masks(attention_mask, hidden_states, cache, self.config.causal, kwargs)
+        cache = None
+        if hf_cache is not None:
+            cache = HFLatentCacheView(hf_cache, self.layer_idx, kwargs.get("cache_position"))
         rope = self._tables(position_embeddings)
         position_ids = None if rope is not None else kwargs.get("position_ids")
+        if cache is not None and cache.static:
+            attn_mask, kpm, decode, causal = self._static_masks(attention_mask, hidden_states, cache)
+        else:
+            attn_mask, kpm = module_masks(attention_mask, hidden_states, cache, self.config.causal, kwargs)
+            decode = causal = None
         out = MLAAttention.forward(self, hidden_states, key_padding_mask=kpm, attn_mask=attn_mask,
-                                   position_ids=position_ids, cache=cache, position_embeddings=rope)
+                                   position_ids=position_ids, cache=cache, position_embeddings=rope, decode=decode,
+                                   causal=causal)
         return out, None
+
+    def _static_masks(self, attention_mask, hidden_states, cache):
+        """Masks over a static layer's whole buffer: transformers' mask (it holds causality and the positions not
+        filled yet; the module's own bottom-right causality off: the buffer runs past the new tokens). Where
+        transformers left the mask out (SDPA at a prefill: ``is_causal``, which means the prompt fills positions
+        0..n-1), only those n positions are read, causally. Absorbed decode for one new token, the expanded form
+        otherwise."""
+        n = hidden_states.shape[1]
+        attn_mask, kpm = hf_mask_to_keep(attention_mask, cache.max_len)
+        if attn_mask is None and kpm is None:
+            if n == 1:
+                raise ValueError(f"layer {self.layer_idx}: a decode step over a static cache needs the attention "
+                                 "mask transformers builds for it (it says which positions are filled); got none")
+            cache.keep_first = n
+            return None, None, False, True
+        if attn_mask is None and n > 1:  # a 2-d padding mask alone: the top-left causality it goes with
+            i = torch.arange(n, device=hidden_states.device)[:, None]
+            j = torch.arange(cache.max_len, device=hidden_states.device)[None, :]
+            attn_mask = (j <= i)[None, None]
+        return attn_mask, kpm, n == 1, False
 
 
 def mla_config_of_deepseek(hf_config, module=None) -> MLAConfig:

@@ -58,10 +58,20 @@ def _keep_of(mask: torch.Tensor, k_len: int) -> tuple[torch.Tensor | None, torch
     if mask.dtype == torch.bool:
         return mask, None
     keep = mask == 0
-    if not bool((keep | (mask <= -1e4)).all()):
+    # the check reads the GPU on the host: not inside a CUDA-graph capture (a sync there invalidates it) or a
+    # torch.compile trace; the eager calls before a capture have checked masks built the same way
+    if not _capturing_or_compiling() and not bool((keep | (mask <= -1e4)).all()):
         raise ValueError("attention_mask holds additive biases (values neither 0 nor a large negative number); "
                          "attnzoo modules take keep masks only")
     return keep, None
+
+
+def _capturing_or_compiling() -> bool:
+    """Whether host reads of tensor values must be skipped: inside ``torch.compile`` tracing or while the current
+    CUDA stream captures a graph."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def module_masks(attention_mask, hidden_states: torch.Tensor, cache, module_causal: bool, kwargs: dict):
