@@ -48,6 +48,12 @@ def grid_shape(tokens: int, aspect: float = 1.0) -> tuple[int, int]:
     return best[1], best[2]
 
 
+def _sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim, keepdim, left to right as Python's ``sum`` (a running sum: the same rounding as
+    :meth:`TokenBudgetAllocator.allocate` on the CPU, which matters where a target falls on a level midpoint)."""
+    return x.cumsum(-1)[..., -1:]
+
+
 class TokenBudgetAllocator(nn.Module):
     """Tokens per region from relevance (see the module docstring).
 
@@ -67,6 +73,7 @@ class TokenBudgetAllocator(nn.Module):
         self.step = level_step(self.levels)
         self._units = [t // self.step for t in self.levels]
         self._reach: dict[int, list[list[int]]] = {}
+        self._device_tables: dict = {}
 
     def extra_repr(self) -> str:
         return f"budget={self.budget}, levels={self.levels}, temperature={self.temperature}"
@@ -145,14 +152,90 @@ class TokenBudgetAllocator(nn.Module):
                     break
         return out
 
+    def _tables(self, regions: int, device: torch.device):
+        """Device constants of :meth:`forward` for ``regions`` regions (made once per count and device): the
+        levels (float64 and long), their units, and ``take[left]`` ``[C, M]`` (bool, flattened): True where a
+        region may take level ``c`` with ``m`` units left to place, i.e. ``m - units[c]`` is a total the
+        ``left`` regions after it can make with levels up to ``c``."""
+        key = (regions, device)
+        got = self._device_tables.get(key)
+        if got is None:
+            total = self.best_total(regions) // self.step
+            reach = self._reachable(regions)
+            units = self._units
+            ok = torch.zeros(regions, len(units), total + 1, dtype=torch.bool)
+            for left in range(regions):
+                for c, u in enumerate(units):
+                    bits = reach[c][left] & ((1 << (total + 1 - u)) - 1) if u <= total else 0
+                    if bits:  # bit s set: the others can make s, so m = s + u may be taken
+                        row = bin(bits)[:1:-1]
+                        ok[left, c, u:u + len(row)] = torch.frombuffer(bytearray(row, "ascii"), dtype=torch.uint8) == 49
+            levels = torch.tensor(self.levels)
+            got = (levels.to(device, torch.float64), levels.to(device), torch.tensor(units, device=device),
+                   ok.flatten(1).to(device), total)
+            self._device_tables[key] = got
+        return got
+
     def forward(self, relevance: torch.Tensor) -> torch.Tensor:
-        """``relevance [B, R]`` (or ``[R]``) -> tokens per region, long, same shape and device."""
+        """``relevance [B, R]`` (or ``[R]``) -> tokens per region, long, same shape and device.
+
+        The same allocation as :meth:`allocate` (row by row; float64 throughout), computed on the relevance's
+        device with tensor ops only: no host read, so the call can be captured in a CUDA graph (or compiled).
+        A fixed number of ops per region; non-finite relevance raises on the CPU (on a GPU the check would be a
+        host read: NaN there still gives a valid allocation, on the levels and with the usual total)."""
         if not isinstance(relevance, torch.Tensor) or relevance.dim() not in (1, 2) or relevance.shape[-1] < 1:
             raise ValueError(f"relevance: expected a tensor [batch, regions] or [regions], got "
                              f"{getattr(relevance, 'shape', type(relevance).__name__)}")
-        rel = relevance.detach().double().cpu()
-        if not torch.isfinite(rel).all():
+        if relevance.device.type == "cpu" and not torch.isfinite(relevance).all():
             raise ValueError("relevance holds NaN or infinite values")
-        rows = rel.reshape(-1, rel.shape[-1]).tolist()
-        out = torch.tensor([self.allocate(r) for r in rows], dtype=torch.long)
-        return out.reshape(relevance.shape).to(relevance.device)
+        n = relevance.shape[-1]
+        levels64, levels, units, take, total = self._tables(n, relevance.device)
+        rel = relevance.detach().reshape(-1, n).double()
+        targets = self._device_targets(self._shares(rel), float(total * self.step))
+        # regions from the most to the least relevant (ties: the earlier region first)
+        order = torch.sort(rel, dim=-1, descending=True, stable=True).indices
+        t = targets.gather(1, order)
+        # each region's candidate levels, from the closest to its target outwards (ties: the larger level first)
+        dist = (levels64.flip(0) - t[..., None]).abs()  # [B, R, C], levels largest first
+        cand = (len(self.levels) - 1) - torch.sort(dist, dim=-1, stable=True).indices  # level indices
+        flat = cand * (total + 1)  # index into take[left] = [C, M] flattened
+        rem = torch.full_like(rel[:, 0], total, dtype=torch.long)
+        cap = torch.full_like(rem, len(self.levels) - 1)
+        chosen = []
+        for pos in range(n):
+            left = n - pos - 1
+            ok = take[left].take(flat[:, pos] + rem[:, None]) & (cand[:, pos] <= cap[:, None])
+            c = cand[:, pos].gather(1, ok.to(torch.uint8).argmax(-1, keepdim=True))[:, 0]  # the first that fits
+            rem = rem - units.take(c)
+            cap = c
+            chosen.append(c)
+        out = torch.empty_like(order).scatter_(1, order, levels.take(torch.stack(chosen, 1)))
+        return out.reshape(relevance.shape)
+
+    def _shares(self, rel: torch.Tensor) -> torch.Tensor:
+        e = torch.exp((rel - rel.amax(-1, keepdim=True)) / self.temperature)
+        return e / _sum(e)
+
+    def _device_targets(self, shares: torch.Tensor, total: float) -> torch.Tensor:
+        """:meth:`_targets` for a batch ``[B, R]`` of shares, with tensor ops: the sum at every breakpoint, the
+        last breakpoint whose sum is not above ``total``, the exact ``lam`` inside the next segment."""
+        lo, hi = float(self.levels[0]), float(self.levels[-1])
+        n = shares.shape[-1]
+        pos = shares > 0
+        raw = torch.cat([lo / shares, hi / shares], -1)  # [B, 2R]; a zero share has no breakpoint:
+        raw = torch.where(torch.cat([pos, pos], -1), raw, torch.nan)  # NaN sorts last and never counts
+        points = torch.sort(raw, -1).values
+        sums = _sum((points[..., None] * shares[:, None, :]).clamp(lo, hi))[..., 0]  # [B, 2R]
+        below = (sums <= total).sum(-1)  # breakpoints with sum <= total (a prefix: the sum is non-decreasing)
+        last = 2 * pos.sum(-1) - 2  # the original searches points[0 .. len - 1]; its a stops at len - 2
+        a = torch.minimum(below - 1, last).clamp_min(0)
+        b = (a + 1).clamp_max(2 * n - 1)
+        pa, pb = points.gather(1, a[:, None]), points.gather(1, b[:, None])
+        pb = torch.where(torch.isnan(pb), pa, pb)
+        have = sums.gather(1, a[:, None])
+        inside = (pa + pb) / 2
+        x = inside * shares
+        slope = _sum(torch.where((x > lo) & (x < hi), shares, 0.0))
+        step = torch.minimum(pb, pa + (total - have) / torch.where(slope > 0, slope, 1.0))
+        lam = torch.where((slope > 0) & (have < total), step, pa)
+        return (lam * shares).clamp(lo, hi)

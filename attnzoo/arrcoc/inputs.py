@@ -28,10 +28,13 @@ class Rewritten:
     labels: torch.Tensor | None
 
 
-def image_runs(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> list[list[int]]:
+def image_runs(input_ids: torch.Tensor, image_token_id: int, counts: list[int], *,
+               per_row: list[int] | None = None) -> list[list[int]]:
     """The images of each row: ``[[image index, ...] per row]``, checking that the rows hold ``counts[n]``
-    image tokens for image ``n``, images in order (a ``ValueError`` names the mismatch)."""
-    per_row = (input_ids == image_token_id).sum(1).tolist()
+    image tokens for image ``n``, images in order (a ``ValueError`` names the mismatch). ``per_row``: the image
+    tokens of each row when already read (else one host read)."""
+    if per_row is None:
+        per_row = (input_ids == image_token_id).sum(1).tolist()
     out, n = [], 0
     for row, have in enumerate(per_row):
         mine = []
@@ -68,9 +71,12 @@ def _padding_side(mask: torch.Tensor | None) -> str:
 
 def rewrite_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int,
                    counts_in: list[int], tokens: list[torch.Tensor], embed: torch.nn.Module, pad_token_id: int, *,
-                   position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> Rewritten:
-    """Replace image ``n``'s ``counts_in[n]`` image tokens by ``tokens[n]`` (``[k_n, D]``); see the module docstring."""
-    rows = image_runs(input_ids, image_token_id, counts_in)
+                   position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                   rows: list[list[int]] | None = None) -> Rewritten:
+    """Replace image ``n``'s ``counts_in[n]`` image tokens by ``tokens[n]`` (``[k_n, D]``); see the module docstring.
+    ``rows``: :func:`image_runs` when known."""
+    if rows is None:
+        rows = image_runs(input_ids, image_token_id, counts_in)
     side = _padding_side(attention_mask)
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     text = embed(input_ids)
