@@ -28,7 +28,7 @@ def overhead():
     scorer, alloc = RelevanceScorer(), TokenBudgetAllocator(192, tuple(range(16, 145, 16)))
 
     def step():
-        return alloc(scorer(texture_array(images), 2, feats, query)["relevance"])
+        return alloc(scorer(texture_array(images, check=False), 2, feats, query)["relevance"])
 
     step()
     return count_ops(step)
@@ -84,7 +84,7 @@ def prefill_inputs(batch=4, text=40):
 
 
 def prefill(budget=64):
-    from attnzoo.arrcoc.plugin import ArrcocPlugin
+    from attnzoo.arrcoc.plugin import ArrcocPlugin, VisualTopKPlugin
 
     model = llava()
     ids, mask, pixels = prefill_inputs()
@@ -94,20 +94,24 @@ def prefill(budget=64):
     r = plugin.prepare(ids, pixels, mask)
     fwd = count_ops(lambda: model(inputs_embeds=r.inputs_embeds, attention_mask=r.attention_mask, use_cache=True))
     plain = count_ops(lambda: model(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_cache=True))
-    return prep, fwd, plain
+    plugin.remove()
+    topk = VisualTopKPlugin(model, k=budget)
+    topk.prepare(ids, pixels, mask)
+    return prep, fwd, plain, count_ops(topk.prepare, ids, pixels, mask)
 
 
 def show(name, c):
     top = ", ".join(f"{k} {v}" for k, v in c.ops.most_common(8))
-    print(f"{name}: {c.total} aten ops, host reads {dict(c.host_reads) or 0}\n    top: {top}")
+    print(f"{name}: {c.total} aten ops ({c.kernels} not views), host reads {dict(c.host_reads) or 0}\n    top: {top}")
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     show("overhead B=1 (texture + scorers + allocator)", overhead())
-    prep, fwd, plain = prefill()
+    prep, fwd, plain, topk = prefill()
     show("prefill budget=64: plugin.prepare", prep)
     show("prefill budget=64: language model forward", fwd)
     show("prefill unpatched forward (tower + language model)", plain)
+    show("visual_topk k=64: plugin.prepare (the tower, 3 scoring layers)", topk)
     print(f"({time.perf_counter() - t0:.1f} s)")

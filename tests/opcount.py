@@ -23,17 +23,20 @@ HOST_READS = (
 
 
 class OpCounter(TorchDispatchMode):
-    """``with OpCounter() as c: f()`` -> ``c.ops`` (Counter of op names), ``c.total``, ``c.host_reads``."""
+    """``with OpCounter() as c: f()`` -> ``c.ops`` (Counter of op names), ``c.total``, ``c.kernels``,
+    ``c.host_reads``."""
 
     def __init__(self):
         super().__init__()
         self.ops: Counter = Counter()
         self.host_reads: Counter = Counter()
+        self.views = 0  # ops that only make a view (no kernel on a GPU, host time only)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         self.ops[name] += 1
+        self.views += bool(getattr(func, "is_view", False)) or name in ("detach", "alias", "unbind", "split")
         if (
             name in HOST_READS
             or (
@@ -55,6 +58,11 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+    @property
+    def kernels(self) -> int:
+        """Ops that are not views: about the kernel launches on a GPU."""
+        return self.total - self.views
 
 
 def count_ops(fn, *args, **kwargs) -> OpCounter:

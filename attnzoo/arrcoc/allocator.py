@@ -154,7 +154,7 @@ class TokenBudgetAllocator(nn.Module):
 
     def _tables(self, regions: int, device: torch.device):
         """Device constants of :meth:`forward` for ``regions`` regions (made once per count and device): the
-        levels (float64 and long), their units, and ``take[left]`` ``[C, M]`` (bool, flattened): True where a
+        levels (float64, largest first; long), their units, and ``take[left]`` ``[C, M]`` (0/1 uint8, flattened): 1 where a
         region may take level ``c`` with ``m`` units left to place, i.e. ``m - units[c]`` is a total the
         ``left`` regions after it can make with levels up to ``c``."""
         key = (regions, device)
@@ -171,8 +171,8 @@ class TokenBudgetAllocator(nn.Module):
                         row = bin(bits)[:1:-1]
                         ok[left, c, u:u + len(row)] = torch.frombuffer(bytearray(row, "ascii"), dtype=torch.uint8) == 49
             levels = torch.tensor(self.levels)
-            got = (levels.to(device, torch.float64), levels.to(device), torch.tensor(units, device=device),
-                   ok.flatten(1).to(device), total)
+            got = (levels.flip(0).to(device, torch.float64), levels.to(device), torch.tensor(units, device=device),
+                   ok.flatten(1).to(device, torch.uint8), total)
             self._device_tables[key] = got
         return got
 
@@ -189,14 +189,14 @@ class TokenBudgetAllocator(nn.Module):
         if relevance.device.type == "cpu" and not torch.isfinite(relevance).all():
             raise ValueError("relevance holds NaN or infinite values")
         n = relevance.shape[-1]
-        levels64, levels, units, take, total = self._tables(n, relevance.device)
+        flipped, levels, units, take, total = self._tables(n, relevance.device)
         rel = relevance.detach().reshape(-1, n).double()
         targets = self._device_targets(self._shares(rel), float(total * self.step))
         # regions from the most to the least relevant (ties: the earlier region first)
         order = torch.sort(rel, dim=-1, descending=True, stable=True).indices
         t = targets.gather(1, order)
         # each region's candidate levels, from the closest to its target outwards (ties: the larger level first)
-        dist = (levels64.flip(0) - t[..., None]).abs()  # [B, R, C], levels largest first
+        dist = (flipped - t[..., None]).abs()  # [B, R, C], levels largest first
         cand = (len(self.levels) - 1) - torch.sort(dist, dim=-1, stable=True).indices  # level indices
         flat = cand * (total + 1)  # index into take[left] = [C, M] flattened
         rem = torch.full_like(rel[:, 0], total, dtype=torch.long)
@@ -204,8 +204,8 @@ class TokenBudgetAllocator(nn.Module):
         chosen = []
         for pos in range(n):
             left = n - pos - 1
-            ok = take[left].take(flat[:, pos] + rem[:, None]) & (cand[:, pos] <= cap[:, None])
-            c = cand[:, pos].gather(1, ok.to(torch.uint8).argmax(-1, keepdim=True))[:, 0]  # the first that fits
+            ok = take[left].take(flat[:, pos] + rem[:, None]) * (cand[:, pos] <= cap[:, None])
+            c = cand[:, pos].gather(1, ok.argmax(-1, keepdim=True))[:, 0]  # the first that fits
             rem = rem - units.take(c)
             cap = c
             chosen.append(c)
@@ -221,21 +221,19 @@ class TokenBudgetAllocator(nn.Module):
         last breakpoint whose sum is not above ``total``, the exact ``lam`` inside the next segment."""
         lo, hi = float(self.levels[0]), float(self.levels[-1])
         n = shares.shape[-1]
-        pos = shares > 0
-        raw = torch.cat([lo / shares, hi / shares], -1)  # [B, 2R]; a zero share has no breakpoint:
-        raw = torch.where(torch.cat([pos, pos], -1), raw, torch.nan)  # NaN sorts last and never counts
-        points = torch.sort(raw, -1).values
+        # breakpoints lo / s and hi / s, sorted; a zero share has none (NaN: sorts last, never counts)
+        inv = shares.masked_fill(shares <= 0, float("nan")).reciprocal()
+        points = torch.sort(torch.cat([inv * lo, inv * hi], -1), -1).values  # [B, 2R]
         sums = _sum((points[..., None] * shares[:, None, :]).clamp(lo, hi))[..., 0]  # [B, 2R]
-        below = (sums <= total).sum(-1)  # breakpoints with sum <= total (a prefix: the sum is non-decreasing)
-        last = 2 * pos.sum(-1) - 2  # the original searches points[0 .. len - 1]; its a stops at len - 2
-        a = torch.minimum(below - 1, last).clamp_min(0)
-        b = (a + 1).clamp_max(2 * n - 1)
-        pa, pb = points.gather(1, a[:, None]), points.gather(1, b[:, None])
-        pb = torch.where(torch.isnan(pb), pa, pb)
-        have = sums.gather(1, a[:, None])
-        inside = (pa + pb) / 2
-        x = inside * shares
+        # the segment [points[a], points[b]]: a the last breakpoint whose sum is not above total (the sum is
+        # non-decreasing); at the last breakpoint (every positive share at hi) b = a
+        a = ((sums <= total).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 1)
+        ab = torch.cat([a, (a + 1).clamp_max(2 * n - 1)], -1)
+        pab = points.gather(1, ab)
+        pa, pb = pab[:, :1], torch.fmax(pab[:, 1:], pab[:, :1])  # fmax: a NaN b (no breakpoint) gives pa
+        have = sums.gather(1, a)
+        x = (pa + pb) / 2 * shares  # inside the segment: the regions neither at lo nor at hi
         slope = _sum(torch.where((x > lo) & (x < hi), shares, 0.0))
-        step = torch.minimum(pb, pa + (total - have) / torch.where(slope > 0, slope, 1.0))
+        step = torch.minimum(pb, pa + (total - have) / slope)  # slope 0: +-inf or NaN, not taken below
         lam = torch.where((slope > 0) & (have < total), step, pa)
         return (lam * shares).clamp(lo, hi)
