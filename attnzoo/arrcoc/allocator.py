@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..variants.arrcoc import check_budget, level_step, resolve_levels
+from . import allocator_kernel
 
 __all__ = ["TokenBudgetAllocator", "grid_shape"]
 
@@ -52,6 +53,12 @@ def _sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim, keepdim, left to right as Python's ``sum`` (a running sum: the same rounding as
     :meth:`TokenBudgetAllocator.allocate` on the CPU, which matters where a target falls on a level midpoint)."""
     return x.cumsum(-1)[..., -1:]
+
+
+def _fill(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Python's ``min(hi, max(lo, v))`` elementwise, NaN included (it gives lo; ``clamp`` would keep the NaN)."""
+    w = torch.where(v > lo, v, lo)
+    return torch.where(w < hi, w, hi)
 
 
 class TokenBudgetAllocator(nn.Module):
@@ -154,9 +161,9 @@ class TokenBudgetAllocator(nn.Module):
 
     def _tables(self, regions: int, device: torch.device):
         """Device constants of :meth:`forward` for ``regions`` regions (made once per count and device): the
-        levels (float64, largest first; long), their units, and ``take[left]`` ``[C, M]`` (0/1 uint8, flattened): 1 where a
-        region may take level ``c`` with ``m`` units left to place, i.e. ``m - units[c]`` is a total the
-        ``left`` regions after it can make with levels up to ``c``."""
+        levels (float64 largest first, float64 and long increasing), their units, the smallest and largest, and ``take[left]`` ``[C, M]``
+        (0/1 uint8, flattened): 1 where a region may take level ``c`` with ``m`` units left to place, i.e.
+        ``m - units[c]`` is a total the ``left`` regions after it can make with levels up to ``c``."""
         key = (regions, device)
         got = self._device_tables.get(key)
         if got is None:
@@ -171,8 +178,9 @@ class TokenBudgetAllocator(nn.Module):
                         row = bin(bits)[:1:-1]
                         ok[left, c, u:u + len(row)] = torch.frombuffer(bytearray(row, "ascii"), dtype=torch.uint8) == 49
             levels = torch.tensor(self.levels)
-            got = (levels.flip(0).to(device, torch.float64), levels.to(device), torch.tensor(units, device=device),
-                   ok.flatten(1).to(device, torch.uint8), total)
+            got = (levels.flip(0).to(device, torch.float64), levels.to(device, torch.float64), levels.to(device),
+                   torch.tensor(units, device=device), ok.flatten(1).to(device, torch.uint8), total,
+                   levels[[0, -1]].to(device, torch.float64))
             self._device_tables[key] = got
         return got
 
@@ -180,18 +188,24 @@ class TokenBudgetAllocator(nn.Module):
         """``relevance [B, R]`` (or ``[R]``) -> tokens per region, long, same shape and device.
 
         The same allocation as :meth:`allocate` (row by row; float64 throughout), computed on the relevance's
-        device with tensor ops only: no host read, so the call can be captured in a CUDA graph (or compiled).
-        A fixed number of ops per region; non-finite relevance raises on the CPU (on a GPU the check would be a
-        host read: NaN there still gives a valid allocation, on the levels and with the usual total)."""
+        device without a host read, so the call can be captured in a CUDA graph: on CUDA one Triton kernel
+        (:mod:`.allocator_kernel`), elsewhere (or without Triton) tensor ops, a fixed number per region.
+        Non-finite relevance raises on the CPU (on a GPU the check would be a host read: NaN there still gives a
+        valid allocation, on the levels and with the usual total)."""
         if not isinstance(relevance, torch.Tensor) or relevance.dim() not in (1, 2) or relevance.shape[-1] < 1:
             raise ValueError(f"relevance: expected a tensor [batch, regions] or [regions], got "
                              f"{getattr(relevance, 'shape', type(relevance).__name__)}")
         if relevance.device.type == "cpu" and not torch.isfinite(relevance).all():
             raise ValueError("relevance holds NaN or infinite values")
         n = relevance.shape[-1]
-        flipped, levels, units, take, total = self._tables(n, relevance.device)
+        flipped, levels64, levels, units, take, total, lohi = self._tables(n, relevance.device)
+        if relevance.device.type == "cuda" and allocator_kernel.available("cuda") is None:  # one launch
+            out = allocator_kernel.allocate_kernel(
+                relevance.reshape(-1, n), levels64, units, take, total_units=total, step=self.step,
+                lo=self.levels[0], hi=self.levels[-1], temperature=self.temperature)
+            return out.reshape(relevance.shape)
         rel = relevance.detach().reshape(-1, n).double()
-        targets = self._device_targets(self._shares(rel), float(total * self.step))
+        targets = self._device_targets(self._shares(rel), float(total * self.step), lohi)
         # regions from the most to the least relevant (ties: the earlier region first)
         order = torch.sort(rel, dim=-1, descending=True, stable=True).indices
         t = targets.gather(1, order)
@@ -216,18 +230,23 @@ class TokenBudgetAllocator(nn.Module):
         e = torch.exp((rel - rel.amax(-1, keepdim=True)) / self.temperature)
         return e / _sum(e)
 
-    def _device_targets(self, shares: torch.Tensor, total: float) -> torch.Tensor:
+    def _device_targets(self, shares: torch.Tensor, total: float, lohi: torch.Tensor) -> torch.Tensor:
         """:meth:`_targets` for a batch ``[B, R]`` of shares, with tensor ops: the sum at every breakpoint, the
         last breakpoint whose sum is not above ``total``, the exact ``lam`` inside the next segment."""
         lo, hi = float(self.levels[0]), float(self.levels[-1])
         n = shares.shape[-1]
         # breakpoints lo / s and hi / s, sorted; a zero share has none (NaN: sorts last, never counts)
-        inv = shares.masked_fill(shares <= 0, float("nan")).reciprocal()
-        points = torch.sort(torch.cat([inv * lo, inv * hi], -1), -1).values  # [B, 2R]
-        sums = _sum((points[..., None] * shares[:, None, :]).clamp(lo, hi))[..., 0]  # [B, 2R]
+        pos = shares.masked_fill(shares <= 0, float("nan"))
+        # a true division, as the reference's b / s (``lo / tensor`` is a reciprocal and a product: off by an ulp)
+        points = torch.sort((lohi[:, None] / pos[:, None, :]).flatten(1), -1).values  # [B, 2R]
+        sums = _sum(_fill(points[..., None] * shares[:, None, :], lo, hi))[..., 0]  # [B, 2R]
         # the segment [points[a], points[b]]: a the last breakpoint whose sum is not above total (the sum is
-        # non-decreasing); at the last breakpoint (every positive share at hi) b = a
-        a = ((sums <= total).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 1)
+        # non-decreasing), but never the largest breakpoint while a smaller one exists (the reference's binary
+        # search stops before it, which matters when that breakpoint is inf: a share below 1/inf)
+        valid = points == points
+        top = points.nan_to_num(nan=float("-inf")).amax(-1, keepdim=True)
+        a = torch.minimum(((sums <= total) & valid).sum(-1, keepdim=True), (points < top).sum(-1, keepdim=True))
+        a = (a - 1).clamp(0, 2 * n - 1)
         ab = torch.cat([a, (a + 1).clamp_max(2 * n - 1)], -1)
         pab = points.gather(1, ab)
         pa, pb = pab[:, :1], torch.fmax(pab[:, 1:], pab[:, :1])  # fmax: a NaN b (no breakpoint) gives pa
@@ -236,4 +255,4 @@ class TokenBudgetAllocator(nn.Module):
         slope = _sum(torch.where((x > lo) & (x < hi), shares, 0.0))
         step = torch.minimum(pb, pa + (total - have) / slope)  # slope 0: +-inf or NaN, not taken below
         lam = torch.where((slope > 0) & (have < total), step, pa)
-        return (lam * shares).clamp(lo, hi)
+        return _fill(lam * shares, lo, hi)
