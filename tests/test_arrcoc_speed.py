@@ -355,10 +355,9 @@ def test_allocator_kernel_equals_the_python_reference_under_the_interpreter():
     cases = [c for c in cases if c[1].shape[-1] <= 5][:12]  # the interpreter walks O(R^3) scalars: small R
     cases.append((TokenBudgetAllocator(192, LEVELS), torch.tensor([[0.3, 0.3, 0.9, float("nan")]])))
     for alloc, rel in cases:
-        _, levels64, _, units, take, total, _ = alloc._tables(rel.shape[-1], rel.device)
-        got = allocator_kernel.allocate_kernel(rel, levels64, units, take, total_units=total, step=alloc.step,
-                                               lo=alloc.levels[0], hi=alloc.levels[-1],
-                                               temperature=alloc.temperature)
+        _, levels64, _, units, take, total, _, params = alloc._tables(rel.shape[-1], rel.device)
+        got = allocator_kernel.allocate_kernel(rel, levels64, units, take, params, total_units=total,
+                                               step=alloc.step)
         if torch.isnan(rel).any():  # no reference for NaN: a valid allocation
             assert got.sum().item() == 192 and all(t in LEVELS for t in got.flatten().tolist())
             continue

@@ -161,7 +161,8 @@ class TokenBudgetAllocator(nn.Module):
 
     def _tables(self, regions: int, device: torch.device):
         """Device constants of :meth:`forward` for ``regions`` regions (made once per count and device): the
-        levels (float64 largest first, float64 and long increasing), their units, the smallest and largest, and ``take[left]`` ``[C, M]``
+        levels (float64 largest first, float64 and long increasing), their units, the smallest and largest,
+        the Triton kernel's float64 parameters, and ``take[left]`` ``[C, M]``
         (0/1 uint8, flattened): 1 where a region may take level ``c`` with ``m`` units left to place, i.e.
         ``m - units[c]`` is a total the ``left`` regions after it can make with levels up to ``c``."""
         key = (regions, device)
@@ -180,7 +181,9 @@ class TokenBudgetAllocator(nn.Module):
             levels = torch.tensor(self.levels)
             got = (levels.flip(0).to(device, torch.float64), levels.to(device, torch.float64), levels.to(device),
                    torch.tensor(units, device=device), ok.flatten(1).to(device, torch.uint8), total,
-                   levels[[0, -1]].to(device, torch.float64))
+                   levels[[0, -1]].to(device, torch.float64),
+                   torch.tensor([self.temperature, self.levels[0], self.levels[-1], total * self.step],
+                                dtype=torch.float64).to(device))
             self._device_tables[key] = got
         return got
 
@@ -198,11 +201,10 @@ class TokenBudgetAllocator(nn.Module):
         if relevance.device.type == "cpu" and not torch.isfinite(relevance).all():
             raise ValueError("relevance holds NaN or infinite values")
         n = relevance.shape[-1]
-        flipped, levels64, levels, units, take, total, lohi = self._tables(n, relevance.device)
+        flipped, levels64, levels, units, take, total, lohi, params = self._tables(n, relevance.device)
         if relevance.device.type == "cuda" and allocator_kernel.available("cuda") is None:  # one launch
-            out = allocator_kernel.allocate_kernel(
-                relevance.reshape(-1, n), levels64, units, take, total_units=total, step=self.step,
-                lo=self.levels[0], hi=self.levels[-1], temperature=self.temperature)
+            out = allocator_kernel.allocate_kernel(relevance.reshape(-1, n), levels64, units, take, params,
+                                                   total_units=total, step=self.step)
             return out.reshape(relevance.shape)
         rel = relevance.detach().reshape(-1, n).double()
         targets = self._device_targets(self._shares(rel), float(total * self.step), lohi)

@@ -57,9 +57,14 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _allocate(REL, LEVELS, UNITS, TAKE, OUT, R, C, M, total_units, step, temperature, lo, hi, total,
-                  BR: tl.constexpr, BC: tl.constexpr):
+    def _allocate(REL, LEVELS, UNITS, TAKE, PARAMS, OUT, R, C, M, total_units, step, BR: tl.constexpr,
+                  BC: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
+        # float64 scalars come from memory: a Python float argument would be a float32
+        temperature = tl.load(PARAMS)
+        lo = tl.load(PARAMS + 1)
+        hi = tl.load(PARAMS + 2)
+        total = tl.load(PARAMS + 3)
         offs = tl.arange(0, BR)
         rmask = offs < R
         rel = tl.load(REL + row * R + offs, mask=rmask, other=0.0).to(tl.float64)
@@ -124,15 +129,15 @@ if triton is not None:
             visited = visited | (offs == i)
 
 
-def allocate_kernel(relevance: torch.Tensor, levels: torch.Tensor, units: torch.Tensor, take: torch.Tensor, *,
-                    total_units: int, step: int, lo: int, hi: int, temperature: float) -> torch.Tensor:
+def allocate_kernel(relevance: torch.Tensor, levels: torch.Tensor, units: torch.Tensor, take: torch.Tensor,
+                    params: torch.Tensor, *, total_units: int, step: int) -> torch.Tensor:
     """Tokens per region ``[B, R]`` (long) for ``relevance [B, R]``: ``levels`` float64 ``[C]`` (increasing),
-    ``units`` long ``[C]`` (levels / step), ``take`` uint8 ``[R, C * (total_units + 1)]``
-    (:meth:`TokenBudgetAllocator._tables`); the rest host numbers (nothing is read from the device)."""
+    ``units`` long ``[C]`` (levels / step), ``take`` uint8 ``[R, C * (total_units + 1)]``, ``params`` float64
+    ``(temperature, min level, max level, total tokens)`` (:meth:`TokenBudgetAllocator._tables`); nothing is read
+    from the device."""
     b, r = relevance.shape
     c = levels.shape[0]
     out = torch.empty(b, r, dtype=torch.long, device=relevance.device)
-    _allocate[(b,)](relevance.detach().contiguous(), levels, units, take, out, r, c, total_units + 1, total_units,
-                    step, float(temperature), float(lo), float(hi), float(total_units * step),
-                    BR=max(2, triton.next_power_of_2(r)), BC=max(2, triton.next_power_of_2(c)))
+    _allocate[(b,)](relevance.detach().contiguous(), levels, units, take, params, out, r, c, total_units + 1,
+                    total_units, step, BR=max(2, triton.next_power_of_2(r)), BC=max(2, triton.next_power_of_2(c)))
     return out
