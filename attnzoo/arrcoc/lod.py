@@ -9,11 +9,13 @@ For region ``r`` of image ``n`` with ``levels[n, r] = t`` tokens, :func:`encode_
 2. embeds the patches with the tower's own patch embedding and adds its position embeddings resampled
    (bicubic, as ``transformers``' ``interpolate_pos_encoding``) to ``rows x cols``, plus the class token when the
    tower has one: each region is seen as a whole picture, as LLaVA-NeXT's AnyRes crops are;
-3. packs all regions of the batch one after another into a single ``[1, T, D]`` sequence (no padding to the
-   largest region) and runs the tower's layers up to ``vision_feature_layer`` on it; the attention runs within
-   each region through :func:`attnzoo.ops.regions.region_attention` (varlen flash attention or a block-diagonal
-   FlexAttention on CUDA, a block-diagonal mask elsewhere), installed as the tower's ``transformers``
-   attention implementation ``"attnzoo_regions"`` (:func:`use_region_kernel`);
+3. packs all regions of the batch one after another, sorted by length, into a single ``[1, T, D]`` sequence (no
+   padding to the largest region) and runs the tower's layers up to ``vision_feature_layer`` on it; the attention
+   runs within each region through :func:`attnzoo.ops.regions.region_attention_tokens` (one SDPA call per run of
+   equal-length regions, or varlen flash attention on CUDA when there are many runs), with one
+   :class:`~attnzoo.ops.regions.RegionLayout` for every layer. CLIP/SigLIP layers run lean
+   (:meth:`VisionTower._lean_layer`: their own modules, q/k/v fused, 2-D); other layers run as transformers'
+   modules with ``"attnzoo_regions"`` as their attention implementation (:func:`use_region_kernel`);
 4. drops the class tokens and applies the VLM's multimodal projector: ``t`` visual tokens per region, in region
    order (row-major), each region's tokens row-major.
 
