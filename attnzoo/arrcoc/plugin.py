@@ -199,7 +199,9 @@ class ArrcocPlugin(TokenPlugin):
         counts_in = counts_in or self.counts_in(input_ids, pixel_values.shape[0])
         if rows is None:
             rows = image_runs(input_ids, self.image_token_id, counts_in)
-        self.scorer.to(pixel_values.device)
+        first = next(self.scorer.parameters(), None)
+        if first is not None and first.device != pixel_values.device:
+            self.scorer.to(pixel_values.device)
         texture = texture_array(self.unit_rgb(pixel_values), check=False)  # clamped to [0, 1] already
         query_rows = text_query(input_ids, attention_mask, self.image_token_id, self.embed)
         row_of = [r for r, images in enumerate(rows) for _ in images]
