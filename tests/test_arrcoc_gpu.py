@@ -120,6 +120,7 @@ def test_scorer_and_allocator_capture_in_a_cuda_graph_and_replay_equal_to_eager(
         torch.testing.assert_close(rel, want_rel)
         assert torch.equal(levels, want_levels)
         assert torch.equal(levels.cpu(), torch.tensor([alloc.allocate(r) for r in rel.double().cpu().tolist()]))
+    assert alloc._kernel_error is None, alloc._kernel_error
 
 
 def test_allocator_kernel_on_cuda_equals_the_python_reference():
@@ -132,6 +133,7 @@ def test_allocator_kernel_on_cuda_equals_the_python_reference():
         alloc, rel = _random_case(rng)
         want = torch.tensor([alloc.allocate(r) for r in rel.double().tolist()])
         assert torch.equal(alloc(rel.cuda()).cpu(), want), (alloc, rel)
+        assert alloc._kernel_error is None, alloc._kernel_error  # the Triton kernel ran, not the fallback
 
 
 @pytest.mark.parametrize("lengths", [[401, 145, 65, 65] * 8, sorted([401, 145, 65, 65] * 8)],

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -81,6 +82,7 @@ class TokenBudgetAllocator(nn.Module):
         self._units = [t // self.step for t in self.levels]
         self._reach: dict[int, list[list[int]]] = {}
         self._device_tables: dict = {}
+        self._kernel_error: str | None = None
 
     def extra_repr(self) -> str:
         return f"budget={self.budget}, levels={self.levels}, temperature={self.temperature}"
@@ -202,10 +204,16 @@ class TokenBudgetAllocator(nn.Module):
             raise ValueError("relevance holds NaN or infinite values")
         n = relevance.shape[-1]
         flipped, levels64, levels, units, take, total, lohi, params = self._tables(n, relevance.device)
-        if relevance.device.type == "cuda" and allocator_kernel.available("cuda") is None:  # one launch
-            out = allocator_kernel.allocate_kernel(relevance.reshape(-1, n), levels64, units, take, params,
-                                                   total_units=total, step=self.step)
-            return out.reshape(relevance.shape)
+        if relevance.device.type == "cuda" and allocator_kernel.available("cuda") is None \
+                and self._kernel_error is None:  # one launch
+            try:
+                out = allocator_kernel.allocate_kernel(relevance.reshape(-1, n), levels64, units, take, params,
+                                                       total_units=total, step=self.step)
+                return out.reshape(relevance.shape)
+            except Exception as e:  # a Triton that cannot compile it: the tensor ops, said once
+                self._kernel_error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"arrcoc allocator: the Triton kernel failed ({self._kernel_error[:300]}); using "
+                              "tensor ops (same allocations, about a hundred launches per call)", stacklevel=2)
         rel = relevance.detach().reshape(-1, n).double()
         targets = self._device_targets(self._shares(rel), float(total * self.step), lohi)
         # regions from the most to the least relevant (ties: the earlier region first)
