@@ -279,11 +279,16 @@ def encode_regions(tower: VisionTower, pixel_values: torch.Tensor, levels: torch
         # sorted by tokens: equal lengths are adjacent, one attention call per run of them
         keys = sorted(groups, key=lambda g: (g[2] * g[3], g))
         slabs, lengths, where = [], [], {}
+        every = [(n, r) for n in range(n_img) for r in range(grid * grid)]
         for key in keys:
             members = groups[key]
             rows, cols = key[2], key[3]
-            crops = torch.stack([pixel_values[n, :, boxes[r][0]:boxes[r][1], boxes[r][2]:boxes[r][3]]
-                                 for n, r in members])
+            if members == every and height % grid == 0 and width % grid == 0:  # every region alike: one reshape
+                crops = pixel_values.unflatten(2, (grid, height // grid)).unflatten(4, (grid, width // grid))
+                crops = crops.permute(0, 2, 4, 1, 3, 5).flatten(0, 2)
+            else:
+                crops = torch.stack([pixel_values[n, :, boxes[r][0]:boxes[r][1], boxes[r][2]:boxes[r][3]]
+                                     for n, r in members])
             x = tower.embed(crops, rows, cols)  # [m, skip + rows * cols, D]
             for j, nr in enumerate(members):
                 where[nr] = (len(slabs), j)
