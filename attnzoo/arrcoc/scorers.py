@@ -62,8 +62,8 @@ def region_mean(x: torch.Tensor, grid: int) -> torch.Tensor:
     """Mean of ``x [B, C, H, W]`` over each region -> ``[B, R, C]``.
 
     One reduction when ``grid`` divides the image (a reshape and a mean); else two small matrix products with
-    the 0/1 row and column memberships of the partition (float64 for float64 input; exact sums of 0/1 weights
-    in the input's precision). Neither reads data on the host."""
+    the 0/1 row and column memberships of the partition (sums in the input's precision; a process that enables
+    TF32 matmuls rounds these). Neither reads data on the host."""
     b, c, h, w = x.shape
     region_index(h, w, grid)  # checks the grid fits the image
     if h % grid == 0 and w % grid == 0:
