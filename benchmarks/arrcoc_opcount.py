@@ -112,7 +112,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     both, scorers_only = overhead()
-    show("overhead B=1 (texture + scorers + allocator; the allocator as tensor ops, its CPU path)", both)
+    show("overhead B=1 (texture + scorers + allocator; on the CPU the allocator is the Python reference)", both)
     show("overhead B=1, texture + scorers only (on CUDA the allocator adds one Triton launch)", scorers_only)
     prep, fwd, plain, topk = prefill()
     show("prefill budget=64: plugin.prepare", prep)

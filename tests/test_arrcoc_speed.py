@@ -136,14 +136,16 @@ def _random_case(rng):
 
 
 def test_allocator_on_tensors_equals_the_python_reference():
-    # forward (tensor ops, any device) against allocate (plain Python, the documented algorithm), row by row:
+    # the tensor ops (forward off the CPU and without the CUDA kernel) against allocate (plain Python, the
+    # documented algorithm; forward on the CPU), row by row:
     # ties in relevance, equal shares, targets on level midpoints, zero shares (tiny temperatures) included
     rng = random.Random(0)
     for _ in range(600):
         alloc, rel = _random_case(rng)
         want = torch.tensor([alloc.allocate(r) for r in rel.double().tolist()])
-        assert torch.equal(alloc(rel), want), (alloc, rel)
-        assert torch.equal(alloc(rel[0]), want[0])
+        assert torch.equal(alloc._on_device(rel), want), (alloc, rel)  # the tensor ops, run on the CPU
+        assert torch.equal(alloc._on_device(rel[0]), want[0])
+        assert torch.equal(alloc(rel), want)
 
 
 def test_allocator_gives_a_valid_allocation_for_nan_off_the_cpu():

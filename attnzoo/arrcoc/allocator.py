@@ -194,14 +194,23 @@ class TokenBudgetAllocator(nn.Module):
 
         The same allocation as :meth:`allocate` (row by row; float64 throughout), computed on the relevance's
         device without a host read, so the call can be captured in a CUDA graph: on CUDA one Triton kernel
-        (:mod:`.allocator_kernel`), elsewhere (or without Triton) tensor ops, a fixed number per region.
-        Non-finite relevance raises on the CPU (on a GPU the check would be a host read: NaN there still gives a
-        valid allocation, on the levels and with the usual total)."""
+        (:mod:`.allocator_kernel`), on other accelerators (or without Triton) tensor ops, a fixed number per
+        region; on the CPU, where the numbers already are, :meth:`allocate` itself. Non-finite relevance raises on
+        the CPU (on a GPU the check would be a host read: NaN there still gives a valid allocation, on the levels
+        and with the usual total)."""
         if not isinstance(relevance, torch.Tensor) or relevance.dim() not in (1, 2) or relevance.shape[-1] < 1:
             raise ValueError(f"relevance: expected a tensor [batch, regions] or [regions], got "
                              f"{getattr(relevance, 'shape', type(relevance).__name__)}")
-        if relevance.device.type == "cpu" and not torch.isfinite(relevance).all():
-            raise ValueError("relevance holds NaN or infinite values")
+        if relevance.device.type == "cpu":  # the data is on the host: the reference itself, no tensor ops
+            rel = relevance.detach().double()
+            if not torch.isfinite(rel).all():
+                raise ValueError("relevance holds NaN or infinite values")
+            rows = rel.reshape(-1, rel.shape[-1]).tolist()
+            return torch.tensor([self.allocate(r) for r in rows], dtype=torch.long).reshape(relevance.shape)
+        return self._on_device(relevance)
+
+    def _on_device(self, relevance: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` off the host: the Triton kernel on CUDA, else tensor ops (any device, CPU included)."""
         n = relevance.shape[-1]
         flipped, levels64, levels, units, take, total, lohi, params = self._tables(n, relevance.device)
         if relevance.device.type == "cuda" and allocator_kernel.available("cuda") is None \
