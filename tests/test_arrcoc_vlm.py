@@ -106,12 +106,14 @@ def _hf_region(model, crop, rows, cols):
     return model.model.multi_modal_projector(feats)[0]
 
 
+@pytest.mark.parametrize("levels", [[[16, 12, 8, 4], [4, 4, 16, 16]], [[8, 8, 8, 8], [8, 8, 8, 8]]],
+                         ids=["mixed", "all-alike"])
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_encode_regions_matches_each_region_through_transformers(kind):
+def test_encode_regions_matches_each_region_through_transformers(kind, levels):
     model = tiny_llava(tower=kind)
     tower = VisionTower(model)
     _, _, pixels = prompt()
-    levels = torch.tensor([[16, 12, 8, 4], [4, 4, 16, 16]])
+    levels = torch.tensor(levels)
     with torch.no_grad():
         want = [[_hf_region(model, pixels[n, :, (r // 2) * 16:(r // 2 + 1) * 16, (r % 2) * 16:(r % 2 + 1) * 16],
                             *grid_shape(int(levels[n, r]))) for r in range(4)] for n in range(2)]

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import bisect
 import math
+import warnings
 
 import torch
 from torch import nn
 
 from ..variants.arrcoc import check_budget, level_step, resolve_levels
+from . import allocator_kernel
 
 __all__ = ["TokenBudgetAllocator", "grid_shape"]
 
@@ -46,6 +48,18 @@ def grid_shape(tokens: int, aspect: float = 1.0) -> tuple[int, int]:
             if best is None or err < best[0] - 1e-12:
                 best = (err, rows, cols)
     return best[1], best[2]
+
+
+def _sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim, keepdim, left to right as Python's ``sum`` (a running sum: the same rounding as
+    :meth:`TokenBudgetAllocator.allocate` on the CPU, which matters where a target falls on a level midpoint)."""
+    return x.cumsum(-1)[..., -1:]
+
+
+def _fill(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """Python's ``min(hi, max(lo, v))`` elementwise, NaN included (it gives lo; ``clamp`` would keep the NaN)."""
+    w = torch.where(v > lo, v, lo)
+    return torch.where(w < hi, w, hi)
 
 
 class TokenBudgetAllocator(nn.Module):
@@ -67,6 +81,8 @@ class TokenBudgetAllocator(nn.Module):
         self.step = level_step(self.levels)
         self._units = [t // self.step for t in self.levels]
         self._reach: dict[int, list[list[int]]] = {}
+        self._device_tables: dict = {}
+        self._kernel_error: str | None = None
 
     def extra_repr(self) -> str:
         return f"budget={self.budget}, levels={self.levels}, temperature={self.temperature}"
@@ -145,14 +161,117 @@ class TokenBudgetAllocator(nn.Module):
                     break
         return out
 
+    def _tables(self, regions: int, device: torch.device):
+        """Device constants of :meth:`forward` for ``regions`` regions (made once per count and device): the
+        levels (float64 largest first, float64 and long increasing), their units, the smallest and largest,
+        the Triton kernel's float64 parameters, and ``take[left]`` ``[C, M]``
+        (0/1 uint8, flattened): 1 where a region may take level ``c`` with ``m`` units left to place, i.e.
+        ``m - units[c]`` is a total the ``left`` regions after it can make with levels up to ``c``."""
+        key = (regions, device)
+        got = self._device_tables.get(key)
+        if got is None:
+            total = self.best_total(regions) // self.step
+            reach = self._reachable(regions)
+            units = self._units
+            ok = torch.zeros(regions, len(units), total + 1, dtype=torch.bool)
+            for left in range(regions):
+                for c, u in enumerate(units):
+                    bits = reach[c][left] & ((1 << (total + 1 - u)) - 1) if u <= total else 0
+                    if bits:  # bit s set: the others can make s, so m = s + u may be taken
+                        row = bin(bits)[:1:-1]
+                        ok[left, c, u:u + len(row)] = torch.frombuffer(bytearray(row, "ascii"), dtype=torch.uint8) == 49
+            levels = torch.tensor(self.levels)
+            got = (levels.flip(0).to(device, torch.float64), levels.to(device, torch.float64), levels.to(device),
+                   torch.tensor(units, device=device), ok.flatten(1).to(device, torch.uint8), total,
+                   levels[[0, -1]].to(device, torch.float64),
+                   torch.tensor([self.temperature, self.levels[0], self.levels[-1], total * self.step],
+                                dtype=torch.float64).to(device))
+            self._device_tables[key] = got
+        return got
+
     def forward(self, relevance: torch.Tensor) -> torch.Tensor:
-        """``relevance [B, R]`` (or ``[R]``) -> tokens per region, long, same shape and device."""
+        """``relevance [B, R]`` (or ``[R]``) -> tokens per region, long, same shape and device.
+
+        The same allocation as :meth:`allocate` (row by row; float64 throughout), computed on the relevance's
+        device without a host read, so the call can be captured in a CUDA graph: on CUDA one Triton kernel
+        (:mod:`.allocator_kernel`), on other accelerators (or without Triton) tensor ops, a fixed number per
+        region; on the CPU, where the numbers already are, :meth:`allocate` itself. Non-finite relevance raises on
+        the CPU (on a GPU the check would be a host read: NaN there still gives a valid allocation, on the levels
+        and with the usual total)."""
         if not isinstance(relevance, torch.Tensor) or relevance.dim() not in (1, 2) or relevance.shape[-1] < 1:
             raise ValueError(f"relevance: expected a tensor [batch, regions] or [regions], got "
                              f"{getattr(relevance, 'shape', type(relevance).__name__)}")
-        rel = relevance.detach().double().cpu()
-        if not torch.isfinite(rel).all():
-            raise ValueError("relevance holds NaN or infinite values")
-        rows = rel.reshape(-1, rel.shape[-1]).tolist()
-        out = torch.tensor([self.allocate(r) for r in rows], dtype=torch.long)
-        return out.reshape(relevance.shape).to(relevance.device)
+        if relevance.device.type == "cpu":  # the data is on the host: the reference itself, no tensor ops
+            rel = relevance.detach().double()
+            if not torch.isfinite(rel).all():
+                raise ValueError("relevance holds NaN or infinite values")
+            rows = rel.reshape(-1, rel.shape[-1]).tolist()
+            return torch.tensor([self.allocate(r) for r in rows], dtype=torch.long).reshape(relevance.shape)
+        return self._on_device(relevance)
+
+    def _on_device(self, relevance: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` off the host: the Triton kernel on CUDA, else tensor ops (any device, CPU included)."""
+        n = relevance.shape[-1]
+        flipped, levels64, levels, units, take, total, lohi, params = self._tables(n, relevance.device)
+        if relevance.device.type == "cuda" and allocator_kernel.available("cuda") is None \
+                and self._kernel_error is None:  # one launch
+            try:
+                out = allocator_kernel.allocate_kernel(relevance.reshape(-1, n), levels64, units, take, params,
+                                                       total_units=total, step=self.step)
+                return out.reshape(relevance.shape)
+            except Exception as e:  # a Triton that cannot compile it: the tensor ops, said once
+                self._kernel_error = f"{type(e).__name__}: {e}"
+                warnings.warn(f"arrcoc allocator: the Triton kernel failed ({self._kernel_error[:300]}); using "
+                              "tensor ops (same allocations, about a hundred launches per call)", stacklevel=2)
+        rel = relevance.detach().reshape(-1, n).double()
+        targets = self._device_targets(self._shares(rel), float(total * self.step), lohi)
+        # regions from the most to the least relevant (ties: the earlier region first)
+        order = torch.sort(rel, dim=-1, descending=True, stable=True).indices
+        t = targets.gather(1, order)
+        # each region's candidate levels, from the closest to its target outwards (ties: the larger level first)
+        dist = (flipped - t[..., None]).abs()  # [B, R, C], levels largest first
+        cand = (len(self.levels) - 1) - torch.sort(dist, dim=-1, stable=True).indices  # level indices
+        flat = cand * (total + 1)  # index into take[left] = [C, M] flattened
+        rem = torch.full_like(rel[:, 0], total, dtype=torch.long)
+        cap = torch.full_like(rem, len(self.levels) - 1)
+        chosen = []
+        for pos in range(n):
+            left = n - pos - 1
+            ok = take[left].take(flat[:, pos] + rem[:, None]) * (cand[:, pos] <= cap[:, None])
+            c = cand[:, pos].gather(1, ok.argmax(-1, keepdim=True))[:, 0]  # the first that fits
+            rem = rem - units.take(c)
+            cap = c
+            chosen.append(c)
+        out = torch.empty_like(order).scatter_(1, order, levels.take(torch.stack(chosen, 1)))
+        return out.reshape(relevance.shape)
+
+    def _shares(self, rel: torch.Tensor) -> torch.Tensor:
+        e = torch.exp((rel - rel.amax(-1, keepdim=True)) / self.temperature)
+        return e / _sum(e)
+
+    def _device_targets(self, shares: torch.Tensor, total: float, lohi: torch.Tensor) -> torch.Tensor:
+        """:meth:`_targets` for a batch ``[B, R]`` of shares, with tensor ops: the sum at every breakpoint, the
+        last breakpoint whose sum is not above ``total``, the exact ``lam`` inside the next segment."""
+        lo, hi = float(self.levels[0]), float(self.levels[-1])
+        n = shares.shape[-1]
+        # breakpoints lo / s and hi / s, sorted; a zero share has none (NaN: sorts last, never counts)
+        pos = shares.masked_fill(shares <= 0, float("nan"))
+        # a true division, as the reference's b / s (``lo / tensor`` is a reciprocal and a product: off by an ulp)
+        points = torch.sort((lohi[:, None] / pos[:, None, :]).flatten(1), -1).values  # [B, 2R]
+        sums = _sum(_fill(points[..., None] * shares[:, None, :], lo, hi))[..., 0]  # [B, 2R]
+        # the segment [points[a], points[b]]: a the last breakpoint whose sum is not above total (the sum is
+        # non-decreasing), but never the largest breakpoint while a smaller one exists (the reference's binary
+        # search stops before it, which matters when that breakpoint is inf: a share below 1/inf)
+        valid = points == points
+        top = points.nan_to_num(nan=float("-inf")).amax(-1, keepdim=True)
+        a = torch.minimum(((sums <= total) & valid).sum(-1, keepdim=True), (points < top).sum(-1, keepdim=True))
+        a = (a - 1).clamp(0, 2 * n - 1)
+        ab = torch.cat([a, (a + 1).clamp_max(2 * n - 1)], -1)
+        pab = points.gather(1, ab)
+        pa, pb = pab[:, :1], torch.fmax(pab[:, 1:], pab[:, :1])  # fmax: a NaN b (no breakpoint) gives pa
+        have = sums.gather(1, a)
+        x = (pa + pb) / 2 * shares  # inside the segment: the regions neither at lo nor at hi
+        slope = _sum(torch.where((x > lo) & (x < hi), shares, 0.0))
+        step = torch.minimum(pb, pa + (total - have) / slope)  # slope 0: +-inf or NaN, not taken below
+        lam = torch.where((slope > 0) & (have < total), step, pa)
+        return _fill(lam * shares, lo, hi)

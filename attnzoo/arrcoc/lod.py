@@ -9,11 +9,13 @@ For region ``r`` of image ``n`` with ``levels[n, r] = t`` tokens, :func:`encode_
 2. embeds the patches with the tower's own patch embedding and adds its position embeddings resampled
    (bicubic, as ``transformers``' ``interpolate_pos_encoding``) to ``rows x cols``, plus the class token when the
    tower has one: each region is seen as a whole picture, as LLaVA-NeXT's AnyRes crops are;
-3. packs all regions of the batch one after another into a single ``[1, T, D]`` sequence (no padding to the
-   largest region) and runs the tower's layers up to ``vision_feature_layer`` on it; the attention runs within
-   each region through :func:`attnzoo.ops.regions.region_attention` (varlen flash attention or a block-diagonal
-   FlexAttention on CUDA, a block-diagonal mask elsewhere), installed as the tower's ``transformers``
-   attention implementation ``"attnzoo_regions"`` (:func:`use_region_kernel`);
+3. packs all regions of the batch one after another, sorted by length, into a single ``[1, T, D]`` sequence (no
+   padding to the largest region) and runs the tower's layers up to ``vision_feature_layer`` on it; the attention
+   runs within each region through :func:`attnzoo.ops.regions.region_attention_tokens` (one SDPA call per run of
+   equal-length regions, or varlen flash attention on CUDA when there are many runs), with one
+   :class:`~attnzoo.ops.regions.RegionLayout` for every layer. CLIP/SigLIP layers run lean
+   (:meth:`VisionTower._lean_layer`: their own modules, q/k/v fused, 2-D); other layers run as transformers'
+   modules with ``"attnzoo_regions"`` as their attention implementation (:func:`use_region_kernel`);
 4. drops the class tokens and applies the VLM's multimodal projector: ``t`` visual tokens per region, in region
    order (row-major), each region's tokens row-major.
 
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedArchitectureError
-from ..ops.regions import region_attention
+from ..ops.regions import RegionLayout, region_attention, region_attention_tokens
 from .allocator import grid_shape
 from .scorers import region_index
 
@@ -40,9 +42,14 @@ REGION_KERNEL = "attnzoo_regions"
 
 @dataclass(frozen=True)
 class Regions:
-    """The ``attention_mask`` the vision tower's layers receive for a packed sequence: the region lengths."""
+    """The ``attention_mask`` the vision tower's layers receive for a packed sequence: its
+    :class:`~attnzoo.ops.regions.RegionLayout` (made once per encoding: every layer reuses its device offsets)."""
 
-    lengths: tuple[int, ...]
+    layout: RegionLayout
+
+    @property
+    def lengths(self) -> tuple[int, ...]:
+        return self.layout.lengths
 
 
 def region_hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -51,7 +58,7 @@ def region_hf_attention(module, query, key, value, attention_mask, scaling=None,
     if isinstance(attention_mask, Regions):
         if dropout:
             raise ValueError(f"region attention has no dropout (got {dropout}); call the tower in eval mode")
-        out = region_attention(query, key, value, attention_mask.lengths, scale=scaling)
+        out = region_attention(query, key, value, attention_mask.layout, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -101,6 +108,8 @@ class VisionTower:
                 "towers without one")
         n_layers = len(vm.encoder.layers)
         self.layer_index = [f if f >= 0 else n_layers + 1 + f for f in self.feature_layers]
+        self._pos_cache: dict = {}
+        self._qkv_cache: dict = {}
 
     @property
     def full_tokens(self) -> int:
@@ -120,7 +129,16 @@ class VisionTower:
         feats = getattr(out, "pooler_output", out)
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
 
-    def _pos(self, rows: int, cols: int, cache: dict) -> torch.Tensor:
+    def _pos(self, rows: int, cols: int, cache: dict | None = None) -> torch.Tensor:
+        """``(class position or None, [rows * cols, D] resampled patch positions)``, kept per grid shape on the
+        tower for as long as the position table is the same tensor, unchanged (its version counter), dtype and
+        device (``cache``: an explicit dict instead)."""
+        w = self.emb.position_embedding.weight
+        if cache is None:
+            cache = self._pos_cache
+            if cache.get("key") != (w.data_ptr(), w._version, w.dtype, w.device):
+                cache.clear()
+                cache["key"] = (w.data_ptr(), w._version, w.dtype, w.device)
         got = cache.get((rows, cols))
         if got is None:
             w = self.emb.position_embedding.weight
@@ -135,7 +153,7 @@ class VisionTower:
             got = cache[(rows, cols)] = (w[:1] if self.cls is not None else None, grid_pos)
         return got
 
-    def embed(self, crops: torch.Tensor, rows: int, cols: int, cache: dict) -> torch.Tensor:
+    def embed(self, crops: torch.Tensor, rows: int, cols: int, cache: dict | None = None) -> torch.Tensor:
         """Crops ``[n, 3, h, w]`` -> ``[n, (1 +) rows * cols, D]`` (class token first when the tower has one)."""
         size = (rows * self.patch, cols * self.patch)
         if tuple(crops.shape[-2:]) != size:
@@ -149,16 +167,76 @@ class VisionTower:
             x = torch.cat([cls, x], 1)
         return x
 
-    def run_layers(self, packed: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """The tower's layers on a packed ``[1, T, D]`` -> the selected feature layer(s), concatenated."""
+    def run_layers(self, packed: torch.Tensor, lengths=None) -> torch.Tensor:
+        """The tower's layers on a packed ``[1, T, D]`` whose regions have ``lengths`` (a list or a
+        :class:`~attnzoo.ops.regions.RegionLayout`), or on a batch ``[N, L, D]`` of whole images (``lengths``
+        None: transformers' own attention) -> the selected feature layer(s), concatenated."""
         h = self.pre_norm(packed) if self.pre_norm is not None else packed
-        mask = Regions(tuple(lengths))
+        if lengths is None:
+            mask = None
+        else:
+            mask = Regions(lengths if isinstance(lengths, RegionLayout) else RegionLayout(lengths, packed.device))
+        layers = self.vm.encoder.layers[:max(self.layer_index)]
+        lean = not self.tower.training and all(_lean(layer) for layer in layers)
+        shape = h.shape
+        if lean:
+            h = h.reshape(-1, shape[-1])  # 2-D through the layers: no views around each linear
         outs = {0: h}
-        for i, layer in enumerate(self.vm.encoder.layers[:max(self.layer_index)]):
-            h = layer(h, mask)
-            h = h[0] if isinstance(h, tuple) else h
+        for i, layer in enumerate(layers):
+            if lean:
+                h = self._lean_layer(layer, h, shape, mask.layout if mask is not None else None)
+            else:
+                h = layer(h, mask)
+                h = h[0] if isinstance(h, tuple) else h
             outs[i + 1] = h
-        return torch.cat([outs[i] for i in self.layer_index], -1)
+        out = outs[self.layer_index[0]] if len(self.layer_index) == 1 else torch.cat(
+            [outs[i] for i in self.layer_index], -1)
+        return out.view(*shape[:-1], -1)
+
+    def _qkv(self, attn) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``attn``'s q, k, v projections as one ``[3 D, D]`` weight (and bias), made once and again only when one
+        of them changes (their data pointers and version counters)."""
+        parts = [attn.q_proj, attn.k_proj, attn.v_proj]
+        tensors = [t for m in parts for t in (m.weight, m.bias) if t is not None]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+        got = self._qkv_cache.get(id(attn))
+        if got is None or got[0] != key:
+            with torch.no_grad():
+                w = torch.cat([m.weight for m in parts])
+                b = torch.cat([m.bias for m in parts]) if all(m.bias is not None for m in parts) else None
+            got = self._qkv_cache[id(attn)] = (key, w, b)
+        return got[1], got[2]
+
+    def _lean_layer(self, layer, h: torch.Tensor, shape, layout) -> torch.Tensor:
+        """One CLIP/SigLIP encoder layer (pre-norm attention and MLP, transformers' own modules and weights) on
+        ``h [B * T, D]``, with the q/k/v projections fused and no per-linear reshapes: about half the ops of the
+        transformers layer (the tower is host-bound at LLaVA's sizes). ``layout``: the packed regions, else
+        ``shape`` ``[B, T, D]`` holds whole images."""
+        a = layer.self_attn
+        heads, d = a.num_heads, a.head_dim
+        w, b = self._qkv(a)
+        n = h.shape[0]
+        qkv = F.linear(layer.layer_norm1(h), w, b).view(n, 3, heads, d)
+        q, k, v = qkv.unbind(1)  # token-major [B * T, H, d]
+        if layout is not None:
+            o = region_attention_tokens(q, k, v, layout, scale=a.scale)
+        else:
+            bsz, t = shape[0], shape[1]
+            q, k, v = (x.view(bsz, t, heads, d).transpose(1, 2) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2)
+        h = h + a.out_proj(o.reshape(n, heads * d))
+        return h + layer.mlp(layer.layer_norm2(h))
+
+
+def _lean(layer) -> bool:
+    """Whether :meth:`VisionTower._lean_layer` computes this layer as transformers does: a CLIP/SigLIP-style
+    pre-norm encoder layer with linear q/k/v/out projections, no causal mask."""
+    a = getattr(layer, "self_attn", None)
+    return (all(hasattr(layer, n) for n in ("layer_norm1", "layer_norm2", "mlp")) and a is not None
+            and all(isinstance(getattr(a, n, None), torch.nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
+            and isinstance(getattr(a, "num_heads", None), int) and isinstance(getattr(a, "head_dim", None), int)
+            and getattr(a, "scale", None) is not None and not getattr(a, "is_causal", False)
+            and a.num_heads * a.head_dim == a.q_proj.out_features == a.k_proj.out_features)
 
 
 def _boxes(height: int, width: int, grid: int) -> list[tuple[int, int, int, int]]:
@@ -173,7 +251,12 @@ def encode_regions(tower: VisionTower, pixel_values: torch.Tensor, levels: torch
     """Visual tokens of each image at its regions' levels (module docstring): ``pixel_values [N, 3, H, W]`` as
     the processor made them, ``levels [N, grid * grid]`` tokens per region -> a list of ``N`` tensors
     ``[levels[n].sum(), D_lm]``. ``allow_whole``: encode an image whose regions are all at their native count
-    whole (the unpatched model's tokens)."""
+    whole (the unpatched model's tokens).
+
+    Host cost: one read of ``levels`` (the shapes depend on it); one resize + patch embedding per (crop size,
+    patch grid) group of regions; the regions packed sorted by length, so the tower's attention runs once per
+    run of equal lengths (:func:`attnzoo.ops.regions.region_attention`, one :class:`RegionLayout` for all
+    layers); one projector call and one gather back into region order."""
     n_img, _, height, width = pixel_values.shape
     if levels.shape != (n_img, grid * grid):
         raise ValueError(f"levels has shape {tuple(levels.shape)}: expected [{n_img}, {grid * grid}]")
@@ -190,26 +273,39 @@ def encode_regions(tower: VisionTower, pixel_values: torch.Tensor, levels: torch
         for r, (t, b, left, right) in enumerate(boxes):
             shape = grid_shape(lv[n][r], (right - left) / (b - t))
             groups.setdefault((b - t, right - left, *shape), []).append((n, r))
-    pieces: dict[tuple[int, int], torch.Tensor] = {}
-    cache: dict = {}
-    for (_, _, rows, cols), members in groups.items():
-        crops = torch.stack([pixel_values[n, :, boxes[r][0]:boxes[r][1], boxes[r][2]:boxes[r][3]]
-                             for n, r in members])
-        for (n, r), x in zip(members, tower.embed(crops, rows, cols, cache)):
-            pieces[(n, r)] = x
-    order = [(n, r) for n in range(n_img) if not whole[n] for r in range(grid * grid)]
     out: list[torch.Tensor | None] = [None] * n_img
-    if order:
-        lengths = [pieces[k].shape[0] for k in order]
-        feats = tower.run_layers(torch.cat([pieces[k] for k in order]).unsqueeze(0), lengths)[0]
+    if groups:
         skip = 1 if tower.cls is not None else 0
-        chunks = feats.split(lengths)
-        per_image: dict[int, list[torch.Tensor]] = {}
-        for (n, _), c in zip(order, chunks):
-            per_image.setdefault(n, []).append(c[skip:])
-        tokens = tower.projector(torch.cat([torch.cat(v) for v in per_image.values()]))
-        sizes = [sum(lv[n]) for n in per_image]
-        for n, t in zip(per_image, tokens.split(sizes)):
+        # sorted by tokens: equal lengths are adjacent, one attention call per run of them
+        keys = sorted(groups, key=lambda g: (g[2] * g[3], g))
+        slabs, lengths, where = [], [], {}
+        every = [(n, r) for n in range(n_img) for r in range(grid * grid)]
+        for key in keys:
+            members = groups[key]
+            rows, cols = key[2], key[3]
+            if members == every and height % grid == 0 and width % grid == 0:  # every region alike: one reshape
+                crops = pixel_values.unflatten(2, (grid, height // grid)).unflatten(4, (grid, width // grid))
+                crops = crops.permute(0, 2, 4, 1, 3, 5).flatten(0, 2)
+            else:
+                crops = torch.stack([pixel_values[n, :, boxes[r][0]:boxes[r][1], boxes[r][2]:boxes[r][3]]
+                                     for n, r in members])
+            x = tower.embed(crops, rows, cols)  # [m, skip + rows * cols, D]
+            for j, nr in enumerate(members):
+                where[nr] = (len(slabs), j)
+            slabs.append(x)
+            lengths += [x.shape[1]] * len(members)
+        packed = torch.cat([x.flatten(0, 1) for x in slabs]) if len(slabs) > 1 else slabs[0].flatten(0, 1)
+        feats = tower.run_layers(packed.unsqueeze(0), RegionLayout(lengths, packed.device))[0]
+        # back to region order, class tokens dropped: one cat of views, one projector call
+        views, start = [], 0
+        for x in slabs:
+            m, length = x.shape[0], x.shape[1]
+            views.append(feats[start:start + m * length].view(m, length, -1)[:, skip:])
+            start += m * length
+        order = [(n, r) for n in range(n_img) if not whole[n] for r in range(grid * grid)]
+        tokens = tower.projector(torch.cat([views[where[k][0]][where[k][1]] for k in order]))
+        kept = [n for n in range(n_img) if not whole[n]]
+        for n, t in zip(kept, tokens.split([sum(lv[n]) for n in kept])):
             out[n] = t
     whole_idx = [n for n in range(n_img) if whole[n]]
     if whole_idx:

@@ -71,13 +71,15 @@ class TokenPlugin(ABC):
 
     # ------------------------------------------------------------------ what subclasses decide
     @abstractmethod
-    def visual_tokens(self, input_ids, pixel_values, attention_mask, counts_in) -> list[torch.Tensor]:
-        """The visual tokens ``[k_n, D]`` of each image."""
+    def visual_tokens(self, input_ids, pixel_values, attention_mask, counts_in, rows=None) -> list[torch.Tensor]:
+        """The visual tokens ``[k_n, D]`` of each image (``rows``: :func:`image_runs` when known)."""
 
     # ------------------------------------------------------------------ the rewrite
-    def counts_in(self, input_ids: torch.Tensor, n_images: int) -> list[int]:
+    def counts_in(self, input_ids: torch.Tensor, n_images: int, per_row: list[int] | None = None) -> list[int]:
+        """``[full] * n_images``, after checking the ids hold that many image tokens (``per_row``: the image
+        tokens of each row when already read)."""
         full = self.tower.full_tokens
-        have = int((input_ids == self.image_token_id).sum())
+        have = sum(per_row) if per_row is not None else int((input_ids == self.image_token_id).sum())
         if have != n_images * full:
             raise ValueError(f"{self.name}: input_ids hold {have} image tokens (id {self.image_token_id}) for "
                              f"{n_images} image(s); expected {full} per image, as the model's processor writes them")
@@ -85,10 +87,12 @@ class TokenPlugin(ABC):
 
     def prepare(self, input_ids, pixel_values, attention_mask=None, position_ids=None, labels=None) -> Rewritten:
         """The rewritten inputs for a call with ``pixel_values`` (see the module docstring)."""
-        counts = self.counts_in(input_ids, pixel_values.shape[0])
-        tokens = self.visual_tokens(input_ids, pixel_values, attention_mask, counts)
+        per_row = (input_ids == self.image_token_id).sum(1).tolist()  # the one host read of the ids
+        counts = self.counts_in(input_ids, pixel_values.shape[0], per_row)
+        rows = image_runs(input_ids, self.image_token_id, counts, per_row=per_row)
+        tokens = self.visual_tokens(input_ids, pixel_values, attention_mask, counts, rows=rows)
         return rewrite_inputs(input_ids, attention_mask, self.image_token_id, counts, tokens, self.embed,
-                              self.pad_token_id, position_ids=position_ids, labels=labels)
+                              self.pad_token_id, position_ids=position_ids, labels=labels, rows=rows)
 
     # ------------------------------------------------------------------ the hooks
     def _pre_hook(self, module, args, kwargs):
@@ -164,40 +168,52 @@ class ArrcocPlugin(TokenPlugin):
         self.glimpse_side = grid * max(1, int(self.allocator.levels[0] ** 0.5))
         self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.image_std = torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._norm: dict = {}  # (mean, std) per device, moved once
         self.scorer = scorer if scorer is not None else RelevanceScorer()
         use_region_kernel(self.tower.tower)
 
     def unit_rgb(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        mean, std = self.image_mean.to(pixel_values.device), self.image_std.to(pixel_values.device)
-        return (pixel_values.float() * std + mean).clamp(0, 1)
+        dev = pixel_values.device
+        if dev not in self._norm:
+            self._norm[dev] = (self.image_mean.to(dev), self.image_std.to(dev))
+        mean, std = self._norm[dev]
+        return torch.addcmul(mean, pixel_values.float(), std).clamp_(0, 1)
 
     def glimpse(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Region features ``[N, R, D_lm]`` from one coarse pass of the tower over each whole image."""
+        """Region features ``[N, R, D_lm]`` from one coarse pass of the tower over each whole image (the images
+        as a batch: equal lengths, the tower's own attention)."""
         g, s = self.glimpse_side, self.glimpse_side // self.grid
-        x = self.tower.embed(pixel_values, g, g, {})
-        n, length = x.shape[0], x.shape[1]
-        feats = self.tower.run_layers(x.reshape(1, n * length, -1), [length] * n)[0].view(n, length, -1)
-        feats = self.tower.projector(feats[:, length - g * g:])
+        x = self.tower.embed(pixel_values, g, g)
+        length = x.shape[1]
+        feats = self.tower.projector(self.tower.run_layers(x)[:, length - g * g:])
+        n = feats.shape[0]
         d = feats.shape[-1]
         return feats.view(n, self.grid, s, self.grid, s, d).mean((2, 4)).reshape(n, self.grid * self.grid, d)
 
     @torch.no_grad()
-    def allocate(self, input_ids, pixel_values, attention_mask=None, counts_in=None) -> dict[str, torch.Tensor]:
+    def allocate(self, input_ids, pixel_values, attention_mask=None, counts_in=None, rows=None
+                 ) -> dict[str, torch.Tensor]:
         """Scores (``information``, ``salience``, ``coupling``, ``relevance``, each ``[N, R]``) and ``levels``
-        (tokens per region, ``[N, R]``) for these images and prompts."""
+        (tokens per region, ``[N, R]``) for these images and prompts. Reads nothing on the host once ``rows``
+        (:func:`image_runs`) is given."""
         counts_in = counts_in or self.counts_in(input_ids, pixel_values.shape[0])
-        self.scorer.to(pixel_values.device)
-        texture = texture_array(self.unit_rgb(pixel_values))
-        rows = image_runs(input_ids, self.image_token_id, counts_in)
+        if rows is None:
+            rows = image_runs(input_ids, self.image_token_id, counts_in)
+        first = next(self.scorer.parameters(), None)
+        if first is not None and first.device != pixel_values.device:
+            self.scorer.to(pixel_values.device)
+        texture = texture_array(self.unit_rgb(pixel_values), check=False)  # clamped to [0, 1] already
         query_rows = text_query(input_ids, attention_mask, self.image_token_id, self.embed)
-        row_of = torch.tensor([r for r, images in enumerate(rows) for _ in images], device=query_rows.device)
+        row_of = [r for r, images in enumerate(rows) for _ in images]
+        if row_of != list(range(len(rows))):  # not one image per row: pick each image's row
+            query_rows = query_rows[torch.tensor(row_of, device=query_rows.device)]
         features = self.glimpse(pixel_values)
-        scores = self.scorer(texture, self.grid, features.float(), query_rows[row_of].float())
+        scores = self.scorer(texture, self.grid, features.float(), query_rows.float())
         scores["levels"] = self.allocator(scores["relevance"])
         return scores
 
-    def visual_tokens(self, input_ids, pixel_values, attention_mask, counts_in):
-        scores = self.allocate(input_ids, pixel_values, attention_mask, counts_in)
+    def visual_tokens(self, input_ids, pixel_values, attention_mask, counts_in, rows=None):
+        scores = self.allocate(input_ids, pixel_values, attention_mask, counts_in, rows)
         self.last = scores
         return encode_regions(self.tower, pixel_values, scores["levels"], self.grid)
 
@@ -278,7 +294,7 @@ class VisualTopKPlugin(TokenPlugin):
         w = text_q.to(probs.dtype)[:, None, :, None]
         return ((probs * w).sum((1, 2)) / (w.sum((1, 2)) * probs.shape[1]).clamp_min(1))
 
-    def visual_tokens(self, input_ids, pixel_values, attention_mask, counts_in):
+    def visual_tokens(self, input_ids, pixel_values, attention_mask, counts_in, rows=None):
         feats = self.tower.whole(pixel_values)
         full = rewrite_inputs(input_ids, attention_mask, self.image_token_id, counts_in, list(feats), self.embed,
                               self.pad_token_id)

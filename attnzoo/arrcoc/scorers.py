@@ -17,6 +17,7 @@ cells of a ``grid x grid`` partition (:func:`region_index`; row-major, region ``
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -35,19 +36,42 @@ def region_index(height: int, width: int, grid: int, device=None) -> torch.Tenso
     check_positive_int("grid", grid)
     if height < grid or width < grid:
         raise ValueError(f"grid={grid}: an image of {height}x{width} pixels cannot be cut into {grid}x{grid} regions")
+    return _region_index(height, width, grid, torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _region_index(height: int, width: int, grid: int, device: torch.device) -> torch.Tensor:
     rows = torch.arange(height, device=device) * grid // height
     cols = torch.arange(width, device=device) * grid // width
     return rows[:, None] * grid + cols[None, :]
 
 
+@functools.lru_cache(maxsize=64)
+def _separable(height: int, width: int, grid: int, dtype: torch.dtype, device: torch.device):
+    """The region sums of an uneven partition as ``rows @ x @ cols``: ``rows [grid, H]`` and ``cols [W, grid]``
+    (0/1), and ``1 / pixels`` per region ``[grid, grid]``."""
+    r = torch.arange(height) * grid // height
+    c = torch.arange(width) * grid // width
+    rows = (r[None, :] == torch.arange(grid)[:, None]).to(torch.float64)
+    cols = (c[:, None] == torch.arange(grid)[None, :]).to(torch.float64)
+    inv = 1 / (rows.sum(1)[:, None] * cols.sum(0)[None, :])
+    return tuple(t.to(device=device, dtype=dtype) for t in (rows, cols, inv))
+
+
 def region_mean(x: torch.Tensor, grid: int) -> torch.Tensor:
-    """Mean of ``x [B, C, H, W]`` over each region -> ``[B, R, C]``."""
+    """Mean of ``x [B, C, H, W]`` over each region -> ``[B, R, C]``.
+
+    One reduction when ``grid`` divides the image (a reshape and a mean); else two small matrix products with
+    the 0/1 row and column memberships of the partition (sums in the input's precision; a process that enables
+    TF32 matmuls rounds these). Neither reads data on the host."""
     b, c, h, w = x.shape
-    idx = region_index(h, w, grid, x.device).flatten()
-    r = grid * grid
-    sums = x.new_zeros(b, c, r).index_add_(2, idx, x.flatten(2))
-    counts = torch.bincount(idx, minlength=r).to(x.dtype)
-    return (sums / counts).transpose(1, 2)
+    region_index(h, w, grid)  # checks the grid fits the image
+    if h % grid == 0 and w % grid == 0:
+        means = x.reshape(b, c, grid, h // grid, grid, w // grid).mean((3, 5))
+    else:
+        rows, cols, inv = _separable(h, w, grid, x.dtype, x.device)
+        means = (rows @ x @ cols) * inv
+    return means.reshape(b, c, grid * grid).transpose(1, 2)
 
 
 #: The appearance channels :func:`region_descriptors` summarises (position channels excluded).
@@ -78,7 +102,28 @@ def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 
 def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    return -torch.where(p > 0, p * p.clamp_min(torch.finfo(p.dtype).tiny).log(), torch.zeros_like(p)).sum(dim)
+    return -torch.xlogy(p, p).sum(dim)  # xlogy(0, 0) = 0
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_bins(channels: tuple[str, ...], bins: int, dtype: torch.dtype, device: torch.device):
+    """Device constants of :meth:`InformationScorer.histograms`: the channels' indices, and ``scale``/``shift``
+    ``[1, K, 1]`` mapping a value to its (fractional) bin, ``(v - lo) / (hi - lo) * bins``."""
+    idx = torch.tensor([CHANNELS.index(c) for c in channels], device=device)
+    lo = torch.tensor([CHANNEL_RANGES[c][0] for c in channels], dtype=torch.float64)
+    hi = torch.tensor([CHANNEL_RANGES[c][1] for c in channels], dtype=torch.float64)
+    scale = bins / (hi - lo)
+    return idx, scale.view(1, -1, 1).to(device, dtype), (-lo * scale).view(1, -1, 1).to(device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _channel_offsets(channels: int, regions: int, bins: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(channels, device=device) * (regions * bins)).view(1, -1, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _salience_channels(device: torch.device) -> torch.Tensor:
+    return torch.tensor([CHANNELS.index(c) for c in ("gx", "gy", "contrast", "ecc")], device=device)
 
 
 class InformationScorer(nn.Module):
@@ -94,19 +139,17 @@ class InformationScorer(nn.Module):
         self.bins, self.channels = bins, tuple(channels)
 
     def histograms(self, texture: torch.Tensor, grid: int) -> torch.Tensor:
-        """Counts ``[B, len(channels), R, bins]``."""
+        """Counts ``[B, len(channels), R, bins]``: one scatter-add over every channel and region (no host read)."""
         b, _, h, w = texture.shape
-        r = grid * grid
+        r, k = grid * grid, len(self.channels)
         region = region_index(h, w, grid, texture.device).flatten()
-        out = []
-        for name in self.channels:
-            lo, hi = CHANNEL_RANGES[name]
-            v = texture[:, CHANNELS.index(name)].flatten(1)
-            bin_ = ((v - lo) / (hi - lo) * self.bins).floor().long().clamp(0, self.bins - 1)
-            flat = region[None, :] * self.bins + bin_
-            counts = texture.new_zeros(b, r * self.bins).scatter_add_(1, flat, torch.ones_like(v))
-            out.append(counts.view(b, r, self.bins))
-        return torch.stack(out, 1)
+        idx, scale, shift = _channel_bins(self.channels, self.bins, texture.dtype, texture.device)
+        v = texture.index_select(1, idx).flatten(2)  # [B, K, HW]
+        bin_ = torch.addcmul(shift, v, scale).floor_().clamp_(0, self.bins - 1).long()
+        flat = (_channel_offsets(k, r, self.bins, texture.device) + region * self.bins) + bin_  # [B, K, HW]
+        counts = texture.new_zeros(b, k * r * self.bins)
+        counts.scatter_add_(1, flat.flatten(1), texture.new_ones(()).expand(b, flat.shape[1] * flat.shape[2]))
+        return counts.view(b, k, r, self.bins)
 
     def forward(self, texture: torch.Tensor, grid: int) -> torch.Tensor:
         counts = self.histograms(texture, grid)
@@ -127,10 +170,9 @@ class SalienceScorer(nn.Module):
         self.centre_bias = float(centre_bias)
 
     def forward(self, texture: torch.Tensor, grid: int) -> torch.Tensor:
-        feats = texture[:, [CHANNELS.index("gx"), CHANNELS.index("gy"), CHANNELS.index("contrast")]]
-        magnitude = feats.norm(dim=1, keepdim=True) / math.sqrt(3)
-        ecc = texture[:, CHANNELS.index("ecc")].unsqueeze(1)
-        s = region_mean(magnitude / (1 + self.centre_bias * ecc), grid)[..., 0]
+        feats = texture.index_select(1, _salience_channels(texture.device))  # gx, gy, contrast, ecc
+        magnitude = torch.linalg.vector_norm(feats[:, :3], dim=1, keepdim=True) / math.sqrt(3)
+        s = region_mean(magnitude / (1 + self.centre_bias * feats[:, 3:]), grid)[..., 0]
         return s / s.amax(-1, keepdim=True).clamp_min(1e-6)
 
 
@@ -190,10 +232,12 @@ class TensionBalancer(nn.Module):
         return w * a + (1 - w) * b
 
     def forward(self, information: torch.Tensor, salience: torch.Tensor, coupling: torch.Tensor) -> torch.Tensor:
-        pairs = (self._navigate(information, salience, self.info_salience),
-                 self._navigate(coupling, information, self.coupling_info),
-                 self._navigate(coupling, salience, self.coupling_salience))
-        return (pairs[0] + pairs[1] + pairs[2]) / 3
+        # the three pairs at once: [3, ...] stacks, one _navigate
+        a = torch.stack([information, coupling, coupling])
+        b = torch.stack([salience, information, salience])
+        w = torch.stack([self.info_salience, self.coupling_info, self.coupling_salience])
+        pairs = self._navigate(a, b, w.view(3, *([1] * information.dim())))
+        return pairs.sum(0) / 3
 
 
 class RelevanceScorer(nn.Module):
