@@ -4,6 +4,8 @@
 #   bash benchmarks/uptrain_gpu_runs.sh throughput   # 1 GPU: tokens/s and MFU, SmolLM2-135M shape, distillation
 #   bash benchmarks/uptrain_gpu_runs.sh smollm2      # 1 GPU: uptrain the converted SmolLM2-135M (MQA) with
 #                                                    #   distillation on <= 20M tokens, perplexity before/after
+#                                                    #   (one row; every family's uptrained rows, time-boxed and
+#                                                    #   resumable: benchmarks/quality/uptrain_rows.py)
 #   bash benchmarks/uptrain_gpu_runs.sh scaling      # 2 GPUs: DDP and FSDP against 1 GPU (tokens/s per GPU,
 #                                                    #   scaling efficiency, loss curves), and a stop + resume
 #
