@@ -32,6 +32,7 @@ import math
 import torch
 
 from .naive import SELF_SCORE
+from ..custom_ops import kernel_op
 
 try:
     import triton
@@ -523,16 +524,13 @@ _OPS: dict = {}
 def _register_ops() -> None:
     """``attnzoo::lsh_fwd`` / ``attnzoo::lsh_bwd`` (``torch.library.custom_op`` with fake implementations, the
     autograd registered): what ``torch.compile`` traces, opaque to Inductor, for CUDA graphs to capture."""
-    if triton is None or not hasattr(torch.library, "custom_op"):
+    if triton is None:
         return
-    _OPS["fwd"] = torch.library.custom_op("attnzoo::lsh_fwd", _fwd_op, mutates_args=())
-    _OPS["bwd"] = torch.library.custom_op("attnzoo::lsh_bwd", _bwd_op, mutates_args=())
-    _OPS["fwd"].register_fake(_fwd_fake)
-    _OPS["bwd"].register_fake(_bwd_fake)
-    torch.library.register_autograd("attnzoo::lsh_fwd", _op_backward, setup_context=_setup_context)
-    _OPS["hash"] = torch.library.custom_op("attnzoo::lsh_hash", _hash_impl, mutates_args=())
-    _OPS["hash"].register_fake(lambda x, rot, extra: x.new_empty((*x.shape[:2], rot.shape[2], x.shape[2]),
-                                                                 dtype=torch.int64))
+    ops = {"fwd": kernel_op("lsh_fwd", _fwd_op, _fwd_fake, backward=_op_backward, setup_context=_setup_context),
+           "bwd": kernel_op("lsh_bwd", _bwd_op, _bwd_fake),
+           "hash": kernel_op("lsh_hash", _hash_impl, lambda x, rot, extra: x.new_empty(
+               (*x.shape[:2], rot.shape[2], x.shape[2]), dtype=torch.int64))}
+    _OPS.update({k: op for k, op in ops.items() if op is not None})
 
 
 

@@ -50,6 +50,7 @@ import torch
 
 from ..sparse.triton_kernel import available as _triton_available
 from ..sparse.triton_kernel import interpreted
+from ..custom_ops import kernel_op
 
 try:
     import triton
@@ -557,10 +558,9 @@ _OPS: dict = {}
 def _register_op() -> None:
     """``attnzoo::mla_decode`` (a ``torch.library`` custom op with a fake implementation): what ``torch.compile``
     traces, one opaque node, so the host code around the launch (the plan, the tuner) never breaks the graph."""
-    if triton is None or not hasattr(torch.library, "custom_op"):
-        return
-    _OPS["decode"] = torch.library.custom_op("attnzoo::mla_decode", _op_impl, mutates_args=())
-    _OPS["decode"].register_fake(_op_fake)
+    op = None if triton is None else kernel_op("mla_decode", _op_impl, _op_fake)
+    if op is not None:
+        _OPS["decode"] = op
 
 
 _register_op()

@@ -31,6 +31,7 @@ from .codes import REDO_CHUNK, Mask, Mode, Stage
 from .kernels import triton
 from .plan import KernelPlan, make_plan
 from .tuning import choose_config, tuned_or_first
+from ...custom_ops import kernel_op
 
 
 if triton is not None:
@@ -361,13 +362,12 @@ def _bwd_fake(q, k, v, *args):
 
 def _register_ops() -> None:
     """Register ``attnzoo::block_sparse_fwd`` / ``_bwd`` (at import; not where this torch or Triton cannot)."""
-    if triton is None or not hasattr(torch.library, "custom_op"):
+    if triton is None:
         return
-    _ops["fwd"] = torch.library.custom_op("attnzoo::block_sparse_fwd", _fwd_op_impl, mutates_args=())
-    _ops["bwd"] = torch.library.custom_op("attnzoo::block_sparse_bwd", _bwd_op_impl, mutates_args=())
-    _ops["fwd"].register_fake(_fwd_fake)
-    _ops["bwd"].register_fake(_bwd_fake)
-    torch.library.register_autograd("attnzoo::block_sparse_fwd", _op_backward, setup_context=_setup_context)
+    ops = {"fwd": kernel_op("block_sparse_fwd", _fwd_op_impl, _fwd_fake, backward=_op_backward,
+                            setup_context=_setup_context),
+           "bwd": kernel_op("block_sparse_bwd", _bwd_op_impl, _bwd_fake)}
+    _ops.update({k: op for k, op in ops.items() if op is not None})
 
 
 _register_ops()
