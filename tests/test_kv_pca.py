@@ -137,3 +137,21 @@ def test_pca_needs_a_model_that_runs_on_token_ids(tmp_path):
     model, _ = TINY["clip"].make()
     with pytest.raises(ValueError, match="token ids alone.*method='mean'"):
         attnzoo.patch(model, "mqa", calib=_ids_file(tmp_path / "c.ids", torch.randint(3, 97, (2, 8))), calib_seq_len=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["pca", "svd"])
+def test_conversion_of_a_model_on_cuda_equals_the_cpu_conversion(method, tmp_path):
+    """A model that lives on the GPU converts there (statistics and solutions on its device) to the CPU's result."""
+    torch.manual_seed(5)
+    model, inputs = TINY["llama"].make()
+    calib = _ids_file(tmp_path / "c.ids", torch.randint(3, 97, (4, 16)))
+    cpu, gpu = (TINY["llama"].make()[0] for _ in range(2))
+    cpu.load_state_dict(model.state_dict())
+    gpu.load_state_dict(model.state_dict())
+    gpu.cuda()
+    for m in (cpu, gpu):
+        attnzoo.patch(m, "mqa", method=method, calib=calib, calib_seq_len=16)
+    for (n, pc), pg in zip(cpu.named_parameters(), gpu.parameters()):
+        assert pg.device.type == "cuda", n
+        torch.testing.assert_close(pg.cpu(), pc, rtol=1e-4, atol=1e-5, msg=n)

@@ -150,7 +150,7 @@ def _values(layer: _Layer, members: list[int]) -> tuple[torch.Tensor, torch.Tens
     for j, m in enumerate(mixes):
         cross = m[j * hd:(j + 1) * hd] @ a.T  # E[v_i (A ṽ)ᵀ]
         gram = a @ m @ a.T  # E[(A ṽ)(A ṽ)ᵀ]
-        ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-300) * torch.eye(hd, dtype=gram.dtype)
+        ridge = 1e-9 * gram.diagonal().mean().clamp_min(1e-300) * torch.eye(hd, dtype=gram.dtype, device=gram.device)
         cs.append(torch.linalg.solve(gram + ridge, cross.T).T)
     return a, torch.stack(cs), resid
 
@@ -206,7 +206,8 @@ def pca_pool(w: AttnWeights, groups: int, rope: RopeSpec | None, stats: LayerSta
     k, v = _aug(w.k, w.k_bias).reshape(n, hd, -1), _aug(w.v, w.v_bias).reshape(n, hd, -1)
     q = _aug(w.q, w.q_bias).reshape(heads, hd, -1)
     o = w.o.to(f).reshape(w.o.shape[0], heads, hd)
-    k_new, v_new = torch.empty(groups, hd, k.shape[-1], dtype=f), torch.empty(groups, hd, v.shape[-1], dtype=f)
+    k_new = torch.empty(groups, hd, k.shape[-1], dtype=f, device=k.device)
+    v_new = torch.empty(groups, hd, v.shape[-1], dtype=f, device=k.device)
     q_new, o_new = torch.empty_like(q), torch.empty_like(o)
     a_idx, b_idx, rest = layer.a, layer.b, layer.rest
     for g, members in enumerate(similarity_groups(layer, groups)):

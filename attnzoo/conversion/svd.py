@@ -119,7 +119,7 @@ def svd_pool(w: AttnWeights, groups: int, rope: RopeSpec | None = None, weighted
     o_new = (o_h @ cv.unsqueeze(2)).permute(3, 0, 1, 2, 4)  # O_h C_i
 
     # ---- keys: complex pairs on rotated dims, full matrix on the rest; correction into q_proj
-    k_shared = torch.empty(groups, hd, k.shape[-1], dtype=f)
+    k_shared = torch.empty(groups, hd, k.shape[-1], dtype=f, device=k.device)
     q_new = q.clone()
     rd = rope.rotary_dim
     if rd:

@@ -6,6 +6,7 @@ from functools import cached_property
 
 import torch
 
+from ..autocast import autocast_inputs
 from ..masks import combine_masks, normalize_key_padding_mask, normalize_mask
 
 __all__ = ["AttentionCall"]
@@ -26,6 +27,9 @@ class AttentionCall:
 
     @classmethod
     def build(cls, q, k, v, *, causal=False, mask=None, key_padding_mask=None, scale=None, dropout_p=0.0):
+        """Check the arguments; under ``torch.autocast`` q, k, v are first cast to its dtype
+        (:mod:`attnzoo.ops.autocast`)."""
+        q, k, v = autocast_inputs(q, k, v)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}={type(t).__name__}: expected a tensor [batch, heads, seq, head_dim]")

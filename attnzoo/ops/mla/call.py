@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..autocast import autocast_inputs
 from ..masks import normalize_key_padding_mask, normalize_mask
 
 __all__ = ["LatentCall"]
@@ -26,6 +27,7 @@ class LatentCall:
 
     @classmethod
     def build(cls, q_lat, q_rope, c, k_rope, *, scale, causal=False, mask=None, key_padding_mask=None):
+        q_lat, q_rope, c, k_rope = autocast_inputs(q_lat, q_rope, c, k_rope)  # as SDPA (attnzoo.ops.autocast)
         for name, t, dims in (("q_lat", q_lat, 4), ("q_rope", q_rope, 4), ("c", c, 3), ("k_rope", k_rope, 4)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != dims:
                 raise ValueError(f"{name}: expected a floating-point tensor of {dims} dims, got "
