@@ -365,3 +365,19 @@ def test_allocator_kernel_equals_the_python_reference_under_the_interpreter():
             continue
         want = torch.tensor([alloc.allocate(r) for r in rel.double().tolist()])
         assert torch.equal(got, want), (alloc, rel, got, want)
+
+
+def test_a_target_on_a_level_midpoint_is_a_tie_whatever_the_last_bit_of_exp():
+    """Equal relevances sharing what is left land exactly between two levels (344: 336 | 352). The targets are
+    snapped to a 2**-20 grid, so the documented tie rule (the larger level first) decides on every device, not
+    an ulp of ``exp`` (found on an H100: the CUDA paths gave [80, 336, 400, 336], the reference this)."""
+    from attnzoo.arrcoc.allocator import TARGET_GRID, _snap
+
+    alloc = TokenBudgetAllocator(1152, temperature=0.1)
+    rel = torch.tensor([[0.0, 0.5, 1.0, 0.5]])
+    want = [64, 352, 400, 336]
+    assert alloc.allocate(rel[0].tolist()) == want
+    assert alloc._on_device(rel).tolist() == [want]
+    for noise in (-1e-9, 1e-9):  # an ulp-level difference in a target does not move it off the midpoint
+        assert _snap(344.0 + noise) == 344.0 == _snap(344.0)
+    assert TARGET_GRID == 2 ** 20

@@ -142,7 +142,8 @@ def test_pca_needs_a_model_that_runs_on_token_ids(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["pca", "svd"])
 def test_conversion_of_a_model_on_cuda_equals_the_cpu_conversion(method, tmp_path):
-    """A model that lives on the GPU converts there (statistics and solutions on its device) to the CPU's result."""
+    """A model that lives on the GPU converts there (statistics and solutions on its device) to a model that computes
+    what the CPU's conversion computes (weights may differ by the sign of an eigenvector, not the function)."""
     torch.manual_seed(5)
     model, inputs = TINY["llama"].make()
     calib = _ids_file(tmp_path / "c.ids", torch.randint(3, 97, (4, 16)))
@@ -152,6 +153,9 @@ def test_conversion_of_a_model_on_cuda_equals_the_cpu_conversion(method, tmp_pat
     gpu.cuda()
     for m in (cpu, gpu):
         attnzoo.patch(m, "mqa", method=method, calib=calib, calib_seq_len=16)
-    for (n, pc), pg in zip(cpu.named_parameters(), gpu.parameters()):
-        assert pg.device.type == "cuda", n
-        torch.testing.assert_close(pg.cpu(), pc, rtol=1e-4, atol=1e-5, msg=n)
+    assert all(p.device.type == "cuda" for p in gpu.parameters())
+    assert gpu.config.num_key_value_heads == cpu.config.num_key_value_heads == 1
+    with torch.no_grad():
+        want = cpu(**inputs).logits
+        got = gpu(**{k: v.cuda() for k, v in inputs.items()}).logits.cpu()
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)

@@ -51,8 +51,13 @@ def test_fused_matches_float64_forward_and_backward(dtype, f, gated, window):
     ref_leaves = {k: x.detach().cpu().double().requires_grad_() for k, x in leaves.items()}
     ref = linear_attention_naive(**ref_leaves, causal=True, key_padding_mask=valid.cpu(), window=window)
     want = torch.autograd.grad(ref, [ref_leaves[k] for k in names], g.double().cpu())
-    for name, a, b in zip(names, got, want):
-        assert _rel(a, b) < 3 * TOL, name
+    # the unfused torch backend in the same dtype: a gradient that sums many cancelling terms (q_log's, through a
+    # gate of range e^±9) loses digits in 16 bits whatever computes it; the kernel must do no worse than 2x that
+    t_leaves = {k: x.detach().clone().requires_grad_() for k, x in leaves.items()}
+    base = linear_attention(**t_leaves, causal=True, key_padding_mask=valid, window=window, backend="torch")
+    unfused = torch.autograd.grad(base, [t_leaves[k] for k in names], g)
+    for name, a, b, c in zip(names, got, want, unfused):
+        assert _rel(a, b) < max(3 * TOL, 2 * _rel(c, b)), (name, _rel(a, b), _rel(c, b))
 
 
 def test_fused_equals_torch_backend_and_state_round_trip():

@@ -261,3 +261,17 @@ def test_the_fused_step_runs_no_gather_scatter_or_batched_matmul():
     banned = {n for n in names if any(b in n for b in ("gather", "scatter", "index", "bmm", "einsum", "matmul"))}
     assert not banned, banned
     assert "aten::sort" in names
+
+
+def test_float32_training_with_wide_buckets_is_dispatched_off_the_kernels():
+    """The fused float32 backward fits shared memory up to bucket 64 (op.TRITON_FP32_GRAD_MAX_BUCKET): wider
+    float32 training goes to the torch backend; 16-bit inputs and inference do not count."""
+    from attnzoo.ops.lsh.op import TRITON_FP32_GRAD_MAX_BUCKET, _fp32_grad_too_wide
+
+    q = torch.randn(1, 1, 4, 8, requires_grad=True)
+    assert TRITON_FP32_GRAD_MAX_BUCKET == 64
+    assert _fp32_grad_too_wide(128, q) and not _fp32_grad_too_wide(64, q)
+    assert not _fp32_grad_too_wide(128, q.detach())
+    assert not _fp32_grad_too_wide(128, q.detach().bfloat16().requires_grad_())
+    with torch.no_grad():
+        assert not _fp32_grad_too_wide(128, q)

@@ -62,6 +62,17 @@ def _fill(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return torch.where(w < hi, w, hi)
 
 
+#: targets are snapped to multiples of 1/TARGET_GRID tokens (2**-20: exact in float64) before the closest level is
+#: picked, in the reference and in both device paths alike. A target exactly between two levels (equal relevances
+#: sharing what is left, e.g. 344 between 336 and 352) is then a tie on every device, broken towards the larger
+#: level as documented, instead of by the last bit of ``exp`` (Python's, torch's and Triton's differ by an ulp).
+TARGET_GRID = float(2 ** 20)
+
+
+def _snap(t: float) -> float:
+    return math.floor(t * TARGET_GRID + 0.5) / TARGET_GRID
+
+
 class TokenBudgetAllocator(nn.Module):
     """Tokens per region from relevance (see the module docstring).
 
@@ -128,7 +139,7 @@ class TokenBudgetAllocator(nn.Module):
         slope = sum(s for s in shares if lo < inside * s < hi)
         if slope > 0 and have < total:
             lam = min(points[b], lam + (total - have) / slope)
-        return filled(lam)
+        return [_snap(t) for t in filled(lam)]
 
     def _by_distance(self, target: float, cap: int):
         """Level indices ``0..cap`` from the closest to ``target`` outwards (ties: the larger level first)."""
@@ -274,4 +285,4 @@ class TokenBudgetAllocator(nn.Module):
         slope = _sum(torch.where((x > lo) & (x < hi), shares, 0.0))
         step = torch.minimum(pb, pa + (total - have) / slope)  # slope 0: +-inf or NaN, not taken below
         lam = torch.where((slope > 0) & (have < total), step, pa)
-        return _fill(lam * shares, lo, hi)
+        return torch.floor(_fill(lam * shares, lo, hi) * TARGET_GRID + 0.5) / TARGET_GRID  # as _snap

@@ -98,7 +98,7 @@ if triton is not None:
         lam = pa
         if (slope > 0) & (have < total):
             lam = tl.minimum(pb, pa + (total - have) / slope)
-        targets = _fill(lam * s, lo, hi)
+        targets = tl.floor(_fill(lam * s, lo, hi) * 1048576.0 + 0.5) / 1048576.0  # allocator.TARGET_GRID
         # the regions from the most to the least relevant (ties: the earlier first), each the level closest to
         # its target (ties: the larger) among those up to the previous one's whose remainder stays reachable
         coffs = tl.arange(0, BC)

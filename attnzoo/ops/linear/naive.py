@@ -31,19 +31,20 @@ def linear_attention_naive(qf, kf, v, *, causal: bool = False, key_padding_mask=
     """
     qf, kf, v = qf.double(), kf.double(), v.double()
     b, hq, n, _ = qf.shape
+    dev = qf.device  # on the inputs' device (a float64 reference of GPU tensors runs there)
     hkv, m = kf.shape[1], kf.shape[2]
     g = hq // hkv
     phq = qf * (q_log.double().exp()[..., None] if q_log is not None else 1.0)
     phk = kf * (k_log.double().exp()[..., None] if k_log is not None else 1.0)
-    i = torch.arange(n)[:, None] + (m - n)
-    j = torch.arange(m)[None, :]
-    keep = (j <= i) if causal else torch.ones(n, m, dtype=torch.bool)
-    win = (i - j >= 0) & (i - j < window) if window else torch.zeros(n, m, dtype=torch.bool)
+    i = torch.arange(n, device=dev)[:, None] + (m - n)
+    j = torch.arange(m, device=dev)[None, :]
+    keep = (j <= i) if causal else torch.ones(n, m, dtype=torch.bool, device=dev)
+    win = (i - j >= 0) & (i - j < window) if window else torch.zeros(n, m, dtype=torch.bool, device=dev)
     if window and not causal:
         raise ValueError("the softmax window is causal (the last `window` keys)")
-    out = torch.zeros(b, hq, n, v.shape[-1], dtype=torch.float64)
+    out = torch.zeros(b, hq, n, v.shape[-1], dtype=torch.float64, device=dev)
     for bi in range(b):
-        kp = torch.ones(m, dtype=torch.bool) if key_padding_mask is None else key_padding_mask[bi].bool()
+        kp = torch.ones(m, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask[bi].bool()
         for h in range(hq):
             w = phq[bi, h] @ phk[bi, h // g].T
             if window:

@@ -18,11 +18,28 @@ __all__ = ["lsh_attention", "lsh_decode", "LSH_BACKENDS", "combine_rounds"]
 LSH_BACKENDS = ("triton", "torch")
 
 
-def _backend(q, backend: str | None) -> str:
+#: the largest bucket whose float32 *backward* fits the fused kernel's shared memory (a 128-query chunk reading
+#: 256 keys in float32 asks for 288 KiB; an H100 has 227 KiB): float32 training with larger buckets runs on the
+#: torch backend (decision: a fallback chosen by the dispatcher, and an error naming the limit when the Triton
+#: backend is forced; 16-bit inputs and float32 inference take the kernels at every bucket size up to 128).
+TRITON_FP32_GRAD_MAX_BUCKET = 64
+
+
+def _fp32_grad_too_wide(bucket_size: int, *ts) -> bool:
+    return (bucket_size > TRITON_FP32_GRAD_MAX_BUCKET and torch.is_grad_enabled()
+            and any(t.dtype == torch.float32 and t.requires_grad for t in ts))
+
+
+def _backend(q, backend: str | None, bucket_size: int = 0, grad_inputs: tuple = ()) -> str:
+    wide = _fp32_grad_too_wide(bucket_size, *grad_inputs)
     if backend is not None:
         check_choice("backend", backend, LSH_BACKENDS)
+        if backend == "triton" and wide and q.is_cuda:
+            raise ValueError(f"backend='triton' with bucket_size={bucket_size} cannot run the float32 backward "
+                             f"(shared memory); use bucket_size <= {TRITON_FP32_GRAD_MAX_BUCKET}, 16-bit inputs, "
+                             "or backend=None (the torch backend then serves it)")
         return backend
-    return "triton" if q.is_cuda and triton_kernel.available("cuda") is None else "torch"
+    return "triton" if q.is_cuda and triton_kernel.available("cuda") is None and not wide else "torch"
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -84,7 +101,8 @@ def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: 
         bucket_size: the chunk: a sorted query chunk reads its key chunk and the one before.
         key_padding_mask: bool ``[batch, n]``, True = real token.
         backend: ``"triton"`` (the fused kernels; CUDA, or Triton's interpreter) or ``"torch"``; None: Triton on
-            CUDA, else torch.
+            CUDA (but float32 training with ``bucket_size`` above :data:`TRITON_FP32_GRAD_MAX_BUCKET`: torch),
+            else torch.
 
     See :mod:`attnzoo.ops.lsh.naive` for the exact definition (the float64 reference).
     """
@@ -96,7 +114,7 @@ def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: 
     scale = 1 / math.sqrt(d) if scale is None else float(scale)
     r = q_buckets.shape[2]
     shared = k_buckets is None
-    if _backend(q, backend) == "triton":  # the sort here, everything past it in the fused kernels
+    if _backend(q, backend, bucket_size, (q, k, v)) == "triton":  # the sort here, everything past it in the fused kernels
         if shared:
             q_perm = k_perm = _perm(padded_last(q_buckets, key_padding_mask))
         else:  # one sort for both
