@@ -193,8 +193,10 @@ def test_a_compiled_training_step_equals_eager_and_replays_from_a_cuda_graph():
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        step()
+        for _ in range(3):  # torch's documented warm-up before a capture (one was not enough after the compile)
+            step()
     torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         grads = step()
