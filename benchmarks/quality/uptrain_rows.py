@@ -6,6 +6,9 @@ measure its training-free perplexity, uptrain it with distillation from the orig
 row to the results file at once. Stages of a row (``attnzoo.uptrain.uptrain``, the function behind
 ``attnzoo uptrain``; the log prints each stage as the equivalent ``attnzoo uptrain`` command line):
 
+* the first row, ``original`` ("control: no conversion"), is the same uptraining of the *unconverted* model: the
+  uptraining text is Python documentation like the evaluation text, so training alone lowers perplexity below the
+  original's; a converted row is judged against this control as well as against the original;
 * every row: ``--teacher ORIGINAL --data train.tokens --tokens N --mixed-precision bf16 --compile`` (on CUDA),
   all weights trained (lr ``--lr``);
 * ``linear`` rows (learned feature maps, docs/linear.md): first ``--stage transfer`` (attention transfer: only
@@ -70,7 +73,7 @@ from attnzoo.uptrain import UptrainOptions, uptrain  # noqa: E402
 from attnzoo.uptrain.options import flag  # noqa: E402
 
 #: the rows uptrained, most wanted first (keys of rows.training_free_rows)
-ORDER = ("mqa-pca", "sw127", "mla68-transmla", "mla87-transmla", "hedgehog-w64", "hedgehog", "linear-performer", "reformer",
+ORDER = ("original", "mqa-pca", "sw127", "mla68-transmla", "mla87-transmla", "hedgehog-w64", "hedgehog", "linear-performer", "reformer",
          "sw-reformer")
 NAME = "quality_smollm2_uptrained"
 
@@ -85,6 +88,8 @@ def has_transfer(row: R.Row) -> bool:
 
 
 def label(row: R.Row, args) -> str:
+    if row.config is None:  # the control: the same uptraining on the unconverted model
+        return f"control: no conversion + distill {millions(args.tokens)}"
     if has_transfer(row):
         return (f"{row.label.removesuffix(', untrained')} + transfer {millions(args.transfer_tokens)} + LoRA-"
                 f"{args.lora_rank} distill {millions(args.tokens)}")
@@ -296,7 +301,7 @@ def run_rows(args, command: str) -> None:
     meta = {"commit": R.commit(), "date": R.stamp(), "machine": R.machine(device)}
     if args.previous and args.previous.is_file() and not results.is_file():
         shutil.copyfile(args.previous, results)
-    wanted = [r for r in R.select(runner.table, "all" if args.rows == "all" else args.rows) if r.config is not None]
+    wanted = [r for r in R.select(runner.table, "all" if args.rows == "all" else args.rows) if r.config is not None or r.key == "original"]
     order = [runner.table["original"].label] + [label(r, args) for r in wanted]
     done = {r["model"]: r for r in R.read_rows(results)}
     original = runner.table["original"].label
