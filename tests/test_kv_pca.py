@@ -159,3 +159,39 @@ def test_conversion_of_a_model_on_cuda_equals_the_cpu_conversion(method, tmp_pat
         want = cpu(**inputs).logits
         got = gpu(**{k: v.cuda() for k, v in inputs.items()}).logits.cpu()
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_sequential_calibration_converts_layer_by_layer_on_the_converted_prefix(tmp_path):
+    """calib_order='sequential': layer 0 sees the same inputs either way (identical weights); layer 1 is measured on
+    the converted layer 0's outputs (different weights); the model runs, and the report counts the KV bytes of the
+    unconverted model before."""
+    torch.manual_seed(6)
+    model, inputs = TINY["llama"].make()
+    calib = _ids_file(tmp_path / "c.ids", torch.randint(3, 97, (4, 16)))
+    par, seq = (TINY["llama"].make()[0] for _ in range(2))
+    par.load_state_dict(model.state_dict())
+    seq.load_state_dict(model.state_dict())
+    attnzoo.patch(par, "mqa", method="pca", calib=calib, calib_seq_len=16)
+    report = attnzoo.patch(seq, attnzoo.MQA(method="pca", calib=calib, calib_seq_len=16, calib_order="sequential"))
+    assert report.options["calib_order"] == "sequential" and "_converted" not in report.options
+    assert report.kv_bytes_per_token_before == 4 * report.kv_bytes_per_token_after  # 4 KV heads -> 1
+    p, s = dict(par.named_parameters()), dict(seq.named_parameters())
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        torch.testing.assert_close(s[f"model.layers.0.self_attn.{name}.weight"],
+                                   p[f"model.layers.0.self_attn.{name}.weight"], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(s["model.layers.1.self_attn.k_proj.weight"], p["model.layers.1.self_attn.k_proj.weight"])
+    assert seq.config.num_key_value_heads == 1
+    with torch.no_grad():
+        assert torch.isfinite(seq(**inputs).logits).all()
+
+
+def test_sequential_calibration_refusals(tmp_path):
+    calib = _ids_file(tmp_path / "c.ids", torch.randint(3, 97, (2, 16)))
+    with pytest.raises(ValueError, match="calib_order.*'parallel'.*'sequential'"):
+        attnzoo.MQA(method="pca", calib_order="greedy")
+    model, _ = TINY["llama"].make()
+    with pytest.raises(ValueError, match="needs the native layout"):  # a part of the layers: not a whole model
+        attnzoo.patch(model, "mqa", layers=[1], method="pca", calib=calib, calib_seq_len=16,
+                      calib_order="sequential")
+    with pytest.raises(ValueError, match="mla converter calibrates in one pass"):
+        attnzoo.MLA(kv_rank=16, rope_dim=8, calib_order="sequential")

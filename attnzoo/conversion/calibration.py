@@ -58,14 +58,15 @@ from pathlib import Path
 
 import torch
 
-from ..errors import check_positive_int, check_type
+from ..errors import check_choice, check_positive_int, check_type
 from ..options import option
 
 __all__ = ["CalibrationOptions", "LayerStatistics", "Calibration", "calibration_ids", "gather_statistics", "calibrate",
-           "DEFAULT_SEQUENCES", "DEFAULT_SEQ_LEN", "model_tokenizer"]
+           "DEFAULT_SEQUENCES", "DEFAULT_SEQ_LEN", "CALIB_ORDERS", "model_tokenizer", "convert_sequentially"]
 
 DEFAULT_SEQUENCES = 128
 DEFAULT_SEQ_LEN = 512
+CALIB_ORDERS = ("parallel", "sequential")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,12 +79,17 @@ class CalibrationOptions:
                                "'builtin' or 'builtin:SEED'; None: the built-in corpus", metavar="FILE")
     calib_sequences: int = option(DEFAULT_SEQUENCES, help="calibration sequences (fewer when the data is shorter)")
     calib_seq_len: int = option(DEFAULT_SEQ_LEN, help="tokens per calibration sequence")
+    calib_order: str = option("parallel", help="'parallel': every layer's statistics from the unconverted model "
+                              "in one pass; 'sequential': layer by layer, each measured on the model whose earlier "
+                              "layers are already converted (GPTQ's order: later layers see and correct the earlier "
+                              "layers' error; about layers/2 passes instead of 2)")
 
     def validate(self) -> None:
         if self.calib is not None:
             check_type("calib", self.calib, str, "a file path (str), 'builtin', 'builtin:SEED' or None")
         check_positive_int("calib_sequences", self.calib_sequences)
         check_positive_int("calib_seq_len", self.calib_seq_len, minimum=2)
+        check_choice("calib_order", self.calib_order, CALIB_ORDERS)
 
 
 @dataclass
@@ -327,9 +333,10 @@ class _OutputPairs(_Accumulator):
     """Attention outputs of the original layer and of converted weights ``new`` on the same inputs: sums of
     ``a_old a_newᵀ`` and ``a_new a_newᵀ`` (``[heads*hd]²`` each), for a least-squares refit of ``o_proj``."""
 
-    def __init__(self, site, new):
+    def __init__(self, site, new, targets: list | None = None):
         super().__init__(site, False, True)
         self.new, self.cross, self.gram = new, None, None
+        self.targets, self.batch = targets, 0  # targets: a_old per batch, given (the reference model's)
 
     def _outputs(self, w, x, shape):
         b, t = shape
@@ -345,7 +352,11 @@ class _OutputPairs(_Accumulator):
         shape = x.shape[:2]
         x = x.reshape(-1, x.shape[-1]).to(self.w.q.dtype)
         with torch.no_grad():
-            old, new = self._outputs(self.w, x, shape), self._outputs(self.new, x.to(self.new.q.dtype), shape)
+            new = self._outputs(self.new, x.to(self.new.q.dtype), shape)
+            if self.targets is None:
+                old = self._outputs(self.w, x, shape)
+            else:
+                old, self.batch = self.targets[self.batch], self.batch + 1
             self.cross = old.T @ new if self.cross is None else self.cross.add_(old.T @ new)
             self.gram = new.T @ new if self.gram is None else self.gram.add_(new.T @ new)
 
@@ -353,22 +364,52 @@ class _OutputPairs(_Accumulator):
         pass
 
 
+class _Targets:
+    """The o_proj inputs (attention outputs ``[tokens, heads*hd]``, float64) of one site, batch by batch."""
+
+    def __init__(self, site):
+        self.site, self.values = site, []
+        self.handles = [site.root.get_submodule(site.o_path()).register_forward_pre_hook(self._on_output)]
+
+    def _on_output(self, module, args):
+        a = args[0].detach()
+        self.values.append(a.reshape(-1, a.shape[-1]).double())
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
 def gather_output_moments(model, sites, ids: torch.Tensor, new: dict, *, batch_size: int = 4,
-                          progress: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                          progress: bool = True, stop_after=None, targets: dict | None = None
+                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """For each site, ``(Σ a_old a_newᵀ, Σ a_new a_newᵀ)``: the attention outputs (the o_proj inputs, ``[heads*hd]``)
     of the unconverted layer and of its converted weights ``new[site.fqn]``
     (:class:`~attnzoo.conversion.heads.AttnWeights`), both on the inputs the unconverted model gives the layer
     (the attention recomputed as for ``mixed_values``). What :func:`attnzoo.conversion.kv_pca.refit_output`
-    reads."""
+    reads. ``targets``: per site, ``a_old`` batch by batch given instead (another model's outputs on the same
+    ``ids``: :func:`convert_sequentially`'s error-correcting refit)."""
     return {fqn: (acc.cross, acc.gram) for fqn, acc in
-            _run(model, [_OutputPairs(s, new[s.fqn]) for s in sites], ids, batch_size, progress,
-                 "output refit").items()}
+            _run(model, [_OutputPairs(s, new[s.fqn], (targets or {}).get(s.fqn)) for s in sites], ids, batch_size,
+                 progress, "output refit", stop_after).items()}
 
 
-def _run(model, accs, ids, batch_size, progress, desc):
+class _StopForward(Exception):
+    """Raised by the hook after the last site a pass needs: the rest of the model is not run."""
+
+
+def _stop_after(module):
+    def hook(mod, args, output):
+        raise _StopForward
+
+    return module.register_forward_hook(hook)
+
+
+def _run(model, accs, ids, batch_size, progress, desc, stop_after=None):
     from tqdm.auto import tqdm
 
     check_positive_int("batch_size", batch_size)
+    stop = _stop_after(stop_after.module) if stop_after is not None else None
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -379,6 +420,8 @@ def _run(model, accs, ids, batch_size, progress, desc):
                               leave=False):
                 try:
                     model(input_ids=ids[start:start + batch_size].to(device), **extra)
+                except _StopForward:
+                    pass
                 except (TypeError, ValueError, AttributeError) as e:
                     raise ValueError(f"calibration runs model(input_ids=...) on token ids alone, and "
                                      f"{type(model).__name__} failed on it ({type(e).__name__}: {e}); a calibrated "
@@ -387,18 +430,23 @@ def _run(model, accs, ids, batch_size, progress, desc):
     finally:
         for acc in accs:
             acc.remove()
+        if stop is not None:
+            stop.remove()
         model.train(was_training)
     return {acc.site.fqn: acc for acc in accs}
 
 
 def gather_statistics(model, sites, ids: torch.Tensor, *, batch_size: int = 4, inputs: bool = False,
-                      mixed_values: bool = False, progress: bool = True) -> dict[str, LayerStatistics]:
+                      mixed_values: bool = False, progress: bool = True, stop_after=None
+                      ) -> dict[str, LayerStatistics]:
     """Run ``model`` on ``ids`` ``[n, seq_len]`` (``batch_size`` rows at a time, no gradients, hooks removed
     afterwards even on error) and return the :class:`LayerStatistics` of every site in ``sites``
     (:func:`attnzoo.patches.walker.attention_sites`), by qualified name. ``inputs``: also the input moments;
-    ``mixed_values``: also the attention-mixed value moments (``v_mix``)."""
+    ``mixed_values``: also the attention-mixed value moments (``v_mix``); ``stop_after``: a site after which the
+    forward stops (a pass that needs nothing deeper)."""
     accs = [_Accumulator(s, inputs, mixed_values) for s in sites]
-    return {fqn: acc.stats for fqn, acc in _run(model, accs, ids, batch_size, progress, "calibration").items()}
+    return {fqn: acc.stats for fqn, acc in
+            _run(model, accs, ids, batch_size, progress, "calibration", stop_after).items()}
 
 
 def calibrate(model, sites, spec: str | None = None, sequences: int = DEFAULT_SEQUENCES,
@@ -406,10 +454,53 @@ def calibrate(model, sites, spec: str | None = None, sequences: int = DEFAULT_SE
               batch_size: int = 4, progress: bool = True) -> Calibration:
     """One calibration pass of ``model`` over the data ``spec`` (:func:`calibration_ids`; text is tokenized with
     ``tokenizer``, by default the one saved where the model was loaded from, :func:`model_tokenizer`)."""
-    if tokenizer is None and spec is not None and not str(spec).startswith("builtin"):
-        tokenizer = model_tokenizer(model)
-    vocab = getattr(model.config, "vocab_size", None)
-    ids = calibration_ids(spec, sequences, seq_len, tokenizer=tokenizer, vocab_size=vocab)
+    ids = _model_ids(model, spec, sequences, seq_len, tokenizer)
     layers = gather_statistics(model, sites, ids, batch_size=batch_size, inputs=inputs, mixed_values=mixed_values,
                                progress=progress)
     return Calibration(layers, "builtin" if spec is None else str(spec), ids)
+
+
+def _model_ids(model, spec, sequences, seq_len, tokenizer=None) -> torch.Tensor:
+    if tokenizer is None and spec is not None and not str(spec).startswith("builtin"):
+        tokenizer = model_tokenizer(model)
+    return calibration_ids(spec, sequences, seq_len, tokenizer=tokenizer,
+                           vocab_size=getattr(model.config, "vocab_size", None))
+
+
+def convert_sequentially(model, sites, spec: str | None, sequences: int, seq_len: int, *, convert, write,
+                         refit=None, reference_sites: dict | None = None, mixed_values: bool = False,
+                         batch_size: int = 4, progress: bool = True) -> dict:
+    """``calib_order='sequential'``: the sites from the first layer to the last, each measured on the model whose
+    earlier sites are already converted, then converted and written into the model at once, so the next site's
+    statistics see the converted layers' outputs (GPTQ's order). Each pass stops after its site.
+
+    With ``refit``, the output projection is then refitted by least squares. Its target is, with
+    ``reference_sites`` (the same sites, by name, in an unconverted copy of the model), the *original model's*
+    attention outputs on the same tokens: the converted layer is asked to give what the original gives on the
+    original inputs, so each layer also repairs the error of the converted layers below it (error-correcting; the
+    better on SmolLM2-135M MQA, docs/calibration.md). Without, the target is the unconverted layer on the converted
+    prefix's inputs (GPTQ's own target).
+
+    ``convert(site, stats) -> weights``; ``refit(site, weights, cross, gram) -> weights`` (or None);
+    ``write(site, weights)`` puts them into the model. Returns the written weights by site name. ``sites`` must be in
+    forward order; the model is changed in place (the caller converts a model it owns)."""
+    from tqdm.auto import tqdm
+
+    ids = _model_ids(model, spec, sequences, seq_len)
+    out = {}
+    for site in tqdm(sites, desc="sequential calibration", unit="layer", disable=not progress, leave=False):
+        stats = gather_statistics(model, [site], ids, batch_size=batch_size, mixed_values=mixed_values,
+                                  progress=False, stop_after=site)[site.fqn]
+        w = convert(site, stats)
+        if refit is not None:
+            targets = None
+            if reference_sites is not None:  # the original's attention outputs at this site, batch by batch
+                ref = reference_sites[site.fqn]
+                targets = {site.fqn: _run(ref.root, [_Targets(ref)], ids, batch_size, False, "targets",
+                                          ref)[ref.fqn].values}
+            cross, gram = gather_output_moments(model, [site], ids, {site.fqn: w}, batch_size=batch_size,
+                                                progress=False, stop_after=site, targets=targets)[site.fqn]
+            w = refit(site, w, cross, gram)
+        write(site, w)
+        out[site.fqn] = w
+    return out

@@ -134,10 +134,10 @@ def patch(model, name: str | PatchConfig, *, layers: Iterable[int] | int | None 
                                     f"adapter found {len(sites)}: {sites[0].fqn} ... {sites[-1].fqn}")
     plans = {s.fqn: converter.plan(s, opts) for s in selected}  # every check before any change
     native = converter.is_native(adapter, sites, selected, plans, opts)
-    opts = converter.prepare(model, adapter, selected, opts, native)
     dtype = _model_dtype(model)
-    params_before = _param_count(model)
+    params_before = _param_count(model)  # before prepare(), which may already convert (calib_order='sequential')
     kv_bytes_before = _kv_per_token(sites, dtype)
+    opts = converter.prepare(model, adapter, selected, opts, native)
     for s in selected:
         converter.apply(s, plans[s.fqn], opts, native)
     info = converter.finish(model, adapter, sites, plans, opts, native)

@@ -97,6 +97,8 @@ def training_free_rows(config) -> dict[str, Row]:
             Row("mqa-mean", "MQA mean", attnzoo.MQA(method="mean")),
             Row("mqa-svd", "MQA svd", attnzoo.MQA(method="svd")),
             Row("mqa-pca", "MQA pca (calibrated)", attnzoo.MQA(method="pca"), calibrated=True),
+            Row("mqa-pca-seq", "MQA pca (calibrated, sequential)", attnzoo.MQA(method="pca", calib_order="sequential"),
+                calibrated=True),
             Row("sw127", "sliding window 127", attnzoo.SlidingWindow(window=127))]
     for saving in BUDGETS:
         kv_rank, rope_dim = mla_shapes(config, saving)

@@ -10,8 +10,8 @@ from typing import ClassVar
 
 import torch
 
-from ...conversion.calibration import CalibrationOptions, calibrate, gather_output_moments
-from ...conversion.kv_pca import refit_output
+from ...conversion.calibration import CalibrationOptions, calibrate, convert_sequentially, gather_output_moments
+from ...conversion.kv_pca import SEQUENTIAL_REFIT_RIDGE, refit_output
 from ...conversion.heads import check_groups
 from ...conversion.methods import METHODS, check_method, convert_kv_heads
 from ...conversion.streaming import plan_stream
@@ -184,7 +184,26 @@ class DenseConverter(Converter):
         opts = dict(opts)
         reducing = [s for s in sites if self.target(adapter, s.config, opts, s.heads, s.kv_heads, s.fqn) < s.kv_heads]
         method = check_method(opts["method"])
-        if method.calibrated and reducing:
+        if method.calibrated and reducing and opts.get("calib_order") == "sequential":
+            if not native:
+                raise ValueError(f"calib_order='sequential' converts layer by layer in place and needs the native "
+                                 f"layout of a whole model ({adapter.name}: every layer selected, one KV-head count "
+                                 "for all); use calib_order='parallel'")
+            reference = None
+            if method.refit_output:  # an unconverted copy: the refit's targets (error-correcting; its docstring)
+                from ..walker import attention_sites
+
+                reference = {s.fqn: s for s in attention_sites(copy.deepcopy(model))[1]}
+            opts["_converted"] = convert_sequentially(
+                model, reducing, opts["calib"], opts["calib_sequences"], opts["calib_seq_len"],
+                mixed_values=method.mixed_values, reference_sites=reference,
+                convert=lambda s, st: convert_kv_heads(s.read(), self.plan(s, opts)["kv_heads"], method.name,
+                                                       s.rope(), where=s.fqn, stats=st),
+                refit=(lambda s, w, cross, gram: refit_output(w, s.read(), cross, gram, ridge=SEQUENTIAL_REFIT_RIDGE))
+                if method.refit_output
+                else None,
+                write=lambda s, w: s.write_native(w))
+        elif method.calibrated and reducing:
             # passes over the unconverted model, then every site's weights; handed to apply() and dropped in
             # finish() (never recorded)
             cal = calibrate(model, reducing, opts["calib"], opts["calib_sequences"], opts["calib_seq_len"],

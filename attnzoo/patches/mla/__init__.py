@@ -62,6 +62,10 @@ class MLA(MLAOptions, CalibrationOptions, PatchConfig):
             fields["kv_heads"] = 1
         MLAOptions.validate_mla(SimpleNamespace(**fields), None)
         CalibrationOptions.validate(self)
+        if self.calib_order != "parallel":
+            raise ValueError(f"calib_order={self.calib_order!r}: the mla converter calibrates in one pass over the "
+                             "unconverted model; 'sequential' is implemented for the KV-head converters (gqa, mqa): "
+                             "use calib_order='parallel'")
         check_choice("method", self.method, tuple(METHODS))
         if self.q_rank is not None:
             raise ValueError(f"q_rank={self.q_rank}: a conversion keeps one q_proj (the queries are not compressed); "
