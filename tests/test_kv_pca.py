@@ -161,10 +161,14 @@ def test_conversion_of_a_model_on_cuda_equals_the_cpu_conversion(method, tmp_pat
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
-def test_sequential_calibration_converts_layer_by_layer_on_the_converted_prefix(tmp_path):
-    """calib_order='sequential': layer 0 sees the same inputs either way (identical weights); layer 1 is measured on
-    the converted layer 0's outputs (different weights); the model runs, and the report counts the KV bytes of the
-    unconverted model before."""
+def test_sequential_calibration_converts_layer_by_layer_on_the_converted_prefix(tmp_path, monkeypatch):
+    """calib_order='sequential': layer 0 sees the same inputs either way, and its refit targets (the reference
+    model's attention outputs) equal the parallel order's recomputed ones, so at the parallel order's ridge its
+    weights are identical; layer 1 is measured on the converted layer 0's outputs (different weights); the model
+    runs, and the report counts the KV bytes of the unconverted model before."""
+    import attnzoo.patches.kv_heads as kv_heads
+
+    monkeypatch.setattr(kv_heads, "SEQUENTIAL_REFIT_RIDGE", 1.0)  # the parallel order's
     torch.manual_seed(6)
     model, inputs = TINY["llama"].make()
     calib = _ids_file(tmp_path / "c.ids", torch.randint(3, 97, (4, 16)))
