@@ -109,7 +109,8 @@ def training_free_rows(config) -> dict[str, Row]:
     rows.append(Row("performer", f"performer (FAVOR+, {performer.features} random features)", performer))
     for key, cfg in (("linear-performer", attnzoo.Linear(feature_map="performer")),
                      ("hedgehog", attnzoo.Linear(feature_map="hedgehog")),
-                     ("hedgehog-w64", attnzoo.Linear(feature_map="hedgehog", window=64))):
+                     ("hedgehog-w64", attnzoo.Linear(feature_map="hedgehog", window=64)),
+                     ("performer-w64", attnzoo.Linear(feature_map="performer", window=64))):
         extra = f" ({cfg.features} features)" if cfg.feature_map == "performer" else ""
         window = f" + window {cfg.window}" if cfg.window else ""
         rows.append(Row(key, f"linear {cfg.feature_map} map{extra}{window}, untrained", cfg))

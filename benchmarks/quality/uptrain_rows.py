@@ -73,8 +73,8 @@ from attnzoo.uptrain import UptrainOptions, uptrain  # noqa: E402
 from attnzoo.uptrain.options import flag  # noqa: E402
 
 #: the rows uptrained, most wanted first (keys of rows.training_free_rows)
-ORDER = ("original", "mqa-pca", "sw127", "mla68-transmla", "mla87-transmla", "hedgehog-w64", "hedgehog", "linear-performer", "reformer",
-         "sw-reformer")
+ORDER = ("original", "mqa-pca", "sw127", "mla68-transmla", "mla87-transmla", "hedgehog-w64", "hedgehog",
+         "linear-performer", "performer-w64", "reformer", "sw-reformer")
 NAME = "quality_smollm2_uptrained"
 
 
