@@ -139,17 +139,23 @@ def test_pca_needs_a_model_that_runs_on_token_ids(tmp_path):
         attnzoo.patch(model, "mqa", calib=_ids_file(tmp_path / "c.ids", torch.randint(3, 97, (2, 8))), calib_seq_len=8)
 
 
+def _twins(tmp_path):
+    """Inputs, a calibration file and two tiny Llamas with the same random weights."""
+    model, inputs = TINY["llama"].make()
+    calib = _ids_file(tmp_path / "c.ids", torch.randint(3, 97, (4, 16)))
+    twins = tuple(TINY["llama"].make()[0] for _ in range(2))
+    for m in twins:
+        m.load_state_dict(model.state_dict())
+    return inputs, calib, twins
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["pca", "svd"])
 def test_conversion_of_a_model_on_cuda_equals_the_cpu_conversion(method, tmp_path):
     """A model that lives on the GPU converts there (statistics and solutions on its device) to a model that computes
     what the CPU's conversion computes (weights may differ by the sign of an eigenvector, not the function)."""
     torch.manual_seed(5)
-    model, inputs = TINY["llama"].make()
-    calib = _ids_file(tmp_path / "c.ids", torch.randint(3, 97, (4, 16)))
-    cpu, gpu = (TINY["llama"].make()[0] for _ in range(2))
-    cpu.load_state_dict(model.state_dict())
-    gpu.load_state_dict(model.state_dict())
+    inputs, calib, (cpu, gpu) = _twins(tmp_path)
     gpu.cuda()
     for m in (cpu, gpu):
         attnzoo.patch(m, "mqa", method=method, calib=calib, calib_seq_len=16)
@@ -170,11 +176,7 @@ def test_sequential_calibration_converts_layer_by_layer_on_the_converted_prefix(
 
     monkeypatch.setattr(kv_heads, "SEQUENTIAL_REFIT_RIDGE", 1.0)  # the parallel order's
     torch.manual_seed(6)
-    model, inputs = TINY["llama"].make()
-    calib = _ids_file(tmp_path / "c.ids", torch.randint(3, 97, (4, 16)))
-    par, seq = (TINY["llama"].make()[0] for _ in range(2))
-    par.load_state_dict(model.state_dict())
-    seq.load_state_dict(model.state_dict())
+    inputs, calib, (par, seq) = _twins(tmp_path)
     attnzoo.patch(par, "mqa", method="pca", calib=calib, calib_seq_len=16)
     report = attnzoo.patch(seq, attnzoo.MQA(method="pca", calib=calib, calib_seq_len=16, calib_order="sequential"))
     assert report.options["calib_order"] == "sequential" and "_converted" not in report.options
