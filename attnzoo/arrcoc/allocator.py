@@ -228,7 +228,7 @@ class TokenBudgetAllocator(nn.Module):
                 and self._kernel_error is None:  # one launch
             try:
                 out = allocator_kernel.allocate_kernel(relevance.reshape(-1, n), levels64, units, take, params,
-                                                       total_units=total, step=self.step)
+                                                       total_units=total, step=self.step, grid=TARGET_GRID)
                 return out.reshape(relevance.shape)
             except Exception as e:  # a Triton that cannot compile it: the tensor ops, said once
                 self._kernel_error = f"{type(e).__name__}: {e}"

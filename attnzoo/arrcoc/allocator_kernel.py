@@ -58,7 +58,7 @@ if triton is not None:
 
     @triton.jit
     def _allocate(REL, LEVELS, UNITS, TAKE, PARAMS, OUT, R, C, M, total_units, step, BR: tl.constexpr,
-                  BC: tl.constexpr):
+                  BC: tl.constexpr, GRID: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         # float64 scalars come from memory: a Python float argument would be a float32
         temperature = tl.load(PARAMS)
@@ -98,7 +98,7 @@ if triton is not None:
         lam = pa
         if (slope > 0) & (have < total):
             lam = tl.minimum(pb, pa + (total - have) / slope)
-        targets = tl.floor(_fill(lam * s, lo, hi) * 1048576.0 + 0.5) / 1048576.0  # allocator.TARGET_GRID
+        targets = tl.floor(_fill(lam * s, lo, hi) * GRID + 0.5) / GRID  # snapped as the reference's (_snap)
         # the regions from the most to the least relevant (ties: the earlier first), each the level closest to
         # its target (ties: the larger) among those up to the previous one's whose remainder stays reachable
         coffs = tl.arange(0, BC)
@@ -130,14 +130,15 @@ if triton is not None:
 
 
 def allocate_kernel(relevance: torch.Tensor, levels: torch.Tensor, units: torch.Tensor, take: torch.Tensor,
-                    params: torch.Tensor, *, total_units: int, step: int) -> torch.Tensor:
+                    params: torch.Tensor, *, total_units: int, step: int, grid: float) -> torch.Tensor:
     """Tokens per region ``[B, R]`` (long) for ``relevance [B, R]``: ``levels`` float64 ``[C]`` (increasing),
     ``units`` long ``[C]`` (levels / step), ``take`` uint8 ``[R, C * (total_units + 1)]``, ``params`` float64
-    ``(temperature, min level, max level, total tokens)`` (:meth:`TokenBudgetAllocator._tables`); nothing is read
-    from the device."""
+    ``(temperature, min level, max level, total tokens)`` (:meth:`TokenBudgetAllocator._tables`), ``grid`` the
+    targets' snapping grid (``allocator.TARGET_GRID``, a power of two: exact as a constant); nothing is read from the
+    device."""
     b, r = relevance.shape
     c = levels.shape[0]
     out = torch.empty(b, r, dtype=torch.long, device=relevance.device)
     _allocate[(b,)](relevance.detach().contiguous(), levels, units, take, params, out, r, c, total_units + 1,
-                    total_units, step, BR=max(2, triton.next_power_of_2(r)), BC=max(2, triton.next_power_of_2(c)))
+                    total_units, step, BR=max(2, triton.next_power_of_2(r)), BC=max(2, triton.next_power_of_2(c)), GRID=grid)
     return out
