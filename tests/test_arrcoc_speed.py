@@ -216,20 +216,13 @@ def test_prepare_op_count_and_host_reads():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths, heads", [([5, 5, 5], (2, 2)), ([3, 3, 7, 7, 7, 1], (4, 2)), ([9], (4, 1))])
 def test_grouped_backend_matches_reference_fwd_and_bwd(lengths, heads, causal):
-    torch.manual_seed(len(lengths))
-    t = sum(lengths)
-    q = torch.randn(1, heads[0], t, 8, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, heads[1], t, 8, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, heads[1], t, 8, dtype=torch.float64, requires_grad=True)
+    from test_arrcoc_vlm import assert_fwd_bwd_close, region_case
+
+    q, k, v = region_case(lengths, heads, seed=len(lengths))
     layout = RegionLayout(lengths)
     got = region_attention(q, k, v, layout, causal=causal, scale=0.3, backend="grouped")
     want = region_attention_reference(q, k, v, lengths, causal=causal, scale=0.3)
-    torch.testing.assert_close(got, want)
-    g = torch.randn_like(got)
-    a = torch.autograd.grad(got, (q, k, v), g)
-    b = torch.autograd.grad(want, (q, k, v), g)
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y)
+    assert_fwd_bwd_close(got, want, (q, k, v))
     masked = region_attention(q, k, v, lengths, causal=causal, scale=0.3, backend="masked")
     torch.testing.assert_close(masked, want)
     tok = region_attention_tokens(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), layout,

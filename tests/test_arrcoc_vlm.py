@@ -52,20 +52,28 @@ def prompt(batch=2, images_per_row=1, pad=True, seed=1):
 
 
 # ---------------------------------------------------------------------------- the region op
+def region_case(lengths, heads, seed):
+    """float64 q, k, v ``[1, heads, sum(lengths), 8]`` (``heads = (q heads, kv heads)``) that require grad."""
+    torch.manual_seed(seed)
+    t = sum(lengths)
+    return tuple(torch.randn(1, h, t, 8, dtype=torch.float64, requires_grad=True) for h in (heads[0], heads[1], heads[1]))
+
+
+def assert_fwd_bwd_close(got, want, inputs, grad_tol: dict | None = None, **tol):
+    """``got`` equals ``want`` (``tol``) and so do their gradients w.r.t. ``inputs`` (``grad_tol``, default ``tol``)."""
+    torch.testing.assert_close(got, want, **tol)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+        torch.testing.assert_close(a, b, **(tol if grad_tol is None else grad_tol))
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lengths, heads", [([5], (2, 2)), ([3, 7, 1, 4], (4, 2)), ([1, 1, 9], (4, 1))])
 def test_region_attention_matches_reference(lengths, heads, causal):
-    torch.manual_seed(sum(lengths))
-    t = sum(lengths)
-    q = torch.randn(1, heads[0], t, 8, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(1, heads[1], t, 8, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(1, heads[1], t, 8, dtype=torch.float64, requires_grad=True)
+    q, k, v = region_case(lengths, heads, seed=sum(lengths))
     got = region_attention(q, k, v, lengths, causal=causal, scale=0.3)
     want = region_attention_reference(q, k, v, lengths, causal=causal, scale=0.3)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    g = torch.randn_like(got)
-    for a, b in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert_fwd_bwd_close(got, want, (q, k, v), dict(rtol=1e-9, atol=1e-9), rtol=1e-10, atol=1e-10)
     with torch.no_grad():
         flex = region_attention(q.float(), k.float(), v.float(), lengths, causal=causal, scale=0.3, backend="flex")
     torch.testing.assert_close(flex.double(), want, rtol=1e-5, atol=1e-5)
