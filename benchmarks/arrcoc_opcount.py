@@ -38,51 +38,21 @@ def overhead():
 
 
 def llava(vision_layers=24, text_layers=32):
-    import transformers as tf
+    """The bench's LLaVA geometry (CLIP-L/336 patches, 24 tower layers, 32 language-model layers) at tiny widths."""
+    from attnzoo.bench.arrcoc import build_llava
 
-    vision = tf.CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=2,
-        image_size=336,
-        patch_size=14,
-        projection_dim=16,
-    )
-    text = tf.LlamaConfig(
-        vocab_size=200,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    cfg = tf.LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=199,
-        image_seq_length=576,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
     torch.manual_seed(0)
-    return tf.LlavaForConditionalGeneration(cfg).eval()
+    return build_llava(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+                            num_attention_heads=2, image_size=336, patch_size=14, projection_dim=16),
+                       dict(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048))
 
 
 def prefill_inputs(batch=4, text=40):
+    from attnzoo.bench.arrcoc import prefill_ids
+
     g = torch.Generator().manual_seed(0)
-    ids = torch.cat(
-        [
-            torch.randint(3, 198, (batch, 5), generator=g),
-            torch.full((batch, 576), 199),
-            torch.randint(3, 198, (batch, text - 5), generator=g),
-        ],
-        1,
-    )
+    ids = prefill_ids(batch, text, 576, 199, g)
     return ids, torch.ones_like(ids), torch.randn(batch, 3, 336, 336, generator=g)
 
 

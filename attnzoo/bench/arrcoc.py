@@ -136,8 +136,6 @@ def region_rows(o: Options) -> list[Row]:
 def llava_shaped(o: Options):
     """A LLaVA-1.5-shaped model with random weights: CLIP-L/336 + a Llama-7B-shaped language model (bfloat16 on
     CUDA); tiny at smoke shapes."""
-    import transformers as tf
-
     if o.smoke:
         vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       image_size=48, patch_size=4, projection_dim=16)
@@ -148,14 +146,30 @@ def llava_shaped(o: Options):
                       image_size=336, patch_size=14, projection_dim=768)
         text = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    return build_llava(vision, text, o.device, o.dtype)
+
+
+def build_llava(vision: dict, text: dict, device="cpu", dtype=torch.float32):
+    """A random-weight LLaVA from CLIP-vision and Llama config fields (the image token is the last id of the
+    vocabulary; features of the second-to-last tower layer, as LLaVA-1.5)."""
+    import transformers as tf
+
     side = vision["image_size"] // vision["patch_size"]
     cfg = tf.LlavaConfig(vision_config=tf.CLIPVisionConfig(**vision),
                          text_config=tf.LlamaConfig(**text, bos_token_id=1, eos_token_id=2, pad_token_id=0),
                          image_token_id=text["vocab_size"] - 1, image_seq_length=side * side,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
-    with torch.device(o.device):
-        model = tf.LlavaForConditionalGeneration._from_config(cfg, dtype=o.dtype)
+    with torch.device(device):
+        model = tf.LlavaForConditionalGeneration._from_config(cfg, dtype=dtype)
     return model.eval()
+
+
+def prefill_ids(batch: int, text: int, images: int, image_id: int, generator: torch.Generator) -> torch.Tensor:
+    """``[batch, text + images]`` prompt ids: 5 text tokens, the image's ``images`` tokens, the rest of the text."""
+    def words(n):
+        return torch.randint(3, image_id - 1, (batch, n), generator=generator)
+
+    return torch.cat([words(5), torch.full((batch, images), image_id), words(text - 5)], 1)
 
 
 def prefill_rows(o: Options) -> list[Row]:
@@ -171,8 +185,7 @@ def prefill_rows(o: Options) -> list[Row]:
     levels = tuple(range(4, full // 4 + 1, 4)) if o.smoke else LEVELS
     g = torch.Generator().manual_seed(0)
     image_id = model.config.image_token_id
-    ids = torch.cat([torch.randint(3, image_id - 1, (batch, 5), generator=g), torch.full((batch, full), image_id),
-                     torch.randint(3, image_id - 1, (batch, text - 5), generator=g)], 1).to(o.device)
+    ids = prefill_ids(batch, text, full, image_id, g).to(o.device)
     mask = torch.ones_like(ids)
     pixels = torch.randn(batch, 3, vt.image_size, vt.image_size, generator=g).to(o.device, o.dtype)
 
