@@ -42,7 +42,10 @@ def test_mixed_dtypes_run_under_autocast_and_equal_the_cast_call(op):
     torch.testing.assert_close(out, run(q.bfloat16(), k.bfloat16(), v), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("variant, options", [("gqa", {"groups": 2}), ("sliding_window", {"window": 4})])
+@pytest.mark.parametrize("variant, options", [
+    ("gqa", {"groups": 2}), ("sliding_window", {"window": 4}), ("reformer", {"num_hashes": 2, "bucket_size": 4}),
+    ("linear", {"feature_map": "hedgehog", "window": 4}), ("performer", {"features": 16}),
+    ("mla", {"kv_rank": 16, "rope_dim": 8, "method": "svd"})])
 def test_a_patched_llama_trains_under_bf16_autocast(variant, options):
     torch.manual_seed(0)
     model, inputs = TINY["llama"].make()

@@ -275,3 +275,27 @@ def test_float32_training_with_wide_buckets_is_dispatched_off_the_kernels():
     assert not _fp32_grad_too_wide(128, q.detach().bfloat16().requires_grad_())
     with torch.no_grad():
         assert not _fp32_grad_too_wide(128, q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_train_under_autocast_as_sdpa_and_are_an_error_outside(backend):
+    """A Hugging Face decoder under bf16 autocast hands q, k in float32 (RoPE promotes them) beside a bf16 v: the
+    op casts all three to the autocast dtype (as SDPA), forward and backward equal the call on the cast inputs;
+    outside autocast the mix is an error naming the dtypes. (The fused backward once read a float32 dO against a
+    bf16 v and did not compile.)"""
+    q, k, v, qb, kb = _case(False, n=21)
+    vb = v.detach().bfloat16().requires_grad_()
+    with pytest.raises(TypeError, match="dtypes differ"):
+        lsh_attention(q, k, vb, qb, kb, bucket_size=8, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lsh_attention(q, k, vb, qb, kb, bucket_size=8, causal=True, backend=backend)
+    assert out.dtype == torch.bfloat16
+    got = torch.autograd.grad(out.float().sum(), (q, k, vb))
+    assert [g.dtype for g in got] == [torch.float32, torch.float32, torch.bfloat16]
+    q2, k2 = (t.detach().bfloat16().requires_grad_() for t in (q, k))
+    v2 = vb.detach().clone().requires_grad_()
+    want_out = lsh_attention(q2, k2, v2, qb, kb, bucket_size=8, causal=True, backend=backend)
+    want = torch.autograd.grad(want_out.float().sum(), (q2, k2, v2))
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w.to(a.dtype), rtol=0, atol=0)

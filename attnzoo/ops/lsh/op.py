@@ -9,6 +9,7 @@ import math
 import torch
 
 from ...errors import check_choice, check_positive_int
+from ..autocast import autocast_inputs
 from . import triton_kernel
 from .chunked import SEPARATE, SHARED, chunk_attention
 from .naive import padded_last
@@ -40,6 +41,15 @@ def _backend(q, backend: str | None, bucket_size: int = 0, grad_inputs: tuple = 
                              "or backend=None (the torch backend then serves it)")
         return backend
     return "triton" if q.is_cuda and triton_kernel.available("cuda") is None and not wide else "torch"
+
+
+def _same_dtype(q, k, v):
+    """q, k, v cast to the autocast dtype under ``torch.autocast`` (as SDPA, :mod:`attnzoo.ops.autocast`: RoPE
+    leaves q and k in float32 beside a bf16 v); outside autocast, different dtypes are an error naming them."""
+    q, k, v = autocast_inputs(q, k, v)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
+    return q, k, v
 
 
 def _expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -107,6 +117,7 @@ def lsh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: 
     See :mod:`attnzoo.ops.lsh.naive` for the exact definition (the float64 reference).
     """
     check_positive_int("bucket_size", bucket_size)
+    q, k, v = _same_dtype(q, k, v)
     b, h, n, d = q.shape
     if k.shape[2] != n or q_buckets.shape[-1] != n:
         raise ValueError(f"lsh_attention takes queries and keys of one sequence: q has {n} positions, k "
@@ -155,6 +166,7 @@ def lsh_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_buckets: tor
     gathers the ``2 bucket_size`` keys its chunks hold: ``O(m x bucket_size)`` work past the sort. Equal to the
     last rows of the full call (tests/test_reformer.py).
     """
+    q, k, v = _same_dtype(q, k, v)
     b, h, m, d = q.shape
     n = k.shape[2]
     scale = 1 / math.sqrt(d) if scale is None else float(scale)

@@ -457,7 +457,7 @@ def _bwd_impl(q, k, v, q_perm, k_perm, kpm, out, stats, g, chunk: int, causal: b
               own_bias: float):
     """``(dq, dk, dv)`` from ``dO = g`` (see the module docstring: only the combined ``out`` and ``stats``):
     :func:`bwd_delta`, :func:`bwd_rounds`, :func:`bwd_sum`."""
-    g = g.contiguous()
+    g = g.to(out.dtype).contiguous()  # a compiled graph may hand a float32 gradient for a 16-bit output
     delta = bwd_delta(g, out)
     parts = bwd_rounds(q, k, v, q_perm, k_perm, kpm, stats, g, delta, chunk, causal, self_mode, scale, own_bias)
     return tuple(bwd_sum(parts, k.shape[1]))
