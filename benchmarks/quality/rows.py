@@ -51,7 +51,7 @@ MLA_METHODS = ("pca", "transmla", "mha2mla")
 PROMPT = 64  # decode-speed prompt tokens
 COLUMNS = ["model", "perplexity", "x original", "KV B/token", f"KV MiB @{CONTEXT}", "decode tok/s", "convert s",
            "device", "eval", "calib"]
-UPTRAINED_COLUMNS = ["model", "training-free", "transfer only", "perplexity", "x original", "KV B/token",
+UPTRAINED_COLUMNS = ["model", "training-free", "transfer only", "perplexity", "x original", "x control", "KV B/token",
                      f"KV MiB @{CONTEXT}", "decode tok/s", "tokens", "uptrain s", "tokens/s", "row s", "device",
                      "eval", "error"]
 
@@ -225,20 +225,27 @@ def upsert(path: Path, row: dict, order: list[str], meta: dict) -> list[dict]:
     return rows
 
 
-def with_ratios(rows: list[dict], original: dict | None) -> list[dict]:
-    """Rows with ``x original`` (perplexity / the original's) filled in where both were measured on the same
-    evaluation text (``eval``)."""
+def with_ratios(rows: list[dict], original: dict | None, control: dict | None = None) -> list[dict]:
+    """Rows with ``x original`` (perplexity / the original's) and, given the uptrained control row, ``x control``
+    (perplexity / the control's) filled in where both were measured on the same evaluation text (``eval``)."""
     out = []
     for r in rows:
         r = dict(r)
-        if original and isinstance(r.get("perplexity"), (int, float)) and r.get("eval") == original.get("eval"):
-            r["x original"] = round(r["perplexity"] / original["perplexity"], 2)
+        for col, ref in (("x original", original), ("x control", control)):
+            if ref and isinstance(r.get("perplexity"), (int, float)) and isinstance(ref.get("perplexity"), (int, float)) \
+                    and r.get("eval") == ref.get("eval"):
+                r[col] = round(r["perplexity"] / ref["perplexity"], 2)
         out.append(r)
     return out
 
 
 def original_row(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["model"].startswith("original")), None)
+
+
+def control_row(rows: list[dict]) -> dict | None:
+    """The uptrained unconverted model (``uptrain_rows.py``'s first row), when measured."""
+    return next((r for r in rows if r["model"].startswith("control:") and not r.get("error")), None)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

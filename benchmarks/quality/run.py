@@ -58,7 +58,8 @@ def report(out: Path, work: Path, src: Path, args, device: torch.device, uptrain
     rows = R.read_rows(out.with_suffix(".json"))
     original = R.original_row(rows)
     rows = R.with_ratios(rows, original)
-    up = R.with_ratios(R.read_rows(uptrained_json), original) if uptrained_json and uptrained_json.is_file() else []
+    up = R.read_rows(uptrained_json) if uptrained_json and uptrained_json.is_file() else []
+    up = R.with_ratios(up, original, R.control_row(up))
     tables = [("Training-free:", rows, R.COLUMNS)]
     if up:
         tables.append((f"Uptrained (`uptrain_rows.py`, from `{uptrained_json.name}`):", up, R.UPTRAINED_COLUMNS))

@@ -268,7 +268,7 @@ def _train_data(work: Path) -> Path:
 
 def report(args, runner: Runner, results: Path, command: str) -> None:
     rows = R.read_rows(results)
-    rows = R.with_ratios(rows, R.original_row(rows))
+    rows = R.with_ratios(rows, R.original_row(rows), R.control_row(rows))
     a = args
     R.write_results(
         results.with_suffix(".md"), heading=f"Uptrained conversions of {R.model_name(runner.src)}",
@@ -285,7 +285,11 @@ def report(args, runner: Runner, results: Path, command: str) -> None:
                f"everything (conversion, saving, evaluations)."],
         tables=[("Results (the original for reference):", rows, R.UPTRAINED_COLUMNS)],
         notes=["Perplexity on the held-out `tutorial/` text (never trained or calibrated on); KV bytes as in "
-               "`quality_smollm2.md` (bf16 cache)."],
+               "`quality_smollm2.md` (bf16 cache).",
+               "'x control': against the control row, the same uptraining of the unconverted model. The uptraining "
+               "text is Python documentation like the evaluation text, so uptraining alone lowers the original's "
+               "perplexity; 'x control' is what the conversion costs after uptraining, 'x original' what a user "
+               "gets against the checkpoint they started from."],
         plot_rows=rows, plot_title=f"{R.model_name(runner.src)}, uptrained conversions; commit {R.commit()}")
 
 
