@@ -227,20 +227,58 @@ def _deepseek_model(o: Options):
     return tf.DeepseekV3ForCausalLM(cfg).to(o.device, o.dtype).eval()
 
 
+#: the converted small model of the generate section: Llama-3.2-1B's attention shapes (hidden 2048, 32 heads of 64,
+#: 8 KV heads: 1,024 cached numbers per token and layer) in 4 layers, converted to MLA with 288 + 32 (-68.75%)
+LLAMA_KV = dict(kv_rank=288, rope_dim=32)
+
+
+def _llama_kv(o: Options) -> dict:
+    return dict(kv_rank=24, rope_dim=8) if o.smoke else LLAMA_KV
+
+
+def _llama_model(o: Options, convert: bool):
+    """A random 4-layer Llama (Llama-3.2-1B's attention shapes; 2 layers of width 64 for ``--smoke``), with
+    ``convert`` patched to MLA by the weight-only joint SVD (no calibration text: speed, not quality)."""
+    import transformers as tf
+
+    import attnzoo
+
+    shape = (dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=128, num_hidden_layers=2) if o.smoke else
+             dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+                  vocab_size=32000, num_hidden_layers=4))
+    cfg = tf.LlamaConfig(**shape, max_position_embeddings=32768, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    if convert:
+        attnzoo.patch(model, "mla", method="svd", **_llama_kv(o))
+    return model.to(o.device, o.dtype)
+
+
 def generate_cases(o: Options) -> list[Row]:
     """Per-token decode time with a prefilled cache of ``n`` tokens (the cache is cropped back after each step,
-    so every step decodes at the same length; transformers grows a cache layer by concatenation, in both)."""
+    so every step decodes at the same length; transformers grows a cache layer by concatenation, in all): a
+    DeepSeek-V3 model with transformers' attention and absorbed, and a small Llama against itself converted to
+    MLA (:data:`LLAMA_KV`)."""
     from attnzoo.hf_compat import model_cache_kwarg, output_cache
     from attnzoo.patches.hf import absorb_deepseek_attention
 
     b, n = (2, 64) if o.smoke else (8, 16384)
     rows: list[Row] = []
     cases = []
-    for label, absorbed in (("hf-deepseek-v3", False), ("attnzoo-mla-absorbed", True)):
-        def make(absorbed=absorbed):
-            model = _deepseek_model(o)
-            if absorbed:
-                absorb_deepseek_attention(model)
+
+    def deepseek(absorbed):
+        model = _deepseek_model(o)
+        if absorbed:
+            absorb_deepseek_attention(model)
+        return model
+
+    mla = "mla {kv_rank}+{rope_dim}".format(**_llama_kv(o))
+    for label, build in (("hf-deepseek-v3", lambda: deepseek(False)), ("attnzoo-mla-absorbed", lambda: deepseek(True)),
+                         ("llama-original", lambda: _llama_model(o, False)),
+                         (f"llama-converted({mla})", lambda: _llama_model(o, True))):
+        def make(build=build):
+            model = build()
             ids = torch.randint(3, model.config.vocab_size, (b, n), device=o.device)
             with torch.no_grad():
                 cache = output_cache(model(input_ids=ids, use_cache=True, logits_to_keep=1))
@@ -253,7 +291,8 @@ def generate_cases(o: Options) -> list[Row]:
                     layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
                 return out
             return step
-        cases.append(Case(f"{label}:B{b}-S{n}", make, backend="triton" if absorbed and o.cuda else ""))
+        fused = label.startswith(("attnzoo", "llama-converted")) and o.cuda
+        cases.append(Case(f"{label}:B{b}-S{n}", make, backend="triton" if fused else ""))
     for row in measure(o, "generate", n, cases, modes=("fwd",), rounds=ROUNDS):
         if row.ok:
             row.extra["tokens_per_s"] = round(b / row.ms * 1e3, 1)
@@ -296,8 +335,10 @@ def annotate(rows: list[Row]) -> None:
             r.note = f"{gqa[key].ms / r.ms:.2f}x {gqa[key].name.split(':')[0]}"
         if r.group == "prefill" and not r.name.startswith("dense-") and key in dense:
             r.extra["vs_dense"] = round(dense[key].ms / r.ms, 3)
-        if r.name.startswith("attnzoo-mla-absorbed:"):
-            hf = next((x for x in rows if x.ok and x.name == "hf-deepseek-v3:" + key[1] and x.mode == r.mode), None)
+        base = ("hf-deepseek-v3" if r.name.startswith("attnzoo-mla-absorbed:") else
+                "llama-original" if r.name.startswith("llama-converted") else None)
+        if base is not None:
+            hf = next((x for x in rows if x.ok and x.name == f"{base}:{key[1]}" and x.mode == r.mode), None)
             if hf is not None:
                 r.extra["speedup_vs_hf"] = round(hf.ms / r.ms, 2)
 
@@ -334,7 +375,9 @@ def summary(rows: list[Row], peers: list[Row], out_dir: str | None = None, stem:
                   "1.2x).", "", markdown_table(table)]
     gen = [r for r in rows if "speedup_vs_hf" in r.extra]
     if gen:
-        lines += ["", "## DeepSeek-V3 decode: transformers vs absorbed", "",
-                  "; ".join(f"{r.name.split(':')[1]}: {r.extra['tokens_per_s']} tokens/s, "
-                            f"{r.extra['speedup_vs_hf']}x transformers' DeepseekV3Attention" for r in gen)]
+        lines += ["", f"## Decode with {gen[0].n} cached tokens: transformers vs absorbed MLA", ""]
+        for r in gen:
+            against = ("transformers' DeepseekV3Attention" if r.name.startswith("attnzoo") else
+                       "the original Llama (GQA, transformers' attention)")
+            lines.append(f"- {r.name}: {r.extra['tokens_per_s']} tokens/s, {r.extra['speedup_vs_hf']}x {against}")
     return lines
