@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import shutil
 import sys
 import time
@@ -266,14 +267,17 @@ def _train_data(work: Path) -> Path:
     return tokens if tokens.with_name(tokens.name + ".json").is_file() else work / "train.safetensors"
 
 
-def report(args, runner: Runner, results: Path, command: str) -> None:
+def report(args, src: Path, results: Path, meta: dict) -> None:
+    """Write ``results``' markdown and plot beside it; ``meta``: the machine, commit, date and command of the run
+    that measured the rows (what the results file records)."""
     rows = R.read_rows(results)
     rows = R.with_ratios(rows, R.original_row(rows), R.control_row(rows))
     a = args
+    command = meta.get("command") or "not recorded"
     R.write_results(
-        results.with_suffix(".md"), heading=f"Uptrained conversions of {R.model_name(runner.src)}",
-        intro=[f"Last run: {R.machine(runner.device)}, commit {R.commit()}, {R.stamp()}. Command: `{command}`.", "",
-               R.text_source(a.work, runner.src, a.eval_sequences, a.calib_sequences), "",
+        results.with_suffix(".md"), heading=f"Uptrained conversions of {R.model_name(src)}",
+        intro=[f"Last run: {meta['machine']}, commit {meta['commit']}, {meta['date']}. Command: `{command}`.", "",
+               R.text_source(a.work, src, a.eval_sequences, a.calib_sequences), "",
                f"Each row: the conversion of `benchmarks/quality/rows.py` (calibrated ones on {a.calib_sequences}"
                f"x{R.SEQ_LEN} tokens), its training-free perplexity, then `attnzoo uptrain` with distillation from "
                f"the original (alpha {UptrainOptions.alpha}, temperature {UptrainOptions.temperature}) on the "
@@ -290,7 +294,7 @@ def report(args, runner: Runner, results: Path, command: str) -> None:
                "text is Python documentation like the evaluation text, so uptraining alone lowers the original's "
                "perplexity; 'x control' is what the conversion costs after uptraining, 'x original' what a user "
                "gets against the checkpoint they started from."],
-        plot_rows=rows, plot_title=f"{R.model_name(runner.src)}, uptrained conversions; commit {R.commit()}")
+        plot_rows=rows, plot_title=f"{R.model_name(src)}, uptrained conversions; commit {meta['commit']}")
 
 
 def run_rows(args, command: str) -> None:
@@ -302,7 +306,7 @@ def run_rows(args, command: str) -> None:
         torch.set_num_threads(1)
     runner = Runner(args, device)
     results = args.out / f"{args.name}.json"
-    meta = {"commit": R.commit(), "date": R.stamp(), "machine": R.machine(device)}
+    meta = {"commit": R.commit(), "date": R.stamp(), "machine": R.machine(device), "command": command}
     if args.previous and args.previous.is_file() and not results.is_file():
         shutil.copyfile(args.previous, results)
     wanted = [r for r in R.select(runner.table, "all" if args.rows == "all" else args.rows) if r.config is not None or r.key == "original"]
@@ -331,12 +335,12 @@ def run_rows(args, command: str) -> None:
             result = {"model": name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}",
                       "device": R.device_name(device)}
         R.upsert(results, result, order, meta)
-        report(args, runner, results, command)
+        report(args, runner.src, results, meta)
         torch._dynamo.reset()  # compiled blocks of this row's modules: no recompile limit reached later, memory freed
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    report(args, runner, results, command)
+    report(args, runner.src, results, meta)
     print(f"{R.stamp()}: done in {time.time() - clock.t0:.0f} s; wrote {results} and the .md/.png beside it",
           flush=True)
 
@@ -344,7 +348,7 @@ def run_rows(args, command: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=R.DEFAULT_WORK, help="setup.py's work directory")
-    ap.add_argument("--out", type=Path, required=True, help="folder of the four outputs")
+    ap.add_argument("--out", type=Path, help="folder of the four outputs (required unless --report)")
     ap.add_argument("--name", default=NAME, help="stem of the results files (default %(default)s)")
     ap.add_argument("--deadline", type=float, help="seconds from the start within which every started row must end")
     ap.add_argument("--rows", default=",".join(ORDER), help="keys or labels of rows.py, in the order to run "
@@ -379,7 +383,19 @@ def main(argv=None) -> int:
                     "measured (default: 100k on CUDA, 2k on the CPU)")
     ap.add_argument("--assume-overhead", type=float, default=60.0, help="seconds of conversion, saving and "
                     "evaluation per row assumed before one is measured (%(default)s)")
+    ap.add_argument("--report", type=Path, metavar="JSON", help="rebuild the markdown and plot beside a results file "
+                    "from its rows and the run it records (no model is loaded, nothing is measured)")
     args = ap.parse_args(argv)
+    if args.report:
+        if not args.report.is_file():
+            raise SystemExit(f"--report {args.report}: no such results file")
+        meta = {k: v for k, v in json.loads(args.report.read_text()).items() if k != "rows"}
+        src = Path(args.model) if args.model else args.work / "smollm2-135m"
+        report(args, src, args.report, meta)
+        print(f"wrote {args.report.with_suffix('.md')} and the plot beside it")
+        return 0
+    if args.out is None:
+        ap.error("--out is required (unless --report)")
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/quality/uptrain_rows.py " + " ".join(argv if argv is not None else sys.argv[1:])
     streams = sys.stdout, sys.stderr
