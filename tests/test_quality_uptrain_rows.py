@@ -77,6 +77,13 @@ def test_uptrain_rows_pipeline(scripts, tmp_path):
         [f"{up.NAME}.json", f"{up.NAME}.md", f"{up.NAME}.png", "uptrain_rows.log"])
     assert not any(scratch.iterdir())  # every row's models are deleted
     assert "attnzoo uptrain --model" in (out / "uptrain_rows.log").read_text()
+    # --report rebuilds the same markdown from the results file alone, stamped with the run that measured the rows
+    md = out / f"{up.NAME}.md"
+    written = md.read_text()
+    assert "`python benchmarks/quality/uptrain_rows.py " + " ".join(args + ["--rows", ONE_PER_FAMILY]) in written
+    md.unlink()
+    assert up.main(["--report", str(results), "--model", "builtin"]) == 0
+    assert md.read_text() == written
     # resume: the rows are in the file, nothing is trained again; a new row that cannot fit the deadline is skipped
     before = results.read_text()
     assert up.main(args + ["--rows", ONE_PER_FAMILY + ",sw-reformer", "--deadline", "1",

@@ -57,6 +57,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -267,9 +268,15 @@ def _train_data(work: Path) -> Path:
     return tokens if tokens.with_name(tokens.name + ".json").is_file() else work / "train.safetensors"
 
 
-def report(args, src: Path, results: Path, meta: dict) -> None:
-    """Write ``results``' markdown and plot beside it; ``meta``: the machine, commit, date and command of the run
-    that measured the rows (what the results file records)."""
+def recorded_run(results: Path) -> dict:
+    """The machine, commit, date and command of the last run that measured a row of ``results`` (what the file
+    records beside its rows)."""
+    return {k: v for k, v in json.loads(results.read_text()).items() if k != "rows"}
+
+
+def report(args, src: Path, results: Path) -> None:
+    """Write ``results``' markdown and plot beside it, stamped with :func:`recorded_run`."""
+    meta = recorded_run(results)
     rows = R.read_rows(results)
     rows = R.with_ratios(rows, R.original_row(rows), R.control_row(rows))
     a = args
@@ -335,12 +342,12 @@ def run_rows(args, command: str) -> None:
             result = {"model": name, "error": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}",
                       "device": R.device_name(device)}
         R.upsert(results, result, order, meta)
-        report(args, runner.src, results, meta)
+        report(args, runner.src, results)
         torch._dynamo.reset()  # compiled blocks of this row's modules: no recompile limit reached later, memory freed
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    report(args, runner.src, results, meta)
+    report(args, runner.src, results)
     print(f"{R.stamp()}: done in {time.time() - clock.t0:.0f} s; wrote {results} and the .md/.png beside it",
           flush=True)
 
@@ -389,9 +396,15 @@ def main(argv=None) -> int:
     if args.report:
         if not args.report.is_file():
             raise SystemExit(f"--report {args.report}: no such results file")
-        meta = {k: v for k, v in json.loads(args.report.read_text()).items() if k != "rows"}
-        src = Path(args.model) if args.model else args.work / "smollm2-135m"
-        report(args, src, args.report, meta)
+        from attnzoo.checkpoint_io import resolve_model_dir
+
+        # the recipe in the text is the recorded run's (its command parsed again); the model and the work
+        # directory (sources.json) are this machine's
+        command = recorded_run(args.report).get("command")
+        run_args = ap.parse_args(shlex.split(command)[2:]) if command else args
+        run_args.work, run_args.model = args.work, args.model
+        report(run_args, resolve_model_dir(args.model, "--model") if args.model else args.work / "smollm2-135m",
+               args.report)
         print(f"wrote {args.report.with_suffix('.md')} and the plot beside it")
         return 0
     if args.out is None:
