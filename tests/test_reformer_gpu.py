@@ -187,22 +187,24 @@ def test_a_compiled_training_step_equals_eager_and_replays_from_a_cuda_graph():
     for a, b in zip(gg, gw):
         assert _rel(a, b) < 1e-2
 
+    # fresh leaves for the capture, first used on the warm-up stream: the leaves above were first used on the
+    # default stream, and autograd keeps that stream for their gradient nodes, so a capture through them makes the
+    # legacy stream wait on the capturing one ("operation would make the legacy stream depend on a capturing
+    # blocking stream"; pytorch/pytorch#180090): a property of the test's leaves, not of the op
+    qc, kc, vc = (t.detach().clone().requires_grad_() for t in (q, k, v))
+
     def step():
-        return torch.autograd.grad(f(q, k, v).float().sum(), (q, k, v))
+        return torch.autograd.grad(f(qc, kc, vc).float().sum(), (qc, kc, vc))
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(3):  # torch's documented warm-up before a capture (one was not enough after the compile)
+        for _ in range(3):  # torch's documented warm-up before a capture
             step()
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    # thread_local: after torch.compile this process has other threads (the compile's workers), and a global-mode
-    # capture fails when any thread touches the legacy stream ("operation would make the legacy stream depend on a
-    # capturing blocking stream", seen on the H100 here while the same capture without the compile passed); an
-    # unsafe call of the captured step itself still fails the capture in this mode
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph):
         grads = step()
     graph.replay()
     torch.cuda.synchronize()
