@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["autocast_inputs"]
+__all__ = ["autocast_inputs", "check_same_dtype"]
 
 
 def autocast_inputs(*tensors):
@@ -23,3 +23,10 @@ def autocast_inputs(*tensors):
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype
                  and t.dtype != torch.float64 else t for t in tensors)
+
+
+def check_same_dtype(names: str, *tensors) -> None:
+    """Raise ``TypeError`` naming ``names`` and their dtypes when ``tensors`` (after :func:`autocast_inputs`) are
+    not of one dtype."""
+    if len({t.dtype for t in tensors}) > 1:
+        raise TypeError(f"{names} dtypes differ ({', '.join(str(t.dtype) for t in tensors)}): cast them to one dtype")

@@ -6,7 +6,7 @@ from functools import cached_property
 
 import torch
 
-from ..autocast import autocast_inputs
+from ..autocast import autocast_inputs, check_same_dtype
 from ..masks import combine_masks, normalize_key_padding_mask, normalize_mask
 
 __all__ = ["AttentionCall"]
@@ -37,8 +37,7 @@ class AttentionCall:
                 raise ValueError(f"{name} has shape {tuple(t.shape)}: expected 4 dims [batch, heads, seq, head_dim]")
             if not t.is_floating_point():
                 raise TypeError(f"{name} has dtype {t.dtype}: expected a floating-point tensor")
-        if not (q.dtype == k.dtype == v.dtype):
-            raise TypeError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
+        check_same_dtype("q, k, v", q, k, v)
         if not (q.device == k.device == v.device):
             raise ValueError(f"q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
         b, hq, nq, d = q.shape

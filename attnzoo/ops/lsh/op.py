@@ -9,7 +9,7 @@ import math
 import torch
 
 from ...errors import check_choice, check_positive_int
-from ..autocast import autocast_inputs
+from ..autocast import autocast_inputs, check_same_dtype
 from . import triton_kernel
 from .chunked import SEPARATE, SHARED, chunk_attention
 from .naive import padded_last
@@ -47,8 +47,7 @@ def _same_dtype(q, k, v):
     """q, k, v cast to the autocast dtype under ``torch.autocast`` (as SDPA, :mod:`attnzoo.ops.autocast`: RoPE
     leaves q and k in float32 beside a bf16 v); outside autocast, different dtypes are an error naming them."""
     q, k, v = autocast_inputs(q, k, v)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}): cast them to one dtype")
+    check_same_dtype("q, k, v", q, k, v)
     return q, k, v
 
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..autocast import autocast_inputs
+from ..autocast import autocast_inputs, check_same_dtype
 from ..masks import normalize_key_padding_mask, normalize_mask
 
 __all__ = ["LatentCall"]
@@ -32,9 +32,7 @@ class LatentCall:
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != dims:
                 raise ValueError(f"{name}: expected a floating-point tensor of {dims} dims, got "
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if not (q_lat.dtype == q_rope.dtype == c.dtype == k_rope.dtype):
-            raise TypeError(f"q_lat, q_rope, c, k_rope dtypes differ ({q_lat.dtype}, {q_rope.dtype}, {c.dtype}, "
-                            f"{k_rope.dtype}): cast them to one dtype")
+        check_same_dtype("q_lat, q_rope, c, k_rope", q_lat, q_rope, c, k_rope)
         b, h, n, r = q_lat.shape
         s = c.shape[1]
         if q_rope.shape[:3] != (b, h, n):
