@@ -243,9 +243,13 @@ def original_row(rows: list[dict]) -> dict | None:
     return next((r for r in rows if r["model"].startswith("original")), None)
 
 
+#: how the label of ``uptrain_rows.py``'s control row (the same uptraining of the unconverted model) begins
+CONTROL_LABEL = "control: no conversion"
+
+
 def control_row(rows: list[dict]) -> dict | None:
     """The uptrained unconverted model (``uptrain_rows.py``'s first row), when measured."""
-    return next((r for r in rows if r["model"].startswith("control:") and not r.get("error")), None)
+    return next((r for r in rows if r["model"].startswith(CONTROL_LABEL) and not r.get("error")), None)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -91,7 +91,7 @@ def has_transfer(row: R.Row) -> bool:
 
 def label(row: R.Row, args) -> str:
     if row.config is None:  # the control: the same uptraining on the unconverted model
-        return f"control: no conversion + distill {millions(args.tokens)}"
+        return f"{R.CONTROL_LABEL} + distill {millions(args.tokens)}"
     if has_transfer(row):
         return (f"{row.label.removesuffix(', untrained')} + transfer {millions(args.transfer_tokens)} + LoRA-"
                 f"{args.lora_rank} distill {millions(args.tokens)}")
