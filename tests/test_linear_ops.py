@@ -79,6 +79,32 @@ def test_triton_matches_naive_forward_and_backward(gated, window):
         torch.testing.assert_close(a.double().cpu(), b.double(), **tol)
 
 
+@pytest.mark.skipif(triton_kernel.available() is not None, reason="the Triton kernels cannot run here")
+def test_window_q_log_gradient_does_not_inherit_the_saved_outputs_rounding(monkeypatch):
+    """The window hybrid's q_log gradient, s (1 - s) (dO.o_lin - dO.o_win), vanishes as either share does; read
+    off the linear pairs' sum of P dP alone it inherited the 16-bit output's rounding (through Delta = dO.o) at
+    full size (bf16 on an H100: 6% off the float64 gradient). Here the backward gets the output rounded to bf16
+    and the q_log gradient must stay float32-exact (the other gradients show the rounding, as FlashAttention's)."""
+    t, valid = _inputs(2, 2, 1, 45, 16, 16, True, dtype=torch.float32, device=DEV)
+    backward = triton_kernel._win_backward
+
+    def rounded_out(*args):
+        args = list(args)
+        args[-6] = args[-6].to(torch.bfloat16).to(args[-6].dtype)  # the saved output
+        return backward(*args)
+
+    monkeypatch.setattr(triton_kernel, "_win_backward", rounded_out)
+    leaves = {k: x.requires_grad_() for k, x in t.items()}
+    got = linear_attention(**leaves, causal=True, key_padding_mask=valid, window=3, chunk=16, backend="triton")
+    ref_leaves = {k: x.detach().cpu().double().requires_grad_() for k, x in leaves.items()}
+    ref = linear_attention_naive(**ref_leaves, causal=True, key_padding_mask=valid.cpu(), window=3)
+    g = torch.randn_like(got)
+    a = torch.autograd.grad(got, leaves["q_log"], g)[0].double().cpu()
+    b = torch.autograd.grad(ref, ref_leaves["q_log"], g.double().cpu())[0]
+    tol = 1e-5 if DEV == "cpu" else 1e-2  # TF32 dots on a GPU
+    assert float((a - b).norm() / b.norm()) < tol
+
+
 def test_op_checks_its_arguments():
     t, valid = _inputs(1, 2, 1, 5, 4, 3, False)
     with pytest.raises(ValueError, match="backend"):

@@ -415,7 +415,7 @@ if triton is not None:
         """Per query chunk and head, with ``P_ij`` the normalised weights and ``dP_ij = dO_i.v_j - Delta_i``:
         ``E_ij = exp(s_ij - LSE_i)`` (window) or ``exp(GQ_i - G_j + CL_i)`` (linear); ``dq_i = scale
         sum_win E dP k_j``, ``dqf_i = sum_lin E dP kt_j + exp(GQ_i - G_prev + CL_i) (dO_i H^T - Delta_i z)``,
-        ``dq_log_i = qf_i . dqf_i``."""
+        ``dq_log_i`` the linear pairs' ``sum P dP`` (``qf_i . dqf_i``) blended with the window's (below)."""
         c = tl.program_id(0)
         bhq = tl.program_id(1)
         bh = bhq // GROUP
@@ -449,8 +449,13 @@ if triton is not None:
         win_c = (dist >= 0) & (dist < W) & ok_c[None, :]
         lin_p = (dist + C >= W) & mp[None, :]
         lin_c = (dist >= W) & mr[None, :]
-        gm_p = _win_e(qr, krp, lse, cl, gq, g_p, win_p, lin_p, scale) * _win_dp(do, vp, delta)
-        gm_c = _win_e(qr, krc, lse, cl, gq, g_c, win_c, lin_c, scale) * _win_dp(do, vc, delta)
+        e_p = _win_e(qr, krp, lse, cl, gq, g_p, win_p, lin_p, scale)
+        e_c = _win_e(qr, krc, lse, cl, gq, g_c, win_c, lin_c, scale)
+        gm_p = e_p * _win_dp(do, vp, delta)
+        gm_c = e_c * _win_dp(do, vc, delta)
+        # the window's share of each row's weight and its sum of P dP, for dq_log below
+        s_win = tl.sum(tl.where(win_p, e_p, 0.0), 1) + tl.sum(tl.where(win_c, e_c, 0.0), 1)
+        pdp_win = tl.sum(tl.where(win_p, gm_p, 0.0), 1) + tl.sum(tl.where(win_c, gm_c, 0.0), 1)
         dqr = tl.dot(tl.where(win_p, gm_p, 0.0).to(krp.dtype), krp).to(tl.float32) + \
             tl.dot(tl.where(win_c, gm_c, 0.0).to(krc.dtype), krc).to(tl.float32)
         tl.store(DQR + bhq * n * D + rows[:, None] * D + rd[None, :], dqr * scale, mask=mr[:, None] & md[None, :])
@@ -471,6 +476,11 @@ if triton is not None:
                                  delta[:, None] * z[None, :])
             tl.store(DQF + bhq * n * F + rows[:, None] * F + rk[None, :], dq, mask=mr[:, None] & mk[None, :])
             dql += tl.sum(q.to(tl.float32) * dq, 1)
+        # dql is the linear pairs' sum of P dP; with Delta exact it equals minus the window's. Each form carries
+        # the error of the saved (16-bit) output in Delta times the other part's share, so the true gradient,
+        # s (1 - s) (dO.o_lin - dO.o_win), which vanishes as either share does, is lost in it; the blend
+        # s * linear - (1 - s) * window cancels Delta exactly (and the 16-bit state's rounding is scaled by s).
+        dql = s_win * dql - (1.0 - s_win) * pdp_win
         tl.store(DQL + bhq * n + rows, dql, mask=mr)
 
     @triton.jit
