@@ -131,6 +131,35 @@ def test_cli_runs_one_section_and_ends_with_a_table(tmp_path, capsys):
     assert {r["group"] for r in data["rows"]} == {"module"} and data["options"]["sections"] == ["module"]
 
 
+def test_profile_says_where_each_steps_time_goes(tmp_path):
+    """--profile: every row carries its largest profiled entries (CPU operators here), shares summing to 100%,
+    the SDPA call among the dense module's, and the markdown lists them per row."""
+    assert main(["bench", "--variants", "dense", "--sections", "module", "--smoke", "--profile", "--out",
+                 str(tmp_path), "--tag", "t"]) == 0
+    data = json.loads((tmp_path / "dense-t.json").read_text())
+    assert data["rows"]
+    for r in data["rows"]:
+        entries = r["profile"]
+        assert 0 < len(entries) <= 9 and all(e["ms"] >= 0 and e["calls"] > 0 for e in entries)
+        assert abs(sum(e["share"] for e in entries) - 100) < 1
+        assert [e["ms"] for e in entries[:-1]] == sorted((e["ms"] for e in entries[:-1]), reverse=True)
+    assert any("scaled_dot_product" in e["name"] for r in data["rows"] for e in r["profile"])
+    md = (tmp_path / "dense-t.md").read_text()
+    assert md.count("\n### module: ") == len(data["rows"]) and "## where the time goes" in md
+    assert main(["bench", "--report", str(tmp_path / "dense-t.json")]) == 0  # rebuilt from the JSON alone
+    assert (tmp_path / "dense-t.md").read_text() == md
+
+
+def test_profile_names_are_short():
+    from attnzoo.bench.profile import _short
+
+    gemm = "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>"
+    assert _short(gemm + "(cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8::Params)") == gemm
+    ew = "void at::native::(anonymous namespace)::elementwise_kernel<128, 2>"
+    assert _short(ew + "(int, at::native::(anonymous namespace)::F)") == ew
+    assert _short("_fwd_kernel") == "_fwd_kernel" and len(_short("x" * 200)) == 100
+
+
 def test_merge_keeps_the_sections_not_run_now(tmp_path):
     out = str(tmp_path)
     assert main(["bench", "--variants", "dense", "--sections", "module", "--smoke", "--out", out, "--tag", "t"]) == 0

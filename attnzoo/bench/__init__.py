@@ -85,19 +85,20 @@ def _merge(path: str, name: str, mod: ModuleType, env: dict, rows: list[Row], pe
 
 def run(groups: list[str], *, smoke: bool = False, sections: set[str] | None = None, peers: str | None = None,
         peer_groups: list[str] | None = None, out_dir: str = "benchmarks/results", tag: str | None = None,
-        cuda_graph: bool = True, merge: bool = False) -> list[Row]:
+        cuda_graph: bool = True, merge: bool = False, profile: bool = False) -> list[Row]:
     """Run the peers (if ``peers`` names peers_bench.py) and then each group; write each group's files into
     ``out_dir`` as soon as it is done; print every row at the end. Returns all rows, the peers' last.
 
     ``merge``: keep the rows of the sections not run now from the group's earlier file in ``out_dir`` (a long
-    group measured in several calls, e.g. ``--sections sliding,bigbird`` then ``--sections scaling``)."""
+    group measured in several calls, e.g. ``--sections sliding,bigbird`` then ``--sections scaling``).
+    ``profile``: each case's step also under torch.profiler; where its time goes in the markdown."""
     import torch
 
     mods = {g: load_group(g) for g in groups}
     _check_sections(mods, sections)
     tag = tag or device_tag()
     options = Options(smoke=smoke, sections=frozenset(sections) if sections is not None else None,
-                      cuda_graph=cuda_graph)
+                      cuda_graph=cuda_graph, profile=profile)
     env = environment()
     options.log(f"attnzoo bench {', '.join(groups)} on {options.device} ({options.dtype}): " +
                 ", ".join(f"{k} {v}" for k, v in env.items() if v))

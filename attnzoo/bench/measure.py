@@ -25,10 +25,12 @@ class Options:
     """What ``run(options)`` of a group receives.
 
     ``smoke``: tiny shapes (seconds on a CPU; checks the harness, not the speed). ``sections``: the sections of
-    the group to run (None: its default ones). ``cuda_graph``: also measure device time (CUDA graphs)."""
+    the group to run (None: its default ones). ``cuda_graph``: also measure device time (CUDA graphs).
+    ``profile``: also record each timed step under torch.profiler (:mod:`attnzoo.bench.profile`)."""
     smoke: bool = False
     sections: frozenset[str] | None = None
     cuda_graph: bool = True
+    profile: bool = False
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     t0: float = field(default_factory=time.time)
 
@@ -99,7 +101,8 @@ def measure(options: Options, section: str, n: int, cases: list[Case], *, modes=
     all cases built and timed round-robin ``rounds`` times in a rotated order, each keeping the median of its
     rounds (clocks and caches drift by several percent between measurements at sub-millisecond times, so
     competitors are measured side by side, and whoever follows a long, hot kernel changes every round); then the
-    device time of each from a CUDA graph (``options.cuda_graph``, CUDA only)."""
+    device time of each from a CUDA graph (``options.cuda_graph``, CUDA only); with ``options.profile``, the top
+    entries of each step's profile in ``extra["profile"]``."""
     rows: list[Row] = []
     for mode in modes:
         active = [c for c in cases if c.modes is None or mode in c.modes]
@@ -149,6 +152,17 @@ def measure(options: Options, section: str, n: int, cases: list[Case], *, modes=
                     graph[name] = gpu_ms(steps[name])
                 except Exception as e:  # noqa: BLE001 - e.g. a host sync inside: report the do_bench time only
                     options.log(f"  ({name} {mode}: no CUDA graph time: {type(e).__name__}: {str(e)[:120]})")
+        profiles = {}
+        if options.profile:
+            from .profile import kernel_profile
+
+            for name in names:
+                if name in errors:
+                    continue
+                try:
+                    profiles[name] = kernel_profile(steps[name], options.cuda)
+                except Exception as e:  # noqa: BLE001 - the profile is an extra: the row keeps its times
+                    options.log(f"  ({name} {mode}: no profile: {type(e).__name__}: {str(e)[:120]})")
         del steps
         for c in active:
             ts = times.get(c.name) or []
@@ -169,6 +183,8 @@ def measure(options: Options, section: str, n: int, cases: list[Case], *, modes=
                     row.peak_mb = round(mems[c.name], 1)
                 if c.name in first:
                     row.extra["first_call_s"] = first[c.name]
+                if profiles.get(c.name):
+                    row.extra["profile"] = profiles[c.name]
             rows.append(row)
             options.log(f"{section} {row.name} n={n} {mode}: ms={row.ms} gpu_ms={row.gpu_ms} tflops={row.tflops} "
                         f"peak_mb={row.peak_mb} {row.backend}" + (f" ERROR {row.error}" if row.error else ""))

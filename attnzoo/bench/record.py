@@ -143,7 +143,7 @@ def _columns(rows: list[dict], extra: tuple[str, ...] = ()) -> list[str]:
 def render_markdown(group: str, env: dict, rows: list[Row], peers: list[Row], *, summary: list[str] = (),
                     extra_columns: tuple[str, ...] = (), title: str = "") -> str:
     """The markdown of one group's results: header (device, commit, date), one table per section, the group's
-    summary, the peers' table."""
+    summary, where the time goes (rows measured with ``--profile``), the peers' table."""
     lines = [f"# attnzoo bench: {group}" + (f" ({env.get('device')})" if env.get("device") else ""), ""]
     if title:
         lines += [title, ""]
@@ -156,6 +156,9 @@ def render_markdown(group: str, env: dict, rows: list[Row], peers: list[Row], *,
         lines += [f"## {name}", "", markdown_table(rs, _columns(rs, extra_columns)), ""]
     if summary:
         lines += list(summary) + [""]
+    from .profile import profile_lines
+
+    lines += profile_lines(rows)
     if peers:
         ps = _display(peers)
         lines += ["## peers (peers_bench.py, same run)", "",

@@ -55,6 +55,9 @@ def add_arguments(p):
                    help="keep the rows of the sections not run now from the group's file already in --out (a long "
                    "group in several calls)")
     p.add_argument("--no-cuda-graph", action="store_true", help="skip the device-time (CUDA graph) measurement")
+    p.add_argument("--profile", action="store_true",
+                   help="also run each case's step under torch.profiler and list where its time goes (the largest "
+                   "kernels on a GPU, operators on the CPU) in the markdown")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, runs on the CPU in seconds (checks the harness)")
     p.add_argument("--report", metavar="JSON", help="only rebuild the markdown (and charts) from a result JSON")
 
@@ -78,5 +81,6 @@ def run(args) -> int:
         raise ValueError("no CUDA GPU found; the timings are meant for a GPU (--smoke checks the harness on the CPU)")
     bench.run(groups, smoke=args.smoke, sections=set(_csv(args.sections)) if args.sections else None,
               peers=args.peers, peer_groups=_csv(args.peer_groups) if args.peer_groups else None, out_dir=args.out,
-              tag=args.tag, cuda_graph=not args.no_cuda_graph, merge=args.merge)
+              tag=args.tag, cuda_graph=not args.no_cuda_graph, merge=args.merge,
+              profile=args.profile)
     return 0
