@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 
 from ..table import format_table, markdown_table
+from .profile import profile_lines
 
 __all__ = ["Row", "environment", "device_tag", "write_group", "read_group", "render_markdown", "print_rows",
            "COLUMNS"]
@@ -156,8 +157,6 @@ def render_markdown(group: str, env: dict, rows: list[Row], peers: list[Row], *,
         lines += [f"## {name}", "", markdown_table(rs, _columns(rs, extra_columns)), ""]
     if summary:
         lines += list(summary) + [""]
-    from .profile import profile_lines
-
     lines += profile_lines(rows)
     if peers:
         ps = _display(peers)
