@@ -125,11 +125,20 @@ def _favor_reference(q, k, v, projection, scale, valid):
     return linear_attention_naive(qf, kf, v, q_log=ql, k_log=kl, key_padding_mask=valid)
 
 
-@pytest.mark.parametrize("hq,hkv,n,m,padded", [(4, 2, 77, 80, True), (2, 2, 64, 64, False)])
-def test_favor_fused_matches_naive_forward_and_backward(hq, hkv, n, m, padded):
-    """``m`` = 80: a partial block of features; 77 tokens: a partial block of rows; padding; GQA."""
+MIXED_TILES = dict(kv_state=(32, 128), out=(128, 32), dstate=(128, 32), dq=(32, 128), dk=(128, 32))
+
+
+@pytest.mark.parametrize("hq,hkv,n,m,padded,tiles", [(4, 2, 77, 80, True, None), (2, 2, 64, 64, False, None),
+                                                     (4, 2, 77, 80, True, MIXED_TILES)])
+def test_favor_fused_matches_naive_forward_and_backward(hq, hkv, n, m, padded, tiles, monkeypatch):
+    """``m`` = 80: a partial block of features; 77 tokens: a partial block of rows; padding; GQA; each kernel with
+    its own tile (rows and features per block, the state's partial sums laid out by their own kernel's)."""
+    from attnzoo.ops.linear import favor
     from attnzoo.ops.linear.favor import exp_map_fits, favor_attention, favor_map
     from attnzoo.variants.feature_maps import orthogonal_gaussian
+
+    if tiles:
+        monkeypatch.setattr(favor, "TILES", {k: favor.Tile(bn, bm) for k, (bn, bm) in tiles.items()})
 
     d, scale = 16, 16**-0.5
     proj = orthogonal_gaussian(m, d, 0).to(DEV)

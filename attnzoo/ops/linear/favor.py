@@ -263,18 +263,33 @@ if triton is not None:
         tl.store(DVV + bh * n * DV + rows[:, None] * DV + rv[None, :], dv, mask=mr[:, None] & mv[None, :])
 
 
-BN, BM = 64, 64
+class Tile(NamedTuple):
+    """One kernel's launch: rows (keys or queries) per block ``bn``, features per block ``bm``, Triton's warps and
+    pipeline stages."""
+
+    bn: int = 64
+    bm: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def launch(self) -> dict:
+        return dict(BN=self.bn, BM=self.bm, num_warps=self.num_warps, num_stages=1 if interpreted() else self.num_stages)
+
+
+#: The five kernels' tiles. Each kernel's tile is independent of the others' (the state's partial sums are laid out
+#: by their own kernel's ``bm`` and combined before the next kernel reads them); ``.device``-style sweeps set these.
+TILES: dict[str, Tile] = dict(kv_state=Tile(), out=Tile(), dstate=Tile(), dq=Tile(), dk=Tile())
 
 
 def _pow2(x: int) -> int:
     return max(16, triton.next_power_of_2(x))
 
 
-def _splits(n: int) -> tuple[int, int]:
-    """(splits, keys per split): up to 16 splits of whole blocks."""
-    blocks = -(-n // BN)
+def _splits(n: int, bn: int) -> tuple[int, int]:
+    """(splits, keys per split): up to 16 splits of whole blocks of ``bn``."""
+    blocks = -(-n // bn)
     sp = min(16, blocks)
-    per = -(-blocks // sp) * BN
+    per = -(-blocks // sp) * bn
     return -(-n // per), per
 
 
@@ -290,21 +305,22 @@ def _state(k, v, kmap, valid):
     b, hkv, n, d = k.shape
     w, bias, ps, has_b, norm = kmap
     dv, m = v.shape[-1], w.shape[-2]
-    nmb = -(-m // BM)
-    sp, per = _splits(n)
+    t = TILES["kv_state"]
+    nmb = -(-m // t.bm)
+    sp, per = _splits(n, t.bn)
     BV = _pow2(dv)
     dev = k.device
-    SP = torch.empty(b * hkv, nmb, sp, BM, BV, dtype=torch.float32, device=dev)
-    ZP = torch.empty(b * hkv, nmb, sp, BM, dtype=torch.float32, device=dev)
+    SP = torch.empty(b * hkv, nmb, sp, t.bm, BV, dtype=torch.float32, device=dev)
+    ZP = torch.empty(b * hkv, nmb, sp, t.bm, dtype=torch.float32, device=dev)
     MP = torch.empty(b * hkv, nmb, sp, dtype=torch.float32, device=dev)
     _kv_state[(b * hkv, nmb, sp)](k, v, w, bias, valid if valid is not None else MP, SP, ZP, MP, n, hkv, per, m,
-                                  norm, ps, D=d, DV=dv, BN=BN, BM=BM, BD=_pow2(d), BV=BV,
-                                  HAS_VALID=valid is not None, HAS_B=has_b)
+                                  norm, ps, D=d, DV=dv, BD=_pow2(d), BV=BV, HAS_VALID=valid is not None,
+                                  HAS_B=has_b, **t.launch())
     Mg = MP.amax((1, 2))
     Mg = Mg.masked_fill(torch.isinf(Mg), 0.0)
     f = (MP - Mg[:, None, None]).exp()  # exp(-inf) = 0: splits without a key
-    S = (SP * f[..., None, None]).sum(2).reshape(b * hkv, nmb * BM, BV)[:, :m, :dv].contiguous()
-    z = (ZP * f[..., None]).sum(2).reshape(b * hkv, nmb * BM)[:, :m].contiguous()
+    S = (SP * f[..., None, None]).sum(2).reshape(b * hkv, nmb * t.bm, BV)[:, :m, :dv].contiguous()
+    z = (ZP * f[..., None]).sum(2).reshape(b * hkv, nmb * t.bm)[:, :m].contiguous()
     return S, z, Mg.contiguous()
 
 
@@ -319,8 +335,9 @@ class _ExpMapAttention(torch.autograd.Function):
         out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
         rm = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
         den = torch.empty_like(rm)
-        _out[(b * hq, triton.cdiv(n, BN))](q, w, bias, S, z, out, rm, den, n, hq // hkv, hq, m, norm, ps, D=d, DV=dv,
-                                           BN=BN, BM=BM, BD=_pow2(d), BV=_pow2(dv), HAS_B=has_b)
+        t = TILES["out"]
+        _out[(b * hq, triton.cdiv(n, t.bn))](q, w, bias, S, z, out, rm, den, n, hq // hkv, hq, m, norm, ps, D=d,
+                                             DV=dv, BD=_pow2(d), BV=_pow2(dv), HAS_B=has_b, **t.launch())
         ctx.save_for_backward(q, k, v, valid, S, z, Mg, out, rm, den)
         ctx.maps = qmap, kmap
         return out
@@ -333,24 +350,27 @@ class _ExpMapAttention(torch.autograd.Function):
         hkv, dv, m = k.shape[1], v.shape[-1], wq.shape[-2]
         dout = dout.to(q.dtype).contiguous()
         delta = (dout.float() * out.float()).sum(-1).contiguous()
-        nmb = -(-m // BM)
-        sp, per = _splits(n)
         BV, BD = _pow2(dv), _pow2(d)
         dev = q.device
-        DSP = torch.empty(b * hkv, nmb, sp, BM, BV, dtype=torch.float32, device=dev)
-        DZP = torch.empty(b * hkv, nmb, sp, BM, dtype=torch.float32, device=dev)
+        t = TILES["dstate"]
+        nmb = -(-m // t.bm)
+        sp, per = _splits(n, t.bn)
+        DSP = torch.empty(b * hkv, nmb, sp, t.bm, BV, dtype=torch.float32, device=dev)
+        DZP = torch.empty(b * hkv, nmb, sp, t.bm, dtype=torch.float32, device=dev)
         _dstate[(b * hkv, nmb, sp)](q, wq, bq, dout, delta, rm, den, DSP, DZP, n, hq // hkv, hq, per, m, nq, psq,
-                                    D=d, DV=dv, BN=BN, BM=BM, BD=BD, BV=BV, HAS_B=hbq)
-        dS = DSP.sum(2).reshape(b * hkv, nmb * BM, BV)[:, :m, :dv].contiguous()
-        dz = DZP.sum(2).reshape(b * hkv, nmb * BM)[:, :m].contiguous()
+                                    D=d, DV=dv, BD=BD, BV=BV, HAS_B=hbq, **t.launch())
+        dS = DSP.sum(2).reshape(b * hkv, nmb * t.bm, BV)[:, :m, :dv].contiguous()
+        dz = DZP.sum(2).reshape(b * hkv, nmb * t.bm)[:, :m].contiguous()
         dq = torch.empty(b, hq, n, d, dtype=torch.float32, device=dev)
-        _dq[(b * hq, triton.cdiv(n, BN))](q, wq, bq, S, z, dout, delta, rm, den, dq, n, hq // hkv, hq, m, nq, psq,
-                                          D=d, DV=dv, BN=BN, BM=BM, BD=BD, BV=BV, HAS_B=hbq)
+        t = TILES["dq"]
+        _dq[(b * hq, triton.cdiv(n, t.bn))](q, wq, bq, S, z, dout, delta, rm, den, dq, n, hq // hkv, hq, m, nq, psq,
+                                            D=d, DV=dv, BD=BD, BV=BV, HAS_B=hbq, **t.launch())
         dk = torch.empty(b, hkv, n, d, dtype=torch.float32, device=dev)
         dvv = torch.empty(b, hkv, n, dv, dtype=torch.float32, device=dev)
-        _dk[(b * hkv, triton.cdiv(n, BN))](k, v, wk, bk, valid if valid is not None else Mg, Mg, dS, dz, dk, dvv, n,
-                                           hkv, m, nk, psk, D=d, DV=dv, BN=BN, BM=BM, BD=BD, BV=BV,
-                                           HAS_VALID=valid is not None, HAS_B=hbk)
+        t = TILES["dk"]
+        _dk[(b * hkv, triton.cdiv(n, t.bn))](k, v, wk, bk, valid if valid is not None else Mg, Mg, dS, dz, dk, dvv,
+                                             n, hkv, m, nk, psk, D=d, DV=dv, BD=BD, BV=BV,
+                                             HAS_VALID=valid is not None, HAS_B=hbk, **t.launch())
         return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None, None
 
 
