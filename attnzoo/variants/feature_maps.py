@@ -46,13 +46,16 @@ def orthogonal_gaussian(m: int, d: int, seed: int, draw: int = 0) -> torch.Tenso
 def favor_features(x: torch.Tensor, projection: torch.Tensor, scale: float):
     """FAVOR+ ``phi(x) = exp(w.x' - |x'|^2 / 2) / sqrt(m)`` with ``x' = x * sqrt(scale)`` (so that
     ``E[phi(q).phi(k)] = exp(scale * q.k)``); ``projection [m, d]`` or ``[heads, m, d]``. Returns
-    ``(exp(u - max u), max u + log(1/sqrt(m)))`` per row."""
+    ``(exp(w.x' - t), t - |x'|^2 / 2 + log(1/sqrt(m)))`` per row, ``t = max_m w.x'`` (detached): the row's norm
+    term, the same for all its features, rides in the log-scale (float32 for 16-bit x), so the ``[.., m]`` rows take one
+    subtraction and one exponential after the GEMM."""
     xs = x * math.sqrt(scale)
     p = projection.to(x.dtype)
     u = torch.einsum("bhnd,md->bhnm", xs, p) if p.dim() == 2 else torch.einsum("bhnd,hmd->bhnm", xs, p)
-    u = u - 0.5 * (xs * xs).sum(-1, keepdim=True)
     top = u.amax(-1, keepdim=True).detach()
-    return (u - top).exp(), top.squeeze(-1) - 0.5 * math.log(p.shape[-2])
+    ct = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    log = top.squeeze(-1).to(ct) - 0.5 * xs.to(ct).square().sum(-1) - 0.5 * math.log(p.shape[-2])
+    return (u - top).exp_(), log
 
 
 _INITIAL_GAIN = {"hedgehog": lambda d: -math.log(2 * d), "elu": lambda d: -math.log(d), "t2r": lambda d: 0.0,

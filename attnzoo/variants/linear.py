@@ -483,15 +483,27 @@ class LinformerAttention(DenseAttention):
         if n > self.max_len:
             raise ValueError(f"sequence of {n} tokens: linformer was built with max_len={self.max_len}; rebuild it "
                              f"(or convert) with max_len >= {n}")
-        if valid is not None:
-            keep = valid[:, None, :, None].to(k.dtype)
-            k, v = k * keep, v * keep
         e_all, f_all = self.projections()
         e = e_all[..., :n].to(k.dtype)
         f = e if f_all is e_all else f_all[..., :n].to(v.dtype)
-        ks = torch.einsum("hsn,bhnd->bhsd", e, k)
-        vs = torch.einsum("hsn,bhnd->bhsd", f, v)
+        ks, vs = self._project_seq(e, k, valid), self._project_seq(f, v, valid)
         return attention(q, ks, vs, scale=self.scale, dropout_p=c.dropout if self.training else 0.0)
+
+    @staticmethod
+    def _project_seq(e: torch.Tensor, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """``e [1 | h, k, n]`` applied along the sequence of ``x [b, h, n, d]`` (pad rows zeroed first):
+        ``[b, h, k, d]``. Shared across heads, one GEMM over every head's columns (``x`` as ``[b, n, h d]``, a
+        view when it comes from a projection), so the backward's ``dE`` is one GEMM too, not a per-head
+        product summed over the heads."""
+        b, h, n, d = x.shape
+        if e.shape[0] != 1:
+            if valid is not None:
+                x = x * valid[:, None, :, None].to(x.dtype)
+            return torch.einsum("hsn,bhnd->bhsd", e, x)
+        cols = x.transpose(1, 2).reshape(b, n, h * d)
+        if valid is not None:
+            cols = cols * valid[:, :, None].to(x.dtype)
+        return torch.matmul(e[0], cols).view(b, -1, h, d).transpose(1, 2)
 
     def softmax_heads(self, q, k, v, valid) -> torch.Tensor:
         return attention(q, k, v, key_padding_mask=valid, scale=self.scale)

@@ -361,17 +361,17 @@ class _ExpMapAttention(torch.autograd.Function):
                                     D=d, DV=dv, BD=BD, BV=BV, HAS_B=hbq, **t.launch())
         dS = DSP.sum(2).reshape(b * hkv, nmb * t.bm, BV)[:, :m, :dv].contiguous()
         dz = DZP.sum(2).reshape(b * hkv, nmb * t.bm)[:, :m].contiguous()
-        dq = torch.empty(b, hq, n, d, dtype=torch.float32, device=dev)
+        dq = torch.empty(b, hq, n, d, dtype=q.dtype, device=dev)  # float32 sums, stored in the input's dtype
         t = TILES["dq"]
         _dq[(b * hq, triton.cdiv(n, t.bn))](q, wq, bq, S, z, dout, delta, rm, den, dq, n, hq // hkv, hq, m, nq, psq,
                                             D=d, DV=dv, BD=BD, BV=BV, HAS_B=hbq, **t.launch())
-        dk = torch.empty(b, hkv, n, d, dtype=torch.float32, device=dev)
-        dvv = torch.empty(b, hkv, n, dv, dtype=torch.float32, device=dev)
+        dk = torch.empty(b, hkv, n, d, dtype=k.dtype, device=dev)
+        dvv = torch.empty(b, hkv, n, dv, dtype=v.dtype, device=dev)
         t = TILES["dk"]
         _dk[(b * hkv, triton.cdiv(n, t.bn))](k, v, wk, bk, valid if valid is not None else Mg, Mg, dS, dz, dk, dvv,
                                              n, hkv, m, nk, psk, D=d, DV=dv, BD=BD, BV=BV,
                                              HAS_VALID=valid is not None, HAS_B=hbk, **t.launch())
-        return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype), None, None, None
+        return dq, dk, dvv, None, None, None
 
 
 def exp_map_attention(q, k, v, q_map: ExpMap, k_map: ExpMap, *, key_padding_mask=None) -> torch.Tensor:

@@ -626,10 +626,10 @@ def _backward(qf, kt, v, G, G0, H, Z, dnum, dden, dS, chunk):
     _states_bwd[(b * hkv, triton.cdiv(f, BK), triton.cdiv(dv, _pow2(dv)))](
         qf, dnum, dden, G, G, G, G0, dsf, dzf, DH, DZ, n, nc, g, F=f, DV=dv, C=C, BK=BK, BV=_pow2(dv), LAG=0,
         HAS_ROW=False)
-    dq = torch.empty(b, hq, n, f, dtype=torch.float32, device=dev)
+    dq = torch.empty(b, hq, n, f, dtype=qf.dtype, device=dev)  # float32 sums, stored in the input's dtype
     _dq[(nc, b * hq)](qf, kt, v, G, G0, H, Z, dnum, dden, dq, n, nc, g, F=f, DV=dv, C=C, BK=BK, BV=BV)
-    dk = torch.empty(b, hkv, n, f, dtype=torch.float32, device=dev)
-    dvv = torch.empty(b, hkv, n, dv, dtype=torch.float32, device=dev)
+    dk = torch.empty(b, hkv, n, f, dtype=kt.dtype, device=dev)
+    dvv = torch.empty(b, hkv, n, dv, dtype=v.dtype, device=dev)
     _dkv[(nc, b * hkv)](qf, kt, v, G, DH, DZ, dnum, dden, dk, dvv, n, nc, g, F=f, DV=dv, C=C, BK=BK, BV=BV)
     return dq, dk, dvv
 
@@ -740,15 +740,15 @@ def _win_backward(qf, kt, v, q, k, G, G0, valid, scale, W, chunk, out, lse, cl, 
         qf, dout, ndelta, G, Gq, cl, G0, zero, zero_z, DH, DZ, n, nc, g, F=f, DV=dv, C=C, BK=BK,
         BV=_pow2(dv), LAG=1, HAS_ROW=True)
     vmask = valid if valid is not None else G
-    dqf = torch.empty(b, hq, n, f, dtype=torch.float32, device=dev)
-    dq = torch.empty(b, hq, n, d, dtype=torch.float32, device=dev)
+    dqf = torch.empty(b, hq, n, f, dtype=qf.dtype, device=dev)  # float32 sums, stored in the inputs' dtypes
+    dq = torch.empty(b, hq, n, d, dtype=q.dtype, device=dev)
     dql = torch.empty(b, hq, n, dtype=torch.float32, device=dev)
     _win_dq[(nc, b * hq)](qf, kt, v, q, k, vmask, G, G0, H, Z, dout, delta, lse, cl, dqf, dq, dql, n, nc, g, hq, W,
                           scale, F=f, D=d, DV=dv, C=C, BK=BK, BD=BD, BV=BV, HAS_VALID=valid is not None,
                           **_launch(C))
-    dkt = torch.empty(b, hkv, n, f, dtype=torch.float32, device=dev)
-    dk = torch.empty(b, hkv, n, d, dtype=torch.float32, device=dev)
-    dvv = torch.empty(b, hkv, n, dv, dtype=torch.float32, device=dev)
+    dkt = torch.empty(b, hkv, n, f, dtype=kt.dtype, device=dev)
+    dk = torch.empty(b, hkv, n, d, dtype=k.dtype, device=dev)
+    dvv = torch.empty(b, hkv, n, dv, dtype=v.dtype, device=dev)
     _win_dkv[(nc, b * hkv)](qf, kt, v, q, k, vmask, G, G0, DH, DZ, dout, delta, lse, cl, dkt, dk, dvv, n, nc, g, hq,
                             W, scale, F=f, D=d, DV=dv, C=C, BK=BK, BD=BD, BV=BV, HAS_VALID=valid is not None,
                             **_launch(C))
