@@ -111,3 +111,34 @@ def test_op_checks_its_arguments():
         linear_attention(t["qf"], t["kf"], t["v"], backend="cuda")
     with pytest.raises(ValueError, match="window=3.*causal"):
         linear_attention(t["qf"], t["kf"], t["v"], window=3, q=t["q"], k=t["k"])
+
+
+@pytest.mark.skipif(triton_kernel.available() is not None, reason="the Triton kernels cannot run here")
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fused_favor_feature_rows_equal_the_torch_form(per_head):
+    """FAVOR+'s feature rows on the kernel (one pass over the [.., m] rows) against favor_features' PyTorch form:
+    rows, log-scales, and the gradients of x and of a learned projection (odd length, m not a multiple of the
+    kernel's blocks); the rows' product (what the op uses) against float64."""
+    from attnzoo.ops.linear.favor import favor_feature_rows
+    from attnzoo.variants import feature_maps
+
+    g = torch.Generator().manual_seed(3)
+    b, h, n, d, m = 2, 3, 37, 16, 40
+    x = torch.randn(b, h, n, d, generator=g).to(DEV).requires_grad_()
+    p = (torch.randn(h, m, d, generator=g) if per_head else torch.randn(m, d, generator=g)).to(DEV).requires_grad_()
+    f, log = favor_feature_rows(x, p, 0.125)
+    x2, p2 = x.detach().clone().requires_grad_(), p.detach().clone().requires_grad_()
+    f2, log2 = feature_maps.favor_features_torch(x2, p2, 0.125)
+    tol = dict(rtol=1e-5, atol=1e-6) if DEV == "cpu" else dict(rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(f, f2, **tol)
+    torch.testing.assert_close(log, log2.float(), **tol)
+    x64, p64 = x.detach().double(), p.detach().double()
+    true = torch.einsum("bhnd,md->bhnm" if not per_head else "bhnd,hmd->bhnm", x64 * 0.125 ** 0.5, p64) - \
+        0.5 * 0.125 * (x64 * x64).sum(-1, keepdim=True) - 0.5 * torch.log(torch.tensor(float(m), dtype=torch.float64))
+    torch.testing.assert_close((f.double() * log.double()[..., None].exp()).log(), true, **tol)
+    gf, gl = torch.randn_like(f), torch.randn_like(log)
+    got = torch.autograd.grad((f * gf).sum() + (log * gl).sum(), [x, p])
+    want = torch.autograd.grad((f2 * gf).sum() + (log2 * gl).sum(), [x2, p2])
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **tol)
+

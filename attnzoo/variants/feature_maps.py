@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["FEATURE_MAPS", "FeatureMap", "favor_features", "orthogonal_gaussian", "feature_dim"]
+__all__ = ["FEATURE_MAPS", "FeatureMap", "favor_features", "favor_features_torch", "orthogonal_gaussian", "feature_dim"]
 
 FEATURE_MAPS = ("hedgehog", "t2r", "performer", "elu")
 
@@ -47,8 +47,19 @@ def favor_features(x: torch.Tensor, projection: torch.Tensor, scale: float):
     """FAVOR+ ``phi(x) = exp(w.x' - |x'|^2 / 2) / sqrt(m)`` with ``x' = x * sqrt(scale)`` (so that
     ``E[phi(q).phi(k)] = exp(scale * q.k)``); ``projection [m, d]`` or ``[heads, m, d]``. Returns
     ``(exp(w.x' - t), t - |x'|^2 / 2 + log(1/sqrt(m)))`` per row, ``t = max_m w.x'`` (detached): the row's norm
-    term, the same for all its features, rides in the log-scale (float32 for 16-bit x), so the ``[.., m]`` rows take one
-    subtraction and one exponential after the GEMM."""
+    term, the same for all its features, rides in the log-scale (float32 for 16-bit x). On CUDA one kernel
+    writes the ``[.., m]`` rows once (:func:`attnzoo.ops.linear.favor.favor_feature_rows`); elsewhere
+    :func:`favor_features_torch`."""
+    from ..ops.linear.favor import favor_feature_rows, feature_rows_fit
+
+    if feature_rows_fit(x, projection):
+        return favor_feature_rows(x, projection, scale)
+    return favor_features_torch(x, projection, scale)
+
+
+def favor_features_torch(x: torch.Tensor, projection: torch.Tensor, scale: float):
+    """:func:`favor_features` in PyTorch (any device and dtype; the kernel's reference): the GEMM, then one
+    subtraction and one exponential over the ``[.., m]`` rows."""
     xs = x * math.sqrt(scale)
     p = projection.to(x.dtype)
     u = torch.einsum("bhnd,md->bhnm", xs, p) if p.dim() == 2 else torch.einsum("bhnd,hmd->bhnm", xs, p)

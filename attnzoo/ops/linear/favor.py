@@ -36,7 +36,8 @@ try:
 except ImportError:  # pragma: no cover - Triton is a dependency of torch on Linux
     triton = None
 
-__all__ = ["ExpMap", "exp_map_attention", "exp_map_fits", "favor_map", "favor_attention"]
+__all__ = ["ExpMap", "exp_map_attention", "exp_map_fits", "favor_map", "favor_attention", "favor_feature_rows",
+           "feature_rows_fit"]
 
 
 class ExpMap(NamedTuple):
@@ -263,6 +264,36 @@ if triton is not None:
         tl.store(DVV + bh * n * DV + rows[:, None] * DV + rv[None, :], dv, mask=mr[:, None] & mv[None, :])
 
 
+    @triton.jit
+    def _feature_rows(X, P, F, LOG, n, HP, M, rs, log_c, PS, D: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
+                      BD: tl.constexpr):
+        """FAVOR+'s feature rows of ``x [b h, n, D]`` (:func:`favor_feature_rows`): per block of rows, the
+        maximum of ``u = x' W^T`` over all ``M`` features first, then ``exp(u - max)`` written once."""
+        bh = tl.program_id(1)
+        P += (bh % HP) * PS * D
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        mr = rows < n
+        rd = tl.arange(0, BD)
+        x = tl.load(X + bh * n * D + rows[:, None] * D + rd[None, :], mask=mr[:, None] & (rd < D)[None, :],
+                    other=0.0)
+        xf = x.to(tl.float32) * rs
+        xs = xf.to(x.dtype)
+        top = tl.full([BN], float("-inf"), dtype=tl.float32)
+        for m0 in range(0, M, BM):
+            rm = m0 + tl.arange(0, BM)
+            w = tl.load(P + rm[:, None] * D + rd[None, :], mask=(rm < M)[:, None] & (rd < D)[None, :], other=0.0)
+            u = tl.dot(xs, tl.trans(w.to(x.dtype))).to(tl.float32)
+            top = tl.maximum(top, tl.max(tl.where((rm < M)[None, :], u, float("-inf")), 1))
+        for m0 in range(0, M, BM):
+            rm = m0 + tl.arange(0, BM)
+            w = tl.load(P + rm[:, None] * D + rd[None, :], mask=(rm < M)[:, None] & (rd < D)[None, :], other=0.0)
+            u = tl.dot(xs, tl.trans(w.to(x.dtype))).to(tl.float32)
+            tl.store(F + bh * n * M + rows[:, None] * M + rm[None, :], tl.exp(u - top[:, None]),
+                     mask=mr[:, None] & (rm < M)[None, :])
+        tl.store(LOG + bh * n + rows, top - 0.5 * tl.sum(xf * xf, 1) - log_c, mask=mr)
+
+
+
 class Tile(NamedTuple):
     """One kernel's launch: rows (keys or queries) per block ``bn``, features per block ``bm``, Triton's warps and
     pipeline stages."""
@@ -276,9 +307,9 @@ class Tile(NamedTuple):
         return dict(BN=self.bn, BM=self.bm, num_warps=self.num_warps, num_stages=1 if interpreted() else self.num_stages)
 
 
-#: The five kernels' tiles. Each kernel's tile is independent of the others' (the state's partial sums are laid out
+#: The kernels' tiles. Each kernel's tile is independent of the others' (the state's partial sums are laid out
 #: by their own kernel's ``bm`` and combined before the next kernel reads them); ``.device``-style sweeps set these.
-TILES: dict[str, Tile] = dict(kv_state=Tile(), out=Tile(), dstate=Tile(), dq=Tile(), dk=Tile())
+TILES: dict[str, Tile] = dict(kv_state=Tile(), out=Tile(), dstate=Tile(), dq=Tile(), dk=Tile(), feature_rows=Tile())
 
 
 def _pow2(x: int) -> int:
@@ -397,3 +428,57 @@ def favor_attention(q, k, v, projection, *, scale: float, key_padding_mask=None)
     :func:`favor_map` for queries and keys."""
     mp = favor_map(projection, scale)
     return exp_map_attention(q, k, v, mp, mp, key_padding_mask=key_padding_mask)
+
+
+class _FeatureRows(torch.autograd.Function):
+    """FAVOR+'s feature rows on the kernel; the backward in PyTorch (``du = dF * F``: two GEMMs and the norm
+    term's row sum), as the unfused form's."""
+
+    @staticmethod
+    def forward(ctx, x, projection, scale):
+        b, h, n, d = x.shape
+        m = projection.shape[-2]
+        w = projection.detach().to(x.dtype).contiguous()
+        xc = x.contiguous()
+        feats = torch.empty(b, h, n, m, dtype=x.dtype, device=x.device)
+        log = torch.empty(b, h, n, dtype=torch.float32, device=x.device)
+        hp = w.shape[0] if w.dim() == 3 else 1
+        ps = m if w.dim() == 3 else 0
+        t = TILES["feature_rows"]
+        _feature_rows[(triton.cdiv(n, t.bn), b * h)](xc, w, feats, log, n, hp, m, math.sqrt(scale),
+                                                      0.5 * math.log(m), ps, D=d, BD=_pow2(d),
+                                                      **t._replace(bm=min(t.bm, _pow2(m))).launch())
+        ctx.save_for_backward(xc, projection, feats)
+        ctx.scale = scale
+        return feats, log
+
+    @staticmethod
+    def backward(ctx, dfeats, dlog):
+        x, projection, feats = ctx.saved_tensors
+        r = math.sqrt(ctx.scale)
+        xs = x * r
+        p = projection.to(x.dtype)
+        du = dfeats * feats if dfeats is not None else torch.zeros_like(feats)
+        eq = ("bhnm,md->bhnd", "bhnm,bhnd->md") if p.dim() == 2 else ("bhnm,hmd->bhnd", "bhnm,bhnd->hmd")
+        dxs = torch.einsum(eq[0], du, p)
+        if dlog is not None:  # log = max(u) (detached) - |x'|^2 / 2 - log(sqrt(m))
+            dxs = dxs - xs * dlog.to(x.dtype)[..., None]
+        dp = torch.einsum(eq[1], du, xs).to(projection.dtype) if ctx.needs_input_grad[1] else None
+        return dxs * r, dp, None
+
+
+def feature_rows_fit(x: torch.Tensor, projection: torch.Tensor) -> bool:
+    """Whether :func:`favor_features` sends these to :func:`favor_feature_rows`: Triton on CUDA, head dim
+    16-128, a projection of that width (shared, or one per head), 16- or 32-bit floats. (On the CPU the kernel
+    runs only when called directly under Triton's interpreter: the tests.)"""
+    return (triton is not None and x.is_cuda and 16 <= x.shape[-1] <= 128
+            and projection.shape[-1] == x.shape[-1] and x.dtype != torch.float64
+            and (projection.dim() == 2 or projection.shape[0] == x.shape[1]))
+
+
+def favor_feature_rows(x: torch.Tensor, projection: torch.Tensor, scale: float):
+    """:func:`attnzoo.variants.feature_maps.favor_features` with the ``[.., m]`` rows written once (one kernel:
+    the GEMM, the row maximum and the exponential in registers): ``(exp(w.x' - t), t - |x'|^2 / 2 -
+    log(sqrt(m)))``, ``t`` the row's largest ``w.x'`` (detached); ``x [b, h, n, d]``, ``projection [m, d]`` or
+    ``[h, m, d]``. Check :func:`feature_rows_fit` first."""
+    return _FeatureRows.apply(x, projection, scale)
