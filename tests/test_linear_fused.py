@@ -161,6 +161,30 @@ def test_favor_fused_matches_naive_forward_and_backward(hq, hkv, n, m, padded, t
         torch.testing.assert_close(a.double().cpu(), b, **TOL, msg=lambda msg: f"d{name}: {msg}")
 
 
+def test_favor_fused_takes_token_major_views_without_copies():
+    """The heads of a ``[b, n, h * d]`` projection go in as the transposed view (strides, no copy): the output and
+    the gradients equal the contiguous inputs' (float64 reference), the output is token-major (its transpose back
+    is contiguous) and each gradient comes back in its input's layout."""
+    from attnzoo.ops.linear.favor import favor_attention
+    from attnzoo.variants.feature_maps import orthogonal_gaussian
+
+    b, hq, hkv, n, d, m, scale = 2, 4, 2, 37, 16, 48, 0.25
+    proj = orthogonal_gaussian(m, d, 3).to(DEV)
+    flat = [torch.randn(b, n, h * d, device=DEV, requires_grad=True) for h in (hq, hkv, hkv)]
+    q, k, v = (x.view(b, n, x.shape[-1] // d, d).transpose(1, 2) for x in flat)
+    assert not q.is_contiguous()
+    out = favor_attention(q, k, v, proj, scale=scale)
+    assert out.transpose(1, 2).is_contiguous()
+    ref_leaves = [x.detach().cpu().double().contiguous().requires_grad_() for x in (q, k, v)]
+    ref = _favor_reference(*ref_leaves, proj.cpu(), scale, None)
+    torch.testing.assert_close(out.double().cpu(), ref, **TOL)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), g.to(out))
+    for name, x, a, r in zip("qkv", (q, k, v), grads, torch.autograd.grad(ref, ref_leaves, g)):
+        assert a.stride() == x.stride(), f"d{name} came back in another layout"
+        torch.testing.assert_close(a.double().cpu(), r, **TOL, msg=lambda msg: f"d{name}: {msg}")
+
+
 @pytest.mark.parametrize("kind", ["hedgehog", "performer"])
 def test_learned_exp_maps_fused_match_naive(kind):
     """The ``linear`` variant's exponential maps (per head, queries and keys apart; hedgehog with its bias) fused

@@ -67,10 +67,15 @@ def exp_map_fits(q, v, q_map: ExpMap, k_map: ExpMap, backend: str = "auto") -> b
 if triton is not None:
 
     @triton.jit
-    def _rows(X, bh, rows, mr, n, D: tl.constexpr, BD: tl.constexpr):
+    def _base(bh, H, sb, sh):
+        """Offset of head ``bh`` (of ``b * H``) in a ``[b, H, n, D]`` tensor of strides ``(sb, sh, sn, 1)``."""
+        return (bh // H).to(tl.int64) * sb + (bh % H).to(tl.int64) * sh
+
+    @triton.jit
+    def _rows(X, rows, mr, sn, D: tl.constexpr, BD: tl.constexpr):
+        """Rows ``[BN, BD]`` of one head (``X`` at its base; ``sn`` the row stride)."""
         rd = tl.arange(0, BD)
-        return tl.load(X + bh * n * D + rows[:, None] * D + rd[None, :], mask=mr[:, None] & (rd < D)[None, :],
-                       other=0.0)
+        return tl.load(X + rows[:, None] * sn + rd[None, :], mask=mr[:, None] & (rd < D)[None, :], other=0.0)
 
     @triton.jit
     def _features(x, P, B, rm, M, sc, D: tl.constexpr, BD: tl.constexpr, HAS_B: tl.constexpr):
@@ -85,12 +90,14 @@ if triton is not None:
         return tl.where((rm < M)[None, :], u, float("-inf"))
 
     @triton.jit
-    def _kv_state(K, V, P, B, VALID, SP, ZP, MP, n, HKV, per, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
+    def _kv_state(K, skb, skh, skn, V, svb, svh, svn, P, B, VALID, SP, ZP, MP, n, HKV, per, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
                   BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_VALID: tl.constexpr,
                   HAS_B: tl.constexpr):
         bh = tl.program_id(0)
         P += (bh % HKV) * PS * D
         B += (bh % HKV) * PS
+        K += _base(bh, HKV, skb, skh)
+        V += _base(bh, HKV, svb, svh)
         mb = tl.program_id(1)
         sp = tl.program_id(2)
         nmb = tl.num_programs(1)
@@ -106,15 +113,14 @@ if triton is not None:
             ok = mr
             if HAS_VALID:
                 ok = ok & (tl.load(VALID + (bh // HKV) * n + rows, mask=mr, other=0) != 0)
-            x = _rows(K, bh, rows, mr, n, D, BD)
+            x = _rows(K, rows, mr, skn, D, BD)
             keep = ok[:, None] & (rm < M)[None, :]
             u = tl.where(keep, _features(x, P, B, rm, M, sc, D, BD, HAS_B), float("-inf"))
             new = tl.maximum(run, tl.max(tl.max(u, 1), 0))
             seen = new > float("-inf")  # else nothing so far: keep everything at 0
             a = tl.where(seen, tl.exp(tl.where(seen, run - new, 0.0)), 1.0)
             phi = tl.where(keep, tl.exp(tl.where(keep, u - new, 0.0)), 0.0)
-            v = tl.load(V + bh * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :],
-                        other=0.0)
+            v = tl.load(V + rows[:, None] * svn + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
             S = S * a + tl.dot(tl.trans(phi.to(v.dtype)), v).to(tl.float32)
             z = z * a + tl.sum(phi, 0)
             run = new
@@ -124,11 +130,13 @@ if triton is not None:
         tl.store(MP + base, run)
 
     @triton.jit
-    def _out(Q, P, B, S, Z, OUT, RM, DEN, n, GROUP, HQ, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
+    def _out(Q, sqb, sqh, sqn, P, B, S, Z, OUT, sob, soh, son, RM, DEN, n, GROUP, HQ, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
              BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_B: tl.constexpr):
         bhq = tl.program_id(0)
         P += (bhq % HQ) * PS * D
         B += (bhq % HQ) * PS
+        Q += _base(bhq, HQ, sqb, sqh)
+        OUT += _base(bhq, HQ, sob, soh)
         rows = tl.program_id(1) * BN + tl.arange(0, BN)
         mr = rows < n
         bh = bhq // GROUP
@@ -137,7 +145,7 @@ if triton is not None:
         acc = tl.zeros([BN, BV], dtype=tl.float32)
         den = tl.zeros([BN], dtype=tl.float32)
         run = tl.full([BN], float("-inf"), dtype=tl.float32)
-        x = _rows(Q, bhq, rows, mr, n, D, BD)
+        x = _rows(Q, rows, mr, sqn, D, BD)
         for m0 in range(0, M, BM):
             rm = m0 + tl.arange(0, BM)
             u = _features(x, P, B, rm, M, sc, D, BD, HAS_B)
@@ -152,13 +160,12 @@ if triton is not None:
             run = new
         ok = den > 0
         safe = tl.where(ok, den, 1.0)
-        tl.store(OUT + bhq * n * DV + rows[:, None] * DV + rv[None, :], acc / safe[:, None],
-                 mask=mr[:, None] & mv[None, :])
+        tl.store(OUT + rows[:, None] * son + rv[None, :], acc / safe[:, None], mask=mr[:, None] & mv[None, :])
         tl.store(RM + bhq * n + rows, run, mask=mr)
         tl.store(DEN + bhq * n + rows, den, mask=mr)
 
     @triton.jit
-    def _dstate(Q, P, B, DO, DELTA, RM, DEN, DSP, DZP, n, GROUP, HQ, per, M, sc, PS, D: tl.constexpr,
+    def _dstate(Q, sqb, sqh, sqn, P, B, DO, sdb, sdh, sdn, DELTA, RM, DEN, DSP, DZP, n, GROUP, HQ, per, M, sc, PS, D: tl.constexpr,
                 DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
                 HAS_B: tl.constexpr):
         bh = tl.program_id(0)
@@ -171,17 +178,18 @@ if triton is not None:
         dz = tl.zeros([BM], dtype=tl.float32)
         for h in range(GROUP):
             bhq = bh * GROUP + h
+            Qh = Q + _base(bhq, HQ, sqb, sqh)
+            DOh = DO + _base(bhq, HQ, sdb, sdh)
             for i0 in range(sp * per, tl.minimum(sp * per + per, n), BN):
                 rows = i0 + tl.arange(0, BN)
                 mr = rows < n
                 hp = (bhq % HQ) * PS
-                u = _features(_rows(Q, bhq, rows, mr, n, D, BD), P + hp * D, B + hp, rm, M, sc, D, BD, HAS_B)
+                u = _features(_rows(Qh, rows, mr, sqn, D, BD), P + hp * D, B + hp, rm, M, sc, D, BD, HAS_B)
                 run = tl.load(RM + bhq * n + rows, mask=mr, other=0.0)
                 den = tl.load(DEN + bhq * n + rows, mask=mr, other=0.0)
                 w = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
                 phi = tl.where(mr[:, None] & (rm < M)[None, :], tl.exp(u - run[:, None]), 0.0) * w[:, None]
-                do = tl.load(DO + bhq * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :],
-                             other=0.0)
+                do = tl.load(DOh + rows[:, None] * sdn + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
                 dl = tl.load(DELTA + bhq * n + rows, mask=mr, other=0.0)
                 dS += tl.dot(tl.trans(phi.to(do.dtype)), do).to(tl.float32)
                 dz -= tl.sum(phi * dl[:, None], 0)
@@ -190,11 +198,14 @@ if triton is not None:
         tl.store(DZP + base * BM + tl.arange(0, BM), dz)
 
     @triton.jit
-    def _dq(Q, P, B, S, Z, DO, DELTA, RM, DEN, DQ, n, GROUP, HQ, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
+    def _dq(Q, sqb, sqh, sqn, P, B, S, Z, DO, sdb, sdh, sdn, DELTA, RM, DEN, DQ, sgb, sgh, sgn, n, GROUP, HQ, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
             BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_B: tl.constexpr):
         bhq = tl.program_id(0)
         P += (bhq % HQ) * PS * D
         B += (bhq % HQ) * PS
+        Q += _base(bhq, HQ, sqb, sqh)
+        DO += _base(bhq, HQ, sdb, sdh)
+        DQ += _base(bhq, HQ, sgb, sgh)
         rows = tl.program_id(1) * BN + tl.arange(0, BN)
         mr = rows < n
         bh = bhq // GROUP
@@ -204,11 +215,11 @@ if triton is not None:
         run = tl.load(RM + bhq * n + rows, mask=mr, other=0.0)
         den = tl.load(DEN + bhq * n + rows, mask=mr, other=0.0)
         w = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-        do = tl.load(DO + bhq * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
+        do = tl.load(DO + rows[:, None] * sdn + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
         dl = tl.load(DELTA + bhq * n + rows, mask=mr, other=0.0)
         dx = tl.zeros([BN, BD], dtype=tl.float32)
         tot = tl.zeros([BN], dtype=tl.float32)
-        x = _rows(Q, bhq, rows, mr, n, D, BD)
+        x = _rows(Q, rows, mr, sqn, D, BD)
         for m0 in range(0, M, BM):
             rm = m0 + tl.arange(0, BM)
             u = _features(x, P, B, rm, M, sc, D, BD, HAS_B)
@@ -222,15 +233,19 @@ if triton is not None:
             dx += tl.dot(du.to(x.dtype), wp.to(x.dtype)).to(tl.float32)
             tot += tl.sum(du, 1)
         dx -= sc * tot[:, None] * x.to(tl.float32)
-        tl.store(DQ + bhq * n * D + rows[:, None] * D + rd[None, :], dx, mask=mr[:, None] & (rd < D)[None, :])
+        tl.store(DQ + rows[:, None] * sgn + rd[None, :], dx, mask=mr[:, None] & (rd < D)[None, :])
 
     @triton.jit
-    def _dk(K, V, P, B, VALID, MG, DS, DZ, DK, DVV, n, HKV, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
+    def _dk(K, skb, skh, skn, V, svb, svh, svn, P, B, VALID, MG, DS, DZ, DK, sgb, sgh, sgn, DVV, swb, swh, swn, n, HKV, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
             BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_VALID: tl.constexpr,
             HAS_B: tl.constexpr):
         bh = tl.program_id(0)
         P += (bh % HKV) * PS * D
         B += (bh % HKV) * PS
+        K += _base(bh, HKV, skb, skh)
+        V += _base(bh, HKV, svb, svh)
+        DK += _base(bh, HKV, sgb, sgh)
+        DVV += _base(bh, HKV, swb, swh)
         rows = tl.program_id(1) * BN + tl.arange(0, BN)
         mr = rows < n
         ok = mr
@@ -240,11 +255,11 @@ if triton is not None:
         mv = rv < DV
         rd = tl.arange(0, BD)
         mg = tl.load(MG + bh)
-        v = tl.load(V + bh * n * DV + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
+        v = tl.load(V + rows[:, None] * svn + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
         dx = tl.zeros([BN, BD], dtype=tl.float32)
         dv = tl.zeros([BN, BV], dtype=tl.float32)
         tot = tl.zeros([BN], dtype=tl.float32)
-        x = _rows(K, bh, rows, mr, n, D, BD)
+        x = _rows(K, rows, mr, skn, D, BD)
         for m0 in range(0, M, BM):
             rm = m0 + tl.arange(0, BM)
             u = _features(x, P, B, rm, M, sc, D, BD, HAS_B)
@@ -260,8 +275,8 @@ if triton is not None:
             dx += tl.dot(du.to(x.dtype), wp.to(x.dtype)).to(tl.float32)
             tot += tl.sum(du, 1)
         dx -= sc * tot[:, None] * x.to(tl.float32)
-        tl.store(DK + bh * n * D + rows[:, None] * D + rd[None, :], dx, mask=mr[:, None] & (rd < D)[None, :])
-        tl.store(DVV + bh * n * DV + rows[:, None] * DV + rv[None, :], dv, mask=mr[:, None] & mv[None, :])
+        tl.store(DK + rows[:, None] * sgn + rd[None, :], dx, mask=mr[:, None] & (rd < D)[None, :])
+        tl.store(DVV + rows[:, None] * swn + rv[None, :], dv, mask=mr[:, None] & mv[None, :])
 
 
     @triton.jit
@@ -331,6 +346,18 @@ def _map_args(mp: ExpMap, dt):
     return w, b, (w.shape[-2] if w.dim() == 3 else 0), mp.bias is not None, float(mp.norm)
 
 
+def _st(x: torch.Tensor) -> tuple[int, int, int]:
+    """The batch, head and row strides of ``x [b, h, n, d]`` (its last stride is 1: :func:`_rowmajor`)."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _rowmajor(x: torch.Tensor, dt) -> torch.Tensor:
+    """``x`` in ``dt`` with unit stride along its last dimension, in any layout of the others (the kernels take
+    strides: a head-split projection's ``[b, n, h, d]`` view goes in without a copy)."""
+    x = x.to(dt)
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _state(k, v, kmap, valid):
     """``(S [b*hkv, m, dv], z [b*hkv, m], Mg [b*hkv])``: the keys' state at the global maximum ``Mg``."""
     b, hkv, n, d = k.shape
@@ -344,7 +371,7 @@ def _state(k, v, kmap, valid):
     SP = torch.empty(b * hkv, nmb, sp, t.bm, BV, dtype=torch.float32, device=dev)
     ZP = torch.empty(b * hkv, nmb, sp, t.bm, dtype=torch.float32, device=dev)
     MP = torch.empty(b * hkv, nmb, sp, dtype=torch.float32, device=dev)
-    _kv_state[(b * hkv, nmb, sp)](k, v, w, bias, valid if valid is not None else MP, SP, ZP, MP, n, hkv, per, m,
+    _kv_state[(b * hkv, nmb, sp)](k, *_st(k), v, *_st(v), w, bias, valid if valid is not None else MP, SP, ZP, MP, n, hkv, per, m,
                                   norm, ps, D=d, DV=dv, BD=_pow2(d), BV=BV, HAS_VALID=valid is not None,
                                   HAS_B=has_b, **t.launch())
     Mg = MP.amax((1, 2))
@@ -363,12 +390,14 @@ class _ExpMapAttention(torch.autograd.Function):
         S, z, Mg = _state(k, v, kmap, valid)
         w, bias, ps, has_b, norm = qmap
         m = w.shape[-2]
-        out = torch.empty(b, hq, n, dv, dtype=q.dtype, device=q.device)
+        # token-major [b, n, hq, dv] under the [b, hq, n, dv] view: a module's o_proj reads it without a copy
+        out = torch.empty(b, n, hq, dv, dtype=q.dtype, device=q.device).transpose(1, 2)
         rm = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
         den = torch.empty_like(rm)
         t = TILES["out"]
-        _out[(b * hq, triton.cdiv(n, t.bn))](q, w, bias, S, z, out, rm, den, n, hq // hkv, hq, m, norm, ps, D=d,
-                                             DV=dv, BD=_pow2(d), BV=_pow2(dv), HAS_B=has_b, **t.launch())
+        _out[(b * hq, triton.cdiv(n, t.bn))](q, *_st(q), w, bias, S, z, out, *_st(out), rm, den, n, hq // hkv, hq, m,
+                                             norm, ps, D=d, DV=dv, BD=_pow2(d), BV=_pow2(dv), HAS_B=has_b,
+                                             **t.launch())
         ctx.save_for_backward(q, k, v, valid, S, z, Mg, out, rm, den)
         ctx.maps = qmap, kmap
         return out
@@ -379,7 +408,7 @@ class _ExpMapAttention(torch.autograd.Function):
         (wq, bq, psq, hbq, nq), (wk, bk, psk, hbk, nk) = ctx.maps
         b, hq, n, d = q.shape
         hkv, dv, m = k.shape[1], v.shape[-1], wq.shape[-2]
-        dout = dout.to(q.dtype).contiguous()
+        dout = _rowmajor(dout, q.dtype)
         delta = (dout.float() * out.float()).sum(-1).contiguous()
         BV, BD = _pow2(dv), _pow2(d)
         dev = q.device
@@ -388,20 +417,20 @@ class _ExpMapAttention(torch.autograd.Function):
         sp, per = _splits(n, t.bn)
         DSP = torch.empty(b * hkv, nmb, sp, t.bm, BV, dtype=torch.float32, device=dev)
         DZP = torch.empty(b * hkv, nmb, sp, t.bm, dtype=torch.float32, device=dev)
-        _dstate[(b * hkv, nmb, sp)](q, wq, bq, dout, delta, rm, den, DSP, DZP, n, hq // hkv, hq, per, m, nq, psq,
-                                    D=d, DV=dv, BD=BD, BV=BV, HAS_B=hbq, **t.launch())
+        _dstate[(b * hkv, nmb, sp)](q, *_st(q), wq, bq, dout, *_st(dout), delta, rm, den, DSP, DZP, n, hq // hkv, hq,
+                                    per, m, nq, psq, D=d, DV=dv, BD=BD, BV=BV, HAS_B=hbq, **t.launch())
         dS = DSP.sum(2).reshape(b * hkv, nmb * t.bm, BV)[:, :m, :dv].contiguous()
         dz = DZP.sum(2).reshape(b * hkv, nmb * t.bm)[:, :m].contiguous()
-        dq = torch.empty(b, hq, n, d, dtype=q.dtype, device=dev)  # float32 sums, stored in the input's dtype
+        # float32 sums, stored in the inputs' dtype and layout (a projection's view takes them without a copy)
+        dq, dk, dvv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         t = TILES["dq"]
-        _dq[(b * hq, triton.cdiv(n, t.bn))](q, wq, bq, S, z, dout, delta, rm, den, dq, n, hq // hkv, hq, m, nq, psq,
-                                            D=d, DV=dv, BD=BD, BV=BV, HAS_B=hbq, **t.launch())
-        dk = torch.empty(b, hkv, n, d, dtype=k.dtype, device=dev)
-        dvv = torch.empty(b, hkv, n, dv, dtype=v.dtype, device=dev)
+        _dq[(b * hq, triton.cdiv(n, t.bn))](q, *_st(q), wq, bq, S, z, dout, *_st(dout), delta, rm, den, dq, *_st(dq),
+                                            n, hq // hkv, hq, m, nq, psq, D=d, DV=dv, BD=BD, BV=BV, HAS_B=hbq,
+                                            **t.launch())
         t = TILES["dk"]
-        _dk[(b * hkv, triton.cdiv(n, t.bn))](k, v, wk, bk, valid if valid is not None else Mg, Mg, dS, dz, dk, dvv,
-                                             n, hkv, m, nk, psk, D=d, DV=dv, BD=BD, BV=BV,
-                                             HAS_VALID=valid is not None, HAS_B=hbk, **t.launch())
+        _dk[(b * hkv, triton.cdiv(n, t.bn))](k, *_st(k), v, *_st(v), wk, bk, valid if valid is not None else Mg, Mg,
+                                             dS, dz, dk, *_st(dk), dvv, *_st(dvv), n, hkv, m, nk, psk, D=d, DV=dv,
+                                             BD=BD, BV=BV, HAS_VALID=valid is not None, HAS_B=hbk, **t.launch())
         return dq, dk, dvv, None, None, None
 
 
@@ -409,10 +438,13 @@ def exp_map_attention(q, k, v, q_map: ExpMap, k_map: ExpMap, *, key_padding_mask
     """Non-causal linear attention of ``q [b, hq, n, d]``, ``k [b, hkv, n, d]``, ``v [b, hkv, n, dv]`` with the
     exponential feature maps ``q_map`` (heads: 1 or ``hq``) and ``k_map`` (1 or ``hkv``), the same width ``m``;
     ``key_padding_mask [b, n]`` True = keep; the maps fused into the two GEMMs (see the module docstring;
-    :func:`exp_map_fits` says where it runs). Returns ``[b, hq, n, dv]`` in ``v``'s dtype."""
+    :func:`exp_map_fits` says where it runs). Returns ``[b, hq, n, dv]`` in ``v``'s dtype, laid out token-major
+    (a view of ``[b, n, hq, dv]``: ``out.transpose(1, 2).reshape(b, n, hq * dv)`` is free). The inputs go in any
+    layout with a unit last stride (no copy for the transposed view of a ``[b, n, h * d]`` projection), and their
+    gradients come back in the same layout."""
     dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
     valid = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else None
-    out = _ExpMapAttention.apply(q.to(dt).contiguous(), k.to(dt).contiguous(), v.to(dt).contiguous(), valid,
+    out = _ExpMapAttention.apply(_rowmajor(q, dt), _rowmajor(k, dt), _rowmajor(v, dt), valid,
                                  _map_args(q_map, dt), _map_args(k_map, dt))
     return out.to(v.dtype)
 
