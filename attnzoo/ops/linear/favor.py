@@ -280,6 +280,19 @@ if triton is not None:
 
 
     @triton.jit
+    def _delta(DO, sdb, sdh, sdn, O, sob, soh, son, DELTA, n, H, DV: tl.constexpr, BN: tl.constexpr,
+               BV: tl.constexpr):
+        """``Delta = sum(dO * O, -1)`` in float32 per row ``[b h, n]`` (strided ``dO``, ``O``)."""
+        bh = tl.program_id(1)
+        rows = tl.program_id(0) * BN + tl.arange(0, BN)
+        mr = rows < n
+        rv = tl.arange(0, BV)
+        mk = mr[:, None] & (rv < DV)[None, :]
+        do = tl.load(DO + _base(bh, H, sdb, sdh) + rows[:, None] * sdn + rv[None, :], mask=mk, other=0.0)
+        o = tl.load(O + _base(bh, H, sob, soh) + rows[:, None] * son + rv[None, :], mask=mk, other=0.0)
+        tl.store(DELTA + bh * n + rows, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=mr)
+
+    @triton.jit
     def _feature_rows(X, P, F, LOG, n, HP, M, rs, log_c, PS, D: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
                       BD: tl.constexpr):
         """FAVOR+'s feature rows of ``x [b h, n, D]`` (:func:`favor_feature_rows`): per block of rows, the
@@ -409,7 +422,9 @@ class _ExpMapAttention(torch.autograd.Function):
         b, hq, n, d = q.shape
         hkv, dv, m = k.shape[1], v.shape[-1], wq.shape[-2]
         dout = _rowmajor(dout, q.dtype)
-        delta = (dout.float() * out.float()).sum(-1).contiguous()
+        delta = torch.empty(b, hq, n, dtype=torch.float32, device=q.device)
+        _delta[(triton.cdiv(n, 64), b * hq)](dout, *_st(dout), out, *_st(out), delta, n, hq, DV=dv, BN=64,
+                                             BV=_pow2(dv))
         BV, BD = _pow2(dv), _pow2(d)
         dev = q.device
         t = TILES["dstate"]
