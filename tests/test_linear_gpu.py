@@ -149,6 +149,25 @@ def test_modules_on_cuda_match_float64(name, opts):
     assert _rel(y.cpu() * keep, ref * keep) < 3 * TOL
 
 
+@pytest.mark.parametrize("name,opts", [("performer", {"features": 64}),  # the fused map, token-major views
+                                       ("performer", {"features": 64, "causal": True}),  # the feature-rows kernel
+                                       ("linformer", {"k": 32, "max_len": 512})])  # the queries in batch pieces
+def test_modules_on_cuda_backward_matches_float64(name, opts):
+    """The gradients of the input and of every parameter that trains, bf16 on CUDA against float64 on the CPU."""
+    m = attnzoo.create(name, dim=256, heads=4, groups=2, **opts).cuda().to(torch.bfloat16)
+    m64 = attnzoo.create(name, dim=256, heads=4, groups=2, **opts).double()
+    m64.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in m.state_dict().items()})
+    x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x64 = x.detach().double().cpu().requires_grad_()
+    g = torch.randn(2, 300, 256, dtype=torch.float64)
+    m(x).backward(g.cuda().to(torch.bfloat16))
+    m64(x64).backward(g)
+    assert _rel(x.grad, x64.grad) < 3 * TOL, "input"
+    for (k, p), p64 in zip(m.named_parameters(), m64.parameters()):
+        if p.requires_grad and p64.grad is not None and p64.grad.norm() > 0:
+            assert _rel(p.grad, p64.grad) < 3 * TOL, k
+
+
 def test_converted_llama_decodes_on_cuda():
     import transformers as tf
 
