@@ -173,6 +173,20 @@ def test_merge_keeps_the_sections_not_run_now(tmp_path):
     assert "merged: module from commit" in (tmp_path / "dense-t.md").read_text()
 
 
+def test_merge_keeps_each_sections_own_commit_across_merges(tmp_path, monkeypatch):
+    """A section kept through two merges still names the commit it was measured at (not the last file's)."""
+    out = str(tmp_path)
+    common = ["bench", "--variants", "dense", "--smoke", "--out", out, "--tag", "t"]
+    for commit, section in (("aaaa111", "module"), ("bbbb222", "dense-op"), ("cccc333", "dense-op")):
+        monkeypatch.setenv("ATTNZOO_COMMIT", commit)
+        assert main([*common, "--sections", section] + (["--merge"] if commit != "aaaa111" else [])) == 0
+    env = json.loads((tmp_path / "dense-t.json").read_text())["environment"]
+    assert env["commit"] == "cccc333" and env["merged"].startswith("module from commit aaaa111, "), env
+    from attnzoo.bench import _merged_origins
+    assert _merged_origins("a, b from commit X, d1; c from commit Y, d2") == {
+        "a": "commit X, d1", "b": "commit X, d1", "c": "commit Y, d2"}
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--variants", "dense,sparce"], "--variants='sparce': expected one of 'dense', 'sparse'"),
     (["--variants", "dense", "--sections", "slidng"], "--sections='slidng'"),

@@ -79,8 +79,22 @@ def _merge(path: str, name: str, mod: ModuleType, env: dict, rows: list[Row], pe
     order = {s: i for i, s in enumerate(mod.SECTIONS)}
     merged = sorted(kept + rows, key=lambda r: order.get(r.group, len(order)))  # stable: case order kept
     from_old = sorted({r.group for r in kept}, key=lambda s: order.get(s, len(order)))
-    env = dict(env, merged=f"{', '.join(from_old)} from commit {old_env.get('commit')}, {old_env.get('date')}")
-    return env, merged, peers or old_peers
+    # a section kept through several merges keeps the commit it was measured at, not the last file's
+    origin = {g: f"commit {old_env.get('commit')}, {old_env.get('date')}" for g in from_old}
+    origin.update({g: o for g, o in _merged_origins(old_env.get("merged", "")).items() if g in origin})
+    merged_note = "; ".join(f"{g} from {origin[g]}" for g in from_old)
+    return dict(env, merged=merged_note), merged, peers or old_peers
+
+
+def _merged_origins(note: str) -> dict[str, str]:
+    """``{section: "commit C, DATE"}`` read back from an environment's ``merged`` note (as :func:`_merge` writes it:
+    ``"a, b from commit C, DATE; c from commit D, DATE"``)."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in note.split(";"))):
+        names, sep, origin = part.partition(" from ")
+        if sep:
+            out.update({n.strip(): origin.strip() for n in names.split(",") if n.strip()})
+    return out
 
 
 def run(groups: list[str], *, smoke: bool = False, sections: set[str] | None = None, peers: str | None = None,
