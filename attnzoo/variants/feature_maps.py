@@ -20,6 +20,8 @@ import math
 import torch
 from torch import nn
 
+from ..ops.linear.favor import ExpMap, favor_feature_rows, favor_map, feature_rows_fit
+
 __all__ = ["FEATURE_MAPS", "FeatureMap", "favor_features", "favor_features_torch", "orthogonal_gaussian", "feature_dim"]
 
 FEATURE_MAPS = ("hedgehog", "t2r", "performer", "elu")
@@ -50,8 +52,6 @@ def favor_features(x: torch.Tensor, projection: torch.Tensor, scale: float):
     term, the same for all its features, rides in the log-scale (float32 for 16-bit x). On CUDA one kernel
     writes the ``[.., m]`` rows once (:func:`attnzoo.ops.linear.favor.favor_feature_rows`); elsewhere
     :func:`favor_features_torch`."""
-    from ..ops.linear.favor import favor_feature_rows, feature_rows_fit
-
     if feature_rows_fit(x, projection):
         return favor_feature_rows(x, projection, scale)
     return favor_features_torch(x, projection, scale)
@@ -110,8 +110,6 @@ class FeatureMap(nn.Module):
         """This map as an :class:`attnzoo.ops.linear.favor.ExpMap` (the fused non-causal kernels), or None when
         it is not exponential (t2r, elu). ``log_gain`` is left out: a per-head constant, it cancels without a
         window (and a window is causal)."""
-        from ..ops.linear.favor import ExpMap, favor_map
-
         if self.kind == "performer":
             return favor_map(self.weight, self.scale)
         if self.kind != "hedgehog":
