@@ -18,6 +18,10 @@ where ``m`` = 256: a quarter of the bytes) and consumed there.
   ``u``; ``dx = (du W - sum(du) x') sqrt(scale)``, and ``dv = phi~ dS``).
 
 The projection takes no gradient here (the ``performer`` variant's buffer); learned maps go the unfused way.
+The kernels read ``q``, ``k``, ``v`` and ``dO`` by stride (a projection's ``[b, n, h, d]`` view, no copy), write
+the output token-major and the gradients in their inputs' layout and dtype; each launches with its own
+:data:`TILES` entry. ``favor_feature_rows`` (the causal path's FAVOR+ rows, :mod:`attnzoo.variants.feature_maps`)
+is here too: one kernel writes the ``[.., m]`` rows once.
 """
 from __future__ import annotations
 
@@ -90,9 +94,9 @@ if triton is not None:
         return tl.where((rm < M)[None, :], u, float("-inf"))
 
     @triton.jit
-    def _kv_state(K, skb, skh, skn, V, svb, svh, svn, P, B, VALID, SP, ZP, MP, n, HKV, per, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
-                  BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_VALID: tl.constexpr,
-                  HAS_B: tl.constexpr):
+    def _kv_state(K, skb, skh, skn, V, svb, svh, svn, P, B, VALID, SP, ZP, MP, n, HKV, per, M, sc, PS,
+                  D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                  BV: tl.constexpr, HAS_VALID: tl.constexpr, HAS_B: tl.constexpr):
         bh = tl.program_id(0)
         P += (bh % HKV) * PS * D
         B += (bh % HKV) * PS
@@ -130,8 +134,9 @@ if triton is not None:
         tl.store(MP + base, run)
 
     @triton.jit
-    def _out(Q, sqb, sqh, sqn, P, B, S, Z, OUT, sob, soh, son, RM, DEN, n, GROUP, HQ, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
-             BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_B: tl.constexpr):
+    def _out(Q, sqb, sqh, sqn, P, B, S, Z, OUT, sob, soh, son, RM, DEN, n, GROUP, HQ, M, sc, PS, D: tl.constexpr,
+             DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+             HAS_B: tl.constexpr):
         bhq = tl.program_id(0)
         P += (bhq % HQ) * PS * D
         B += (bhq % HQ) * PS
@@ -165,9 +170,9 @@ if triton is not None:
         tl.store(DEN + bhq * n + rows, den, mask=mr)
 
     @triton.jit
-    def _dstate(Q, sqb, sqh, sqn, P, B, DO, sdb, sdh, sdn, DELTA, RM, DEN, DSP, DZP, n, GROUP, HQ, per, M, sc, PS, D: tl.constexpr,
-                DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
-                HAS_B: tl.constexpr):
+    def _dstate(Q, sqb, sqh, sqn, P, B, DO, sdb, sdh, sdn, DELTA, RM, DEN, DSP, DZP, n, GROUP, HQ, per, M, sc, PS,
+                D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                BV: tl.constexpr, HAS_B: tl.constexpr):
         bh = tl.program_id(0)
         mb = tl.program_id(1)
         sp = tl.program_id(2)
@@ -198,8 +203,9 @@ if triton is not None:
         tl.store(DZP + base * BM + tl.arange(0, BM), dz)
 
     @triton.jit
-    def _dq(Q, sqb, sqh, sqn, P, B, S, Z, DO, sdb, sdh, sdn, DELTA, RM, DEN, DQ, sgb, sgh, sgn, n, GROUP, HQ, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
-            BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_B: tl.constexpr):
+    def _dq(Q, sqb, sqh, sqn, P, B, S, Z, DO, sdb, sdh, sdn, DELTA, RM, DEN, DQ, sgb, sgh, sgn, n, GROUP, HQ, M, sc, PS,
+            D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+            BV: tl.constexpr, HAS_B: tl.constexpr):
         bhq = tl.program_id(0)
         P += (bhq % HQ) * PS * D
         B += (bhq % HQ) * PS
@@ -236,9 +242,9 @@ if triton is not None:
         tl.store(DQ + rows[:, None] * sgn + rd[None, :], dx, mask=mr[:, None] & (rd < D)[None, :])
 
     @triton.jit
-    def _dk(K, skb, skh, skn, V, svb, svh, svn, P, B, VALID, MG, DS, DZ, DK, sgb, sgh, sgn, DVV, swb, swh, swn, n, HKV, M, sc, PS, D: tl.constexpr, DV: tl.constexpr,
-            BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, HAS_VALID: tl.constexpr,
-            HAS_B: tl.constexpr):
+    def _dk(K, skb, skh, skn, V, svb, svh, svn, P, B, VALID, MG, DS, DZ, DK, sgb, sgh, sgn, DVV, swb, swh, swn, n, HKV,
+            M, sc, PS, D: tl.constexpr, DV: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+            BV: tl.constexpr, HAS_VALID: tl.constexpr, HAS_B: tl.constexpr):
         bh = tl.program_id(0)
         P += (bh % HKV) * PS * D
         B += (bh % HKV) * PS
@@ -277,7 +283,6 @@ if triton is not None:
         dx -= sc * tot[:, None] * x.to(tl.float32)
         tl.store(DK + rows[:, None] * sgn + rd[None, :], dx, mask=mr[:, None] & (rd < D)[None, :])
         tl.store(DVV + rows[:, None] * swn + rv[None, :], dv, mask=mr[:, None] & mv[None, :])
-
 
     @triton.jit
     def _delta(DO, sdb, sdh, sdn, O, sob, soh, son, DELTA, n, H, DV: tl.constexpr, BN: tl.constexpr,
@@ -321,7 +326,6 @@ if triton is not None:
         tl.store(LOG + bh * n + rows, top - 0.5 * tl.sum(xf * xf, 1) - log_c, mask=mr)
 
 
-
 class Tile(NamedTuple):
     """One kernel's launch: rows (keys or queries) per block ``bn``, features per block ``bm``, Triton's warps and
     pipeline stages."""
@@ -332,12 +336,14 @@ class Tile(NamedTuple):
     num_stages: int = 3
 
     def launch(self) -> dict:
-        return dict(BN=self.bn, BM=self.bm, num_warps=self.num_warps, num_stages=1 if interpreted() else self.num_stages)
+        return dict(BN=self.bn, BM=self.bm, num_warps=self.num_warps,
+                    num_stages=1 if interpreted() else self.num_stages)
 
 
 #: The kernels' tiles. Each kernel's tile is independent of the others' (the state's partial sums are laid out
-#: by their own kernel's ``bm`` and combined before the next kernel reads them); ``.device``-style sweeps set these.
-TILES: dict[str, Tile] = dict(kv_state=Tile(), out=Tile(), dstate=Tile(), dq=Tile(), dk=Tile(), feature_rows=Tile())
+#: by their own kernel's ``bm`` and combined before the next kernel reads them); a tile sweep sets these.
+TILES: dict[str, Tile] = dict(kv_state=Tile(), out=Tile(), dstate=Tile(), dq=Tile(), dk=Tile(),
+                              feature_rows=Tile())
 
 
 def _pow2(x: int) -> int:
@@ -384,8 +390,8 @@ def _state(k, v, kmap, valid):
     SP = torch.empty(b * hkv, nmb, sp, t.bm, BV, dtype=torch.float32, device=dev)
     ZP = torch.empty(b * hkv, nmb, sp, t.bm, dtype=torch.float32, device=dev)
     MP = torch.empty(b * hkv, nmb, sp, dtype=torch.float32, device=dev)
-    _kv_state[(b * hkv, nmb, sp)](k, *_st(k), v, *_st(v), w, bias, valid if valid is not None else MP, SP, ZP, MP, n, hkv, per, m,
-                                  norm, ps, D=d, DV=dv, BD=_pow2(d), BV=BV, HAS_VALID=valid is not None,
+    _kv_state[(b * hkv, nmb, sp)](k, *_st(k), v, *_st(v), w, bias, valid if valid is not None else MP, SP, ZP, MP, n,
+                                  hkv, per, m, norm, ps, D=d, DV=dv, BD=_pow2(d), BV=BV, HAS_VALID=valid is not None,
                                   HAS_B=has_b, **t.launch())
     Mg = MP.amax((1, 2))
     Mg = Mg.masked_fill(torch.isinf(Mg), 0.0)
